@@ -1,0 +1,50 @@
+"""Shared test utilities: NaN poisoning, float64 oracles and verbose mismatch reports."""
+
+from __future__ import annotations
+
+import torch
+
+import fop_kernels
+
+# (dtype, atol, rtol) rows for comparing a fast path with the float64 reference.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill t with NaN (floats) so that any element a kernel fails to write shows up."""
+    return t.fill_(float("nan"))
+
+
+def poisoned_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return poison_(torch.empty_like(t, dtype=dtype or t.dtype))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str = "") -> None:
+    """Like torch.testing.assert_close on the common dtype, with a report: count, worst index, NaN/inf."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    bad_nonfinite = ~torch.isfinite(a) & torch.isfinite(e)
+    err = (a - e).abs()
+    tol = atol + rtol * e.abs()
+    bad = (err > tol) | bad_nonfinite
+    if bool(bad.any()):
+        worst = int(torch.nan_to_num(err - tol, nan=float("inf")).argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape)) if a.dim() else ()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.numel()} elements out of tolerance (atol={atol}, rtol={rtol}); "
+            f"{int(bad_nonfinite.sum())} non-finite; worst at {idx}: got {a.flatten()[worst].item()!r}, "
+            f"expected {e.flatten()[worst].item()!r}"
+        )
+
+
+def backends_for(op: str, device: torch.device) -> list[str]:
+    """The backends that are available here and implement `op` for `device` tensors."""
+    status = fop_kernels.available_backends()
+    return [b for b, devs in fop_kernels.implementations(op).items()
+            if device.type in devs and status[b]["available"]]
