@@ -24,3 +24,23 @@ def damped_inverse(
     """Per matrix Q diag((l + damping)^power) Q^T, l clamped at 0; reuses `eig` = (evals, evecs) if given."""
     evals, evecs = eig if eig is not None else eigh(mats, clamp=True)
     return [(q * (l.clamp_min(0) + damping).pow(power)) @ q.mT for l, q in zip(evals, evecs)]
+
+
+def eigh_refresh(
+    mats: list[torch.Tensor], prev_evecs: list[torch.Tensor], iters: int = 1, clamp: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Cheap update of an eigenbasis from the previous one (SOAP-style subspace iteration), per matrix:
+
+    repeat `iters` times: Z = M Q with Z's columns ordered by decreasing Rayleigh quotient diag(Q^T M Q),
+    Q <- qr(Z).Q; then l = diag(Q^T M Q) sorted ascending with Q's columns. Exact when Q already spans the
+    eigenvectors; otherwise each step contracts the error by the eigenvalue gaps."""
+    evals, evecs = [], []
+    for m, q in zip(mats, prev_evecs):
+        for _ in range(iters):
+            mq = m @ q
+            order = (q * mq).sum(-2).argsort(descending=True)
+            q = torch.linalg.qr(mq[:, order]).Q
+        l, order = (q * (m @ q)).sum(-2).sort()
+        evals.append(l.clamp_min(0) if clamp else l)
+        evecs.append(q[:, order])
+    return evals, evecs

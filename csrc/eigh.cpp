@@ -1,0 +1,276 @@
+// Batched symmetric eigendecomposition of many matrices of mixed sizes on the CPU, and what is built on it:
+//
+//   fop_kernels::eigh(mats, clamp)                 M_i = Q_i diag(l_i) Q_i^T, l_i ascending (clamped at 0)
+//   fop_kernels::damped_inverse(mats, damping, power, evals?, evecs?)
+//                                                  Q_i diag((max(l_i, 0) + damping)^power) Q_i^T
+//   fop_kernels::eigh_refresh(mats, prev_evecs, iters, clamp)
+//                                                  `iters` subspace-iteration steps Q <- qr(M Q) from the
+//                                                  previous eigenvectors, then Rayleigh quotients l = diag(Q^T M Q)
+//
+// LAPACK (syevd) through ATen. The matrices are cut into work items -- one large matrix, or a chunk of
+// equal-size small ones decomposed by one batched ATen call -- sorted largest first and pulled from a shared
+// counter by at::parallel_for's threads (dynamic longest-first scheduling; each item runs single-threaded
+// inside the parallel region). Every input is checked for finiteness and symmetry inside its work item, and
+// every output for finiteness: errors name the matrix index; a NaN is never returned.
+//
+// ATen and torch/library.h only (no torch/extension.h): this unit compiles in seconds.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <map>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "eigh.h"
+
+namespace fop_kernels {
+namespace {
+
+using TensorVec = std::vector<at::Tensor>;
+
+// Matrices at least this large are decomposed one per work item; smaller ones of equal size are batched.
+constexpr int64_t kBatchMaxN = 160;
+// Equal-size groups are cut into about this many chunks per thread, so that the dynamic schedule balances.
+constexpr int64_t kChunksPerThread = 4;
+
+struct WorkItem {
+  std::vector<int64_t> idx;  // matrices of one size
+  double cost;               // ~ count * n^3
+};
+
+std::vector<WorkItem> plan_work(at::TensorList mats) {
+  std::map<int64_t, std::vector<int64_t>> by_size;
+  for (size_t i = 0; i < mats.size(); ++i) by_size[mats[i].size(0)].push_back(static_cast<int64_t>(i));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<WorkItem> items;
+  for (const auto& [n, idx] : by_size) {
+    const int64_t count = static_cast<int64_t>(idx.size());
+    const int64_t chunk =
+        n >= kBatchMaxN ? 1 : std::max<int64_t>(1, (count + kChunksPerThread * threads - 1) / (kChunksPerThread * threads));
+    for (int64_t s = 0; s < count; s += chunk) {
+      WorkItem w;
+      w.idx.assign(idx.begin() + s, idx.begin() + std::min(count, s + chunk));
+      w.cost = static_cast<double>(w.idx.size()) * static_cast<double>(n) * n * n;
+      items.push_back(std::move(w));
+    }
+  }
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
+// Runs fn(item) for every item: one item inline (ATen/LAPACK may use all threads), more through a shared
+// counter so that each thread takes the largest item still waiting.
+template <class F>
+void run_work(const std::vector<WorkItem>& items, const F& fn) {
+  if (items.size() == 1) {
+    fn(items[0]);
+    return;
+  }
+  std::atomic<size_t> next{0};
+  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), static_cast<int64_t>(items.size()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (size_t k = next.fetch_add(1); k < items.size(); k = next.fetch_add(1)) fn(items[k]);
+  });
+}
+
+// One pass over a contiguous square matrix: every entry finite, and max|M - M^T| <= kSymmetryRtol max|M|.
+template <typename scalar_t>
+void check_values(const at::Tensor& m, const char* op, int64_t index) {
+  const int64_t n = m.size(0);
+  const scalar_t* a = m.const_data_ptr<scalar_t>();
+  double amax = 0.0, asym = 0.0;
+  bool finite = true;
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t c = 0; c <= r; ++c) {
+      const double x = a[r * n + c], y = a[c * n + r];
+      finite = finite && std::isfinite(x) && std::isfinite(y);
+      amax = std::max(amax, std::max(std::abs(x), std::abs(y)));
+      asym = std::max(asym, std::abs(x - y));
+    }
+  }
+  TORCH_CHECK(finite, op, ": mats[", index, "] contains non-finite values (NaN or inf)");
+  TORCH_CHECK(asym <= kSymmetryRtol * amax, op, ": mats[", index, "] (", n, "x", n,
+              ") is not symmetric: max|M - M^T| = ", asym, " > ", kSymmetryRtol, " * max|M| = ", kSymmetryRtol * amax);
+}
+
+void check_input(const at::Tensor& m, const char* op, int64_t index) {
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "fop_kernels_check_values", [&] { check_values<scalar_t>(m, op, index); });
+}
+
+bool all_finite(const at::Tensor& t) { return t.numel() == 0 || at::isfinite(t).all().item<bool>(); }
+
+std::string index_list(const std::vector<int64_t>& idx) {
+  std::string s;
+  for (size_t j = 0; j < idx.size(); ++j) s += (j ? ", " : "") + std::to_string(idx[j]);
+  return s;
+}
+
+// The inputs of one work item as a contiguous (k, n, n) batch, each checked.
+at::Tensor gather_checked(at::TensorList mats, const WorkItem& w, const char* op) {
+  TensorVec parts;
+  parts.reserve(w.idx.size());
+  for (int64_t i : w.idx) {
+    at::Tensor m = mats[i].contiguous();
+    check_input(m, op, i);
+    parts.push_back(std::move(m));
+  }
+  return parts.size() == 1 ? parts[0].unsqueeze(0) : at::stack(parts);
+}
+
+at::Tensor gather(at::TensorList ts, const WorkItem& w) {
+  TensorVec parts;
+  parts.reserve(w.idx.size());
+  for (int64_t i : w.idx) parts.push_back(ts[i]);
+  return parts.size() == 1 ? parts[0].unsqueeze(0) : at::stack(parts);
+}
+
+// LAPACK through ATen on a (k, n, n) batch; a failure is re-raised naming the matrices.
+std::tuple<at::Tensor, at::Tensor> eigh_batch(const at::Tensor& a, const WorkItem& w, const char* op) {
+  std::string error;
+  try {
+    return at::linalg_eigh(a);
+  } catch (const c10::Error& e) {
+    error = e.what_without_backtrace();
+  }
+  TORCH_CHECK(false, op, ": eigendecomposition of mats[", index_list(w.idx), "] failed: ", error);
+  return {};
+}
+
+void allocate_decomposition(at::TensorList mats, TensorVec& evals, TensorVec& evecs) {
+  evals.reserve(mats.size());
+  evecs.reserve(mats.size());
+  for (const at::Tensor& m : mats) {
+    evals.push_back(at::empty({m.size(0)}, m.options()));
+    evecs.push_back(at::empty({m.size(0), m.size(0)}, m.options()));
+  }
+}
+
+void scatter(const WorkItem& w, const at::Tensor& l, const at::Tensor& q, TensorVec& evals, TensorVec& evecs,
+             const char* op) {
+  for (size_t j = 0; j < w.idx.size(); ++j) {
+    const int64_t i = w.idx[j];
+    TORCH_CHECK(all_finite(l[j]) && all_finite(q[j]), op, ": mats[", i,
+                "] produced non-finite eigenvalues or eigenvectors");
+    evals[i].copy_(l[j]);
+    evecs[i].copy_(q[j]);
+  }
+}
+
+std::tuple<TensorVec, TensorVec> eigh_cpu(at::TensorList mats, bool clamp) {
+  constexpr const char* op = "fop_kernels.eigh";
+  check_square_list(mats, op, "mats");
+  TensorVec evals, evecs;
+  allocate_decomposition(mats, evals, evecs);
+  run_work(plan_work(mats), [&](const WorkItem& w) {
+    auto [l, q] = eigh_batch(gather_checked(mats, w, op), w, op);
+    if (clamp) l.clamp_min_(0);
+    scatter(w, l, q, evals, evecs, op);
+  });
+  return {std::move(evals), std::move(evecs)};
+}
+
+double damping_value(const at::Tensor& damping, const char* op) {
+  TORCH_CHECK(damping.numel() == 1, op, ": damping must hold one value, got shape ", damping.sizes());
+  TORCH_CHECK(damping.device().is_cpu(), op, ": damping is on ", damping.device(), " but the matrices are on cpu");
+  const double d = damping.item<double>();
+  TORCH_CHECK(std::isfinite(d) && d >= 0, op, ": damping must be a finite value >= 0, got ", d);
+  return d;
+}
+
+TensorVec damped_inverse_cpu(at::TensorList mats, const at::Tensor& damping, double power,
+                             std::optional<at::TensorList> evals_in,
+                             std::optional<at::TensorList> evecs_in) {
+  constexpr const char* op = "fop_kernels.damped_inverse";
+  check_square_list(mats, op, "mats");
+  const double d = damping_value(damping, op);
+  TORCH_CHECK(std::isfinite(power), op, ": power must be finite, got ", power);
+  const bool reuse = evals_in.has_value() || evecs_in.has_value();
+  TORCH_CHECK(evals_in.has_value() == evecs_in.has_value(), op, ": pass both evals and evecs, or neither");
+  TensorVec given_l, given_q;
+  if (reuse) {
+    given_l = evals_in->vec();
+    given_q = evecs_in->vec();
+    check_companion_list(mats, given_l, op, "evals", /*vectors=*/true);
+    check_companion_list(mats, given_q, op, "evecs", /*vectors=*/false);
+  }
+  TensorVec out;
+  out.reserve(mats.size());
+  for (const at::Tensor& m : mats) out.push_back(at::empty_like(m, at::MemoryFormat::Contiguous));
+  run_work(plan_work(mats), [&](const WorkItem& w) {
+    at::Tensor l, q;
+    if (reuse) {
+      l = gather(given_l, w);
+      q = gather(given_q, w);
+      for (int64_t i : w.idx)
+        TORCH_CHECK(all_finite(given_l[i]) && all_finite(given_q[i]), op, ": the decomposition of mats[", i,
+                    "] (evals/evecs) contains non-finite values");
+    } else {
+      std::tie(l, q) = eigh_batch(gather_checked(mats, w, op), w, op);
+    }
+    const at::Tensor h = (l.clamp_min(0) + d).pow(power);  // (k, n)
+    for (size_t j = 0; j < w.idx.size(); ++j) {
+      TORCH_CHECK(all_finite(h[j]), op, ": mats[", w.idx[j], "] is singular: (max(l, 0) + damping)^", power,
+                  " is not finite with damping = ", d, "; pass damping > 0");
+    }
+    const at::Tensor r = at::matmul(q * h.unsqueeze(-2), q.mT());
+    for (size_t j = 0; j < w.idx.size(); ++j) out[w.idx[j]].copy_(r[j]);
+  });
+  return out;
+}
+
+// `iters` steps of subspace iteration from Q0, columns ordered by decreasing Rayleigh quotient before each QR
+// (so that the dominant directions are orthogonalized first), then l = diag(Q^T M Q), sorted ascending.
+std::tuple<at::Tensor, at::Tensor> refresh_batch(const at::Tensor& m, at::Tensor q, int64_t iters) {
+  for (int64_t it = 0; it < iters; ++it) {
+    at::Tensor mq = at::matmul(m, q);
+    const at::Tensor order = (q * mq).sum(-2).argsort(/*dim=*/-1, /*descending=*/true);
+    mq = mq.gather(-1, order.unsqueeze(-2).expand_as(mq));
+    q = std::get<0>(at::linalg_qr(mq));
+  }
+  const at::Tensor rq = (q * at::matmul(m, q)).sum(-2);
+  auto [l, order] = rq.sort(/*dim=*/-1);
+  return {l, q.gather(-1, order.unsqueeze(-2).expand_as(q))};
+}
+
+std::tuple<TensorVec, TensorVec> eigh_refresh_cpu(at::TensorList mats, at::TensorList prev_evecs, int64_t iters,
+                                                  bool clamp) {
+  constexpr const char* op = "fop_kernels.eigh_refresh";
+  check_square_list(mats, op, "mats");
+  check_companion_list(mats, prev_evecs, op, "prev_evecs", /*vectors=*/false);
+  TORCH_CHECK(iters >= 1, op, ": iters must be >= 1, got ", iters);
+  TensorVec evals, evecs;
+  allocate_decomposition(mats, evals, evecs);
+  run_work(plan_work(mats), [&](const WorkItem& w) {
+    const at::Tensor m = gather_checked(mats, w, op);
+    const at::Tensor q0 = gather(prev_evecs, w);
+    for (size_t j = 0; j < w.idx.size(); ++j)
+      TORCH_CHECK(all_finite(q0[j]), op, ": prev_evecs[", w.idx[j], "] contains non-finite values");
+    auto [l, q] = refresh_batch(m, q0, iters);
+    if (clamp) l.clamp_min_(0);
+    scatter(w, l, q, evals, evecs, op);
+  });
+  return {std::move(evals), std::move(evecs)};
+}
+
+}  // namespace
+}  // namespace fop_kernels
+
+TORCH_LIBRARY_FRAGMENT(fop_kernels, m) {
+  m.def("eigh(Tensor[] mats, bool clamp=False) -> (Tensor[], Tensor[])");
+  m.def(
+      "damped_inverse(Tensor[] mats, Tensor damping, float power=-1., Tensor[]? evals=None, "
+      "Tensor[]? evecs=None) -> Tensor[]");
+  m.def("eigh_refresh(Tensor[] mats, Tensor[] prev_evecs, int iters=1, bool clamp=False) -> (Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(fop_kernels, CPU, m) {
+  m.impl("eigh", &fop_kernels::eigh_cpu);
+  m.impl("damped_inverse", &fop_kernels::damped_inverse_cpu);
+  m.impl("eigh_refresh", &fop_kernels::eigh_refresh_cpu);
+}
