@@ -8,7 +8,7 @@ Every op has a pure-torch reference (fop_kernels.reference) and fast implementat
 from fop_kernels._dispatch import BackendUnavailableError, available_backends, implementations, resolve
 from fop_kernels._version import __version__
 from fop_kernels.ops.cg import batched_cg
-from fop_kernels.ops.eigh import damped_inverse, eigh
+from fop_kernels.ops.eigh import damped_inverse, eigh, eigh_refresh
 from fop_kernels.ops.factor import (
     accumulate_conv_factor,
     accumulate_conv_factor_diag,
@@ -28,6 +28,7 @@ __all__ = [
     "batched_cg",
     "damped_inverse",
     "eigh",
+    "eigh_refresh",
     "fisher_inner_products",
     "implementations",
     "project_combine",
