@@ -1,0 +1,273 @@
+"""Machinery shared by the curvature optimizers: construction from a model, hyperparameter validation, AMP and
+non-finite handling, the SGD-style outer update, and extra state in state_dict.
+
+Subclasses implement `_curvature_step(groups_of, inv_scale)` (returns {param: direction}) and the
+`_extra_state` / `_load_extra_state` pair; `CurvatureOptimizer.step` does the rest:
+
+1. GradScaler (`_step_supports_amp_scaling`): the scaler hands `grad_scale` and `found_inf` to the optimizer. A step
+   with inf/NaN gradients is skipped before anything changes (parameters, state, counters); otherwise the
+   gradients are unscaled in place and the captured output gradients are unscaled by the same factor.
+2. Without a scaler and with `check_finite=True` (default) a non-finite gradient raises FloatingPointError before
+   anything changes. That check is one reduction and one host sync per step, the only one in `step()`.
+3. The subclass's direction per parameter, then the outer update per param group (momentum mu, weight decay wd,
+   learning rate lr): coupled `d <- d + wd p`, or decoupled `p <- (1 - lr wd) p`; `m <- mu m + d`; `p <- p - lr m`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from fop._capture import Capture
+from fop._layers import Layer, discover_layers, parameter_map, unwrap_model
+
+logger = logging.getLogger("fop")
+
+
+# -- hyperparameter validation: each raises ValueError naming the value ----------------------------------------------
+def check_float(name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """A finite float in [low, high] (open ends where asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def check_int(name: str, value, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices: Iterable) -> object:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_range(name: str, value) -> tuple[float, float]:
+    """A (low, high) pair of finite floats with low <= high."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (low, high) pair of numbers, got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise ValueError(f"{name} must be (low, high) with finite low <= high, got {value!r}")
+    return (low, high)
+
+
+def check_schedule(name: str, value, *, low: float = 0.0) -> float | Callable[[int], float]:
+    """A float >= low, or a callable of the step count returning one (checked when called)."""
+    if callable(value):
+        return value
+    return check_float(name, value, low=low)
+
+
+def eval_schedule(name: str, value, step: int, *, low: float = 0.0) -> float:
+    """The value of a constant-or-callable hyperparameter at `step`, validated."""
+    return check_float(f"{name}({step})" if callable(value) else name, value(step) if callable(value) else value,
+                       low=low)
+
+
+def check_outer_hyperparameters(lr, momentum, weight_decay) -> None:
+    check_float("lr", lr, low=0.0)
+    check_float("momentum", momentum, low=0.0, high=1.0, high_open=True)
+    check_float("weight_decay", weight_decay, low=0.0)
+
+
+class CurvatureOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer over a model's parameters with curvature hooks on its supported layers.
+
+    Args: `params_or_model` is the model (its parameters are optimized) or an iterable of parameters / param
+    groups, in which case `model=` must be given. `exclude`: modules or module names (with everything under
+    them) left unpreconditioned. `loss_reduction`: "mean" or "sum", how the loss was reduced over samples
+    (sets the scale of the output gradients, see fop._capture). `check_finite`: raise on a non-finite gradient
+    (one host sync per step); with a GradScaler such steps are skipped instead."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params_or_model, defaults: dict, *, model: nn.Module | None = None, exclude=None,
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
+        if isinstance(params_or_model, nn.Module):
+            if model is not None and model is not params_or_model:
+                raise ValueError("pass the model either first or as model=, not two different models")
+            model = params_or_model
+            params = [p for p in params_or_model.parameters() if p.requires_grad]
+        else:
+            if model is None:
+                raise ValueError(f"{type(self).__name__} needs the model to register its hooks: "
+                                 f"{type(self).__name__}(model, ...) or {type(self).__name__}(params, model=model)")
+            params = params_or_model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_choice("loss_reduction", loss_reduction, ("mean", "sum"))
+        super().__init__(params, defaults)
+        self.model = unwrap_model(model)
+        optimized = [p for g in self.param_groups for p in g["params"]]
+        self.layers, self.skipped = discover_layers(self.model, optimized, exclude)
+        self.param_to_layer = parameter_map(self.layers)
+        self.param_names = {id(p): n for n, p in self.model.named_parameters()}
+        self.capture = Capture(self.layers, loss_reduction)
+        self.check_finite = bool(check_finite)
+        self.grad_scaler = grad_scaler
+        self.steps = 0  # completed (not skipped) steps; a host int so schedules never sync
+
+    # -- what is preconditioned ----------------------------------------------------------------------------------
+    def preconditioned(self) -> list[str]:
+        """One line per preconditioned layer (name, type, geometry, factor sizes), for logging."""
+        return [layer.describe() for layer in self.layers]
+
+    def not_preconditioned(self) -> list[tuple[str, str]]:
+        """(module name, reason) for every module with parameters that gets the plain outer update."""
+        return list(self.skipped)
+
+    # -- step ------------------------------------------------------------------------------------------------------
+    def _params_with_grad(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _nonfinite_names(self) -> list[str]:
+        return [self.param_names.get(id(p), f"param {i}") for i, p in enumerate(self._params_with_grad())
+                if not bool(torch.isfinite(p.grad).all())]
+
+    def _prepare_gradients(self) -> tuple[bool, torch.Tensor | None]:
+        """(skip, inv_scale): handle a GradScaler's grad_scale/found_inf or check finiteness; nothing changes
+        when skipping or raising. `inv_scale` (a device tensor) unscales captured output gradients."""
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is not None:
+            if bool(found_inf):  # host sync; GradScaler's own step path makes the same one
+                return True, None
+            grads = [p.grad for p in self._params_with_grad()]
+            if grad_scale is not None:
+                inv_scale = grad_scale.double().reciprocal().float()
+                if grads:
+                    torch._foreach_mul_(grads, inv_scale.to(grads[0].device))
+                return False, inv_scale
+            if self.layers:  # the user called scaler.unscale_(optimizer): .grad is unscaled, the captures are not
+                if self.grad_scaler is None:
+                    raise RuntimeError(
+                        "scaler.unscale_(optimizer) was called before step(): the gradients captured by the hooks are "
+                        "still scaled. Pass grad_scaler=scaler to the optimizer so that it can unscale them.")
+                return False, self.grad_scaler._get_scale_async().double().reciprocal().float()
+            return False, None
+        if self.check_finite:
+            grads = [p.grad for p in self._params_with_grad()]
+            if grads:
+                worst = torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))]).max()
+                if not bool(torch.isfinite(worst)):  # the one documented host sync of step()
+                    raise FloatingPointError(
+                        f"non-finite gradient (NaN or inf) in {', '.join(self._nonfinite_names())}; nothing was "
+                        "changed. Use torch.amp.GradScaler to skip such steps, or fix the loss.")
+        return False, None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step (see the class docstring for the update)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._validate_before_step()
+        skip, inv_scale = self._prepare_gradients()
+        if skip:
+            self._after_skipped_step()
+            return loss
+        directions = self._curvature_step(inv_scale)
+        self._outer_update(directions)
+        self.steps += 1
+        self._after_step()
+        return loss
+
+    def _validate_before_step(self) -> None:
+        """Subclass checks that must raise before anything (gradients included) is modified."""
+
+    def _curvature_step(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """{id(param): preconditioned direction} for the preconditioned parameters."""
+        raise NotImplementedError
+
+    def _after_step(self) -> None:
+        """Release the captures and arm the hooks for the next step."""
+        self.capture.release()
+
+    def _after_skipped_step(self) -> None:
+        """A skipped step keeps the counters; drop its captures and arm again as for the step that was skipped."""
+        full, keep = self.capture.full, self.capture.keep_outputs
+        was_armed = self.capture.armed
+        self.capture.release()
+        if was_armed:
+            self.capture.arm(full, keep)
+
+    def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
+        """Per param group: coupled (d += wd p) or decoupled (p *= 1 - lr wd) weight decay, momentum, p -= lr m."""
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            decoupled = group.get("decoupled", False)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = directions.get(id(p))
+                d = p.grad if d is None else d.to(p.dtype)
+                if wd != 0:
+                    if decoupled:
+                        p.mul_(1 - lr * wd)
+                    else:
+                        d = d.add(p, alpha=wd)
+                if mu != 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        state["momentum_buffer"] = buf = d.detach().clone()
+                    else:
+                        buf.mul_(mu).add_(d)
+                    d = buf
+                p.add_(d, alpha=-lr)
+
+    # -- extra state -----------------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        """Curvature state beyond torch's per-parameter state (subclasses extend it)."""
+        return {"steps": self.steps, "layers": [layer.name for layer in self.layers]}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        names = [layer.name for layer in self.layers]
+        if extra.get("layers") != names:
+            raise ValueError(f"state_dict was saved for preconditioned layers {extra.get('layers')}, "
+                             f"but this optimizer preconditions {names}")
+        self.steps = int(extra["steps"])
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["curvature"] = self._extra_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("curvature", None)
+        if extra is None:
+            raise ValueError(f"state_dict has no 'curvature' entry: it was not saved by {type(self).__name__}")
+        self._load_extra_state(extra)
+        super().load_state_dict(state_dict)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """Arm the hooks for the next step after a load (subclasses decide how)."""
+
+
+def layer_device_tensor(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A loaded state tensor moved to the device of `like`, dtype kept (bit-identical resume)."""
+    return t.detach().to(device=like.device).clone()
+
+
+__all__ = ["CurvatureOptimizer", "Layer", "check_choice", "check_float", "check_int", "check_range",
+           "check_schedule", "eval_schedule", "check_outer_hyperparameters", "layer_device_tensor", "logger"]

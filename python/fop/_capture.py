@@ -1,0 +1,228 @@
+"""Forward/backward hooks that capture what a Kronecker-factored optimizer needs, only when it is armed.
+
+Per layer and per forward pass (a "record"), the hooks keep the layer input `a` (N x ... x d_in, or the conv input
+N x C x H x W) and the gradient of the layer output `dy` as autograd computes it. Conventions:
+
+- `dy` is the gradient of whatever loss was backpropagated. With `loss_reduction="mean"` (the usual mean-reduced
+  loss, with gradient accumulation dividing by the number of micro-batches) the per-sample gradient of the summed
+  loss is `g = N_total dy`, N_total the number of samples captured since the last step; with `"sum"`, `g = dy`.
+- Factors (DESIGN.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv rows are im2col
+  patches, computed by fop_kernels' conv-factor op), `G = g^T g / N_total` summed over positions.
+- FOP's half-batch gradient: the first `floor(n/2)` samples of every record, `S1 = sum_{first halves} dy a^T`
+  (conv: torch's conv weight gradient of the half batch), in the same scale as `.grad`.
+
+Arming: `arm(full=...)` makes the next forward passes record (full batch on factor steps, else only the first
+half of each batch); `release()` drops everything after the optimizer step. Several backward passes between two
+steps (gradient accumulation) give several records per layer, all used. Forward passes without grad (evaluation
+under `torch.no_grad()`) record nothing; a record whose backward never came is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F_nn
+
+import fop_kernels
+from fop._layers import Layer
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class Record:
+    """What one forward pass of one layer left: input rows kept, output gradient, sample counts."""
+
+    a: torch.Tensor
+    n: int  # samples in the forward pass
+    n_half: int  # samples of its first half: floor(n / 2)
+    full: bool  # True: a and dy hold all n samples; False: only the first n_half
+    dy: torch.Tensor | None = None
+    dy_mc: torch.Tensor | None = None  # output gradient of a sampled-label loss (fisher="mc")
+    output: torch.Tensor | None = None  # the layer output, kept until the MC backward (fisher="mc")
+
+
+class Capture:
+    """Hooks on `layers`; records when armed. `records[i]` is the list of records of layer i."""
+
+    def __init__(self, layers: list[Layer], loss_reduction: str = "mean"):
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        self.layers = layers
+        self.loss_reduction = loss_reduction
+        self.records: list[list[Record]] = [[] for _ in layers]
+        self.armed = False
+        self.full = False
+        self.keep_outputs = False
+        self.mc_active = False
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(layers)]
+
+    # -- arming ------------------------------------------------------------------------------------------------
+    def arm(self, full: bool, keep_outputs: bool = False) -> None:
+        """Record the next forward passes: whole batches when `full`, else the first half of each."""
+        self.armed, self.full, self.keep_outputs = True, bool(full), bool(keep_outputs)
+
+    def release(self) -> None:
+        """Drop every record and disarm (after the optimizer step)."""
+        self.records = [[] for _ in self.layers]
+        self.armed = self.full = self.keep_outputs = False
+
+    def remove(self) -> None:
+        """Remove the hooks from the modules."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.release()
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def _forward_hook(self, i: int):
+        def hook(module, inputs, output):
+            if not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+                return
+            if not output.requires_grad or not inputs:
+                return
+            x = inputs[0].detach()
+            n = x.shape[0]
+            rec = Record(a=x if self.full else x[: n // 2], n=n, n_half=n // 2, full=self.full)
+            if self.keep_outputs:
+                rec.output = output
+            self.records[i].append(rec)
+            output.register_hook(self._grad_hook(rec))
+
+        return hook
+
+    def _grad_hook(self, rec: Record):
+        def hook(grad):
+            g = grad.detach()
+            if self.mc_active:
+                rec.dy_mc = g
+                return
+            if not rec.full:
+                g = g[: rec.n_half]
+            rec.dy = g if rec.dy is None else rec.dy + g  # two backwards through one graph (retain_graph) add up
+
+        return hook
+
+    # -- what the optimizer reads ------------------------------------------------------------------------------
+    def done(self, i: int) -> list[Record]:
+        """Records of layer i whose backward has run."""
+        return [r for r in self.records[i] if r.dy is not None]
+
+    def has_factor_data(self, mc: bool = False) -> bool:
+        """True when every layer has at least one full record with its (MC) output gradient."""
+        key = "dy_mc" if mc else "dy"
+        return bool(self.layers) and all(
+            any(r.full and getattr(r, key) is not None for r in recs) for recs in self.records)
+
+    def sample_counts(self) -> tuple[int, int]:
+        """(N_total, N1_total) of the records of the first layer: samples seen, and samples in the first halves."""
+        recs = self.done(0) if self.layers else []
+        return sum(r.n for r in recs), sum(r.n_half for r in recs)
+
+    def sample_counts_of(self, i: int) -> tuple[int, int]:
+        """(N_total, N1_total) of layer i's completed records: samples seen, and samples in their first halves."""
+        recs = self.done(i)
+        return sum(r.n for r in recs), sum(r.n_half for r in recs)
+
+    def mc_outputs(self) -> list[torch.Tensor]:
+        """Layer outputs awaiting the MC backward (fisher="mc")."""
+        return [r.output for recs in self.records for r in recs if r.output is not None and r.dy_mc is None]
+
+    def drop_outputs(self) -> None:
+        for recs in self.records:
+            for r in recs:
+                r.output = None
+
+    # -- factor statistics -------------------------------------------------------------------------------------
+    def update_input_factor(self, i: int, A: torch.Tensor, decay: float) -> bool:
+        """A <- (1-decay) A + decay sum_rows a a^T / rows over layer i's full records. False if none."""
+        layer = self.layers[i]
+        recs = [r for r in self.records[i] if r.full and (r.dy is not None or r.dy_mc is not None)]
+        if not recs:
+            return False
+        bias = layer.bias is not None
+        if layer.kind == "conv2d":
+            c = layer.conv
+            xs = [r.a for r in recs]
+            if all(x.shape[1:] == xs[0].shape[1:] for x in xs):
+                x = xs[0] if len(xs) == 1 else torch.cat(xs)
+                rows = x.shape[0] * _conv_positions(x, c)
+                fop_kernels.accumulate_conv_factor(A, x, decay, c["kernel_size"], c["stride"], c["padding"],
+                                                   c["dilation"], bias=bias, scale=1.0 / rows)
+                return True
+            X = torch.cat([_patches(x, c, bias) for x in xs])
+        else:
+            X = torch.cat([_rows(r.a, bias) for r in recs])
+        fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0])
+        return True
+
+    def update_output_factor(self, i: int, G: torch.Tensor, decay: float, mc: bool = False,
+                             dy_scale: torch.Tensor | None = None) -> bool:
+        """G <- (1-decay) G + decay g^T g / N_total, g the per-sample gradient of the summed loss (see module doc).
+
+        `mc`: from the sampled-label output gradients (already per-sample gradients of a summed loss).
+        `dy_scale`: a device scalar multiplying the training output gradients (a GradScaler's 1/scale)."""
+        key = "dy_mc" if mc else "dy"
+        recs = [r for r in self.records[i] if r.full and getattr(r, key) is not None]
+        if not recs:
+            return False
+        n_total = sum(r.n for r in recs)
+        Y = torch.cat([_rows(getattr(r, key), False, channels_first=self.layers[i].kind == "conv2d") for r in recs])
+        if mc or self.loss_reduction == "sum":
+            scale = 1.0 / n_total
+        else:
+            scale = float(n_total)
+        if dy_scale is not None and not mc:
+            Y = Y * dy_scale.to(device=Y.device, dtype=torch.float32)
+        fop_kernels.accumulate_factor(G, Y, decay, scale=scale)
+        return True
+
+    def half_batch_grad(self, i: int, dtype: torch.dtype, dy_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """S1 = sum over the first halves of every record of dy a^T, as an out x in matrix [dW | db] in `dtype`
+        (times `dy_scale`, a device scalar, when given)."""
+        layer = self.layers[i]
+        total = None
+        for r in self.done(i):
+            a = r.a[: r.n_half].to(dtype)
+            dy = r.dy[: r.n_half].to(dtype)
+            if layer.kind == "conv2d":
+                c = layer.conv
+                gw = torch.nn.grad.conv2d_weight(a, layer.weight.shape, dy, stride=c["stride"], padding=c["padding"],
+                                                 dilation=c["dilation"]).reshape(layer.out_dim, -1)
+                if layer.bias is not None:
+                    gw = torch.cat([gw, dy.sum(dim=(0, 2, 3)).unsqueeze(1)], dim=1)
+            else:
+                A = _rows(a, layer.bias is not None)
+                gw = _rows(dy, False).T @ A
+            total = gw if total is None else total + gw
+        if total is None:
+            return torch.zeros(layer.shape, dtype=dtype, device=layer.weight.device)
+        if dy_scale is not None:
+            total = total * dy_scale.to(device=total.device, dtype=dtype)
+        return total
+
+
+def _rows(t: torch.Tensor, bias: bool, channels_first: bool = False) -> torch.Tensor:
+    """A rows x features matrix: linear inputs (N, ..., d) -> (N*..., d); conv outputs (N, C, H, W) -> (N*H*W, C)."""
+    if channels_first:
+        t = t.movedim(1, -1)
+    X = t.reshape(-1, t.shape[-1])
+    if bias:
+        X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+    return X
+
+
+def _conv_positions(x: torch.Tensor, c: dict) -> int:
+    """Output positions per sample of a conv with geometry `c` on input x."""
+    L = 1
+    for dim, k, s, p, d in zip(x.shape[2:], c["kernel_size"], c["stride"], c["padding"], c["dilation"]):
+        L *= math.floor((dim + 2 * p - d * (k - 1) - 1) / s) + 1
+    return L
+
+
+def _patches(x: torch.Tensor, c: dict, bias: bool) -> torch.Tensor:
+    """im2col rows of x ((N*L) x (C kh kw [+1])), for records whose spatial sizes differ (no single conv call)."""
+    cols = F_nn.unfold(x, c["kernel_size"], dilation=c["dilation"], padding=c["padding"], stride=c["stride"])
+    return _rows(cols.transpose(1, 2), bias)

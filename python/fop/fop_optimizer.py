@@ -1,0 +1,104 @@
+"""FOP: Fisher-Orthogonal Projection on top of the K-FAC eigenbasis machinery."""
+
+from __future__ import annotations
+
+import torch
+
+import fop_kernels
+from fop._base import check_float, check_range, logger
+from fop.kfac import KFAC, Bucket
+
+
+def _beta_eta(name: str, value):
+    if isinstance(value, str):
+        if value != "adaptive":
+            raise ValueError(f"{name} must be 'adaptive' or a number, got {value!r}")
+        return value
+    return check_float(name, value)
+
+
+class FOP(KFAC):
+    r"""Fisher-Orthogonal Projection (Lu and Armour, arXiv 2508.13898; DESIGN.md "FOP").
+
+    One backward, two gradients: with `.grad` = g_avg (the mean-loss gradient over N samples) and the hooks'
+    first-half sum S1 = sum_{n < N1} dy_n a_n^T (N1 = floor(N/2), N2 = N - N1):
+        g1 = (N / N1) S1,   g2 = (N / N2) (g_avg - S1),   g_diff = g1 - g2
+    (for even N, g_avg = (g1 + g2) / 2 exactly). In the eigenbasis of K-FAC's factors, A~ = Q_G^T g_avg Q_A,
+    D~ = Q_G^T g_diff Q_A, f = l_G l_A^T (undamped), w the damped eigenvalues (see KFAC); per layer:
+        S1 = sum A~^2 f, S2 = sum A~ D~ f, a = sum A~^2/w, c = sum A~ D~/w, e0 = sum D~^2/w
+        s_proj = S2 / S1   (g_perp = g_diff - s_proj g_avg is Fisher-orthogonal to g_avg)
+        d = c - s_proj a,  e = e0 - 2 s_proj c + s_proj^2 a
+        beta* = clamp(d / e, beta_clip)                              (paper eq. 16)
+        eta*  = clamp(2 (a + beta d) / (a + 2 beta d + beta^2 e), eta_clip)   (eq. 17, g_tot = g1 + g2)
+        U = Q_G [eta (A~ + beta (D~ - s_proj A~)) / w] Q_A^T
+    then K-FAC's KL clip and outer update. `beta`/`eta` fixed (numbers) replace the adaptive values;
+    beta=0, eta=1 is K-FAC exactly. A batch of 1 (no second half) falls back to the K-FAC step with a logged
+    warning. All scalars stay on the device: the only host sync in `step()` is the finiteness check.
+
+    Args (beyond KFAC's): beta ("adaptive" or a number), beta_clip=(-0.5, 0.5), eta ("adaptive" or a number),
+    eta_clip=(0, 2) (clips as in the official code).
+    """
+
+    def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, *,
+                 beta="adaptive", beta_clip=(-0.5, 0.5), eta="adaptive", eta_clip=(0.0, 2.0), **kwargs):
+        self.beta = _beta_eta("beta", beta)
+        self.eta = _beta_eta("eta", eta)
+        self.beta_clip = check_range("beta_clip", beta_clip)
+        self.eta_clip = check_range("eta_clip", eta_clip)
+        self._stats: torch.Tensor | None = None
+        self._warned_fallback = False
+        super().__init__(params_or_model, lr, momentum, weight_decay, **kwargs)
+
+    def _needs_half_batch(self, step: int) -> bool:
+        return True
+
+    def _fallback(self, why: str) -> None:
+        if not self._warned_fallback:
+            logger.warning("FOP step %d: %s; using the K-FAC update for this step (warned once)", self.steps, why)
+            self._warned_fallback = True
+
+    def _precondition(self, damping: float, inv_scale):
+        counts = [self.capture.sample_counts_of(i) for i in range(len(self.layers))]
+        if any(n == 0 for n, _ in counts):
+            self._fallback("no half-batch capture (was the forward pass run before the optimizer was built?)")
+            self._counts = None
+        elif any(n1 == 0 for _, n1 in counts):
+            self._fallback("a batch of 1 sample has no second half")
+            self._counts = None
+        else:
+            self._counts = counts
+        self._inv_scale = inv_scale
+        return super()._precondition(damping, inv_scale)
+
+    def _bucket_gradients(self, bucket: Bucket, inv_scale):
+        V, _ = super()._bucket_gradients(bucket, inv_scale)
+        if self._counts is None:
+            return V, None
+        dtype = V.dtype
+        S1 = torch.stack([self.capture.half_batch_grad(i, dtype, inv_scale) for i in bucket.index])
+        n = torch.tensor([self._counts[i][0] for i in bucket.index], dtype=torch.float64)
+        n1 = torch.tensor([self._counts[i][1] for i in bucket.index], dtype=torch.float64)
+        w1 = (n / n1).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g1 = (N/N1) S1
+        w2 = (n / (n - n1)).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g2 = (N/N2)(g_avg - S1)
+        return V, w1 * S1 - w2 * (V - S1)
+
+    def _combine(self, A_rot, D_rot, lG, lA, damping):
+        if D_rot is None:
+            self._stats = None
+            return super()._combine(A_rot, None, lG, lA, damping)
+        sums = fop_kernels.fisher_inner_products(A_rot, D_rot, lG, lA, damping, self.damping_mode)
+        U_rot, scalars = fop_kernels.project_combine(A_rot, D_rot, sums, lG, lA, damping, self.damping_mode,
+                                                     beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
+                                                     eta_clip=self.eta_clip)
+        order = [i for b in self.buckets for i in b.index]
+        self._stats = (order, scalars)
+        return U_rot
+
+    def last_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per layer name: s_proj, beta, eta of the last FOP step as 0-d device tensors (empty after a K-FAC
+        fallback or before the first preconditioned step). Reading them as floats syncs the host."""
+        if self._stats is None:
+            return {}
+        order, scalars = self._stats
+        return {self.layers[i].name: {"s_proj": scalars[j, 0], "beta": scalars[j, 1], "eta": scalars[j, 2]}
+                for j, i in enumerate(order)}

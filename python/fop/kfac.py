@@ -1,0 +1,283 @@
+"""K-FAC in the eigenbasis of the Kronecker factors: the curvature machinery FOP builds on."""
+
+from __future__ import annotations
+
+import torch
+
+import fop_kernels
+from fop._base import (
+    CurvatureOptimizer,
+    check_choice,
+    check_float,
+    check_int,
+    check_outer_hyperparameters,
+    check_schedule,
+    eval_schedule,
+    layer_device_tensor,
+)
+
+DAMPING_MODES = ("eigen", "factored")
+FISHER_TYPES = ("empirical", "mc")
+
+
+class Bucket:
+    """Layers whose gradient matrices have one shape (out x in): their eigenvectors stacked for bmm."""
+
+    def __init__(self, index: list[int], QG, lG, QA, lA):
+        self.index = index  # layer indices
+        self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i), (B,i)
+
+    def rotate(self, M: torch.Tensor) -> torch.Tensor:
+        """Q_G^T M Q_A for a (B, o, i) stack."""
+        return torch.bmm(torch.bmm(self.QG.mT, M), self.QA)
+
+    def unrotate(self, M: torch.Tensor) -> torch.Tensor:
+        """Q_G M Q_A^T for a (B, o, i) stack."""
+        return torch.bmm(torch.bmm(self.QG, M), self.QA.mT)
+
+
+class KFAC(CurvatureOptimizer):
+    r"""K-FAC with eigenbasis preconditioning (DESIGN.md, "K-FAC").
+
+    Per preconditioned layer with gradient matrix V = [dW | db] (out x in):
+
+    - every `factor_interval` steps: A <- (1-rho) A + rho a^T a / rows,  G <- (1-rho) G + rho g^T g / N
+      (rho = `factor_decay`; the first update sets A, G to the batch statistics);
+    - every `inverse_interval` steps: A = Q_A diag(l_A) Q_A^T, G = Q_G diag(l_G) Q_G^T (eigenvalues clamped at 0),
+      batched over all layers by `fop_kernels.eigh`;
+    - every step: V~ = Q_G^T V Q_A,  U = Q_G (V~ / w) Q_A^T, with
+      "eigen" damping w = l_G l_A^T + lambda (exact Tikhonov damping of A kron G), or
+      "factored" w = (l_G + sqrt(lambda)/pi)(l_A + sqrt(lambda) pi)^T, pi = sqrt((tr A/dim A)/(tr G/dim G));
+    - optional KL clipping: U <- min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) U;
+    - the outer update (CurvatureOptimizer): weight decay, momentum, learning rate, on U for preconditioned
+      parameters and on the gradient for every other parameter.
+
+    Layers of one shape are rotated together with bmm. Until the first decomposition exists (a forward pass
+    before the optimizer was built, say) the step uses the plain gradient.
+
+    Args:
+        params_or_model: the model, or parameters / param groups with `model=` given.
+        lr: learning rate (official FOP code: 0.1; its run script 0.01).
+        momentum: heavy-ball momentum (0.9, as the official code's SGD).
+        weight_decay: L2 weight decay added to the direction (coupled, as the official code) or, with
+            `decoupled=True`, applied to the parameters as in AdamW: p <- (1 - lr wd) p.
+        damping: lambda, a float or a callable of the step count (paper: 1e-5 to 1e-3; official default 1e-2).
+        damping_mode: "eigen" or "factored" (the official code's pi-split), see above.
+        factor_decay: rho (official ema_decay 0.05).
+        factor_interval, inverse_interval: steps between factor updates / eigendecompositions (official run
+            script: 10 and 10; paper: 5 to 200).
+        kl_clip: None or a positive float.
+        fisher: "empirical" (factors from the training backward) or "mc" (G from a sampled-label backward that
+            the user triggers with `optimizer.fisher_backward(logits)` after the forward of each step).
+        factor_dtype: float32 or float64 for the factors and their eigendecompositions.
+        exclude, loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
+    """
+
+    def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, *,
+                 decoupled: bool = False, damping=1e-3, damping_mode: str = "eigen", factor_decay: float = 0.05,
+                 factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = None,
+                 fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, model=None, exclude=None,
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
+        check_outer_hyperparameters(lr, momentum, weight_decay)
+        self.damping = check_schedule("damping", damping)
+        self.damping_mode = check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        self.factor_decay = check_float("factor_decay", factor_decay, low=0.0, high=1.0, low_open=True)
+        self.factor_interval = check_int("factor_interval", factor_interval)
+        self.inverse_interval = check_int("inverse_interval", inverse_interval)
+        self.kl_clip = None if kl_clip is None else check_float("kl_clip", kl_clip, low=0.0, low_open=True)
+        self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
+        self.factor_dtype = check_choice("factor_dtype", factor_dtype, (torch.float32, torch.float64))
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled=bool(decoupled))
+        super().__init__(params_or_model, defaults, model=model, exclude=exclude, loss_reduction=loss_reduction,
+                         check_finite=check_finite, grad_scaler=grad_scaler)
+        n = len(self.layers)
+        self.factors_A: list[torch.Tensor | None] = [None] * n
+        self.factors_G: list[torch.Tensor | None] = [None] * n
+        self.factor_updates = 0  # how many factor updates have run (host int)
+        self.buckets: list[Bucket] = []
+        self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
+        self._arm_for(self.steps)
+
+    # -- when to capture, update, decompose ----------------------------------------------------------------------
+    def is_factor_step(self, step: int | None = None) -> bool:
+        """Whether step `step` (default: the next one) updates the factors."""
+        step = self.steps if step is None else step
+        return bool(self.layers) and (step % self.factor_interval == 0 or self.factor_updates == 0)
+
+    def _needs_half_batch(self, step: int) -> bool:
+        return False
+
+    def _arm_for(self, step: int) -> None:
+        full = self.is_factor_step(step)
+        if full or self._needs_half_batch(step):
+            self.capture.arm(full=full, keep_outputs=full and self.fisher == "mc")
+
+    def _after_step(self) -> None:
+        self.capture.release()
+        self._arm_for(self.steps)
+
+    def _after_load(self) -> None:
+        self.capture.release()
+        self._arm_for(self.steps)
+
+    # -- the MC Fisher helper -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fisher_backward(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """fisher="mc": backpropagate a loss with labels sampled from softmax(logits) to the captured layers.
+
+        Call it after the forward pass of each step, before or after `loss.backward()` (then the training backward
+        needs `retain_graph=True`); a no-op on steps that do not update factors. The sampled loss is summed over
+        samples, so its output gradients are per-sample gradients; `.grad` is not touched."""
+        if self.fisher != "mc":
+            raise RuntimeError(f"fisher_backward is for fisher='mc'; this optimizer uses fisher={self.fisher!r}")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ValueError(f"logits must be an (N, classes) tensor, got "
+                             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        outputs = self.capture.mc_outputs()
+        if not (self.capture.armed and self.capture.full) or not outputs:
+            return
+        with torch.enable_grad():
+            probs = torch.softmax(logits.detach().float(), dim=1)
+            labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            self.capture.mc_active = True
+            try:
+                torch.autograd.grad(loss, outputs, retain_graph=True, allow_unused=True)
+            finally:
+                self.capture.mc_active = False
+        self.capture.drop_outputs()
+
+    def _validate_before_step(self) -> None:
+        if (self.fisher == "mc" and self.is_factor_step() and self.capture.has_factor_data()
+                and not self.capture.has_factor_data(mc=True)):
+            raise RuntimeError("fisher='mc': this step updates the factors but optimizer.fisher_backward(logits) "
+                               "was not called after the forward pass")
+
+    # -- curvature -------------------------------------------------------------------------------------------------
+    def _update_factors(self, inv_scale) -> bool:
+        """One factor update of every layer from the captured records; False if nothing was captured."""
+        if not self.capture.has_factor_data(mc=self.fisher == "mc"):
+            return False
+        first = self.factor_updates == 0
+        decay = 1.0 if first else self.factor_decay
+        for i, layer in enumerate(self.layers):
+            if self.factors_A[i] is None:
+                dev = layer.weight.device
+                self.factors_A[i] = torch.zeros(layer.in_dim, layer.in_dim, dtype=self.factor_dtype, device=dev)
+                self.factors_G[i] = torch.zeros(layer.out_dim, layer.out_dim, dtype=self.factor_dtype, device=dev)
+            self.capture.update_input_factor(i, self.factors_A[i], decay)
+            self.capture.update_output_factor(i, self.factors_G[i], decay, mc=self.fisher == "mc", dy_scale=inv_scale)
+        self.factor_updates += 1
+        return True
+
+    def _decompose(self) -> None:
+        """Eigendecompose every A and G in one batched call and stack them by layer shape."""
+        mats = self.factors_A + self.factors_G
+        evals, evecs = fop_kernels.eigh(mats, clamp=True)
+        n = len(self.layers)
+        self._set_buckets(evals[:n], evecs[:n], evals[n:], evecs[n:])
+        self.decomposed_at = self.steps
+
+    def _set_buckets(self, lA, QA, lG, QG) -> None:
+        by_shape: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            by_shape.setdefault((layer.shape, QA[i].device, QA[i].dtype), []).append(i)
+        self.buckets = [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
+                               torch.stack([QA[i] for i in idx]), torch.stack([lA[i] for i in idx]))
+                        for idx in by_shape.values()]
+
+    def _curvature_step(self, inv_scale):
+        if not self.layers:
+            return {}
+        step = self.steps
+        if self.is_factor_step(step):
+            updated = self._update_factors(inv_scale)
+            if updated and (step % self.inverse_interval == 0 or self.decomposed_at < 0):
+                self._decompose()
+        elif step % self.inverse_interval == 0 and self.factor_updates > 0:
+            self._decompose()
+        if not self.buckets:
+            return {}
+        damping = eval_schedule("damping", self.damping, step)
+        return self._precondition(damping, inv_scale)
+
+    def _bucket_gradients(self, bucket: Bucket, inv_scale) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(V stack, difference stack or None) for a bucket: K-FAC has no second gradient."""
+        dtype = bucket.QA.dtype
+        return torch.stack([self.layers[i].grad_matrix(dtype) for i in bucket.index]), None
+
+    def _combine(self, A_rot: list, D_rot: list | None, lG: list, lA: list, damping: float) -> list:
+        """The rotated update U~ per layer; K-FAC: V~ / w through project_combine with beta=0, eta=1."""
+        sums = A_rot[0].new_zeros(len(A_rot), 5)
+        U_rot, _ = fop_kernels.project_combine(A_rot, A_rot, sums, lG, lA, damping, self.damping_mode,
+                                               beta=0.0, eta=1.0)
+        return U_rot
+
+    def _precondition(self, damping: float, inv_scale) -> dict[int, torch.Tensor]:
+        V_stacks, A_rot, D_rot, lG, lA = [], [], [], [], []
+        have_diff = True
+        for b in self.buckets:
+            V, D = self._bucket_gradients(b, inv_scale)
+            V_stacks.append(V)
+            A_rot.extend(b.rotate(V).unbind(0))
+            if D is None:
+                have_diff = False
+            else:
+                D_rot.extend(b.rotate(D).unbind(0))
+            lG.extend(b.lG.unbind(0))
+            lA.extend(b.lA.unbind(0))
+        U_rot = self._combine(A_rot, D_rot if have_diff else None, lG, lA, damping)
+        updates, start = [], 0
+        for b in self.buckets:
+            U = b.unrotate(torch.stack(U_rot[start:start + len(b.index)]))
+            start += len(b.index)
+            updates.append(U)
+        if self.kl_clip is not None:
+            self._kl_clip_(updates, V_stacks)
+        directions = {}
+        for b, U in zip(self.buckets, updates):
+            for j, i in enumerate(b.index):
+                layer = self.layers[i]
+                for p, d in zip(layer.params, layer.split(U[j])):
+                    directions[id(p)] = d
+        return directions
+
+    def _kl_clip_(self, updates: list[torch.Tensor], V_stacks: list[torch.Tensor]) -> None:
+        """U <- nu U with nu = min(1, sqrt(kl_clip / sum_l lr_l^2 <U_l, V_l>)), on the device."""
+        lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
+        total = None
+        for b, U, V in zip(self.buckets, updates, V_stacks):
+            lrs = torch.tensor([lr_of[id(self.layers[i].weight)] ** 2 for i in b.index], dtype=U.dtype)
+            part = ((U * V).sum(dim=(1, 2)) * lrs.to(U.device)).sum()
+            total = part if total is None else total + part
+        nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
+        for U in updates:
+            U.mul_(nu)
+
+    # -- state -------------------------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        extra = super()._extra_state()
+        eig = [None] * len(self.layers)
+        for b in self.buckets:
+            for j, i in enumerate(b.index):
+                eig[i] = {"QA": b.QA[j], "lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
+        extra.update(factor_updates=self.factor_updates, decomposed_at=self.decomposed_at,
+                     factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
+                     eigen=eig)
+        return extra
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        self.factor_updates = int(extra["factor_updates"])
+        self.decomposed_at = int(extra["decomposed_at"])
+        for i, (layer, f) in enumerate(zip(self.layers, extra["factors"])):
+            self.factors_A[i] = None if f is None else layer_device_tensor(f["A"], layer.weight)
+            self.factors_G[i] = None if f is None else layer_device_tensor(f["G"], layer.weight)
+        eig = extra["eigen"]
+        if all(e is not None for e in eig) and eig:
+            moved = [{k: layer_device_tensor(v, layer.weight) for k, v in e.items()}
+                     for e, layer in zip(eig, self.layers)]
+            self._set_buckets([e["lA"] for e in moved], [e["QA"] for e in moved], [e["lG"] for e in moved],
+                              [e["QG"] for e in moved])
+        else:
+            self.buckets = []
