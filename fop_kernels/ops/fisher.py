@@ -1,9 +1,15 @@
 """FOP's eigenbasis pipeline: the five Fisher inner products per layer and the projection-and-combine.
 
-Formulas in fop_kernels.reference.fisher.
+Formulas in fop_kernels.reference.fisher. Conventions (every backend): arithmetic in float32, or float64
+when any input tensor is float64; A_rot[i] and D_rot[i] share a dtype (fp32, fp64, fp16 or bf16); U~ comes
+back in A_rot[i]'s dtype. `damping` is a float >= 0 or a 0-dim tensor on the layers' device (never read
+on the host, so no sync). Neither op mutates its inputs, so no value checks (NaN/inf) are made: those would
+cost a host sync per call.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -15,14 +21,24 @@ register("fisher_inner_products", "reference")(ref.fisher_inner_products)
 register("project_combine", "reference")(ref.project_combine)
 
 DAMPING_MODES = ("eigen", "factored")
+_EIGEN_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_damping(damping, device):
+    if isinstance(damping, torch.Tensor):
+        _checks.tensor("damping", damping, ndim=0, dtypes=_EIGEN_DTYPES, device=device)
+        return damping
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+        raise TypeError(f"damping must be a float or a 0-dim tensor, got {type(damping).__name__}")
+    return _checks.nonnegative("damping", damping)
 
 
 def _check_layers(A_rot, D_rot, lG, lA, damping, damping_mode):
     A_rot = _checks.tensor_list("A_rot", A_rot, ndim=2)
     dev = A_rot[0].device
     D_rot = _checks.tensor_list("D_rot", D_rot, ndim=2)
-    lG = _checks.tensor_list("lG", lG, ndim=1, dtypes=(torch.float32, torch.float64))
-    lA = _checks.tensor_list("lA", lA, ndim=1, dtypes=(torch.float32, torch.float64))
+    lG = _checks.tensor_list("lG", lG, ndim=1, dtypes=_EIGEN_DTYPES)
+    lA = _checks.tensor_list("lA", lA, ndim=1, dtypes=_EIGEN_DTYPES)
     n = len(A_rot)
     for name, lst in (("D_rot", D_rot), ("lG", lG), ("lA", lA)):
         if len(lst) != n:
@@ -30,18 +46,24 @@ def _check_layers(A_rot, D_rot, lG, lA, damping, damping_mode):
         if lst[0].device != dev:
             raise ValueError(f"{name} is on {lst[0].device} but A_rot is on {dev}")
     for i in range(n):
+        if A_rot[i].numel() == 0:
+            raise ValueError(f"A_rot[{i}] is empty (shape {tuple(A_rot[i].shape)}); every layer needs out, in >= 1")
         _checks.shape(f"D_rot[{i}]", D_rot[i], A_rot[i].shape)
+        if D_rot[i].dtype != A_rot[i].dtype:
+            raise TypeError(f"D_rot[{i}] has dtype {D_rot[i].dtype} but A_rot[{i}] has {A_rot[i].dtype}")
         _checks.shape(f"lG[{i}]", lG[i], (A_rot[i].shape[0],))
         _checks.shape(f"lA[{i}]", lA[i], (A_rot[i].shape[1],))
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
-    damping = _checks.nonnegative("damping", damping)
+    damping = _check_damping(damping, dev)
     return A_rot, D_rot, lG, lA, damping
 
 
 def fisher_inner_products(A_rot, D_rot, lG, lA, damping, damping_mode: str = "eigen", *, backend: str | None = None):
-    """(L x 5) fp32 tensor: per layer S1 = sum A~^2 f, S2 = sum A~ D~ f, a = sum A~^2/w, c = sum A~ D~/w,
-    e0 = sum D~^2/w with f = lG lA^T and w per damping mode. All layers at once, no host sync."""
+    """(L x 5) tensor on the layers' device: per layer S1 = sum A~^2 f, S2 = sum A~ D~ f, a = sum A~^2/w,
+    c = sum A~ D~/w, e0 = sum D~^2/w with f = lG lA^T and w = f + damping ("eigen") or
+    (lG + sqrt(damping)/pi)(lA + sqrt(damping) pi)^T ("factored", pi = sqrt(mean lA / mean lG)).
+    float32 (float64 when an input is float64). All layers at once, no host sync."""
     A_rot, D_rot, lG, lA, damping = _check_layers(A_rot, D_rot, lG, lA, damping, damping_mode)
     _, fn = resolve("fisher_inner_products", A_rot[0].device, backend)
     return fn(A_rot, D_rot, lG, lA, damping, damping_mode=damping_mode)
@@ -51,10 +73,16 @@ def _check_choice(name, v, clip):
     if isinstance(v, str):
         if v != "adaptive":
             raise ValueError(f"{name} must be 'adaptive' or a float, got {v!r}")
+    elif isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be 'adaptive' or a float, got {type(v).__name__}")
     else:
         v = float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v}")
+    if not isinstance(clip, (list, tuple)) or len(clip) != 2:
+        raise ValueError(f"{name}_clip must be a pair (low, high), got {clip!r}")
     lo, hi = (float(c) for c in clip)
-    if not lo <= hi:
+    if math.isnan(lo) or math.isnan(hi) or not lo <= hi:
         raise ValueError(f"{name}_clip must be (low, high) with low <= high, got {clip!r}")
     return v, (lo, hi)
 
@@ -63,10 +91,12 @@ def project_combine(A_rot, D_rot, sums, lG, lA, damping, damping_mode: str = "ei
                     eta="adaptive", beta_clip=(-0.5, 0.5), eta_clip=(0.0, 2.0), *, backend: str | None = None):
     """([U~ per layer], (L x 3) s_proj, beta, eta): U~ = eta (A~ + beta (D~ - s_proj A~)) / w.
 
-    beta/eta "adaptive" use beta* = d/e and eta* = 2(a + beta d)/(a + 2 beta d + beta^2 e), clamped;
-    a float fixes the value. beta=0, eta=1 gives the K-FAC update A~ / w exactly."""
+    s_proj = S2 / (S1 + eps); with d = c - s a and e = e0 - 2 s c + s^2 a, "adaptive" beta and eta are
+    beta* = clamp(d / e, beta_clip) and eta* = clamp(2 (a + beta d) / (a + 2 beta d + beta^2 e), eta_clip);
+    a float fixes the value (unclamped). beta=0, eta=1 gives the K-FAC update A~ / w exactly.
+    U~[i] has A_rot[i]'s dtype; the scalars are float32 (float64 when an input is float64). No host sync."""
     A_rot, D_rot, lG, lA, damping = _check_layers(A_rot, D_rot, lG, lA, damping, damping_mode)
-    _checks.tensor("sums", sums, ndim=2, dtypes=(torch.float32, torch.float64), device=A_rot[0].device)
+    _checks.tensor("sums", sums, ndim=2, dtypes=_EIGEN_DTYPES, device=A_rot[0].device)
     _checks.shape("sums", sums, (len(A_rot), 5))
     beta, beta_clip = _check_choice("beta", beta, beta_clip)
     eta, eta_clip = _check_choice("eta", eta, eta_clip)
