@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fop._capture import Capture
-from fop._layers import Layer, discover_layers, parameter_map, unwrap_model
+from fop._layers import Layer, discover_layers, parameter_map, unsupported_reason, unwrap_model
 
 logger = logging.getLogger("fop")
 
@@ -97,6 +97,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     (one host sync per step); with a GradScaler such steps are skipped instead."""
 
     _step_supports_amp_scaling = True
+    layer_support = staticmethod(unsupported_reason)  # module -> None if preconditioned, else why not
 
     def __init__(self, params_or_model, defaults: dict, *, model: nn.Module | None = None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
@@ -116,7 +117,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.model = unwrap_model(model)
         optimized = [p for g in self.param_groups for p in g["params"]]
-        self.layers, self.skipped = discover_layers(self.model, optimized, exclude)
+        self.layers, self.skipped = discover_layers(self.model, optimized, exclude, self.layer_support)
         self.param_to_layer = parameter_map(self.layers)
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         self.capture = Capture(self.layers, loss_reduction)
@@ -203,11 +204,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _after_skipped_step(self) -> None:
         """A skipped step keeps the counters; drop its captures and arm again as for the step that was skipped."""
-        full, keep = self.capture.full, self.capture.keep_outputs
+        full, keep, rows = self.capture.full, self.capture.keep_outputs, self.capture.rows
         was_armed = self.capture.armed
         self.capture.release()
         if was_armed:
-            self.capture.arm(full, keep)
+            self.capture.arm(full, keep, rows)
 
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
         """Per param group: coupled (d += wd p) or decoupled (p *= 1 - lr wd) weight decay, momentum, p -= lr m."""

@@ -19,7 +19,6 @@ under `torch.no_grad()`) record nothing; a record whose backward never came is i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +41,7 @@ class Record:
     dy: torch.Tensor | None = None
     dy_mc: torch.Tensor | None = None  # output gradient of a sampled-label loss (fisher="mc")
     output: torch.Tensor | None = None  # the layer output, kept until the MC backward (fisher="mc")
+    rows: torch.Tensor | None = None  # the samples kept (arm(rows=...)): a and dy hold only these
 
 
 class Capture:
@@ -57,17 +57,22 @@ class Capture:
         self.full = False
         self.keep_outputs = False
         self.mc_active = False
+        self.rows = None
         self._handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(layers)]
 
     # -- arming ------------------------------------------------------------------------------------------------
-    def arm(self, full: bool, keep_outputs: bool = False) -> None:
-        """Record the next forward passes: whole batches when `full`, else the first half of each."""
-        self.armed, self.full, self.keep_outputs = True, bool(full), bool(keep_outputs)
+    def arm(self, full: bool, keep_outputs: bool = False, rows=None) -> None:
+        """Record the next forward passes: whole batches when `full`, else the first half of each.
+
+        `rows`: a callable (n, device) -> index tensor; each record then keeps only those samples of its batch
+        (FROG's fresh sample per layer and step)."""
+        self.armed, self.full, self.keep_outputs, self.rows = True, bool(full), bool(keep_outputs), rows
 
     def release(self) -> None:
         """Drop every record and disarm (after the optimizer step)."""
         self.records = [[] for _ in self.layers]
         self.armed = self.full = self.keep_outputs = False
+        self.rows = None
 
     def remove(self) -> None:
         """Remove the hooks from the modules."""
@@ -85,7 +90,9 @@ class Capture:
                 return
             x = inputs[0].detach()
             n = x.shape[0]
-            rec = Record(a=x if self.full else x[: n // 2], n=n, n_half=n // 2, full=self.full)
+            rows = None if self.rows is None else self.rows(n, x.device)
+            a = x.index_select(0, rows) if rows is not None else x if self.full else x[: n // 2]
+            rec = Record(a=a, n=n, n_half=n // 2, full=self.full, rows=rows)
             if self.keep_outputs:
                 rec.output = output
             self.records[i].append(rec)
@@ -99,7 +106,9 @@ class Capture:
             if self.mc_active:
                 rec.dy_mc = g
                 return
-            if not rec.full:
+            if rec.rows is not None:
+                g = g.index_select(0, rec.rows)
+            elif not rec.full:
                 g = g[: rec.n_half]
             rec.dy = g if rec.dy is None else rec.dy + g  # two backwards through one graph (retain_graph) add up
 
@@ -148,14 +157,14 @@ class Capture:
             xs = [r.a for r in recs]
             if all(x.shape[1:] == xs[0].shape[1:] for x in xs):
                 x = xs[0] if len(xs) == 1 else torch.cat(xs)
-                rows = x.shape[0] * _conv_positions(x, c)
                 fop_kernels.accumulate_conv_factor(A, x, decay, c["kernel_size"], c["stride"], c["padding"],
-                                                   c["dilation"], bias=bias, scale=1.0 / rows)
+                                                   c["dilation"], bias=bias, scale=1.0 / x.shape[0],
+                                                   check_finite=False)  # the op divides by positions
                 return True
             X = torch.cat([_patches(x, c, bias) for x in xs])
         else:
             X = torch.cat([_rows(r.a, bias) for r in recs])
-        fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0])
+        fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
         return True
 
     def update_output_factor(self, i: int, G: torch.Tensor, decay: float, mc: bool = False,
@@ -176,7 +185,7 @@ class Capture:
             scale = float(n_total)
         if dy_scale is not None and not mc:
             Y = Y * dy_scale.to(device=Y.device, dtype=torch.float32)
-        fop_kernels.accumulate_factor(G, Y, decay, scale=scale)
+        fop_kernels.accumulate_factor(G, Y, decay, scale=scale, check_finite=False)
         return True
 
     def half_batch_grad(self, i: int, dtype: torch.dtype, dy_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,14 +221,6 @@ def _rows(t: torch.Tensor, bias: bool, channels_first: bool = False) -> torch.Te
     if bias:
         X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
     return X
-
-
-def _conv_positions(x: torch.Tensor, c: dict) -> int:
-    """Output positions per sample of a conv with geometry `c` on input x."""
-    L = 1
-    for dim, k, s, p, d in zip(x.shape[2:], c["kernel_size"], c["stride"], c["padding"], c["dilation"]):
-        L *= math.floor((dim + 2 * p - d * (k - 1) - 1) / s) + 1
-    return L
 
 
 def _patches(x: torch.Tensor, c: dict, bias: bool) -> torch.Tensor:

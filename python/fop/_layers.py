@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -82,11 +82,12 @@ class Layer:
         return [w, matrix[:, -1]]
 
     def describe(self) -> str:
-        kind = "Linear" if self.kind == "linear" else "Conv2d"
+        kind = type(self.module).__name__
         extra = ""
         if self.kind == "conv2d":
             c = self.conv
             extra = f" k={c['kernel_size']} s={c['stride']} p={c['padding']} d={c['dilation']}"
+            extra += f" groups={c['groups']}" if c["groups"] != 1 else ""
         bias = "+bias" if self.bias is not None else ""
         return (f"{self.name}: {kind}{extra} weight{tuple(self.weight.shape)}{bias}"
                 f" -> G {self.out_dim}x{self.out_dim}, A {self.in_dim}x{self.in_dim}")
@@ -103,7 +104,7 @@ def _conv_geometry(m: nn.Conv2d) -> dict:
                 raise ValueError(f"padding='same' with an even total padding {total} is asymmetric; not supported")
             padding = tuple(t // 2 for t in total)
     return {"kernel_size": tuple(m.kernel_size), "stride": tuple(m.stride), "padding": tuple(padding),
-            "dilation": tuple(m.dilation)}
+            "dilation": tuple(m.dilation), "groups": m.groups}
 
 
 def _resolve_exclude(model: nn.Module, exclude) -> set[int]:
@@ -128,12 +129,19 @@ def _resolve_exclude(model: nn.Module, exclude) -> set[int]:
     return {id(m) for root in roots for m in root.modules()}
 
 
-def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = None, exclude=None
+# Layer.kind of each module type a support predicate may accept (AdaFisher also takes the norm layers).
+LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.BatchNorm2d: "batchnorm2d", nn.LayerNorm: "layernorm"}
+
+
+def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = None, exclude=None,
+                    support: Callable[[nn.Module], str | None] = unsupported_reason
                     ) -> tuple[list[Layer], list[tuple[str, str]]]:
     """The supported layers of `model` (unwrapped) whose weight requires grad and is optimized.
 
     `params`: the optimizer's parameters; a layer whose weight is not among them is skipped. Returns the layers
     (in module order) and a list of (name, reason) for the modules with parameters that are not preconditioned.
+    `support(module)`: None when the optimizer supports the module, else why not (default: K-FAC's
+    `unsupported_reason`); the module's type must be in LAYER_KINDS.
     A weight shared by two modules is preconditioned by neither (its gradient mixes two layers' statistics)."""
     model = unwrap_model(model)
     excluded = _resolve_exclude(model, exclude)
@@ -146,7 +154,7 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
         if id(m) in excluded:
             skipped.append((name, "excluded"))
             continue
-        reason = unsupported_reason(m)
+        reason = support(m)
         if reason is None and not m.weight.requires_grad:
             reason = "weight does not require grad"
         if reason is None and optimized is not None and id(m.weight) not in optimized:
@@ -159,7 +167,7 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
             skipped.append((name, reason))
             continue
         conv = _conv_geometry(m) if isinstance(m, nn.Conv2d) else {}
-        layers.append(Layer(name or type(m).__name__, m, m.weight, m.bias, "conv2d" if conv else "linear", conv))
+        layers.append(Layer(name or type(m).__name__, m, m.weight, m.bias, LAYER_KINDS[type(m)], conv))
     uses = Counter(id(p) for layer in layers for p in layer.params)
     kept = []
     for layer in layers:
