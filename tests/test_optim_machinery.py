@@ -1,0 +1,404 @@
+"""The shared optimizer machinery: layer discovery, armed capture, validation, AMP, non-finite, state_dict."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fop import FOP, KFAC
+from fop._base import check_float, check_int, check_range, eval_schedule
+from fop._capture import Capture
+from fop._layers import discover_layers, parameter_map, unwrap_model
+from torch import nn
+
+
+def small_cnn(bias: bool = True) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=bias), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, dilation=1, bias=bias), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 3, 2, padding=1, dilation=2), nn.Flatten(), nn.Linear(3 * 2 * 2, 5, bias=bias))
+
+
+# -- layers ------------------------------------------------------------------------------------------------------------
+def test_discover_supported_and_skipped():
+    m = nn.Sequential(nn.Linear(4, 6), nn.Conv2d(3, 4, 3, groups=1), nn.Conv2d(4, 4, 3, groups=2),
+                      nn.Conv2d(3, 3, 3, padding_mode="circular", padding=1), nn.LayerNorm(6), nn.Embedding(5, 3),
+                      nn.Conv2d(3, 3, 3, padding="same", dilation=2, bias=False))
+    layers, skipped = discover_layers(m)
+    assert [layer.name for layer in layers] == ["0", "1", "6"]
+    assert [layer.kind for layer in layers] == ["linear", "conv2d", "conv2d"]
+    assert layers[2].conv["padding"] == (2, 2) and layers[2].bias is None
+    assert layers[0].shape == (6, 5) and layers[1].shape == (4, 3 * 9 + 1) and layers[2].shape == (3, 27)
+    reasons = dict(skipped)
+    assert reasons["2"].startswith("grouped conv") and "circular" in reasons["3"]
+    assert reasons["4"] == reasons["5"] == "layer type not supported"
+
+
+def test_exclude_by_module_and_name_and_unknown():
+    m = small_cnn()
+    layers, skipped = discover_layers(m, exclude=["0", m[7]])
+    assert [layer.name for layer in layers] == ["2", "5"]
+    assert ("0", "excluded") in skipped and ("7", "excluded") in skipped
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        discover_layers(m, exclude="nope")
+    with pytest.raises(ValueError, match="not part of the model"):
+        discover_layers(m, exclude=[nn.Linear(2, 2)])
+    opt = KFAC(m, exclude=[m[0]])
+    assert all(not line.startswith("0:") for line in opt.preconditioned())
+    assert ("0", "excluded") in opt.not_preconditioned()
+
+
+def test_excluded_and_unsupported_params_get_plain_outer_update():
+    torch.manual_seed(0)
+    m = small_cnn()
+    ref = copy.deepcopy(m)
+    opt = FOP(m, lr=0.1, momentum=0.0, exclude=["0"])
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
+    for model, o in ((m, opt), (ref, sgd)):
+        o.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        o.step()
+    for name in ("0.weight", "0.bias", "3.weight", "3.bias"):  # excluded conv and the BatchNorm: SGD exactly
+        assert torch.equal(dict(m.named_parameters())[name], dict(ref.named_parameters())[name]), name
+    assert not torch.equal(m[2].weight, ref[2].weight)
+
+
+def test_unwrap_and_param_map_and_params_subset():
+    m = small_cnn()
+    assert unwrap_model(nn.DataParallel(m)) is m
+    layers, _ = discover_layers(nn.DataParallel(m))
+    pmap = parameter_map(layers)
+    assert pmap[id(m[2].weight)] == (1, "weight") and pmap[id(m[7].bias)] == (3, "bias")
+    layers, skipped = discover_layers(m, params=[p for n, p in m.named_parameters() if not n.startswith("7")])
+    assert "7" not in [layer.name for layer in layers]
+    assert ("7", "weight is not among the optimizer's parameters") in skipped
+    groups = [{"params": m[0].parameters(), "lr": 0.01},
+              {"params": list(m[2].parameters()) + list(m[7].parameters())}]
+    opt = KFAC(groups, model=nn.DataParallel(m))
+    assert len(opt.layers) == 3 and opt.model is m
+
+
+def test_tied_weights_are_not_preconditioned():
+    l1, l2 = nn.Linear(4, 4), nn.Linear(4, 4)
+    l2.weight = l1.weight
+    m = nn.Sequential(l1, nn.ReLU(), l2, nn.Linear(4, 2))
+    layers, skipped = discover_layers(m)
+    assert [layer.name for layer in layers] == ["3"]
+    assert ("0", "parameter shared with another layer") in skipped
+
+
+def test_grad_matrix_split_roundtrip():
+    layers, _ = discover_layers(small_cnn())
+    for layer in layers:
+        for p in layer.params:
+            p.grad = torch.randn_like(p)
+        M = layer.grad_matrix()
+        assert M.shape == layer.shape
+        for p, back in zip(layer.params, layer.split(M)):
+            assert torch.equal(p.grad, back)
+
+
+# -- capture ---------------------------------------------------------------------------------------------------------
+def test_capture_only_when_armed_and_released():
+    m = small_cnn()
+    layers, _ = discover_layers(m)
+    cap = Capture(layers)
+    x = torch.randn(6, 2, 6, 6)
+    m(x).sum().backward()
+    assert all(not recs for recs in cap.records)
+    cap.arm(full=False)
+    with torch.no_grad():
+        m(x)
+    assert all(not recs for recs in cap.records)
+    m(x).sum().backward()
+    assert all(len(recs) == 1 and recs[0].a.shape[0] == 3 and recs[0].dy.shape[0] == 3 for recs in cap.records)
+    m(x[:5]).sum().backward()  # gradient accumulation: a second record, odd batch
+    assert [r.n_half for r in cap.records[0]] == [3, 2]
+    assert cap.sample_counts_of(0) == (11, 5)
+    cap.release()
+    assert all(not recs for recs in cap.records) and not cap.armed
+    cap.remove()
+
+
+def _explicit_factors(m, layer, x, loss_fn):
+    """A and G of one layer from explicit per-sample quantities (im2col by unfold), float64."""
+    m = copy.deepcopy(m).double()
+    for sub in m.modules():  # deepcopy copied the capture's hooks: drop them
+        sub._forward_hooks.clear()
+    mod = dict(m.named_modules())[layer.name]
+    store = {}
+    mod.register_forward_hook(lambda _m, i, o: store.update(a=i[0], out=o))
+    out = m(x.double())
+    store["out"].retain_grad()
+    loss_fn(out).backward()
+    a, dy = store["a"], store["out"].grad
+    N = x.shape[0]
+    if layer.kind == "conv2d":
+        c = layer.conv
+        P = F.unfold(a, c["kernel_size"], dilation=c["dilation"], padding=c["padding"], stride=c["stride"])
+        P = P.transpose(1, 2).reshape(-1, P.shape[1])
+        Y = dy.permute(0, 2, 3, 1).reshape(-1, dy.shape[1])
+    else:
+        P, Y = a, dy
+    if layer.bias is not None:
+        P = torch.cat([P, torch.ones(P.shape[0], 1, dtype=P.dtype)], 1)
+    return P.T @ P / P.shape[0], (N * Y).T @ (N * Y) / N
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_capture_factors_match_explicit(bias):
+    torch.manual_seed(1)
+    m = small_cnn(bias).double()
+    layers, _ = discover_layers(m)
+    cap = Capture(layers)
+    cap.arm(full=True)
+    x, y = torch.randn(7, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (7,))
+
+    def loss_fn(out):
+        return F.cross_entropy(out, y)
+
+    loss_fn(m(x)).backward()
+    for i, layer in enumerate(layers):
+        A = torch.zeros(layer.in_dim, layer.in_dim, dtype=torch.float64)
+        G = torch.zeros(layer.out_dim, layer.out_dim, dtype=torch.float64)
+        assert cap.update_input_factor(i, A, 1.0) and cap.update_output_factor(i, G, 1.0)
+        A_ref, G_ref = _explicit_factors(m, layer, x, loss_fn)
+        torch.testing.assert_close(A, A_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(G, G_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_capture_accumulation_equals_one_big_batch():
+    """Two micro-batches (loss / 2 each) give the same factors and half-batch sum as the stacked batch."""
+    torch.manual_seed(2)
+    m = small_cnn().double()
+    m[3].eval()  # BatchNorm in training mode couples the samples of a batch
+    layers, _ = discover_layers(m)
+    x, y = torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    results = []
+    for chunks in (1, 2):
+        cap = Capture(layers)
+        cap.arm(full=True)
+        for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
+            (F.cross_entropy(m(xc), yc) / chunks).backward()
+        out = []
+        for i, layer in enumerate(layers):
+            A = torch.zeros(layer.in_dim, layer.in_dim, dtype=torch.float64)
+            G = torch.zeros(layer.out_dim, layer.out_dim, dtype=torch.float64)
+            cap.update_input_factor(i, A, 1.0)
+            cap.update_output_factor(i, G, 1.0)
+            out.append((A, G))
+        results.append(out)
+        cap.remove()
+    for (A1, G1), (A2, G2) in zip(*results):
+        torch.testing.assert_close(A1, A2)
+        torch.testing.assert_close(G1, G2)
+
+
+# -- validation ------------------------------------------------------------------------------------------------------
+def test_validation_helpers_name_the_value():
+    with pytest.raises(ValueError, match=r"lr must be >= 0.0, got -1.0"):
+        check_float("lr", -1, low=0.0)
+    with pytest.raises(ValueError, match="momentum must be < 1.0"):
+        check_float("momentum", 1.0, low=0.0, high=1.0, high_open=True)
+    with pytest.raises(ValueError, match="factor_interval must be an integer >= 1, got 0"):
+        check_int("factor_interval", 0)
+    with pytest.raises(ValueError, match="beta_clip"):
+        check_range("beta_clip", (1, -1))
+    with pytest.raises(ValueError, match=r"damping\(3\) must be >= 0.0, got -1.0"):
+        eval_schedule("damping", lambda s: -1.0, 3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-0.1), "lr"), (dict(momentum=1.5), "momentum"), (dict(weight_decay=-1), "weight_decay"),
+    (dict(damping=-1e-3), "damping"), (dict(damping_mode="bad"), "damping_mode"),
+    (dict(factor_decay=0.0), "factor_decay"), (dict(factor_interval=0), "factor_interval"),
+    (dict(inverse_interval=2.5), "inverse_interval"), (dict(kl_clip=0.0), "kl_clip"),
+    (dict(fisher="true"), "fisher"), (dict(beta="big"), "beta"), (dict(eta_clip=(2, 0)), "eta_clip"),
+    (dict(loss_reduction="max"), "loss_reduction"), (dict(factor_dtype=torch.float16), "factor_dtype"),
+])
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FOP(small_cnn(), **kwargs)
+
+
+def test_constructor_needs_model():
+    m = small_cnn()
+    with pytest.raises(ValueError, match="needs the model"):
+        KFAC(m.parameters())
+    assert len(KFAC(m.parameters(), model=m).layers) == 4
+
+
+# -- non-finite, GradScaler, state_dict --------------------------------------------------------------------------------
+def _snapshot(m, opt):
+    """Parameters and optimizer state (not BatchNorm buffers, which the forward pass updates)."""
+    return {k: v.detach().clone() for k, v in m.named_parameters()}, copy.deepcopy(opt.state_dict())
+
+
+def _assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_same(u, v)
+    else:
+        assert a == b
+
+
+def _train(m, opt, steps, seed=0, batch=8):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(batch, 2, 6, 6, generator=g), torch.randint(0, 5, (batch,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_nonfinite_gradient_raises_and_changes_nothing(cls):
+    m = small_cnn()
+    opt = cls(m, lr=0.1, factor_interval=1, inverse_interval=2, weight_decay=1e-4, damping=1e-2, kl_clip=1e-2)
+    _train(m, opt, 3)
+    before = _snapshot(m, opt)
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    m[2].weight.grad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient .* in 2.weight"):
+        opt.step()
+    _assert_same(before, _snapshot(m, opt))
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_gradscaler_overflow_step_is_skipped(cls):
+    m = small_cnn()
+    opt = cls(m, lr=0.1, factor_interval=1, inverse_interval=1, damping=1e-2, kl_clip=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    g = torch.Generator().manual_seed(0)
+
+    def scaled_step(overflow=False):
+        x, y = torch.randn(8, 2, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+        opt.zero_grad()
+        scaler.scale(F.cross_entropy(m(x), y)).backward()
+        if overflow:
+            m[7].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(3):
+        scaled_step()
+    assert opt.steps == 3
+    before = _snapshot(m, opt)
+    scaled_step(overflow=True)
+    _assert_same(before, _snapshot(m, opt))
+    assert scaler.get_scale() == 2.0**9 and opt.steps == 3
+    scaled_step()
+    assert opt.steps == 4
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_gradscaler_matches_unscaled(cls):
+    """A scaled step equals the unscaled one: gradients and captured output gradients are unscaled."""
+    torch.manual_seed(3)
+    m1 = small_cnn().double()
+    m2 = copy.deepcopy(m1)
+    o1 = cls(m1, lr=0.1, factor_interval=1, inverse_interval=1)
+    o2 = cls(m2, lr=0.1, factor_interval=1, inverse_interval=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1000)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(8, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (8,), generator=g)
+        o1.zero_grad()
+        F.cross_entropy(m1(x), y).backward()
+        o1.step()
+        o2.zero_grad()
+        scaler.scale(F.cross_entropy(m2(x), y)).backward()
+        scaler.step(o2)
+        scaler.update()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_state_dict_round_trip_bit_identical(cls):
+    torch.manual_seed(4)
+    m = small_cnn()
+    kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, weight_decay=1e-3, damping=1e-2, kl_clip=1e-2)
+    opt = cls(m, **kwargs)
+    _train(m, opt, 5, seed=1)
+    saved_model = copy.deepcopy(m.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    _train(m, opt, 4, seed=2)
+    m2 = small_cnn()
+    m2.load_state_dict(saved_model)
+    opt2 = cls(m2, **kwargs)
+    opt2.load_state_dict(saved_opt)
+    _train(m2, opt2, 4, seed=2)
+    for (n, p1), p2 in zip(m.named_parameters(), m2.parameters()):
+        assert torch.equal(p1, p2), n
+    with pytest.raises(ValueError, match="preconditioned layers"):
+        cls(small_cnn(), exclude="0").load_state_dict(saved_opt)
+
+
+def test_gradient_accumulation_equals_big_batch():
+    """Two micro-batches of 8 (loss / 2) step like one batch of 16 (FOP's halves: first half of each)."""
+    torch.manual_seed(5)
+    m1 = small_cnn().double()
+    m2 = copy.deepcopy(m1)
+    for m in (m1, m2):  # BatchNorm statistics depend on the batch: use eval-mode BN (running stats)
+        m[3].eval()
+    o1 = KFAC(m1, lr=0.1, factor_interval=1, inverse_interval=1)
+    o2 = KFAC(m2, lr=0.1, factor_interval=1, inverse_interval=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(16, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (16,), generator=g)
+        o1.zero_grad()
+        F.cross_entropy(m1(x), y).backward()
+        o1.step()
+        o2.zero_grad()
+        for xc, yc in zip(x.chunk(2), y.chunk(2)):
+            (F.cross_entropy(m2(xc), yc) / 2).backward()
+        o2.step()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
+
+
+def test_lr_scheduler_and_closure():
+    m = small_cnn()
+    opt = FOP(m, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        assert torch.isfinite(opt.step(closure))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 8)
+
+
+def test_autocast_bf16_cpu():
+    torch.manual_seed(6)
+    m = small_cnn()
+    opt = FOP(m, lr=0.05, factor_interval=1, inverse_interval=1, damping=1e-2, kl_clip=1e-2)
+    x, y = torch.randn(16, 2, 6, 6), torch.randint(0, 5, (16,))
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in m.parameters())
+    assert all(A.dtype == torch.float32 for A in opt.factors_A)
+    assert losses[-1] < losses[0]
