@@ -224,20 +224,6 @@ TensorVec damped_inverse_cpu(at::TensorList mats, const at::Tensor& damping, dou
   return out;
 }
 
-// `iters` steps of subspace iteration from Q0, columns ordered by decreasing Rayleigh quotient before each QR
-// (so that the dominant directions are orthogonalized first), then l = diag(Q^T M Q), sorted ascending.
-std::tuple<at::Tensor, at::Tensor> refresh_batch(const at::Tensor& m, at::Tensor q, int64_t iters) {
-  for (int64_t it = 0; it < iters; ++it) {
-    at::Tensor mq = at::matmul(m, q);
-    const at::Tensor order = (q * mq).sum(-2).argsort(/*dim=*/-1, /*descending=*/true);
-    mq = mq.gather(-1, order.unsqueeze(-2).expand_as(mq));
-    q = std::get<0>(at::linalg_qr(mq));
-  }
-  const at::Tensor rq = (q * at::matmul(m, q)).sum(-2);
-  auto [l, order] = rq.sort(/*dim=*/-1);
-  return {l, q.gather(-1, order.unsqueeze(-2).expand_as(q))};
-}
-
 std::tuple<TensorVec, TensorVec> eigh_refresh_cpu(at::TensorList mats, at::TensorList prev_evecs, int64_t iters,
                                                   bool clamp) {
   constexpr const char* op = "fop_kernels.eigh_refresh";

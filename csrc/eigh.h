@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 namespace fop_kernels {
@@ -47,6 +48,21 @@ inline void check_companion_list(at::TensorList mats, at::TensorList others, con
     TORCH_CHECK(t.device() == mats[i].device(), op, ": ", name, "[", i, "] is on ", t.device(), " but mats[", i,
                 "] is on ", mats[i].device());
   }
+}
+
+// Batched eigenbasis refresh on (k, n, n) matrices M and previous eigenvectors Q (pure ATen: CPU and CUDA).
+// `iters` steps of subspace iteration from Q0, columns ordered by decreasing Rayleigh quotient before each QR
+// (so that the dominant directions are orthogonalized first), then l = diag(Q^T M Q), sorted ascending.
+inline std::tuple<at::Tensor, at::Tensor> refresh_batch(const at::Tensor& m, at::Tensor q, int64_t iters) {
+  for (int64_t it = 0; it < iters; ++it) {
+    at::Tensor mq = at::matmul(m, q);
+    const at::Tensor order = (q * mq).sum(-2).argsort(/*dim=*/-1, /*descending=*/true);
+    mq = mq.gather(-1, order.unsqueeze(-2).expand_as(mq));
+    q = std::get<0>(at::linalg_qr(mq));
+  }
+  const at::Tensor rq = (q * at::matmul(m, q)).sum(-2);
+  auto [l, order] = rq.sort(/*dim=*/-1);
+  return {l, q.gather(-1, order.unsqueeze(-2).expand_as(q))};
 }
 
 }  // namespace fop_kernels
