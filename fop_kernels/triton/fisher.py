@@ -187,7 +187,8 @@ def _div(x, y, ACC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["damping_bits", "beta_bits", "eta_bits", "beta_lo_bits", "beta_hi_bits",
                                "eta_lo_bits", "eta_hi_bits"])
-def _project_combine_kernel(layer_table_ptr, program_table_ptr, sums_ptr, scalars_ptr, damping_bits, damping_ptr,
+def _project_combine_kernel(layer_table_ptr, program_table_ptr, sums_ptr, sums_stride_r, sums_stride_c, scalars_ptr,
+                            damping_bits, damping_ptr,
                             beta_bits, eta_bits, beta_lo_bits, beta_hi_bits, eta_lo_bits, eta_hi_bits,
                             A_DTYPE: tl.constexpr, LG_DTYPE: tl.constexpr, LA_DTYPE: tl.constexpr,
                             ACC: tl.constexpr, FACTORED: tl.constexpr,
@@ -202,12 +203,12 @@ def _project_combine_kernel(layer_table_ptr, program_table_ptr, sums_ptr, scalar
         layer_table_ptr, slot, A_DTYPE, LG_DTYPE, LA_DTYPE)
     damping = _damping_f64(damping_bits, damping_ptr, DAMPING_FROM_PTR)
 
-    sums = sums_ptr + out_row * 5
-    s1 = tl.load(sums + 0).to(ACC)
-    s2 = tl.load(sums + 1).to(ACC)
-    a = tl.load(sums + 2).to(ACC)
-    c = tl.load(sums + 3).to(ACC)
-    e0 = tl.load(sums + 4).to(ACC)
+    sums = sums_ptr + out_row * sums_stride_r
+    s1 = tl.load(sums).to(ACC)
+    s2 = tl.load(sums + sums_stride_c).to(ACC)
+    a = tl.load(sums + 2 * sums_stride_c).to(ACC)
+    c = tl.load(sums + 3 * sums_stride_c).to(ACC)
+    e0 = tl.load(sums + 4 * sums_stride_c).to(ACC)
     eps = tl.full([], 1e-30, tl.float64).to(ACC)
     s = _div(s2, s1 + eps, ACC)
     d = c - s * a
@@ -351,7 +352,7 @@ def _project_combine_op(A_rot: list[torch.Tensor], D_rot: list[torch.Tensor], su
         layer_table, program_table, block_r, block_c, n_programs, _keep = _tables(A_rot, D_rot, lG, lA, U, idx,
                                                                                   device)
         _project_combine_kernel[(n_programs,)](
-            layer_table, program_table, sums, scalars, damping_bits, damping_ptr,
+            layer_table, program_table, sums, sums.stride(0), sums.stride(1), scalars, damping_bits, damping_ptr,
             _f64_bits(0.0 if beta is None else beta), _f64_bits(1.0 if eta is None else eta),
             _f64_bits(beta_lo), _f64_bits(beta_hi), _f64_bits(eta_lo), _f64_bits(eta_hi),
             A_DTYPE=_TL_DTYPES[a_dtype], LG_DTYPE=_TL_DTYPES[g_dtype], LA_DTYPE=_TL_DTYPES[l_dtype],
