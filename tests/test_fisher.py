@@ -388,6 +388,61 @@ def test_opcheck_triton_ops():
                           (A, D, sums, lG, lA, DAMPING, None, "eigen", 0.1, None, -0.5, 0.5, 0.0, 2.0))
 
 
+_COMPILE_FOR_SM90 = r"""
+import json
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fop_kernels.triton import fisher as F
+
+T = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
+report = []
+for a_dtype, acc, factored, from_ptr in [("fp32", "fp32", False, False), ("bf16", "fp32", True, True),
+                                         ("fp16", "fp32", True, False), ("fp64", "fp64", True, False)]:
+    meta = dict(A_DTYPE=T[a_dtype], LG_DTYPE=tl.float32, LA_DTYPE=tl.float64, ACC=T[acc], FACTORED=factored,
+                DAMPING_FROM_PTR=from_ptr, BLOCK_R=8, BLOCK_C=256, BLOCK_T=1024)
+    sums_sig = {"layer_table_ptr": "*i64", "program_table_ptr": "*i64", "out_ptr": "*" + acc, "damping_bits": "i64",
+                "damping_ptr": "*fp32", **{k: "constexpr" for k in meta}}
+    comb_meta = dict(meta, ADAPTIVE_BETA=not from_ptr, ADAPTIVE_ETA=True)
+    comb_sig = {"layer_table_ptr": "*i64", "program_table_ptr": "*i64", "sums_ptr": "*fp32", "sums_stride_r": "i64",
+                "sums_stride_c": "i64", "scalars_ptr": "*" + acc, "damping_bits": "i64", "damping_ptr": "*fp32",
+                **{k: "i64" for k in ("beta_bits", "eta_bits", "beta_lo_bits", "beta_hi_bits", "eta_lo_bits",
+                                      "eta_hi_bits")}, **{k: "constexpr" for k in comb_meta}}
+    target = GPUTarget("cuda", 90, 32)
+    sums = triton.compile(ASTSource(fn=F._fisher_sums_kernel, signature=sums_sig, constexprs=meta), target=target,
+                          options={"num_warps": F._NUM_WARPS})
+    comb = triton.compile(ASTSource(fn=F._project_combine_kernel, signature=comb_sig, constexprs=comb_meta),
+                          target=target, options={"num_warps": F._NUM_WARPS, "enable_fp_fusion": False})
+    ptx = comb.asm["ptx"]
+    report.append({"case": [a_dtype, acc, factored], "cubin": len(sums.asm["cubin"]) > 0 and len(comb.asm["cubin"]) > 0,
+                   "combine_fma": ptx.count("fma.rn.f32") + ptx.count("fma.rn.f64"),
+                   "combine_approx_div": ptx.count("div.full.f32") + ptx.count("div.approx.f32")})
+print(json.dumps(report))
+"""
+
+
+def test_triton_kernels_compile_for_sm90_without_fma_in_the_combine():
+    """The interpreter does not run Triton's compiler; this compiles every kernel variant to an sm_90 cubin (no GPU
+    needed) and checks that the combine has no FMA contraction and no approximate division (exact K-FAC)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("triton's ptxas is not available")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for case in json.loads(proc.stdout.strip().splitlines()[-1]):
+        assert case["cubin"], case
+        assert case["combine_fma"] == 0 and case["combine_approx_div"] == 0, case
+
+
 def test_cpu_dispatch_prefers_cpp_when_loaded():
     name, _ = fop_kernels.resolve("fisher_inner_products", "cpu")
     assert name == ("cpp" if "cpp" in SUMS_BACKENDS else "reference")

@@ -36,6 +36,7 @@ _FIELDS = 10  # layer table: A, D, lG, lA, U pointers; rows, cols, ldA, ldD; out
 _MAX_BLOCK_C = 256
 _TILE = 2048  # BLOCK_R * BLOCK_C elements per program step
 _BLOCK_T = 1024  # trace reduction block (factored damping)
+_NUM_WARPS = 8  # 8 elements per thread per tile: the five fp32 sums kernel accumulators fit without spilling
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
               torch.bfloat16: tl.bfloat16}
@@ -328,7 +329,7 @@ def _fisher_inner_products_op(A_rot: list[torch.Tensor], D_rot: list[torch.Tenso
             layer_table, program_table, out, damping_bits, damping_ptr,
             A_DTYPE=_TL_DTYPES[a_dtype], LG_DTYPE=_TL_DTYPES[g_dtype], LA_DTYPE=_TL_DTYPES[l_dtype],
             ACC=_TL_DTYPES[acc], FACTORED=damping_mode == "factored", DAMPING_FROM_PTR=from_ptr,
-            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_T=_BLOCK_T)
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_T=_BLOCK_T, num_warps=_NUM_WARPS)
     return out
 
 
@@ -358,7 +359,7 @@ def _project_combine_op(A_rot: list[torch.Tensor], D_rot: list[torch.Tensor], su
             A_DTYPE=_TL_DTYPES[a_dtype], LG_DTYPE=_TL_DTYPES[g_dtype], LA_DTYPE=_TL_DTYPES[l_dtype],
             ACC=_TL_DTYPES[acc], FACTORED=damping_mode == "factored",
             DAMPING_FROM_PTR=from_ptr, ADAPTIVE_BETA=beta is None, ADAPTIVE_ETA=eta is None,
-            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_T=_BLOCK_T, enable_fp_fusion=False)
+            BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_T=_BLOCK_T, num_warps=_NUM_WARPS, enable_fp_fusion=False)
     return U, scalars
 
 
