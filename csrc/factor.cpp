@@ -6,20 +6,19 @@
 //                                               F <- (1-decay) F + coef P^T P, P the im2col patches (+ bias column)
 //   accumulate_conv_factor_diag_(f, x, ...)     f <- (1-decay) f + coef sum over patches of P^2, without im2col
 //
-// X^T X is a recursive blocked syrk: the diagonal blocks recurse, each off-diagonal block is one GEMM (into a
-// temporary) applied to the upper block and, transposed, to the lower one, so about half the flops of a full
-// GEMM for large d. decay == 1 never reads the state (BLAS beta = 0). Accumulation in float32, float64 when the
+// X^T X is a tiled syrk: only the upper-triangle tiles are computed (one GEMM each, in one parallel region) and
+// mirrored, so about half the flops of a full GEMM for large d. decay == 1 never reads the state (BLAS beta = 0). Accumulation in float32, float64 when the
 // state or the input is float64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 namespace {
-
-constexpr int64_t kSyrkLeaf = 256;  // below this, a diagonal block is one GEMM (measured: bench/bench_factor.py)
 
 at::ScalarType accumulation_type(const at::Tensor& state, const at::Tensor& x) {
   return (state.scalar_type() == at::kDouble || x.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
@@ -35,20 +34,52 @@ void ema_block(at::Tensor dst, const at::Tensor& G, double beta, double alpha) {
   }
 }
 
-// F[lo:hi, lo:hi] <- beta F[lo:hi, lo:hi] + alpha X[:, lo:hi]^T X[:, lo:hi].
-void syrk_ema(at::Tensor& F, const at::Tensor& X, int64_t lo, int64_t hi, double beta, double alpha) {
-  const int64_t n = hi - lo;
-  if (n <= kSyrkLeaf) {
-    auto Xb = X.narrow(1, lo, n);
-    F.narrow(0, lo, n).narrow(1, lo, n).addmm_(Xb.t(), Xb, beta, alpha);
+// F[i0 + a, j0 + b] <- beta F[..] + alpha G[a, b] and, when mirror, F[j0 + b, i0 + a] likewise (G: bi x bj,
+// contiguous). F is not read when beta == 0.
+template <typename scalar_t>
+void tile_ema(scalar_t* F, int64_t s0, int64_t s1, const scalar_t* G, int64_t i0, int64_t j0, int64_t bi, int64_t bj,
+              double beta, double alpha, bool mirror) {
+  const scalar_t b = static_cast<scalar_t>(beta), a = static_cast<scalar_t>(alpha);
+  for (int64_t r = 0; r < bi; ++r) {
+    for (int64_t c = 0; c < bj; ++c) {
+      const scalar_t g = a * G[r * bj + c];
+      scalar_t& up = F[(i0 + r) * s0 + (j0 + c) * s1];
+      up = beta == 0.0 ? g : b * up + g;
+      if (mirror) {
+        scalar_t& low = F[(j0 + c) * s0 + (i0 + r) * s1];
+        low = beta == 0.0 ? g : b * low + g;
+      }
+    }
+  }
+}
+
+// F <- beta F + alpha X^T X over the upper-triangle tiles (bi <= bj) only, each mirrored into (bj, bi): about half
+// the flops of a full GEMM. One parallel region over the tiles; each tile is one single-threaded GEMM (N x b x b)
+// into a thread-local buffer followed by the EMA, so there is one fork/join per call (a loaded 2-core machine
+// punishes a fork/join per block).
+void syrk_ema(at::Tensor& F, const at::Tensor& X, double beta, double alpha) {
+  const int64_t d = X.size(1);
+  const int64_t block = d >= 2048 ? 256 : 128;
+  const int64_t tiles = (d + block - 1) / block;
+  if (tiles == 1) {  // one tile: let BLAS use every thread
+    F.addmm_(X.t(), X, beta, alpha);
     return;
   }
-  const int64_t mid = lo + ((n / 2 + 63) / 64) * 64;  // split on a multiple of 64
-  syrk_ema(F, X, lo, mid, beta, alpha);
-  syrk_ema(F, X, mid, hi, beta, alpha);
-  auto G = at::mm(X.narrow(1, lo, mid - lo).t(), X.narrow(1, mid, hi - mid));
-  ema_block(F.narrow(0, lo, mid - lo).narrow(1, mid, hi - mid), G, beta, alpha);
-  ema_block(F.narrow(0, mid, hi - mid).narrow(1, lo, mid - lo), G.t(), beta, alpha);
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t j = 0; j < tiles; ++j)
+    for (int64_t i = 0; i <= j; ++i) pairs.emplace_back(i, j);
+  const at::ScalarType state_type = F.scalar_type();
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = pairs[t].first * block, j0 = pairs[t].second * block;
+      const int64_t bi = std::min(block, d - i0), bj = std::min(block, d - j0);
+      auto G = at::mm(X.narrow(1, i0, bi).t(), X.narrow(1, j0, bj)).to(state_type).contiguous();
+      AT_DISPATCH_FLOATING_TYPES(state_type, "fop_kernels_tile_ema", [&] {
+        tile_ema<scalar_t>(F.data_ptr<scalar_t>(), F.stride(0), F.stride(1), G.const_data_ptr<scalar_t>(), i0, j0,
+                           bi, bj, beta, alpha, i0 != j0);
+      });
+    }
+  });
 }
 
 void check_state(const at::Tensor& state, const char* name) {
@@ -62,12 +93,12 @@ void accumulate_factor_(at::Tensor F, const at::Tensor& X, double decay, double 
   TORCH_CHECK(X.dim() == 2 && F.dim() == 2 && F.size(0) == X.size(1) && F.size(1) == X.size(1),
               "F must be d x d for X of shape N x d");
   if (X.size(1) == 0) return;
-  auto Xa = X.to(accumulation_type(F, X));
+  const auto Xa = X.to(accumulation_type(F, X));
   if (F.scalar_type() == Xa.scalar_type()) {
-    syrk_ema(F, Xa, 0, Xa.size(1), 1.0 - decay, coef);
-  } else {  // float32 accumulation into a float64 state
+    syrk_ema(F, Xa, 1.0 - decay, coef);
+  } else {  // float64 input into a float32 state: the single-tile path would need one dtype
     auto G = at::zeros({Xa.size(1), Xa.size(1)}, Xa.options());
-    syrk_ema(G, Xa, 0, Xa.size(1), 0.0, 1.0);
+    syrk_ema(G, Xa, 0.0, 1.0);
     ema_block(F, G, 1.0 - decay, coef);
   }
 }
