@@ -24,6 +24,7 @@ from torch import nn
 
 from fop._capture import Capture
 from fop._layers import Layer, discover_layers, parameter_map, unsupported_reason, unwrap_model
+from fop.distributed import make_comm
 
 logger = logging.getLogger("fop")
 
@@ -94,13 +95,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     groups, in which case `model=` must be given. `exclude`: modules or module names (with everything under
     them) left unpreconditioned. `loss_reduction`: "mean" or "sum", how the loss was reduced over samples
     (sets the scale of the output gradients, see fop._capture). `check_finite`: raise on a non-finite gradient
-    (one host sync per step); with a GradScaler such steps are skipped instead."""
+    (one host sync per step); with a GradScaler such steps are skipped instead. `distributed`: None (synchronize
+    across ranks when a torch.distributed group of more than one rank is initialized), False, True or a
+    fop.distributed.DistributedOptions; see fop.distributed."""
 
     _step_supports_amp_scaling = True
     layer_support = staticmethod(unsupported_reason)  # module -> None if preconditioned, else why not
 
     def __init__(self, params_or_model, defaults: dict, *, model: nn.Module | None = None, exclude=None,
-                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         if isinstance(params_or_model, nn.Module):
             if model is not None and model is not params_or_model:
                 raise ValueError("pass the model either first or as model=, not two different models")
@@ -124,6 +127,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.check_finite = bool(check_finite)
         self.grad_scaler = grad_scaler
         self.steps = 0  # completed (not skipped) steps; a host int so schedules never sync
+        self.comm = make_comm(self, model, distributed)  # fop.distributed; a no-op NullComm in one process
 
     # -- what is preconditioned ----------------------------------------------------------------------------------
     def preconditioned(self) -> list[str]:
@@ -180,14 +184,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._validate_before_step()
-        skip, inv_scale = self._prepare_gradients()
+        with self.comm.guard():  # distributed: if one rank raises here, every rank raises
+            self._validate_before_step()
+            skip, inv_scale = self._prepare_gradients()
         if skip:
+            self.comm.end_step()
             self._after_skipped_step()
             return loss
         directions = self._curvature_step(inv_scale)
         self._outer_update(directions)
         self.steps += 1
+        self.comm.end_step()
         self._after_step()
         return loss
 

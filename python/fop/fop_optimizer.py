@@ -59,7 +59,11 @@ class FOP(KFAC):
 
     def _precondition(self, damping: float, inv_scale):
         counts = [self.capture.sample_counts_of(i) for i in range(len(self.layers))]
-        if any(n == 0 for n, _ in counts):
+        if self.comm.active:  # distributed: sub-batches over all ranks, the same decision on every rank
+            self._counts = None if self.comm.fallback_reason else counts
+            if self.comm.fallback_reason:
+                self._fallback(self.comm.fallback_reason)
+        elif any(n == 0 for n, _ in counts):
             self._fallback("no half-batch capture (was the forward pass run before the optimizer was built?)")
             self._counts = None
         elif any(n1 == 0 for _, n1 in counts):
@@ -75,6 +79,9 @@ class FOP(KFAC):
         if self._counts is None:
             return V, None
         dtype = V.dtype
+        if self.comm.active:  # g1 = w1 S1 over the first sub-batch of every rank (fop.distributed)
+            S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, inv_scale)
+            return V, w1 * S1 - w2 * (V - S1)
         S1 = torch.stack([self.capture.half_batch_grad(i, dtype, inv_scale) for i in bucket.index])
         n = torch.tensor([self._counts[i][0] for i in bucket.index], dtype=torch.float64)
         n1 = torch.tensor([self._counts[i][1] for i in bucket.index], dtype=torch.float64)

@@ -71,13 +71,15 @@ class KFAC(CurvatureOptimizer):
             the user triggers with `optimizer.fisher_backward(logits)` after the forward of each step).
         factor_dtype: float32 or float64 for the factors and their eigendecompositions.
         exclude, loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
+        distributed: None (on when torch.distributed runs more than one rank), False, True or a
+            fop.distributed.DistributedOptions: factors averaged over ranks, eigendecompositions sharded.
     """
 
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, *,
                  decoupled: bool = False, damping=1e-3, damping_mode: str = "eigen", factor_decay: float = 0.05,
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = None,
                  fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, model=None, exclude=None,
-                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         self.damping = check_schedule("damping", damping)
         self.damping_mode = check_choice("damping_mode", damping_mode, DAMPING_MODES)
@@ -89,7 +91,7 @@ class KFAC(CurvatureOptimizer):
         self.factor_dtype = check_choice("factor_dtype", factor_dtype, (torch.float32, torch.float64))
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled=bool(decoupled))
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, loss_reduction=loss_reduction,
-                         check_finite=check_finite, grad_scaler=grad_scaler)
+                         check_finite=check_finite, grad_scaler=grad_scaler, distributed=distributed)
         n = len(self.layers)
         self.factors_A: list[torch.Tensor | None] = [None] * n
         self.factors_G: list[torch.Tensor | None] = [None] * n
@@ -167,13 +169,14 @@ class KFAC(CurvatureOptimizer):
                 self.factors_G[i] = torch.zeros(layer.out_dim, layer.out_dim, dtype=self.factor_dtype, device=dev)
             self.capture.update_input_factor(i, self.factors_A[i], decay)
             self.capture.update_output_factor(i, self.factors_G[i], decay, mc=self.fisher == "mc", dy_scale=inv_scale)
+        self.comm.all_reduce_factors(self.factors_A, self.factors_G)  # distributed: average over ranks
         self.factor_updates += 1
         return True
 
     def _decompose(self) -> None:
         """Eigendecompose every A and G in one batched call and stack them by layer shape."""
         mats = self.factors_A + self.factors_G
-        evals, evecs = fop_kernels.eigh(mats, clamp=True)
+        evals, evecs = self.comm.eigh(mats)  # fop_kernels.eigh(mats, clamp=True); distributed: sharded by owner
         n = len(self.layers)
         self._set_buckets(evals[:n], evecs[:n], evals[n:], evecs[n:])
         self.decomposed_at = self.steps

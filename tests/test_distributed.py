@@ -1,0 +1,338 @@
+"""Distributed FOP and K-FAC over gloo on CPU (fop.distributed): 2 (and 3) processes on 127.0.0.1.
+
+The ranks are separate processes started with `python tests/test_distributed.py <scenario> <rank> <world> <port>
+<out>` (what torchrun would do), each with a timeout, so a hang fails the test instead of blocking CI. One launch
+runs several scenarios; the single-process references run here, in the pytest process.
+
+Equivalence: with DDP on W ranks, after 5 steps (factor and inverse steps at 0, 2, 4) the parameters equal those
+of one process on the concatenated global batch, ordered so that its first half is the union of the first halves
+of every rank's batch (FOP's sub-batch 1), to 1e-5 relative. In float64: on this small, ill-conditioned problem
+merely reordering the samples of one float32 process changes its parameters by ~5e-4 relative, so float32 would
+measure rounding, not the algorithm.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 5
+N_LOCAL = 6  # samples per rank and step
+TIMEOUT_S = 150  # per launch: a hang fails the test
+PORTS = {"equiv2": 47611, "equiv3": 47612, "fail": 47613, "single": 47614}  # fixed, distinct per launch
+HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, factor_interval=2, inverse_interval=2,
+             factor_dtype=torch.float64)
+
+
+# -- the model, data and training loop shared by the ranks and the references --------------------------------------
+def make_model() -> nn.Module:
+    """Conv and Linear layers (preconditioned; one Linear without bias) and a LayerNorm (not preconditioned)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 12),
+                         nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 7, bias=False), nn.Tanh(),
+                         nn.Linear(7, 4)).double()
+
+
+def global_batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step the global batch: rank r's local batch is rows [r N_LOCAL, (r+1) N_LOCAL)."""
+    gen = torch.Generator().manual_seed(1234)
+    return [(torch.randn(world * N_LOCAL, 1, 5, 5, generator=gen, dtype=torch.float64),
+             torch.randint(0, 4, (world * N_LOCAL,), generator=gen))
+            for _ in range(STEPS)]
+
+
+def local(batch, rank: int):
+    x, y = batch
+    return x[rank * N_LOCAL:(rank + 1) * N_LOCAL], y[rank * N_LOCAL:(rank + 1) * N_LOCAL]
+
+
+def halves_first(batch, world: int):
+    """The global batch reordered so that its first half is the union of every rank's first half."""
+    x, y = batch
+    h = N_LOCAL // 2
+    idx = [r * N_LOCAL + j for r in range(world) for j in range(h)]
+    idx += [r * N_LOCAL + j for r in range(world) for j in range(h, N_LOCAL)]
+    return x[idx], y[idx]
+
+
+def make_optimizer(kind: str, model, **kwargs):
+    from fop import FOP, KFAC
+
+    cls = KFAC if kind == "kfac" else FOP
+    return cls(model, **HYPER, **kwargs)
+
+
+def train_step(opt, model, x, y) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -- the rank processes ---------------------------------------------------------------------------------------------
+def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> int:
+    import torch.distributed as dist
+    from fop.distributed import DistributedOptions, DistributedStepError
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fop_kernels
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    decomposed: list[int] = []  # sizes of the matrices this rank decomposed
+    eigh = fop_kernels.eigh
+
+    def counting_eigh(mats, *args, **kwargs):
+        decomposed.extend(m.shape[0] for m in mats)
+        return eigh(mats, *args, **kwargs)
+
+    fop_kernels.eigh = counting_eigh
+    results: dict = {}
+    try:
+        if scenario == "fail":
+            results = _fail_scenario(rank, world, DistributedStepError)
+        else:
+            runs = [("fop", {}), ("kfac", {})]
+            if world % 2 == 0:
+                runs.append(("fop_ranks", {"distributed": DistributedOptions(split="ranks")}))
+            else:
+                try:
+                    make_optimizer("fop", DDP(make_model()), distributed=DistributedOptions(split="ranks"))
+                except ValueError as err:
+                    results["odd_ranks_error"] = str(err)
+            for name, kwargs in runs:
+                decomposed.clear()
+                model = make_model()
+                ddp = DDP(model)
+                opt = make_optimizer(name.split("_")[0], ddp, **kwargs)
+                step_bytes = []
+                for step, batch in enumerate(global_batches(world)):
+                    train_step(opt, ddp, *local(batch, rank))
+                    step_bytes.append(dict(opt.comm.last_step_bytes))
+                    if step == 2 and rank == 0:
+                        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / f"{name}.pt")
+                mine = flat_params(model)
+                gathered = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(gathered, mine)
+                results[name] = {"params": mine, "identical": all(torch.equal(g, gathered[0]) for g in gathered),
+                                 "bytes": step_bytes, "decomposed": list(decomposed), "owners": opt.comm.owners,
+                                 "dims": [layer.in_dim for layer in opt.layers] + [layer.out_dim for layer in
+                                                                                   opt.layers],
+                                 "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+        torch.save(results, out / f"rank{rank}.pt")
+        return 0
+    except Exception as err:  # the failure scenario: report what this rank raised
+        import traceback
+
+        (out / f"rank{rank}.err").write_text(f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+        return 3
+    finally:
+        fop_kernels.eigh = eigh
+        dist.destroy_process_group()
+
+
+def _fail_scenario(rank: int, world: int, error_type):
+    """fisher='mc': rank 1 forgets optimizer.fisher_backward(logits) on a factor step, so its step() raises."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(make_model())
+    opt = make_optimizer("fop", ddp, fisher="mc")
+    x, y = local(global_batches(world)[0], rank)
+    opt.zero_grad()
+    logits = ddp(x)
+    if rank != 1:
+        opt.fisher_backward(logits)
+    F.cross_entropy(logits, y).backward()
+    opt.step()
+    return {}
+
+
+def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[dict], list[str]]:
+    """Run the ranks as processes; (return codes, saved results, error texts). Fails the test on a timeout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("TRITON_INTERPRET", "1")
+    procs = [subprocess.Popen([sys.executable, __file__, scenario, str(r), str(world), str(PORTS[scenario]),
+                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"distributed scenario {scenario!r} did not finish within {TIMEOUT_S} s (a hang)")
+    codes = [p.returncode for p in procs]
+    results = [torch.load(tmp_path / f"rank{r}.pt") if (tmp_path / f"rank{r}.pt").exists() else {}
+               for r in range(world)]
+    errors = [(tmp_path / f"rank{r}.err").read_text() if (tmp_path / f"rank{r}.err").exists() else ""
+              for r in range(world)]
+    if scenario != "fail" and any(codes):
+        pytest.fail(f"scenario {scenario!r}: ranks exited with {codes}:\n" + "\n".join(logs))
+    return codes, results, errors
+
+
+# -- references in this process --------------------------------------------------------------------------------------
+def reference(kind: str, world: int, order: str, steps: range = range(STEPS), state=None) -> torch.Tensor:
+    """One process on the global batches (`order`: "halves" reorders them so that sub-batch 1 matches)."""
+    model = make_model()
+    opt = make_optimizer(kind, model)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    batches = global_batches(world)
+    for step in steps:
+        batch = halves_first(batches[step], world) if order == "halves" else batches[step]
+        train_step(opt, model, *batch)
+    return flat_params(model)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rtol * scale, f"max abs difference {err:.3e} > {rtol:g} x max |expected| {scale:.3e}"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("equiv2")
+    _, results, _ = launch("equiv2", 2, tmp)
+    return tmp, results
+
+
+# -- tests ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fop", "kfac"])
+def test_two_ranks_equal_one_process_on_the_global_batch(two_ranks, kind):
+    _, results = two_ranks
+    expected = reference(kind, 2, "halves")
+    for rank in range(2):
+        assert_rel_close(results[rank][kind]["params"], expected)
+    assert not torch.equal(expected, flat_params(make_model())), "training did not move the parameters"
+
+
+def test_primary_secondary_split_equals_rank_batches_as_sub_batches(two_ranks):
+    _, results = two_ranks
+    expected = reference("fop", 2, "concatenated")  # first half = rank 0's batch, second half = rank 1's
+    for rank in range(2):
+        assert_rel_close(results[rank]["fop_ranks"]["params"], expected)
+
+
+@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks"])
+def test_parameters_identical_across_ranks(two_ranks, kind):
+    _, results = two_ranks
+    assert all(results[rank][kind]["identical"] for rank in range(2))
+    assert torch.equal(results[0][kind]["params"], results[1][kind]["params"])
+
+
+def test_decompositions_sharded_by_owner(two_ranks):
+    _, results = two_ranks
+    from fop.distributed import assign_owners
+
+    for kind in ("fop", "kfac"):
+        dims = results[0][kind]["dims"]
+        owners = assign_owners(dims, 2)
+        assert results[0][kind]["owners"] == owners
+        inverse_steps = 3  # steps 0, 2, 4
+        for rank in range(2):
+            mine = sorted(d for d, r in zip(dims, owners) if r == rank)
+            assert sorted(results[rank][kind]["decomposed"]) == sorted(mine * inverse_steps)
+        load = [sum(d ** 3 for d, r in zip(dims, owners) if r == rank) for rank in range(2)]
+        assert max(load) <= sum(load) - max(load) + max(dims) ** 3  # greedy balance bound
+
+
+def test_communicated_bytes_follow_the_cost_model(two_ranks):
+    _, results = two_ranks
+    from fop import FOP
+    from fop.distributed import cost_model
+
+    layers = FOP(make_model(), lr=0.1).layers
+    for kind in ("fop", "kfac"):
+        for rank in range(2):
+            for step, got in enumerate(results[rank][kind]["bytes"]):
+                expected = cost_model(layers, 2, half_batch=kind == "fop", factor_step=step % 2 == 0,
+                                      inverse_step=step % 2 == 0, grad_bytes=8, factor_bytes=8)
+                assert got == expected, (kind, rank, step)
+                if step % 2:  # ordinary step: at most DDP's gradient volume (plus the agreement vector)
+                    assert got["total"] - got["control"] <= results[rank][kind]["grad_bytes"]
+
+
+def test_state_dict_from_rank0_restores_in_one_process(two_ranks):
+    tmp, results = two_ranks
+    for kind in ("fop", "kfac"):
+        state = torch.load(tmp / f"{kind}.pt")
+        resumed = reference(kind, 2, "halves", steps=range(3, STEPS), state=state)
+        assert_rel_close(resumed, results[0][kind]["params"])
+
+
+def test_three_ranks_equal_one_process(tmp_path):
+    _, results, _ = launch("equiv3", 3, tmp_path)
+    for kind in ("fop", "kfac"):
+        expected = reference(kind, 3, "halves")
+        for rank in range(3):
+            assert results[rank][kind]["identical"]
+            assert_rel_close(results[rank][kind]["params"], expected)
+    assert "even world size" in results[0]["odd_ranks_error"]
+
+
+def test_a_raising_rank_makes_every_rank_fail(tmp_path):
+    codes, _, errors = launch("fail", 2, tmp_path)
+    assert codes == [3, 3], errors
+    assert errors[1].startswith("RuntimeError") and "fisher_backward" in errors[1]
+    assert errors[0].startswith("DistributedStepError") and "rank 1" in errors[0] and "fisher_backward" in errors[0]
+
+
+def test_world_size_one_is_the_plain_path():
+    import torch.distributed as dist
+    from fop.distributed import NullComm
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    batches = global_batches(1)
+    for kind in ("fop", "kfac"):
+        plain_model = make_model()
+        plain = make_optimizer(kind, plain_model)
+        for batch in batches:
+            train_step(plain, plain_model, *batch)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{PORTS['single']}", rank=0, world_size=1,
+                                timeout=timedelta(seconds=60))
+        try:
+            model = make_model()
+            ddp = DDP(model)
+            opt = make_optimizer(kind, ddp)
+            assert isinstance(opt.comm, NullComm)
+            for batch in batches:
+                train_step(opt, ddp, *batch)
+        finally:
+            dist.destroy_process_group()
+        assert torch.equal(flat_params(model), flat_params(plain_model))
+        assert opt.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
+
+
+def test_bad_distributed_arguments():
+    from fop.distributed import DistributedOptions
+
+    with pytest.raises(ValueError, match="split"):
+        DistributedOptions(split="thirds")
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        DistributedOptions(bucket_cap_mb=0)
+    with pytest.raises(TypeError, match="distributed"):
+        make_optimizer("fop", make_model(), distributed="yes")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        make_optimizer("fop", make_model(), distributed=True)
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])))
