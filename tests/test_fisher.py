@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import TOLERANCES, assert_close, backends_for
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fop_kernels
@@ -344,6 +344,8 @@ layer_shapes = st.lists(st.tuples(st.integers(1, 24), st.integers(1, 40)), min_s
        beta=st.one_of(st.just("adaptive"), st.floats(-1.0, 1.0)),
        eta=st.one_of(st.just("adaptive"), st.floats(0.0, 2.0)), seed=st.integers(0, 2**16))
 def test_property_every_backend_matches_reference(shapes, dtype, mode, damping, beta, eta, seed):
+    # U~ comes back in A~'s dtype: in fp16 it must stay under 65504; here |U~| <~ 2 * 10 / damping
+    assume(dtype != torch.float16 or damping >= 1e-3)
     torch.manual_seed(seed)
     A, D, lG, lA = make_layers(shapes, dtype)
     for backend in SUMS_BACKENDS:
