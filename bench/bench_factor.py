@@ -1,0 +1,133 @@
+"""Factor accumulation on CPU: the pure-torch reference against the C++ backend, side by side in one run.
+
+Run: flock /tmp/fop_bench.lock .venv/bin/python -m pytest bench/bench_factor.py --benchmark-only \
+        --benchmark-group-by=group --benchmark-columns=median,iqr,rounds -s
+Each group is one shape; a fast row prints its speed-up over the reference twice: the ratio of the pytest-benchmark
+medians, and the median of back-to-back (interleaved) ratios, the robust one on a shared CPU; both go in extra_info.
+"torch_addmm" is the one-call in-place torch form F.addmm_(X^T, X, beta=1-decay, alpha=decay*scale), kept as a
+yardstick for the C++ tiled syrk. Triton is not timed here: on CPU it runs under the interpreter.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+import fop_kernels
+from fop_kernels import reference as ref
+
+pytest.importorskip("pytest_benchmark")
+
+DECAY = 0.05
+_MEDIANS: dict[tuple[str, str], float] = {}
+
+
+def _interleaved_speedup(reference, fast, pairs: int = 7) -> float:
+    """Median over `pairs` of t_reference / t_fast, the two timed back to back: robust to a shared, loaded CPU."""
+    reference(), fast()
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        reference()
+        t1 = time.perf_counter()
+        fast()
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+    return statistics.median(ratios)
+
+
+def _have_cpp(op: str) -> bool:
+    return "cpp" in fop_kernels.implementations(op) and fop_kernels.available_backends()["cpp"]["available"]
+
+
+def _run(benchmark, group: str, impl: str, fn, rounds: int, reference=None):
+    """Time fn in the group; for a fast path also the interleaved speed-up over `reference` (printed, extra_info)."""
+    benchmark.group = group
+    benchmark.extra_info.update({"impl": impl, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                 "device": "cpu"})
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    _MEDIANS[(group, impl)] = median
+    base = _MEDIANS.get((group, "reference"))
+    if impl != "reference" and reference is not None:
+        interleaved = _interleaved_speedup(reference, fn)
+        benchmark.extra_info["speedup_interleaved"] = interleaved
+        line = f"\n[{group}] {impl}: {median * 1e3:.2f} ms"
+        if base is not None:
+            benchmark.extra_info["speedup_of_medians"] = base / median
+            line += f", reference {base * 1e3:.2f} ms, ratio of medians {base / median:.2f}x"
+        print(f"{line}, interleaved speed-up {interleaved:.2f}x")
+
+
+DENSE = [(4096, 512), (1024, 1152), (512, 2305), (32768, 256)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch_addmm", "cpp"])
+@pytest.mark.parametrize("N,d", DENSE, ids=[f"N{n}-d{d}" for n, d in DENSE])
+def test_accumulate_factor(benchmark, N, d, impl):
+    if impl == "cpp" and not _have_cpp("accumulate_factor"):
+        pytest.skip("the C++ extension is not loaded")
+    X, F = torch.randn(N, d), torch.randn(d, d)
+    fns = {
+        "reference": lambda: ref.accumulate_factor(F, X, DECAY, 1.0 / N),
+        "torch_addmm": lambda: F.addmm_(X.T, X, beta=1 - DECAY, alpha=DECAY / N),
+        "cpp": lambda: fop_kernels.accumulate_factor(F, X, DECAY, 1.0 / N, check_finite=False, backend="cpp"),
+    }
+    _run(benchmark, f"accumulate_factor N={N} d={d}", impl, fns[impl], rounds=7, reference=fns["reference"])
+
+
+DIAG = [(4096, 512), (65536, 64), (4096, 512, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("case", DIAG, ids=["N4096-d512", "N65536-d64", "N4096-d512-bf16"])
+def test_accumulate_factor_diag(benchmark, case, impl):
+    if impl == "cpp" and not _have_cpp("accumulate_factor_diag"):
+        pytest.skip("the C++ extension is not loaded")
+    N, d = case[:2]
+    X, f = torch.randn(N, d).to(case[2] if len(case) > 2 else torch.float32), torch.randn(d)
+    fns = {
+        "reference": lambda: ref.accumulate_factor_diag(f, X, DECAY, 1.0 / N),
+        "cpp": lambda: fop_kernels.accumulate_factor_diag(f, X, DECAY, 1.0 / N, check_finite=False, backend="cpp"),
+    }
+    _run(benchmark, f"accumulate_factor_diag N={N} d={d} {X.dtype}", impl, fns[impl], rounds=20,
+         reference=fns["reference"])
+
+
+# (N, C, H, W, kernel, stride, padding): ResNet-18-like layers on CIFAR-sized inputs
+CONV = [(32, 64, 32, 32, 3, 1, 1), (64, 128, 16, 16, 3, 1, 1), (64, 256, 8, 8, 3, 2, 1)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("case", CONV, ids=[f"C{c[1]}-H{c[2]}-k{c[4]}-s{c[5]}" for c in CONV])
+def test_accumulate_conv_factor(benchmark, case, impl):
+    if impl == "cpp" and not _have_cpp("accumulate_conv_factor"):
+        pytest.skip("the C++ extension is not loaded")
+    N, C, H, W, k, s, p = case
+    x, F = torch.randn(N, C, H, W), torch.randn(C * k * k + 1, C * k * k + 1)
+    fns = {
+        "reference": lambda: ref.accumulate_conv_factor(F, x, DECAY, k, s, p, 1, True, 1.0 / N),
+        "cpp": lambda: fop_kernels.accumulate_conv_factor(F, x, DECAY, k, s, p, 1, True, 1.0 / N,
+                                                          check_finite=False, backend="cpp"),
+    }
+    _run(benchmark, f"accumulate_conv_factor x={tuple(case[:4])} k={k} s={s}", impl, fns[impl], rounds=5,
+         reference=fns["reference"])
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("case", CONV, ids=[f"C{c[1]}-H{c[2]}-k{c[4]}-s{c[5]}" for c in CONV])
+def test_accumulate_conv_factor_diag(benchmark, case, impl):
+    if impl == "cpp" and not _have_cpp("accumulate_conv_factor_diag"):
+        pytest.skip("the C++ extension is not loaded")
+    N, C, H, W, k, s, p = case
+    x, f = torch.randn(N, C, H, W), torch.randn(C * k * k + 1)
+    fns = {
+        "reference": lambda: ref.accumulate_conv_factor_diag(f, x, DECAY, k, s, p, 1, True, 1.0 / N),
+        "cpp": lambda: fop_kernels.accumulate_conv_factor_diag(f, x, DECAY, k, s, p, 1, True, 1.0 / N,
+                                                               check_finite=False, backend="cpp"),
+    }
+    _run(benchmark, f"accumulate_conv_factor_diag x={tuple(case[:4])} k={k} s={s}", impl, fns[impl], rounds=7,
+         reference=fns["reference"])
