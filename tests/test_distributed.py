@@ -13,6 +13,7 @@ measure rounding, not the algorithm.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 5
 N_LOCAL = 6  # samples per rank and step
+MICRO = [(0, 2), (2, 6)]  # gradient accumulation: two micro-batches of each rank's batch
 TIMEOUT_S = 150  # per launch: a hang fails the test
 PORTS = {"equiv2": 47611, "equiv3": 47612, "fail": 47613, "single": 47614}  # fixed, distinct per launch
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, factor_interval=2, inverse_interval=2,
@@ -56,12 +58,12 @@ def local(batch, rank: int):
     return x[rank * N_LOCAL:(rank + 1) * N_LOCAL], y[rank * N_LOCAL:(rank + 1) * N_LOCAL]
 
 
-def halves_first(batch, world: int):
-    """The global batch reordered so that its first half is the union of every rank's first half."""
+def halves_first(batch, world: int, lo: int = 0, hi: int = N_LOCAL):
+    """Rows [lo, hi) of every rank's batch, ordered so that the first half is the union of the ranks' first halves."""
     x, y = batch
-    h = N_LOCAL // 2
-    idx = [r * N_LOCAL + j for r in range(world) for j in range(h)]
-    idx += [r * N_LOCAL + j for r in range(world) for j in range(h, N_LOCAL)]
+    h = (hi - lo) // 2
+    idx = [r * N_LOCAL + j for r in range(world) for j in range(lo, lo + h)]
+    idx += [r * N_LOCAL + j for r in range(world) for j in range(lo + h, hi)]
     return x[idx], y[idx]
 
 
@@ -78,6 +80,23 @@ def train_step(opt, model, x, y) -> None:
     opt.step()
 
 
+def accumulation_step(opt, model, batch, rank: int | None = None, world: int = 1) -> None:
+    """Gradient accumulation over MICRO (rows of each rank's batch), each loss weighted by its share of the batch;
+    under DDP (`rank` given) the backward passes but the last run inside `no_sync()`. Without `rank`: one process on
+    the global batch, each micro-batch ordered by halves_first."""
+    opt.zero_grad()
+    for k, (lo, hi) in enumerate(MICRO):
+        if rank is None:
+            x, y = halves_first(batch, world, lo, hi)
+            sync = contextlib.nullcontext()
+        else:
+            x, y = (t[lo:hi] for t in local(batch, rank))
+            sync = model.no_sync() if k < len(MICRO) - 1 else contextlib.nullcontext()
+        with sync:
+            (F.cross_entropy(model(x), y) * ((hi - lo) / N_LOCAL)).backward()
+    opt.step()
+
+
 def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -85,7 +104,7 @@ def flat_params(model) -> torch.Tensor:
 # -- the rank processes ---------------------------------------------------------------------------------------------
 def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> int:
     import torch.distributed as dist
-    from fop.distributed import DistributedOptions, DistributedStepError
+    from fop.distributed import DistributedOptions
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import fop_kernels
@@ -104,9 +123,9 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
     results: dict = {}
     try:
         if scenario == "fail":
-            results = _fail_scenario(rank, world, DistributedStepError)
+            _fail_scenario(rank, world, out)
         else:
-            runs = [("fop", {}), ("kfac", {})]
+            runs = [("fop", {}), ("kfac", {}), ("fop_accum", {})]
             if world % 2 == 0:
                 runs.append(("fop_ranks", {"distributed": DistributedOptions(split="ranks")}))
             else:
@@ -121,7 +140,10 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                 opt = make_optimizer(name.split("_")[0], ddp, **kwargs)
                 step_bytes = []
                 for step, batch in enumerate(global_batches(world)):
-                    train_step(opt, ddp, *local(batch, rank))
+                    if name == "fop_accum":
+                        accumulation_step(opt, ddp, batch, rank, world)
+                    else:
+                        train_step(opt, ddp, *local(batch, rank))
                     step_bytes.append(dict(opt.comm.last_step_bytes))
                     if step == 2 and rank == 0:
                         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / f"{name}.pt")
@@ -130,6 +152,7 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                 dist.all_gather(gathered, mine)
                 results[name] = {"params": mine, "identical": all(torch.equal(g, gathered[0]) for g in gathered),
                                  "bytes": step_bytes, "decomposed": list(decomposed), "owners": opt.comm.owners,
+                                 "launches": opt.comm.stats()["launches"],
                                  "dims": [layer.in_dim for layer in opt.layers] + [layer.out_dim for layer in
                                                                                    opt.layers],
                                  "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
@@ -145,8 +168,10 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
         dist.destroy_process_group()
 
 
-def _fail_scenario(rank: int, world: int, error_type):
-    """fisher='mc': rank 1 forgets optimizer.fisher_backward(logits) on a factor step, so its step() raises."""
+def _fail_scenario(rank: int, world: int, out: Path) -> None:
+    """1) fisher='mc': rank 1 forgets optimizer.fisher_backward(logits) on a factor step, so its step() raises; every
+    rank raises, and the ranks stay usable. 2) rank 1 feeds a batch of the wrong shape: its forward raises and the
+    process exits; the other rank's next collective fails (gloo: connection closed) instead of waiting."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(make_model())
@@ -157,8 +182,18 @@ def _fail_scenario(rank: int, world: int, error_type):
     if rank != 1:
         opt.fisher_backward(logits)
     F.cross_entropy(logits, y).backward()
+    try:
+        opt.step()
+        (out / f"rank{rank}.step").write_text("no error")
+    except Exception as err:
+        (out / f"rank{rank}.step").write_text(f"{type(err).__name__}: {err}")
+    if rank == 1:
+        x = x[:, :, :4]
+    opt.zero_grad()
+    logits = ddp(x)
+    opt.fisher_backward(logits)
+    F.cross_entropy(logits, y).backward()
     opt.step()
-    return {}
 
 
 def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[dict], list[str]]:
@@ -188,7 +223,8 @@ def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[d
 
 # -- references in this process --------------------------------------------------------------------------------------
 def reference(kind: str, world: int, order: str, steps: range = range(STEPS), state=None) -> torch.Tensor:
-    """One process on the global batches (`order`: "halves" reorders them so that sub-batch 1 matches)."""
+    """One process on the global batches (`order`: "halves" reorders them so that sub-batch 1 matches,
+    "accumulate" does that per micro-batch of a gradient accumulation)."""
     model = make_model()
     opt = make_optimizer(kind, model)
     if state is not None:
@@ -196,6 +232,9 @@ def reference(kind: str, world: int, order: str, steps: range = range(STEPS), st
         opt.load_state_dict(state["optimizer"])
     batches = global_batches(world)
     for step in steps:
+        if order == "accumulate":
+            accumulation_step(opt, model, batches[step], world=world)
+            continue
         batch = halves_first(batches[step], world) if order == "halves" else batches[step]
         train_step(opt, model, *batch)
     return flat_params(model)
@@ -231,7 +270,24 @@ def test_primary_secondary_split_equals_rank_batches_as_sub_batches(two_ranks):
         assert_rel_close(results[rank]["fop_ranks"]["params"], expected)
 
 
-@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks"])
+def test_gradient_accumulation_with_no_sync(two_ranks):
+    """DDP's no_sync() micro-batches: sub-batch 1 is the union of the first halves of every micro-batch of every
+    rank, and the half-batch all-reduces start in the backward pass that DDP synchronizes."""
+    _, results = two_ranks
+    expected = reference("fop", 2, "accumulate")
+    for rank in range(2):
+        assert_rel_close(results[rank]["fop_accum"]["params"], expected)
+        assert results[rank]["fop_accum"]["launches"] == {"backward": STEPS * 1}
+
+
+def test_half_batch_all_reduce_starts_in_backward(two_ranks):
+    _, results = two_ranks
+    for rank in range(2):
+        assert results[rank]["fop"]["launches"] == {"backward": STEPS}  # one bucket per step, all in backward
+        assert results[rank]["kfac"]["launches"] == {}
+
+
+@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks", "fop_accum"])
 def test_parameters_identical_across_ranks(two_ranks, kind):
     _, results = two_ranks
     assert all(results[rank][kind]["identical"] for rank in range(2))
@@ -290,9 +346,14 @@ def test_three_ranks_equal_one_process(tmp_path):
 
 def test_a_raising_rank_makes_every_rank_fail(tmp_path):
     codes, _, errors = launch("fail", 2, tmp_path)
+    in_step = [(tmp_path / f"rank{r}.step").read_text() for r in range(2)]
+    assert in_step[1].startswith("RuntimeError") and "fisher_backward" in in_step[1]
+    assert in_step[0].startswith("DistributedStepError") and "rank 1" in in_step[0]
+    assert "fisher_backward" in in_step[0]
+    # then rank 1's forward raises on a bad batch and it exits; rank 0 fails in its next collective, no hang
     assert codes == [3, 3], errors
-    assert errors[1].startswith("RuntimeError") and "fisher_backward" in errors[1]
-    assert errors[0].startswith("DistributedStepError") and "rank 1" in errors[0] and "fisher_backward" in errors[0]
+    assert errors[1].startswith("RuntimeError") and "shapes cannot be multiplied" in errors[1]
+    assert errors[0].startswith("RuntimeError") and "peer" in errors[0]  # gloo: "Connection closed/reset by peer"
 
 
 def test_world_size_one_is_the_plain_path():

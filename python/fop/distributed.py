@@ -241,6 +241,7 @@ class Comm:
         self.total_bytes = Counter()
         self.last_step_bytes: dict[str, int] = {"total": 0}
         self.steps = 0
+        self.launches = Counter()  # half-batch buckets started during backward / in step()
         self.fallback_reason: str | None = None
         self._reset()
 
@@ -302,9 +303,9 @@ class Comm:
         """Start the next buckets whose layers all have their gradients (in bucket order, the same on every rank)."""
         while self._next_bucket < len(self.buckets) and all(
                 self._synced[i] and self._pending[i] == 0 for i in self.buckets[self._next_bucket]):
-            self._launch(self._next_bucket)
+            self._launch(self._next_bucket, in_backward=True)
 
-    def _launch(self, b: int) -> None:
+    def _launch(self, b: int, in_backward: bool = False) -> None:
         layers = self.opt.layers
         parts = []
         for i in self.buckets[b]:
@@ -317,6 +318,7 @@ class Comm:
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._works.append((work, flat, self.buckets[b]))
         self.bytes["half_batch_grad"] += flat.numel() * flat.element_size()
+        self.launches["backward" if in_backward else "step"] += 1
         self._next_bucket = b + 1
 
     # -- step() agreement ---------------------------------------------------------------------------------------------
@@ -483,10 +485,11 @@ class Comm:
         self._reset()
 
     def stats(self) -> dict:
-        """Bytes handed to collectives: `last_step` per kind and in total, `mean_per_step` over all steps so far."""
+        """Bytes handed to collectives: `last_step` per kind and in total, `mean_per_step` over all steps so far;
+        `launches`: half-batch buckets started during backward (overlapped) and in step()."""
         total = dict(self.total_bytes)
         total["total"] = sum(self.total_bytes.values())
-        return {"last_step": dict(self.last_step_bytes), "steps": self.steps,
+        return {"last_step": dict(self.last_step_bytes), "steps": self.steps, "launches": dict(self.launches),
                 "mean_per_step": {k: v / max(self.steps, 1) for k, v in total.items()}}
 
 
