@@ -1,6 +1,8 @@
 """fop: torch.optim optimizers for Fisher-based second-order training over fop_kernels' ops."""
 
+from fop.adafisher import AdaFisher, AdaFisherW
 from fop.fop_optimizer import FOP
+from fop.frog import FROG
 from fop.kfac import KFAC
 
-__all__ = ["FOP", "KFAC"]
+__all__ = ["FOP", "FROG", "KFAC", "AdaFisher", "AdaFisherW"]

@@ -1,0 +1,263 @@
+"""AdaFisher and AdaFisherW: a diagonal block-Kronecker Fisher in an Adam-like update (DESIGN.md, AdaFisher).
+
+Per supported module two diagonals, refreshed from the batch every `factor_interval` steps (from step 0):
+
+    Linear, Conv2d (any groups): H_i = mean over rows of h_i^2 (rows: samples x positions; conv h: the im2col patch
+        entries, summed as a window over the input without im2col; a bias adds an entry of 1), S_j = mean of s_j^2
+        (s: gradient of the layer output). A grouped conv row j uses the H entries of its group's input channels.
+    BatchNorm2d, LayerNorm (EFIM, paper Proposition 3.1): with u_c = sum over the reduced dims of h / T^2
+        (T: positions per sample), H = [sum_c u_c^2, C] / N^2 (one entry for the scale, one for the shift) and
+        S_c = (sum over the reduced dims of s_c)^2 / N.
+
+Each fresh diagonal is min-max normalized over the layer (+inf -> 1, -inf -> 0; (x - min) / (max - min + 1e-6))
+and folded into its running value (initially ones):
+
+    ema="public":  cur <- 0.1 gamma cur + 0.01 gamma new      (the public code's constants)
+    ema="average": cur <- gamma cur + (1 - gamma) new          (a proper exponential average)
+
+The update, with F~[j, i] = S_j H_i + damping for a supported parameter (computed on the fly, never stored) and
+F~ = 1 for every other parameter:
+
+    AdaFisher:  g <- g + wd theta;  m <- beta m + (1 - beta) g;  theta <- theta - lr / (1 - beta^t) m / F~
+    AdaFisherW: m <- beta m + (1 - beta) g;  theta <- (1 - lr wd) theta - lr / (1 - beta^t) m / F~
+
+With ema="public" the running diagonals settle near 0.008 / 0.92 = 0.0087 of a [0, 1] value, so after the first
+refreshes S_j H_i <= 7.6e-5 and F~ stays within 7.6% of `damping` (1e-3): see `fisher_range()` and
+docs/frog_adafisher.md for the measured figures.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fop_kernels
+from fop._base import CurvatureOptimizer, check_choice, check_float, check_int
+
+EMA_MODES = ("public", "average")
+MINMAX_EPS = 1e-6
+
+__all__ = ["AdaFisher", "AdaFisherW", "adafisher_layer_support", "input_diagonal", "min_max_normalize",
+           "output_diagonal", "running_update_"]
+
+
+def adafisher_layer_support(module: nn.Module) -> str | None:
+    """Linear, Conv2d (any groups, zero padding mode), affine BatchNorm2d and LayerNorm; None when supported."""
+    kind = type(module)
+    if kind in (nn.Linear, nn.BatchNorm2d, nn.LayerNorm):
+        return None
+    if kind is nn.Conv2d:
+        return None if module.padding_mode == "zeros" else f"padding_mode={module.padding_mode!r}"
+    return "layer type not supported"
+
+
+# -- the diagonals ---------------------------------------------------------------------------------------------------
+def _norm_reduced(t: torch.Tensor, kind: str, features: int) -> tuple[torch.Tensor, int, int]:
+    """(sum over the normalization's reduced dims per feature, N samples, T positions per sample)."""
+    if kind == "batchnorm2d":  # N x C x H x W: reduce N, H, W
+        return t.sum((0, 2, 3)), t.shape[0], t.shape[2] * t.shape[3]
+    rows = t.reshape(-1, features)  # LayerNorm: (N, ..., *normalized_shape), reduce every leading dim
+    return rows.sum(0), t.shape[0], rows.shape[0] // t.shape[0]
+
+
+def input_diagonal(layer, h: torch.Tensor) -> torch.Tensor:
+    """The fresh H of one layer from its input h (float32; float64 for float64 inputs), see the module docstring."""
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    bias = layer.bias is not None
+    if layer.kind == "conv2d":
+        c = layer.conv
+        out = torch.zeros(h.shape[1] * c["kernel_size"][0] * c["kernel_size"][1] + bias, dtype=dtype,
+                          device=h.device)
+        return fop_kernels.accumulate_conv_factor_diag(out, h, 1.0, c["kernel_size"], c["stride"], c["padding"],
+                                                       c["dilation"], bias=bias, scale=1.0 / h.shape[0],
+                                                       check_finite=False)
+    if layer.kind == "linear":
+        X = h.reshape(-1, h.shape[-1])
+        out = torch.ones(X.shape[1] + bias, dtype=dtype, device=h.device)  # the bias entry: mean of 1^2
+        fop_kernels.accumulate_factor_diag(out[: X.shape[1]], X, 1.0, scale=1.0 / X.shape[0], check_finite=False)
+        return out
+    u, N, T = _norm_reduced(h.to(dtype), layer.kind, layer.weight.numel())
+    u = u.reshape(-1) / (T * T)
+    return torch.stack([u.square().sum(), torch.tensor(float(u.numel()), dtype=dtype, device=h.device)]) / (N * N)
+
+
+def output_diagonal(layer, s: torch.Tensor) -> torch.Tensor:
+    """The fresh S of one layer from its output gradient s, see the module docstring."""
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    if layer.kind == "conv2d":  # N x R x Ho x Wo: mean of s^2 over samples and positions
+        s = s.to(dtype)
+        return torch.einsum("nrhw,nrhw->r", s, s) / (s.shape[0] * s.shape[2] * s.shape[3])
+    if layer.kind == "linear":
+        Y = s.reshape(-1, s.shape[-1])
+        out = torch.empty(Y.shape[1], dtype=dtype, device=s.device)
+        return fop_kernels.accumulate_factor_diag(out, Y, 1.0, scale=1.0 / Y.shape[0], check_finite=False)
+    u, N, _ = _norm_reduced(s.to(dtype), layer.kind, layer.weight.numel())
+    return u.reshape(-1).square() / N
+
+
+def min_max_normalize(t: torch.Tensor) -> torch.Tensor:
+    """(t - min t) / (max t - min t + 1e-6) after +inf -> 1 and -inf -> 0 (NaN stays NaN)."""
+    t = torch.nan_to_num(t, nan=float("nan"), posinf=1.0, neginf=0.0)
+    lo, hi = t.min(), t.max()
+    return (t - lo) / (hi - lo + MINMAX_EPS)
+
+
+def running_update_(current: torch.Tensor, new: torch.Tensor, gamma: float, ema: str) -> torch.Tensor:
+    """current <- 0.1 gamma current + 0.01 gamma new ("public") or gamma current + (1 - gamma) new ("average")."""
+    if ema == "public":
+        return current.mul_(0.1 * gamma).add_(new, alpha=0.01 * gamma)
+    return current.mul_(gamma).add_(new, alpha=1.0 - gamma)
+
+
+def _fisher_tilde(layer, which: str, H: torch.Tensor, S: torch.Tensor, damping: float, dtype) -> torch.Tensor:
+    """F~ shaped like the parameter `which` of `layer`: S_j H_i + damping (a temporary of the step)."""
+    W = layer.weight
+    if layer.kind in ("batchnorm2d", "layernorm"):
+        F = S * H[0 if which == "weight" else 1] + damping
+        return F.to(dtype).reshape(W.shape)
+    if which == "bias":
+        return (S * H[-1] + damping).to(dtype)
+    R = W.shape[0]
+    groups = layer.conv.get("groups", 1) if layer.kind == "conv2d" else 1
+    d_w = W[0].numel()
+    if groups == 1:
+        F = torch.addr(H.new_tensor(damping), S, H[:d_w])
+    else:  # row j of group g uses the H entries of g's input channels
+        Hg = H[: groups * d_w].reshape(groups, 1, d_w)
+        F = torch.addcmul(H.new_tensor(damping), S.reshape(groups, R // groups, 1), Hg)
+    return F.to(dtype).reshape(W.shape)
+
+
+class _AdaFisherBase(CurvatureOptimizer):
+    """Shared by AdaFisher (coupled weight decay) and AdaFisherW (decoupled); see the module docstring."""
+
+    layer_support = staticmethod(adafisher_layer_support)
+    decoupled_weight_decay = False
+
+    def __init__(self, params_or_model, lr: float = 1e-3, beta: float = 0.9, damping: float = 1e-3,
+                 gamma: float = 0.8, factor_interval: int = 100, weight_decay: float = 0.0, *, ema: str = "public",
+                 exclude=None, model: nn.Module | None = None, check_finite: bool = True, grad_scaler=None):
+        check_float("lr", lr, low=0.0)
+        check_float("beta", beta, low=0.0, high=1.0, high_open=True)
+        check_float("damping", damping, low=0.0, low_open=True)
+        self.gamma = check_float("gamma", gamma, low=0.0, high=1.0, high_open=True)
+        self.factor_interval = check_int("factor_interval", factor_interval)
+        check_float("weight_decay", weight_decay, low=0.0)
+        self.ema = check_choice("ema", ema, EMA_MODES)
+        defaults = dict(lr=lr, beta=beta, damping=damping, weight_decay=weight_decay)
+        super().__init__(params_or_model, defaults, model=model, exclude=exclude, check_finite=check_finite,
+                         grad_scaler=grad_scaler)
+        self._arm()
+
+    # -- refresh schedule ----------------------------------------------------------------------------------------
+    def is_refresh_step(self, step: int | None = None) -> bool:
+        """Whether step `step` (default: the next one) refreshes the diagonals."""
+        step = self.steps if step is None else step
+        return bool(self.layers) and step % self.factor_interval == 0
+
+    def _arm(self) -> None:
+        if self.is_refresh_step():
+            self.capture.arm(full=True)
+
+    def _after_step(self) -> None:
+        self.capture.release()
+        self._arm()
+
+    def _after_load(self) -> None:
+        self.capture.release()
+        self._arm()
+
+    def diagonals(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(H, S) of layer i, or None before its first refresh."""
+        state = self.state.get(self.layers[i].weight, {})
+        return (state["fisher_H"], state["fisher_S"]) if "fisher_H" in state else None
+
+    def fisher_range(self) -> dict[str, tuple[float, float]]:
+        """Per layer (min, max) of F~ / damping over its entries (host syncs: for logging and measurement)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            diag = self.diagonals(i)
+            if diag is None:
+                continue
+            H, S = diag
+            damping = next(g["damping"] for g in self.param_groups if any(p is layer.weight for p in g["params"]))
+            Fs = [_fisher_tilde(layer, w, H, S, damping, H.dtype) for w in ("weight", "bias")[: len(layer.params)]]
+            out[layer.name] = (min(float(F.min()) for F in Fs) / damping, max(float(F.max()) for F in Fs) / damping)
+        return out
+
+    # -- the step --------------------------------------------------------------------------------------------------
+    def _curvature_step(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """On refresh steps: fresh diagonals, min-max normalized, folded into the running ones. No directions:
+        the preconditioner enters the fused update. (Min-max normalization makes a GradScaler's scale irrelevant.)"""
+        if not self.capture.armed:
+            return {}
+        for i, layer in enumerate(self.layers):
+            recs = [r for r in self.capture.done(i) if r.full]
+            if not recs:
+                continue
+            n_total = sum(r.n for r in recs)
+            H = sum(input_diagonal(layer, r.a) * (r.n / n_total) for r in recs)
+            S = sum(output_diagonal(layer, r.dy) * (r.n / n_total) for r in recs)
+            state = self.state[layer.weight]
+            if "fisher_H" not in state:
+                state["fisher_H"], state["fisher_S"] = torch.ones_like(H), torch.ones_like(S)
+            running_update_(state["fisher_H"], min_max_normalize(H), self.gamma, self.ema)
+            running_update_(state["fisher_S"], min_max_normalize(S), self.gamma, self.ema)
+        return {}
+
+    def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
+        """m <- beta m + (1-beta) g; theta <- theta - lr/(1-beta^t) m / F~, weight decay coupled or decoupled."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, beta, wd, damping = group["lr"], group["beta"], group["weight_decay"], group["damping"]
+            grads = [p.grad for p in params]
+            if wd != 0 and not self.decoupled_weight_decay:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            exp_avgs = []
+            for p in params:
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["step"] = 0
+                state["step"] += 1
+                exp_avgs.append(state["exp_avg"])
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)
+            if wd != 0 and self.decoupled_weight_decay:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            pre, pre_m, pre_F, pre_c, plain, plain_m, plain_c = [], [], [], [], [], [], []
+            for p, m in zip(params, exp_avgs):
+                coef = -lr / (1.0 - beta ** self.state[p]["step"])
+                where = self.param_to_layer.get(id(p))
+                diag = None if where is None else self.diagonals(where[0])
+                if diag is None:
+                    plain.append(p), plain_m.append(m), plain_c.append(coef)
+                else:
+                    layer = self.layers[where[0]]
+                    pre.append(p), pre_m.append(m), pre_c.append(coef)
+                    pre_F.append(_fisher_tilde(layer, where[1], diag[0], diag[1], damping, p.dtype))
+            if pre:
+                torch._foreach_addcdiv_(pre, pre_m, pre_F, pre_c)
+            if plain:
+                torch._foreach_add_(plain, torch._foreach_mul(plain_m, plain_c))
+
+
+class AdaFisher(_AdaFisherBase):
+    r"""AdaFisher (coupled weight decay: g <- g + wd theta), see the module docstring for the update.
+
+    Args:
+        params_or_model: the model, or parameters / param groups with `model=` given (hooks go on its layers).
+        lr: learning rate (1e-3). beta: first-moment decay (0.9). damping: lambda added to S_j H_i (1e-3).
+        gamma: running-average constant of the diagonals (0.8). factor_interval: steps between refreshes (100).
+        weight_decay: 0. ema: "public" (the public code's constants) or "average" (a proper average).
+        exclude: modules or module names whose parameters take F~ = 1. check_finite, grad_scaler: see
+            CurvatureOptimizer.
+    Supported: Linear, Conv2d (any groups), BatchNorm2d, LayerNorm; every other parameter uses F~ = 1.
+    """
+
+
+class AdaFisherW(_AdaFisherBase):
+    r"""AdaFisherW: AdaFisher with decoupled weight decay theta <- (1 - lr wd) theta (arguments as AdaFisher)."""
+
+    decoupled_weight_decay = True

@@ -1,0 +1,338 @@
+"""FROG: Fisher ROw-wise preconditioninG with batched conjugate gradient (DESIGN.md, section FROG).
+
+Per preconditioned layer (nn.Linear, nn.Conv2d) with weight rows W_r (a bias is an extra input column of ones,
+folded into the row when `fold_bias=True`), on every step:
+
+    y2[n, r, l] = g[n, r, l]^2 / s           g: per-sample output gradient of the summed loss on s sampled samples
+    F_r  = sum_{n, l} y2[n, r, l] x_{n,l} x_{n,l}^T        x_{n,l}: the input patch at output position l (D entries)
+    t_r  = tr(F_r) / D,    F^_r = F_r / (t_r + 1e-10) + tau I      (tau: `tau` for Conv2d, `tau_linear` for Linear)
+    m   <- mu m + g                                        (momentum before preconditioning; Nesterov: g + mu m)
+    z_r  = CG(F^_r, m_r)                                   cg_iters iterations from 0 (or the last z: warm_start)
+    W_r <- (1 - lr wd) W_r - lr z_r / sqrt(<z_r, m_r> + 1e-10)
+
+Every other parameter: SGD with momentum mu, coupled weight decay and learning rate lr * lr_other_ratio.
+
+With a mean-reduced loss the autograd output gradient is dy = g / B, so y2 = dy^2 B^2 / s as in the public code;
+the scale cancels in F^_r (trace normalization) except against the 1e-10 guard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_nn
+from torch import nn
+
+import fop_kernels
+from fop._base import (
+    CurvatureOptimizer,
+    check_float,
+    check_int,
+    check_outer_hyperparameters,
+    check_schedule,
+    eval_schedule,
+)
+from fop._layers import unsupported_reason
+
+TRACE_EPS = 1e-10
+NORM_EPS = 1e-10
+
+__all__ = ["FROG", "ConvRowSystems", "conv_row_trace", "row_cg", "row_normalized_step"]
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a_r, b_r> for every row r of two R x D matrices."""
+    return torch.linalg.vecdot(a, b, dim=1)
+
+
+def row_cg(matvec, quad, B: torch.Tensor, iters: int, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """Conjugate gradient on every row of B (R x D) at once: solve F^_r z_r = b_r, `iters` iterations.
+
+    `matvec(P)` returns the rows F^_r p_r (R x D); `quad(P)` the scalars p_r^T F^_r p_r (R). From z = 0 (or x0).
+    The last iteration only needs p^T F^ p (its residual is never used), so it calls `quad`, which costs half a
+    matvec for a conv layer (the forward conv without the weight-gradient conv). Rows whose residual vanished
+    stop moving (alpha = beta = 0). No host synchronization."""
+    if x0 is None:
+        x = torch.zeros_like(B)
+        r = B.clone()
+    else:
+        x = x0.clone()
+        r = B - matvec(x0)
+    p = r.clone()
+    rs = _rowdot(r, r)
+    for k in range(iters):
+        last = k == iters - 1
+        if last:
+            pAp = quad(p)
+        else:
+            Ap = matvec(p)
+            pAp = _rowdot(p, Ap)
+        positive = pAp > 0
+        alpha = torch.where(positive, rs / torch.where(positive, pAp, 1.0), 0.0)
+        x.addcmul_(p, alpha[:, None])
+        if last:
+            break
+        r.addcmul_(Ap, alpha[:, None], value=-1.0)
+        rs_new = _rowdot(r, r)
+        nonzero = rs > 0
+        beta = torch.where(nonzero, rs_new / torch.where(nonzero, rs, 1.0), 0.0)
+        p.mul_(beta[:, None]).add_(r)
+        rs = rs_new
+    return x
+
+
+def row_normalized_step(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """z_r / sqrt(<z_r, m_r> + 1e-10): each row of the step has F^-norm 1 when z_r = F^_r^-1 m_r.
+
+    (CG from zero keeps z_r^T F^_r z_r = z_r^T m_r after any number of iterations, so this holds for inexact
+    solves too.) A row with <z_r, m_r> < 0 (impossible in exact arithmetic) is treated as 0."""
+    return z * (_rowdot(z, m).clamp_min(0.0) + NORM_EPS).rsqrt()[:, None]
+
+
+def conv_row_trace(x_s: torch.Tensor, y2: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
+                   bias: bool) -> torch.Tensor:
+    """t_r = tr(F_r) / D = sum_{n,l} y2[n, r, l] (|x_{n,l}|^2 [+ 1 with a bias]) / D without im2col.
+
+    |x_{n,l}|^2 (the squared norm of a patch, over the channels of row r's group) is a box-sum conv of the
+    per-pixel channel sum of squares. x_s: s x C x H x W, y2: s x R x Ho x Wo."""
+    s, C, H, W = x_s.shape
+    R, c_g, kh, kw = weight_shape
+    sq = x_s.square().reshape(s, groups, C // groups, H, W).sum(2)
+    box = sq.new_ones(groups, 1, kh, kw)
+    patch_sq = F_nn.conv2d(sq, box, None, stride, padding, dilation, groups)  # s x groups x Ho x Wo
+    if bias:
+        patch_sq = patch_sq + 1.0
+    L = patch_sq.shape[2] * patch_sq.shape[3]
+    weighted = y2.reshape(s, groups, R // groups, L) * patch_sq.reshape(s, groups, 1, L)
+    return weighted.sum((0, 3)).reshape(R) / (c_g * kh * kw + int(bias))
+
+
+class ConvRowSystems:
+    """The row systems of a Conv2d layer on s sampled whole samples, applied as convolutions (no im2col).
+
+    Row r (output channel) with D = C_in/groups kh kw (+1): F_r = sum_{n,l} y2[n,r,l] x_{n,l} x_{n,l}^T.
+    matvec(P) = conv_weight_grad(x_s, conv(x_s, P) * y2^) + tau P, quad(P) = sum y2^ conv(x_s, P)^2 + tau |P|^2
+    (the bias part of P is the conv's bias; its gradient the sum of the weighted output)."""
+
+    def __init__(self, x_s: torch.Tensor, y2: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
+                 bias: bool, tau: float):
+        self.x_s, self.tau, self.bias = x_s, tau, bias
+        self.weight_shape = tuple(weight_shape)
+        self.geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
+        R = self.weight_shape[0]
+        self.d_weight = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
+        self.trace = conv_row_trace(x_s, y2, weight_shape, stride, padding, dilation, groups, bias)
+        self.y2_hat = y2 / (self.trace + TRACE_EPS).reshape(1, R, 1, 1)
+
+    def _split(self, P: torch.Tensor):
+        w = P[:, : self.d_weight].reshape(self.weight_shape)
+        return w, (P[:, -1] if self.bias else None)
+
+    def _conv(self, P: torch.Tensor) -> torch.Tensor:
+        w, b = self._split(P)
+        stride, padding, dilation, groups = self.geometry
+        return F_nn.conv2d(self.x_s, w, b, stride, padding, dilation, groups)
+
+    def matvec(self, P: torch.Tensor) -> torch.Tensor:
+        Z = self._conv(P).mul_(self.y2_hat)
+        stride, padding, dilation, groups = self.geometry
+        w, _ = self._split(P)
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            Z, self.x_s, w, [P.shape[0]] if self.bias else None, stride, padding, dilation, False, [0, 0], groups,
+            [False, True, self.bias])
+        out = gw.reshape(P.shape[0], -1)
+        if self.bias:
+            out = torch.cat([out, gb[:, None]], dim=1)
+        return out.add_(P, alpha=self.tau)
+
+    def quad(self, P: torch.Tensor) -> torch.Tensor:
+        Z = self._conv(P)
+        return (Z.square_() * self.y2_hat).sum((0, 2, 3)) + self.tau * _rowdot(P, P)
+
+
+def frog_layer_support(module: nn.Module) -> str | None:
+    """FROG preconditions nn.Linear and nn.Conv2d (any groups, stride, padding, dilation; zero padding mode)."""
+    if type(module) is nn.Conv2d:
+        return None if module.padding_mode == "zeros" else f"padding_mode={module.padding_mode!r}"
+    return unsupported_reason(module)
+
+
+class FROG(CurvatureOptimizer):
+    r"""FROG: row-wise Fisher preconditioning solved by batched conjugate gradient (see the module docstring).
+
+    Args:
+        params_or_model: the model, or parameters / param groups with `model=` given (hooks go on its layers).
+        lr: learning rate of the preconditioned layers; each row moves an F^-norm of `lr` (public default 1e-3;
+            its CIFAR-10 runs: 0.01).
+        momentum, nesterov: heavy-ball momentum applied to the gradient before preconditioning (0, False).
+        weight_decay: decoupled `W <- (1 - lr wd) W` on preconditioned layers, coupled `g + wd p` elsewhere.
+        sample_size: s, whole samples drawn afresh per layer and step for the Fisher (24; None: the whole batch).
+        cg_iters: CG iterations from zero (4, no convergence test).
+        tau: damping of the Conv2d rows relative to their mean Fisher diagonal (1e-6, the public code's), a float
+            or a callable of the step count.
+        tau_linear: the same for Linear rows (0.3). Beyond the public code (Conv2d only): a Linear row Fisher from
+            s samples has rank <= s, usually below D, and with tau 1e-6 the unit-F^-norm step is huge in the
+            directions no sample saw; 0.3 trained the digits CNN best (docs/frog_adafisher.md).
+        lr_other_ratio: the other parameters (norm layers, embeddings, excluded modules, and the biases when
+            `fold_bias=False`) take SGD with learning rate `lr * lr_other_ratio` (0.25).
+        exclude: modules or module names left to the SGD path.
+        fold_bias: solve a layer's bias together with its weight rows as an input column of ones (True); False
+            sends biases to the SGD path as the public code does.
+        warm_start: start CG from the previous step's solution (one extra matvec per step) instead of zero.
+        seed: seed of the sample draws (default: drawn from torch's global generator at construction); the
+            generator's state is part of `state_dict`.
+        loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
+    """
+
+    layer_support = staticmethod(frog_layer_support)
+
+    def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-6,
+                 lr_other_ratio: float = 0.25, exclude=(), *, tau_linear=0.3, fold_bias: bool = True,
+                 warm_start: bool = False, seed: int | None = None, model: nn.Module | None = None,
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
+        check_outer_hyperparameters(lr, momentum, weight_decay)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be a bool, got {nesterov!r}")
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov=True requires momentum > 0")
+        self.sample_size = None if sample_size is None else check_int("sample_size", sample_size)
+        check_int("cg_iters", cg_iters)
+        check_schedule("tau", tau)
+        check_schedule("tau_linear", tau_linear)
+        check_float("lr_other_ratio", lr_other_ratio, low=0.0)
+        self.fold_bias = bool(fold_bias)
+        self.warm_start = bool(warm_start)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, cg_iters=cg_iters,
+                        tau=tau, tau_linear=tau_linear, lr_other_ratio=lr_other_ratio)
+        super().__init__(params_or_model, defaults, model=model, exclude=exclude or None,
+                         loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler)
+        self._arm()
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    def _sample_rows(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """s sample indices out of n, drawn afresh (None: keep the whole batch)."""
+        if self.sample_size is None or self.sample_size >= n:
+            return None
+        return torch.randperm(n, generator=self.generator)[: self.sample_size].to(device)
+
+    def _arm(self) -> None:
+        if self.layers:
+            self.capture.arm(full=True, rows=self._sample_rows)
+
+    def _after_step(self) -> None:
+        self.capture.release()
+        self._arm()
+
+    def _after_load(self) -> None:
+        self.capture.release()
+        self._arm()
+
+    def _validate_before_step(self) -> None:
+        for group in self.param_groups:
+            eval_schedule("tau", group["tau"], self.steps)
+            eval_schedule("tau_linear", group["tau_linear"], self.steps)
+
+    # -- the step --------------------------------------------------------------------------------------------------
+    def _momentum(self, p: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool) -> torch.Tensor:
+        """m <- mu m + g (m = g on the first step); returns m, or g + mu m with Nesterov."""
+        if mu == 0:
+            return grad
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            state["momentum_buffer"] = buf = grad.detach().clone()
+        else:
+            buf.mul_(mu).add_(grad)
+        return grad.add(buf, alpha=mu) if nesterov else buf
+
+    def _layer_samples(self, i: int, inv_scale: torch.Tensor | None, dtype: torch.dtype):
+        """(x_s, y2) of layer i from this step's records: y2 = g^2 / s with g the per-sample output gradient."""
+        recs = self.capture.done(i)
+        if not recs:
+            return None
+        recs = [r for r in recs if r.a.shape[1:] == recs[0].a.shape[1:]]
+        x_s = torch.cat([r.a for r in recs]).to(dtype)
+        dy = torch.cat([r.dy for r in recs]).to(dtype)
+        n_total = sum(r.n for r in recs)
+        coef = float(n_total) if self.capture.loss_reduction == "mean" else 1.0
+        y2 = dy.square_().mul_(coef * coef / dy.shape[0])
+        if inv_scale is not None:
+            y2.mul_(inv_scale.to(device=y2.device, dtype=dtype).square())
+        return x_s, y2
+
+    def _curvature_step(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Momentum, batched CG and the row-normalized direction of every preconditioned layer."""
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        directions: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            W, b = layer.weight, layer.bias if self.fold_bias else None
+            if W.grad is None:
+                continue
+            group = group_of[id(W)]
+            dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+            samples = self._layer_samples(i, inv_scale, dtype)
+            if samples is None:  # the layer ran no forward with grad this step: it takes the SGD path
+                continue
+            x_s, y2 = samples
+            mu, nesterov = group["momentum"], group["nesterov"]
+            m = self._momentum(W, W.grad, mu, nesterov).reshape(W.shape[0], -1).to(dtype)
+            if b is not None:
+                gb = b.grad if b.grad is not None else torch.zeros_like(b)
+                m = torch.cat([m, self._momentum(b, gb, mu, nesterov).to(dtype)[:, None]], dim=1)
+            key = "tau" if layer.kind == "conv2d" else "tau_linear"
+            tau = eval_schedule(key, group[key], self.steps)
+            state = self.state[W]
+            x0 = state.get("cg_solution") if self.warm_start else None
+            z = self._solve(layer, x_s, y2, m, tau, group["cg_iters"], b is not None, x0)
+            if self.warm_start:
+                state["cg_solution"] = z.clone()
+            U = row_normalized_step(z, m)
+            d_w = W[0].numel()
+            directions[id(W)] = U[:, :d_w].reshape(W.shape)
+            if b is not None:
+                directions[id(b)] = U[:, d_w]
+        return directions
+
+    @staticmethod
+    def _solve(layer, x_s, y2, m, tau, iters, bias, x0):
+        """z = CG(F^, m) for the rows of one layer: convs for Conv2d, fop_kernels.batched_cg for Linear."""
+        if layer.kind == "conv2d":
+            c = layer.conv
+            rows = ConvRowSystems(x_s, y2, layer.weight.shape, c["stride"], c["padding"], c["dilation"],
+                                  c["groups"], bias, tau)
+            return row_cg(rows.matvec, rows.quad, m, iters, x0)
+        X = x_s.reshape(-1, x_s.shape[-1])
+        if bias:
+            X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+        w = y2.reshape(-1, y2.shape[-1]) * X.shape[0]  # batched_cg divides F_r by its row count
+        z, _ = fop_kernels.batched_cg(X, w, m, tau, iters=iters, x0=x0)
+        return z
+
+    def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
+        """Preconditioned: W <- (1 - lr wd) W - lr U.  Others: SGD, coupled wd, momentum, lr * lr_other_ratio."""
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = directions.get(id(p))
+                if d is not None:
+                    if wd != 0:
+                        p.mul_(1 - lr * wd)
+                    p.add_(d.to(p.dtype), alpha=-lr)
+                    continue
+                g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                p.add_(self._momentum(p, g, mu, group["nesterov"]), alpha=-lr * group["lr_other_ratio"])
+
+    # -- extra state -----------------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        extra = super()._extra_state()
+        extra["generator"] = self.generator.get_state()
+        return extra
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        self.generator.set_state(extra["generator"])

@@ -1,0 +1,378 @@
+"""FROG: row systems against explicit solves, the per-row F^-norm of the step, the SGD path, training on digits,
+state_dict, GradScaler and bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fop.frog import FROG, ConvRowSystems, row_cg
+from helpers import assert_close
+from torch import nn
+
+import fop_kernels
+from fop_kernels.reference.factor import conv_patches
+
+DT = torch.float64
+
+
+# -- an independent oracle: explicit row Fisher matrices from im2col patches ----------------------------------------
+def explicit_conv_rows(x, y2, weight_shape, stride, padding, dilation, groups, bias, tau):
+    """F^_r = F_r / (tr F_r / D + 1e-10) + tau I with F_r = sum_{n,l} y2[n,r,l] x_{n,l} x_{n,l}^T, as R x D x D."""
+    s, C = x.shape[:2]
+    R, _, kh, kw = weight_shape
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # s x (C kh kw) x L
+    L = cols.shape[-1]
+    per_group = (C // groups) * kh * kw
+    mats = []
+    for r in range(R):
+        g = r // (R // groups)
+        P = cols[:, g * per_group:(g + 1) * per_group].permute(0, 2, 1).reshape(s * L, per_group)
+        if bias:
+            P = torch.cat([P, P.new_ones(s * L, 1)], dim=1)
+        w = y2[:, r].reshape(s * L)
+        Fr = P.T @ (w[:, None] * P)
+        D = Fr.shape[0]
+        mats.append(Fr / (torch.trace(Fr) / D + 1e-10) + tau * torch.eye(D, dtype=x.dtype))
+    return torch.stack(mats)
+
+
+def explicit_linear_rows(X, y2, tau):
+    """The same for a Linear layer: X (rows x D, bias column included), y2 (rows x R)."""
+    mats = []
+    for r in range(y2.shape[1]):
+        Fr = X.T @ (y2[:, r:r + 1] * X)
+        D = Fr.shape[0]
+        mats.append(Fr / (torch.trace(Fr) / D + 1e-10) + tau * torch.eye(D, dtype=X.dtype))
+    return torch.stack(mats)
+
+
+CONV_CASES = [  # C_in, R, kernel, stride, padding, dilation, groups, bias, H, W
+    (3, 4, 3, 1, 1, 1, 1, True, 6, 5),
+    (4, 6, 3, 2, 0, 1, 2, False, 7, 7),
+    (2, 3, (2, 3), 1, (1, 0), 2, 1, True, 6, 7),
+    (4, 4, 3, 1, 1, 1, 4, True, 5, 5),
+    (5, 7, 1, 1, 0, 1, 1, False, 3, 4),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_row_cg_solves_explicit_systems(case):
+    C, R, k, stride, padding, dilation, groups, bias, H, W = case
+    conv = nn.Conv2d(C, R, k, stride, padding, dilation, groups, bias=bias).double()
+    x = torch.randn(3, C, H, W, dtype=DT)
+    y2 = torch.rand_like(conv(x))
+    tau = 1e-2
+    rows = ConvRowSystems(x, y2, conv.weight.shape, conv.stride, conv.padding, conv.dilation, groups, bias, tau)
+    Fm = explicit_conv_rows(x, y2, conv.weight.shape, conv.stride, conv.padding, conv.dilation, groups, bias, tau)
+    D = Fm.shape[-1]
+    B = torch.randn(R, D, dtype=DT)
+    P = torch.randn(R, D, dtype=DT)
+    assert_close(rows.matvec(P), torch.einsum("rij,rj->ri", Fm, P), 1e-12, 1e-10, "matvec")
+    assert_close(rows.quad(P), torch.einsum("ri,rij,rj->r", P, Fm, P), 1e-12, 1e-10, "quad")
+    z_exact = torch.linalg.solve(Fm, B)
+    tol = 1e-6 * float(z_exact.abs().max())  # D iterations: exact up to fp64 loss of orthogonality
+    z = row_cg(rows.matvec, rows.quad, B, D)
+    assert_close(z, z_exact, tol, 1e-6, "CG with D iterations vs solve")
+    z0 = row_cg(rows.matvec, rows.quad, B, D, x0=torch.randn(R, D, dtype=DT))  # warm start from anywhere
+    assert_close(z0, z_exact, tol, 1e-6, "warm-started CG vs solve")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_path_equals_batched_cg_on_patches(dtype):
+    """The conv matvec (no im2col) and fop_kernels.batched_cg on materialized patches run the same 4 CG steps."""
+    conv = nn.Conv2d(3, 5, 3, padding=1, bias=True).to(dtype)
+    x = torch.randn(4, 3, 6, 6, dtype=dtype)
+    y2 = torch.rand_like(conv(x))
+    rows = ConvRowSystems(x, y2, conv.weight.shape, (1, 1), (1, 1), (1, 1), 1, True, 1e-3)
+    B = torch.randn(5, 28, dtype=dtype)
+    z = row_cg(rows.matvec, rows.quad, B, 4)
+    P = conv_patches(x, 3, 1, 1, 1, bias=True)
+    w = y2.permute(0, 2, 3, 1).reshape(-1, 5) * P.shape[0]
+    zb, _ = fop_kernels.batched_cg(P, w, B, 1e-3, iters=4)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    assert_close(z, zb, tol, tol, "conv CG vs batched_cg")
+
+
+# -- the optimizer step against the explicit systems ------------------------------------------------------------------
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 5 * 5, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def _record_layer_io(model):
+    """Hooks of the test's own: the input and output gradient of conv and fc."""
+    io = {}
+
+    def fwd(name):
+        def hook(module, inputs, output):
+            io[name + ".x"] = inputs[0].detach()
+            output.register_hook(lambda g: io.__setitem__(name + ".dy", g.detach()))
+        return hook
+
+    handles = [model.conv.register_forward_hook(fwd("conv")), model.fc.register_forward_hook(fwd("fc"))]
+    return io, handles
+
+
+def _step_and_systems(cg_iters, momentum=0.0):
+    torch.manual_seed(1)
+    model = TinyNet().double()
+    x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 4, (6,))
+    lr, tau, tau_lin = 0.05, 1e-3, 0.5
+    opt = FROG(model, lr=lr, momentum=momentum, sample_size=None, cg_iters=cg_iters, tau=tau, tau_linear=tau_lin)
+    io, handles = _record_layer_io(model)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for h in handles:
+        h.remove()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    B = x.shape[0]
+    systems = {}
+    y2 = (io["conv.dy"] * B) ** 2 / B
+    Fc = explicit_conv_rows(io["conv.x"], y2, model.conv.weight.shape, (1, 1), (1, 1), (1, 1), 1, True, tau)
+    systems["conv"] = Fc
+    X = torch.cat([io["fc.x"], torch.ones(B, 1, dtype=DT)], dim=1)
+    systems["fc"] = explicit_linear_rows(X, (io["fc.dy"] * B) ** 2 / B, tau_lin)
+    return model, opt, lr, before, grads, systems
+
+
+def _rows(d, name):
+    return torch.cat([d[name + ".weight"].reshape(d[name + ".bias"].shape[0], -1), d[name + ".bias"][:, None]], 1)
+
+
+@pytest.mark.parametrize("cg_iters", [4, 80])
+def test_step_rows_move_f_norm_lr(cg_iters):
+    """Each row's step Delta_r has Delta_r^T F^_r Delta_r = lr^2 (CG from zero keeps z^T F^ z = z^T m)."""
+    model, opt, lr, before, grads, systems = _step_and_systems(cg_iters)
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    for name in ("conv", "fc"):
+        delta = _rows(after, name) - _rows(before, name)
+        fnorm2 = torch.einsum("ri,rij,rj->r", delta, systems[name], delta)
+        assert_close(fnorm2, torch.full_like(fnorm2, lr * lr), 0.0, 1e-6, f"{name}: F^-norm^2 of each row's step")
+
+
+def test_step_with_exact_cg_is_normalized_natural_gradient():
+    """With cg_iters >= D the step is exactly -lr F^_r^-1 g_r / sqrt(g_r^T F^_r^-1 g_r + 1e-10)."""
+    model, opt, lr, before, grads, systems = _step_and_systems(cg_iters=80)
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    for name in ("conv", "fc"):
+        g = _rows(grads, name)
+        z = torch.linalg.solve(systems[name], g)
+        expected = -lr * z / ((z * g).sum(1, keepdim=True) + 1e-10).sqrt()
+        assert_close(_rows(after, name) - _rows(before, name), expected, 1e-12, 1e-7, f"{name} step")
+    # BatchNorm parameters take SGD with lr * lr_other_ratio (momentum 0 here)
+    for n in ("bn.weight", "bn.bias"):
+        assert_close(after[n] - before[n], -lr * 0.25 * grads[n], 1e-15, 1e-12, n)
+
+
+def test_sgd_path_matches_torch_sgd_and_bias_unfolded():
+    """Other parameters (and biases with fold_bias=False) follow torch.optim.SGD with lr * lr_other_ratio."""
+    torch.manual_seed(0)
+    model = TinyNet().double()
+    ref = copy.deepcopy(model)
+    lr, mu, wd, ratio = 0.1, 0.9, 1e-2, 0.5
+    opt = FROG(model, lr=lr, momentum=mu, nesterov=True, weight_decay=wd, lr_other_ratio=ratio, fold_bias=False)
+    others = ["bn.weight", "bn.bias", "conv.bias", "fc.bias"]
+    ref_params = dict(ref.named_parameters())
+    sgd = torch.optim.SGD([ref_params[n] for n in others], lr=lr * ratio, momentum=mu, nesterov=True,
+                          weight_decay=wd)
+    for _ in range(3):
+        x, y = torch.randn(8, 2, 5, 5, dtype=DT), torch.randint(0, 4, (8,))
+        for m, o in ((model, opt), (ref, sgd)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        ref.load_state_dict({**ref.state_dict(), "conv.weight": model.conv.weight, "fc.weight": model.fc.weight})
+    params = dict(model.named_parameters())
+    for n in others:
+        assert_close(params[n], ref_params[n], 1e-14, 1e-12, n)
+    assert [line.split(":")[0] for line in opt.preconditioned()] == ["conv", "fc"]
+
+
+def test_grouped_conv_and_warm_start_and_tau_schedule():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    taus = []
+
+    def tau(step):
+        taus.append(step)
+        return 1e-4 * (step + 1)
+
+    opt = FROG(model, lr=0.01, sample_size=3, warm_start=True, tau=tau, momentum=0.5)
+    assert len(opt.preconditioned()) == 3
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.randn(5, 4, 6, 6)), torch.randint(0, 3, (5,))).backward()
+        opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert {0, 1, 2} <= set(taus)
+    assert all("cg_solution" in opt.state[m.weight] for m in (model[0], model[2], model[4]))
+
+
+def test_samples_are_drawn_per_layer_and_step():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = FROG(model, sample_size=4)
+    F.cross_entropy(model(torch.randn(10, 2, 5, 5)), torch.randint(0, 4, (10,))).backward()
+    recs = [opt.capture.done(i)[0] for i in range(2)]
+    assert all(r.a.shape[0] == 4 and r.dy.shape[0] == 4 and r.n == 10 for r in recs)
+    opt.step()
+    assert opt.capture.armed and not any(opt.capture.records)
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.tensor(d.images, dtype=torch.float32)[:, None]
+    X = (X - X.mean()) / X.std()
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    return X[perm[:1437]], y[perm[:1437]], X[perm[1437:]], y[perm[1437:]]
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def train_digits(make_opt, epochs=8, batch=64, seed=0):
+    Xtr, ytr, Xte, yte = _digits()
+    torch.manual_seed(seed)
+    model = small_cnn()
+    opt = make_opt(model)
+    steps = epochs * math.ceil(len(ytr) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: one thread avoids oversubscription on a shared 2-core runner
+    try:
+        for _ in range(epochs):
+            perm = torch.randperm(len(ytr))
+            for k in range(0, len(perm), batch):
+                idx = perm[k:k + batch]
+                opt.zero_grad()
+                F.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
+                opt.step()
+                sched.step()
+        with torch.no_grad():
+            return (model(Xte).argmax(1) == yte).float().mean().item()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_frog_trains_digits_to_95_percent():
+    acc = train_digits(lambda m: FROG(m, lr=0.01, momentum=0.9))
+    assert acc >= 0.95, f"FROG reached {acc:.3f} test accuracy on digits"
+
+
+# -- state_dict, AMP, bad input ----------------------------------------------------------------------------------------
+def _batches(n, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+
+
+def _run(model, opt, batches, scaler=None):
+    for x, y in batches:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+
+def test_state_dict_round_trip_resumes_bit_identically():
+    torch.manual_seed(0)
+    model = TinyNet()
+    kw = dict(lr=0.02, momentum=0.9, sample_size=5, warm_start=True, weight_decay=1e-3)
+    opt = FROG(model, **kw)
+    batches = _batches(6)
+    _run(model, opt, batches[:3])
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    _run(model, opt, batches[3:])
+    model2 = TinyNet()
+    model2.load_state_dict(saved_model)
+    opt2 = FROG(model2, **kw, seed=12345)
+    opt2.load_state_dict(saved_opt)
+    _run(model2, opt2, batches[3:])
+    for (n, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_gradscaler_skips_overflow_and_unscales():
+    torch.manual_seed(0)
+    model = TinyNet()
+    ref = copy.deepcopy(model)
+    opt = FROG(model, lr=0.02, momentum=0.9, sample_size=None)
+    opt_ref = FROG(ref, lr=0.02, momentum=0.9, sample_size=None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    batches = _batches(3)
+    _run(model, opt, batches[:1], scaler)
+    _run(ref, opt_ref, batches[:1])
+    # an overflow step: inf in a gradient -> skipped, nothing changes
+    params = [p.detach().clone() for p in model.parameters()]
+    bufs = {k: v["momentum_buffer"].clone() for k, v in opt.state.items()}
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(batches[1][0]), batches[1][1])).backward()
+    model.fc.weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    assert all(torch.equal(bufs[k], v["momentum_buffer"]) for k, v in opt.state.items())
+    assert opt.steps == 1 and scaler.get_scale() < 2.0**10
+    _run(model, opt, batches[2:], scaler)
+    _run(ref, opt_ref, batches[2:])
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert_close(a, b, 1e-5, 1e-4, f"GradScaler run vs unscaled run: {n}")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "lr"), (dict(momentum=1.0), "momentum"), (dict(weight_decay=-1e-3), "weight_decay"),
+    (dict(sample_size=0), "sample_size"), (dict(cg_iters=0), "cg_iters"), (dict(tau=-1e-6), "tau"),
+    (dict(tau_linear=float("nan")), "tau_linear"), (dict(lr_other_ratio=-0.5), "lr_other_ratio"),
+    (dict(nesterov=True), "nesterov"), (dict(exclude=["nope"]), "nope"),
+])
+def test_invalid_hyperparameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FROG(TinyNet(), **kwargs)
+
+
+def test_nonfinite_gradient_or_bad_tau_schedule_changes_nothing():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = FROG(model, lr=0.02, momentum=0.9, tau=lambda step: 1e-6 if step < 1 else -1.0)
+    batches = _batches(2)
+    _run(model, opt, batches[:1])
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    F.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+    with pytest.raises(ValueError, match="tau"):
+        opt.step()
+    model.bn.weight.grad[0] = float("nan")
+    opt.param_groups[0]["tau"] = 1e-6
+    with pytest.raises(FloatingPointError, match="bn.weight"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = opt.state_dict()
+    for k, v in state["state"].items():
+        assert torch.equal(v["momentum_buffer"], after["state"][k]["momentum_buffer"])
+    assert after["curvature"]["steps"] == 1
