@@ -169,6 +169,8 @@ class KFAC(CurvatureOptimizer):
                 self.factors_G[i] = torch.zeros(layer.out_dim, layer.out_dim, dtype=self.factor_dtype, device=dev)
             self.capture.update_input_factor(i, self.factors_A[i], decay)
             self.capture.update_output_factor(i, self.factors_G[i], decay, mc=self.fisher == "mc", dy_scale=inv_scale)
+            for M in (self.factors_A[i], self.factors_G[i]):  # fp32 GEMMs leave rounding-level asymmetry
+                M.copy_(0.5 * (M + M.mT))
         self.comm.all_reduce_factors(self.factors_A, self.factors_G)  # distributed: average over ranks
         self.factor_updates += 1
         return True
