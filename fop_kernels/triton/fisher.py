@@ -290,8 +290,9 @@ def _groups(A_rot, lG, lA):
 
 
 def _tables(A_rot, D_rot, lG, lA, U, idx, device):
-    """(layer table, program table, BLOCK_R, BLOCK_C, n_programs) for the layers `idx` of one dtype group;
-    keeps the tensors whose pointers it holds alive in the returned list."""
+    """(layer table, program table, BLOCK_R, BLOCK_C, number of programs, tensors the tables point into) for the
+    layers `idx` of one dtype group. Columns with a stride other than 1 are copied contiguous first; the caller
+    holds the last item until the launch is queued (the caching allocator orders any reuse after the kernel)."""
     keep, layer_rows, program_rows = [], [], []
     block_r, block_c = _blocks(max(A_rot[i].shape[1] for i in idx))
     for slot, i in enumerate(idx):
