@@ -125,6 +125,13 @@ class Capture:
         return bool(self.layers) and all(
             any(r.full and getattr(r, key) is not None for r in recs) for recs in self.records)
 
+    def layers_without_records(self) -> list[str]:
+        """Names of the layers with no completed record while some other layer has one."""
+        done = [bool(self.done(i)) for i in range(len(self.layers))]
+        if not any(done):
+            return []
+        return [layer.name for layer, d in zip(self.layers, done) if not d]
+
     def sample_counts(self) -> tuple[int, int]:
         """(N_total, N1_total) of the records of the first layer: samples seen, and samples in the first halves."""
         recs = self.done(0) if self.layers else []

@@ -150,6 +150,10 @@ class KFAC(CurvatureOptimizer):
         self.capture.drop_outputs()
 
     def _validate_before_step(self) -> None:
+        missing = self.capture.layers_without_records() if self.capture.armed else []
+        if missing:
+            raise RuntimeError(f"layers {missing} took no part in the forward/backward pass of this step; leave them "
+                               "out with exclude=[...] (their parameters then get the plain update)")
         if (self.fisher == "mc" and self.is_factor_step() and self.capture.has_factor_data()
                 and not self.capture.has_factor_data(mc=True)):
             raise RuntimeError("fisher='mc': this step updates the factors but optimizer.fisher_backward(logits) "

@@ -1,0 +1,249 @@
+"""K-FAC against explicit Kronecker inverses, its limits and schedules, weight decay, KL clipping, the MC Fisher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fop import FOP, KFAC
+from test_optim_fop import _one_step_direction, _per_layer_stats, tiny_net
+from torch import nn
+
+
+def _batch(n=10, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 6, 6, generator=g, dtype=dtype), torch.randint(0, 4, (n,), generator=g)
+
+
+def _grads(m, x, y):
+    m = copy.deepcopy(m)
+    F.cross_entropy(m(x), y).backward()
+    out = {}
+    for name, mod in m.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            g = mod.weight.grad.reshape(mod.weight.shape[0], -1)
+            out[name] = torch.cat([g, mod.bias.grad[:, None]], 1) if mod.bias is not None else g
+    return out
+
+
+@pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
+def test_kfac_matches_explicit_kronecker_inverse(damping_mode):
+    torch.manual_seed(20)
+    m = tiny_net().double()
+    x, y = _batch(9)
+    damping = 3e-3
+    got, _ = _one_step_direction(KFAC, m, x, y, damping=damping, damping_mode=damping_mode)
+    layers, stats = _per_layer_stats(copy.deepcopy(m), x, y)
+    grads = _grads(m, x, y)
+    N = x.shape[0]
+    for layer in layers:
+        P, Y, L = stats[layer.name]
+        A, G = P.T @ P / (N * L), N * Y.T @ Y
+        if damping_mode == "eigen":
+            Fd = torch.kron(A, G) + damping * torch.eye(A.shape[0] * G.shape[0], dtype=A.dtype)
+        else:
+            pi = torch.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
+            Fd = torch.kron(A + damping**0.5 * pi * torch.eye(A.shape[0], dtype=A.dtype),
+                            G + damping**0.5 / pi * torch.eye(G.shape[0], dtype=G.dtype))
+        V = grads[layer.name]
+        expected = torch.linalg.solve(Fd, V.T.reshape(-1)).reshape(layer.in_dim, layer.out_dim).T
+        torch.testing.assert_close(got[layer.name], expected, rtol=1e-7, atol=1e-10)
+
+
+def test_kfac_large_damping_approaches_sgd_direction():
+    torch.manual_seed(21)
+    m = tiny_net().double()
+    x, y = _batch(8)
+    damping = 1e8
+    got, _ = _one_step_direction(KFAC, m, x, y, damping=damping)
+    grads = _grads(m, x, y)
+    for name, U in got.items():
+        torch.testing.assert_close(U * damping, grads[name], rtol=1e-5, atol=1e-9)
+
+
+def test_factor_ema_and_intervals():
+    torch.manual_seed(22)
+    m = tiny_net().double()
+    x1, y1 = _batch(8, seed=1)
+    x2, y2 = _batch(8, seed=2)
+    rho = 0.3
+    m_only1, m_only2 = copy.deepcopy(m), copy.deepcopy(m)  # copies before any hooks are registered
+    opt = KFAC(m, lr=0.0, factor_decay=rho, factor_interval=1, inverse_interval=1, factor_dtype=torch.float64)
+    only = []
+    for model, (x, y) in ((m_only1, (x1, y1)), (m_only2, (x2, y2))):  # lr=0: parameters never move
+        o = KFAC(model, lr=0.0, factor_interval=1, factor_dtype=torch.float64)
+        F.cross_entropy(model(x), y).backward()
+        o.step()
+        only.append(o.factors_A)
+    for x, y in ((x1, y1), (x2, y2)):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    for A, A1, A2 in zip(opt.factors_A, *only):
+        torch.testing.assert_close(A, (1 - rho) * A1 + rho * A2, rtol=1e-12, atol=1e-14)
+
+    m = tiny_net()
+    opt = KFAC(m, lr=0.01, damping=0.1, factor_interval=3, inverse_interval=4)
+    for step in range(7):
+        assert opt.is_factor_step() == (step % 3 == 0)
+        x, y = _batch(6, seed=step, dtype=torch.float32)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        assert opt.capture.armed == (opt.steps % 3 == 0)  # K-FAC captures only before factor steps
+    assert opt.factor_updates == 3 and opt.decomposed_at == 4
+
+
+def test_damping_schedule_is_called_with_the_step():
+    torch.manual_seed(23)
+    m = tiny_net().double()
+    seen = []
+
+    def schedule(step):
+        seen.append(step)
+        return 1e-2 if step < 2 else 1e-1
+
+    m1, m2 = copy.deepcopy(m), copy.deepcopy(m)
+    o1 = KFAC(m1, lr=0.1, damping=schedule, factor_interval=1, inverse_interval=1)
+    o2 = KFAC(m2, lr=0.1, damping=1e-2, factor_interval=1, inverse_interval=1)
+    for step in range(3):
+        x, y = _batch(6, seed=step)
+        if step == 2:
+            o2.damping = 1e-1
+        for model, opt in ((m1, o1), (m2, o2)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert seen == [0, 1, 2]
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+    with pytest.raises(ValueError, match=r"damping\(3\) must be >= 0.0"):
+        o3 = KFAC(tiny_net(), damping=lambda s: -1.0)
+        o3.steps = 3
+        x, y = _batch(4, dtype=torch.float32)
+        F.cross_entropy(o3.model(x), y).backward()
+        o3.step()
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_weight_decay_coupled_and_decoupled(decoupled):
+    torch.manual_seed(24)
+    m = tiny_net().double()
+    x, y = _batch(8)
+    lr, wd = 0.5, 0.1
+    plain, _ = _one_step_direction(KFAC, m, x, y, damping=1e-2)
+    m2 = copy.deepcopy(m)
+    opt = KFAC(m2, lr=lr, momentum=0.0, weight_decay=wd, decoupled=decoupled, damping=1e-2, factor_interval=1,
+               factor_dtype=torch.float64)
+    opt.zero_grad()
+    F.cross_entropy(m2(x), y).backward()
+    opt.step()
+    for layer in opt.layers:
+        p0 = torch.cat([dict(m.named_parameters())[f"{layer.name}.{k}"].detach().reshape(layer.out_dim, -1)
+                        for k in (["weight", "bias"] if layer.bias is not None else ["weight"])], 1)
+        p1 = torch.cat([p.detach().reshape(layer.out_dim, -1) for p in layer.params], 1)
+        if decoupled:
+            expected = (1 - lr * wd) * p0 - lr * plain[layer.name]
+        else:
+            expected = p0 - lr * (plain[layer.name] + wd * p0)
+        torch.testing.assert_close(p1, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_kl_clip_scales_the_preconditioned_update():
+    torch.manual_seed(25)
+    m = tiny_net().double()
+    x, y = _batch(8)
+    lr, kl = 0.3, 1e-4
+    free, _ = _one_step_direction(KFAC, m, x, y, damping=1e-2)  # at lr 1: the direction U
+    grads = _grads(m, x, y)
+    vg = sum((lr**2) * (free[n] * grads[n]).sum() for n in free)
+    nu = min(1.0, float((kl / vg) ** 0.5))
+    assert nu < 1.0
+    m2 = copy.deepcopy(m)
+    opt = KFAC(m2, lr=lr, momentum=0.0, damping=1e-2, kl_clip=kl, factor_interval=1, factor_dtype=torch.float64)
+    before = {layer.name: torch.cat([p.detach().reshape(layer.out_dim, -1) for p in layer.params], 1)
+              for layer in opt.layers}
+    opt.zero_grad()
+    F.cross_entropy(m2(x), y).backward()
+    opt.step()
+    for layer in opt.layers:
+        after = torch.cat([p.detach().reshape(layer.out_dim, -1) for p in layer.params], 1)
+        torch.testing.assert_close(before[layer.name] - after, lr * nu * free[layer.name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_mc_fisher_helper(cls):
+    torch.manual_seed(26)
+    m = tiny_net()
+    opt = cls(m, lr=0.01, damping=0.1, fisher="mc", factor_interval=2)
+    emp = cls(copy.deepcopy(m), lr=0.01, damping=0.1, factor_interval=2)
+    x, y = _batch(8, dtype=torch.float32)
+    logits = m(x)
+    F.cross_entropy(logits, y).backward(retain_graph=True)
+    grads_before = [p.grad.clone() for p in m.parameters()]
+    opt.fisher_backward(logits, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads_before, m.parameters()))  # .grad untouched
+    opt.step()
+    F.cross_entropy(emp.model(x), y).backward()
+    emp.step()
+    assert all(torch.equal(a, b) for a, b in zip(opt.factors_A, emp.factors_A))  # A: same inputs
+    assert not any(torch.allclose(a, b) for a, b in zip(opt.factors_G, emp.factors_G))  # G: sampled labels
+    # step 1 is not a factor step: the helper is a no-op, step() does not ask for it
+    opt.zero_grad()
+    logits = m(x)
+    opt.fisher_backward(logits)
+    F.cross_entropy(logits, y).backward()
+    opt.step()
+    # step 2 is a factor step: forgetting the helper raises before anything changes
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(RuntimeError, match="fisher_backward"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    with pytest.raises(ValueError, match="logits"):
+        opt.fisher_backward(torch.zeros(3))
+    with pytest.raises(RuntimeError, match="fisher='mc'"):
+        emp.fisher_backward(logits)
+
+
+def test_layer_missing_from_forward_raises():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.body(x)
+
+    m = TwoHeads()
+    opt = KFAC(m)
+    F.cross_entropy(m(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
+    with pytest.raises(RuntimeError, match=r"\['unused'\] took no part"):
+        opt.step()
+    opt = KFAC(m, exclude="unused")
+    F.cross_entropy(m(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
+    opt.step()
+
+
+def test_forward_before_construction_uses_plain_gradient_then_preconditions():
+    torch.manual_seed(27)
+    m = tiny_net()
+    x, y = _batch(6, dtype=torch.float32)
+    loss = F.cross_entropy(m(x), y)
+    opt = KFAC(m, lr=0.1, momentum=0.0)
+    ref = copy.deepcopy(m)
+    loss.backward()
+    opt.step()  # nothing captured: SGD step, factors still pending
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
+    F.cross_entropy(ref(x), y).backward()
+    sgd.step()
+    for p1, p2 in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(p1, p2)
+    assert opt.factor_updates == 0 and opt.is_factor_step()
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+    assert opt.factor_updates == 1 and opt.buckets
