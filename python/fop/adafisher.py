@@ -188,7 +188,8 @@ class _AdaFisherBase(CurvatureOptimizer):
     # -- the step --------------------------------------------------------------------------------------------------
     def _curvature_step(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """On refresh steps: fresh diagonals, min-max normalized, folded into the running ones. No directions:
-        the preconditioner enters the fused update. (Min-max normalization makes a GradScaler's scale irrelevant.)"""
+        the preconditioner enters the fused update. S is unscaled by a GradScaler's factor first (the 1e-6 of the
+        min-max normalization is not scale-free)."""
         if not self.capture.armed:
             return {}
         for i, layer in enumerate(self.layers):
@@ -198,6 +199,8 @@ class _AdaFisherBase(CurvatureOptimizer):
             n_total = sum(r.n for r in recs)
             H = sum(input_diagonal(layer, r.a) * (r.n / n_total) for r in recs)
             S = sum(output_diagonal(layer, r.dy) * (r.n / n_total) for r in recs)
+            if inv_scale is not None:
+                S = S * inv_scale.to(device=S.device, dtype=S.dtype).square()
             state = self.state[layer.weight]
             if "fisher_H" not in state:
                 state["fisher_H"], state["fisher_S"] = torch.ones_like(H), torch.ones_like(S)
