@@ -48,3 +48,53 @@ bench: install
 
 clean:
 	rm -rf build dist *.egg-info $(STAMPS) fop_kernels/_C*.so
+
+# ---- wheels and the CMake build (issue 2) ----
+# `make wheel`: the CPU wheel (+cpu) into dist/, built against the torch in $(VENV).
+# `make wheel-cuda`: a +cu130 wheel built in $(CUDA_VENV) against the CUDA torch ($(CUDA_TORCH_SPEC)), the nvcc
+# toolkit at $(CUDA_HOME_BUILD) and the cuSOLVER of the nvidia wheels in that venv; then the .so is checked.
+# Each wheel build uses its own build directory, so it never races `build_ext --inplace`.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_SPEC ?= torch==2.14.1
+# The toolkit: $(CUDA_HOME) if set, else /usr/local/cuda, else the one the nvcc on PATH resolves into.
+CUDA_HOME_BUILD ?= $(firstword $(wildcard $(CUDA_HOME) /usr/local/cuda) \
+	$(shell nvcc_path=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$nvcc_path))))
+CUDA_ARCHS ?= 8.0;9.0
+
+wheel: install
+	rm -rf dist/fop_kernels-*+cpu-*.whl
+	FOP_KERNELS_FORCE_CPU=1 $(VPY) setup.py -q build --build-base build/wheel-cpu \
+		bdist_wheel --bdist-dir build/wheel-cpu/bdist --dist-dir dist
+	ls dist/fop_kernels-*+cpu-*.whl
+
+$(STAMPS)/venv-cuda:
+	@mkdir -p $(STAMPS)
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+		$(CUDA_VENV)/bin/python -m pip install $(CUDA_TORCH_SPEC)
+	$(CUDA_VENV)/bin/python -m pip install "setuptools>=69" wheel ninja numpy
+	@touch $@
+
+wheel-cuda: $(STAMPS)/venv-cuda
+	test -n "$(CUDA_HOME_BUILD)" || { echo "nvcc not found: set CUDA_HOME_BUILD to a CUDA toolkit"; exit 1; }
+	rm -rf dist/fop_kernels-*+cu*-*.whl
+	CUDA_HOME=$(CUDA_HOME_BUILD) FOP_KERNELS_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
+		$(CUDA_VENV)/bin/python setup.py -q build --build-base build/wheel-cuda \
+		bdist_wheel --bdist-dir build/wheel-cuda/bdist --dist-dir dist
+	rm -rf build/wheel-cuda/check && mkdir -p build/wheel-cuda/check
+	cd build/wheel-cuda/check && $(abspath $(CUDA_VENV))/bin/python -m zipfile -e $(abspath $(wildcard dist/fop_kernels-*+cu*-*.whl)) .
+	readelf -d build/wheel-cuda/check/fop_kernels/_C*.so | grep NEEDED
+	readelf -d build/wheel-cuda/check/fop_kernels/_C*.so | grep -q 'libtorch_cuda.so' 
+	readelf -d build/wheel-cuda/check/fop_kernels/_C*.so | grep -q 'libcusolver.so'
+	$(CUDA_VENV)/bin/python -c "import glob, torch; \
+		torch.ops.load_library(glob.glob('build/wheel-cuda/check/fop_kernels/_C*.so')[0]); \
+		dump = torch._C._dispatch_dump('fop_kernels::eigh'); print(dump); \
+		assert 'CUDA: registered' in dump and 'CPU: registered' in dump, 'no CUDA kernel registered'"
+	ls dist/fop_kernels-*+cu*-*.whl
+
+cmake-test: install
+	cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+		-DPython_EXECUTABLE=$(abspath $(VPY))
+	cmake --build cmake-build -j2
+	ctest --test-dir cmake-build --output-on-failure

@@ -22,6 +22,7 @@ inline void check_square_list(at::TensorList mats, const char* op, const char* n
     const at::Tensor& m = mats[i];
     TORCH_CHECK(m.dim() == 2, op, ": ", name, "[", i, "] must be 2-D, got shape ", m.sizes());
     TORCH_CHECK(m.size(0) == m.size(1), op, ": ", name, "[", i, "] is not square: shape ", m.sizes());
+    TORCH_CHECK(m.size(0) > 0, op, ": ", name, "[", i, "] is empty (0 x 0)");
     TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kDouble, op, ": ", name, "[", i,
                 "] has unsupported dtype ", m.scalar_type(), "; expected float32 or float64");
     TORCH_CHECK(m.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", m.scalar_type(), " but ", name,

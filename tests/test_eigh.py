@@ -322,6 +322,7 @@ def bad_lists():
         ("empty", [], r"empty"),
         ("non_square", [_good(), _good(), torch.ones(3, 4)], r"mats\[2\].*not square"),
         ("not_2d", [_good(), torch.ones(2, 2, 2)], r"mats\[1\]"),
+        ("zero_size", [_good(), torch.ones(0, 0)], r"mats\[1\].*empty"),
         ("wrong_dtype", [_good(), _good().half()], r"mats\[1\].*dtype"),
         ("int_dtype", [torch.eye(3, dtype=torch.int64)], r"mats\[0\].*dtype"),
         ("mixed_dtype", [_good(), _good(dtype=torch.float64)], r"mats\[1\].*dtype"),

@@ -110,6 +110,7 @@ void raise_on_flags(const std::vector<Group>& groups, const TensorVec& flags, co
 
 // ---- cuSOLVER wrappers, float and double ----------------------------------------------------------------------
 
+// Batched Jacobi settings (default tolerance and sweeps, eigenvalues sorted ascending).
 struct SyevjParams {
   syevjInfo_t p = nullptr;
   SyevjParams() {
@@ -157,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> decompose_group(at::Tensor a, at::Tensor& fla
   scalar_t* w_ptr = w.data_ptr<scalar_t>();
   int lwork = 0;
   if (n <= kJacobiMaxN) {
-    SyevjParams params;
+    static thread_local SyevjParams params;  // host-side settings, kept alive for every launch that used them
     FOP_CUSOLVER_CHECK(syevj_batched_buffer(handle, n, a_ptr, w_ptr, &lwork, params.p, static_cast<int>(k)));
     at::Tensor work = at::empty({std::max(1, lwork)}, a.options());
     FOP_CUSOLVER_CHECK(syevj_batched(handle, n, a_ptr, w_ptr, work.data_ptr<scalar_t>(), lwork,

@@ -22,6 +22,8 @@ def _check_structure(mats) -> list[torch.Tensor]:
     for i, m in enumerate(mats):
         if m.shape[0] != m.shape[1]:
             raise ValueError(f"mats[{i}] is not square: shape {tuple(m.shape)}")
+        if m.shape[0] == 0:
+            raise ValueError(f"mats[{i}] is empty (0 x 0)")
         if m.dtype != mats[0].dtype:
             raise TypeError(f"mats[{i}] has dtype {m.dtype} but mats[0] has {mats[0].dtype}; use one dtype")
     return mats
