@@ -1,0 +1,273 @@
+"""Step time of FOP and KFAC against SGD and AdamW on a ResNet-18-layout CNN, side by side in one process.
+
+Each round times one full step (zero_grad, forward, backward, optimizer.step) of every optimizer in turn, each on
+its own copy of the same model and batch, so that machine noise hits all of them alike. Reported per optimizer:
+median plain step, median curvature step (factor update + eigendecomposition, every `--interval` steps), the
+mean over whole intervals, their ratios to SGD, and for KFAC/FOP the split per phase (ms per step, averaged over
+the measured steps): capture (hooks: forward+backward time beyond SGD's), factors, decompositions,
+gradients (stacking; FOP: the half-batch GEMM), rotate (the four bmm), sums+combine, outer update.
+`--memory` runs each optimizer in a fresh subprocess and reports its peak memory (CUDA: max allocated;
+CPU: peak RSS growth over the process's RSS after building the model and data).
+
+    flock /tmp/fop_bench.lock .venv/bin/python bench/bench_step.py --width 16 --batch 128 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from fop import FOP, KFAC
+from torch import nn
+
+OPTIMIZERS = ("sgd", "adamw", "kfac", "fop")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 (2-2-2-2 basic blocks); width 64 is the standard 11.2M-parameter model."""
+
+    def __init__(self, width: int = 64, classes: int = 10):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        blocks, cin = [], w
+        for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            for j in range(2):
+                blocks.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(8 * w, classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+def make_optimizer(name, model, args):
+    curvature = dict(lr=args.lr, damping=args.damping, factor_interval=args.interval, inverse_interval=args.interval,
+                     weight_decay=5e-4)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-4)
+    if name == "kfac":
+        return KFAC(model, **curvature)
+    return FOP(model, **curvature)
+
+
+PHASES = ("_update_factors", "_decompose", "_bucket_gradients", "_combine", "_precondition", "_outer_update")
+
+
+def instrument(opt, sync):
+    """Wrap the optimizer's phase methods with timers (seconds accumulated per phase)."""
+    totals = dict.fromkeys(PHASES, 0.0)
+    for name in PHASES:
+        fn = getattr(opt, name)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            sync()
+            t = time.perf_counter()
+            out = _fn(*a, **k)
+            sync()
+            totals[_name] += time.perf_counter() - t
+            return out
+
+        setattr(opt, name, timed)
+    return totals
+
+
+def run(args):
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    base = ResNet18(args.width).to(dev)
+    x = torch.randn(args.batch, 3, args.image, args.image, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    names = args.only or list(OPTIMIZERS)
+    models = {n: copy.deepcopy(base) for n in names}
+    opts = {n: make_optimizer(n, models[n], args) for n in names}
+    phases = {n: instrument(o, sync) for n, o in opts.items() if isinstance(o, KFAC)}
+    fb = {n: [] for n in names}
+    st = {n: [] for n in names}
+    total_steps = args.warmup + args.steps
+    for step in range(total_steps):
+        if step == args.warmup:
+            for p in phases.values():
+                for k in p:
+                    p[k] = 0.0
+        for n in names:
+            m, o = models[n], opts[n]
+            sync()
+            t0 = time.perf_counter()
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            sync()
+            t1 = time.perf_counter()
+            o.step()
+            sync()
+            t2 = time.perf_counter()
+            if step >= args.warmup:
+                fb[n].append(t1 - t0)
+                st[n].append(t2 - t1)
+    return names, fb, st, phases, sum(p.numel() for p in base.parameters())
+
+
+def summarize(args, names, fb, st, phases, n_params):
+    k = args.interval
+    rows = {}
+    for n in names:
+        tot = [a + b for a, b in zip(fb[n], st[n])]
+        curv = [t for i, t in enumerate(tot) if (i + args.warmup) % k == 0]
+        plain = [t for i, t in enumerate(tot) if (i + args.warmup) % k != 0]
+        rows[n] = dict(plain=statistics.median(plain), curvature=statistics.median(curv) if curv else float("nan"),
+                       mean=statistics.fmean(tot), fb=statistics.fmean(fb[n]))
+    sgd = rows.get("sgd")
+    lines = [f"ResNet-18 layout, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
+             f"{args.image}x{args.image}, device {args.device}, threads {torch.get_num_threads()}, interval {k}, "
+             f"{args.steps} measured steps after {args.warmup} warm-up",
+             "", "| optimizer | plain step (ms, median) | curvature step (ms, median) | mean step (ms) | mean / SGD |",
+             "| --- | --- | --- | --- | --- |"]
+    for n in names:
+        r = rows[n]
+        ratio = r["mean"] / sgd["mean"] if sgd else float("nan")
+        lines.append(f"| {n} | {r['plain'] * 1e3:.1f} | {r['curvature'] * 1e3:.1f} | {r['mean'] * 1e3:.1f} | "
+                     f"{ratio:.3f} |")
+    if sgd and "kfac" in rows and "fop" in rows:
+        kf, fo = rows["kfac"]["mean"] - sgd["mean"], rows["fop"]["mean"] - sgd["mean"]
+        lines += ["", f"FOP extra over KFAC / KFAC overhead over SGD: {(fo - kf) / kf:.3f} (target <= 0.25); "
+                      f"FOP mean step / SGD: {rows['fop']['mean'] / sgd['mean']:.3f} (target <= 1.5)"]
+    if phases:
+        lines += ["", "| phase (ms per step, mean) | " + " | ".join(phases) + " |",
+                  "| --- |" + " --- |" * len(phases)]
+        steps = args.steps
+
+        def cell(n, key):
+            p = phases[n]
+            if key == "capture":
+                return (rows[n]["fb"] - sgd["fb"]) * 1e3 if sgd else float("nan")
+            if key == "rotate":
+                return (p["_precondition"] - p["_bucket_gradients"] - p["_combine"]) / steps * 1e3
+            return p[key] / steps * 1e3
+
+        labels = (("capture (hooks)", "capture"), ("factors", "_update_factors"), ("decompositions", "_decompose"),
+                  ("gradients (FOP: half-batch GEMM)", "_bucket_gradients"), ("rotate (bmm)", "rotate"),
+                  ("sums + combine", "_combine"), ("outer update", "_outer_update"))
+        for label, key in labels:
+            lines.append(f"| {label} | " + " | ".join(f"{cell(n, key):.1f}" for n in phases) + " |")
+    return "\n".join(lines), rows
+
+
+def memory(args):
+    """Peak memory per optimizer, each in a fresh subprocess."""
+    out = {}
+    for n in args.only or OPTIMIZERS:
+        cmd = [sys.executable, __file__, "--memory-child", n, "--width", str(args.width), "--batch", str(args.batch),
+               "--image", str(args.image), "--interval", str(args.interval), "--device", args.device,
+               "--steps", str(max(args.interval + 2, 4)), "--warmup", "0"]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[n] = json.loads(res.stdout.strip().splitlines()[-1])
+    lines = ["| optimizer | peak memory (MiB) | vs SGD | vs KFAC | optimizer-held at step (MiB) |",
+             "| --- | --- | --- | --- | --- |"]
+    for n, r in out.items():
+        mib = r["peak"] / 2**20
+        vs = {b: (r["peak"] / out[b]["peak"] if b in out else float("nan")) for b in ("sgd", "kfac")}
+        lines.append(f"| {n} | {mib:.1f} | {vs['sgd']:.3f} | {vs['kfac']:.3f} | {r['held'] / 2**20:.1f} |")
+    what = ("CUDA max allocated" if args.device == "cuda"
+            else "CPU: peak RSS growth after model and data are built, coarse")
+    return f"Peak memory ({what}), {args.interval + 2} steps:\n\n" + "\n".join(lines)
+
+
+def memory_child(args):
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    model = ResNet18(args.width).to(dev)
+    x = torch.randn(args.batch, 3, args.image, args.image, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    opt = make_optimizer(args.memory_child, model, args)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/statm") as f:
+            start = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    held = 0
+    for _ in range(args.steps):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        held = max(held, held_bytes(opt))
+        opt.step()
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - start
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
+    print(json.dumps({"peak": peak, "held": held}))
+
+
+def held_bytes(opt) -> int:
+    """Bytes of distinct storages the optimizer holds when step() starts: its state (momentum, factors,
+    eigenvectors) and the hooks' captured inputs and output gradients."""
+    tensors = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    if isinstance(opt, KFAC):
+        tensors += [t for t in opt.factors_A + opt.factors_G if t is not None]
+        tensors += [t for b in opt.buckets for t in (b.QA, b.QG, b.lA, b.lG)]
+        tensors += [t for recs in opt.capture.records for r in recs for t in (r.a, r.dy) if t is not None]
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64: the standard model)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--image", type=int, default=32)
+    p.add_argument("--interval", type=int, default=10, help="factor_interval = inverse_interval")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--damping", type=float, default=1e-2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", nargs="*", choices=OPTIMIZERS)
+    p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
+    p.add_argument("--memory-child", choices=OPTIMIZERS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+    text, _ = summarize(args, *run(args))
+    print(text)
+    if args.memory:
+        print()
+        print(memory(args))
+
+
+if __name__ == "__main__":
+    main()
