@@ -75,7 +75,7 @@ def test_fisher_inner_products(benchmark, dtype, mode, impl):
         "reference": lambda: ref.fisher_inner_products(A, D, lG, lA, DAMPING, mode),
         "cpp": lambda: fop_kernels.fisher_inner_products(A, D, lG, lA, DAMPING, mode, backend="cpp"),
     }
-    _run(benchmark, f"fisher_inner_products resnet18 {dtype} {mode}", impl, fns[impl], rounds=5)
+    _run(benchmark, f"fisher_inner_products resnet18 {dtype} {mode}", impl, fns[impl], rounds=9)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
@@ -89,7 +89,7 @@ def test_project_combine(benchmark, dtype, mode, impl):
         "reference": lambda: ref.project_combine(A, D, sums, lG, lA, DAMPING, mode),
         "cpp": lambda: fop_kernels.project_combine(A, D, sums, lG, lA, DAMPING, mode, backend="cpp"),
     }
-    _run(benchmark, f"project_combine resnet18 {dtype} {mode}", impl, fns[impl], rounds=7)
+    _run(benchmark, f"project_combine resnet18 {dtype} {mode}", impl, fns[impl], rounds=9)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp"])
@@ -105,4 +105,4 @@ def test_fop_eigenbasis_step(benchmark, impl):
         sums = fop_kernels.fisher_inner_products(A, D, lG, lA, DAMPING, backend="cpp")
         return fop_kernels.project_combine(A, D, sums, lG, lA, DAMPING, backend="cpp")
 
-    _run(benchmark, "FOP eigenbasis step (sums + combine) resnet18 fp32 eigen", impl, step, rounds=5)
+    _run(benchmark, "FOP eigenbasis step (sums + combine) resnet18 fp32 eigen", impl, step, rounds=9)
