@@ -25,8 +25,8 @@ DECAY = 0.05
 _MEDIANS: dict[tuple[str, str], float] = {}
 
 
-def _interleaved_speedup(reference, fast, pairs: int = 7) -> float:
-    """Median over `pairs` of t_reference / t_fast, the two timed back to back: robust to a shared, loaded CPU."""
+def _interleaved_speedup(reference, fast, pairs: int = 9) -> tuple[float, float, float]:
+    """(median, p20, p80) over `pairs` of t_reference / t_fast, the two timed back to back (robust to a shared CPU)."""
     reference(), fast()
     ratios = []
     for _ in range(pairs):
@@ -36,7 +36,8 @@ def _interleaved_speedup(reference, fast, pairs: int = 7) -> float:
         fast()
         t2 = time.perf_counter()
         ratios.append((t1 - t0) / (t2 - t1))
-    return statistics.median(ratios)
+    ratios.sort()
+    return statistics.median(ratios), ratios[int(0.2 * (pairs - 1))], ratios[int(round(0.8 * (pairs - 1)))]
 
 
 def _have_cpp(op: str) -> bool:
@@ -53,13 +54,13 @@ def _run(benchmark, group: str, impl: str, fn, rounds: int, reference=None):
     _MEDIANS[(group, impl)] = median
     base = _MEDIANS.get((group, "reference"))
     if impl != "reference" and reference is not None:
-        interleaved = _interleaved_speedup(reference, fn)
-        benchmark.extra_info["speedup_interleaved"] = interleaved
+        interleaved, p20, p80 = _interleaved_speedup(reference, fn)
+        benchmark.extra_info.update({"speedup_interleaved": interleaved, "speedup_p20": p20, "speedup_p80": p80})
         line = f"\n[{group}] {impl}: {median * 1e3:.2f} ms"
         if base is not None:
             benchmark.extra_info["speedup_of_medians"] = base / median
             line += f", reference {base * 1e3:.2f} ms, ratio of medians {base / median:.2f}x"
-        print(f"{line}, interleaved speed-up {interleaved:.2f}x")
+        print(f"{line}, interleaved speed-up {interleaved:.2f}x (p20-p80 {p20:.2f}-{p80:.2f})")
 
 
 DENSE = [(4096, 512), (1024, 1152), (512, 2305), (32768, 256)]
