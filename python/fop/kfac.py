@@ -70,6 +70,10 @@ class KFAC(CurvatureOptimizer):
         fisher: "empirical" (factors from the training backward) or "mc" (G from a sampled-label backward that
             the user triggers with `optimizer.fisher_backward(logits)` after the forward of each step).
         factor_dtype: float32 or float64 for the factors and their eigendecompositions.
+        eigh_refresh_iters: 0 (default): a full eigendecomposition on every inverse step; k > 0: only the first is
+            full, later ones run k subspace iterations (Q <- qr(M Q)) from the previous eigenvectors through
+            `fop_kernels.eigh_refresh`: a few matmuls and a QR instead of an eigh (large factors on CPU; in one
+            process only, distributed runs decompose in full).
         exclude, loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
         distributed: None (on when torch.distributed runs more than one rank), False, True or a
             fop.distributed.DistributedOptions: factors averaged over ranks, eigendecompositions sharded.
@@ -78,7 +82,8 @@ class KFAC(CurvatureOptimizer):
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, *,
                  decoupled: bool = False, damping=1e-3, damping_mode: str = "eigen", factor_decay: float = 0.05,
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = None,
-                 fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, model=None, exclude=None,
+                 fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, eigh_refresh_iters: int = 0,
+                 model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         self.damping = check_schedule("damping", damping)
@@ -89,6 +94,7 @@ class KFAC(CurvatureOptimizer):
         self.kl_clip = None if kl_clip is None else check_float("kl_clip", kl_clip, low=0.0, low_open=True)
         self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
         self.factor_dtype = check_choice("factor_dtype", factor_dtype, (torch.float32, torch.float64))
+        self.eigh_refresh_iters = check_int("eigh_refresh_iters", eigh_refresh_iters, low=0)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled=bool(decoupled))
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, loss_reduction=loss_reduction,
                          check_finite=check_finite, grad_scaler=grad_scaler, distributed=distributed)
@@ -182,7 +188,15 @@ class KFAC(CurvatureOptimizer):
     def _decompose(self) -> None:
         """Eigendecompose every A and G in one batched call and stack them by layer shape."""
         mats = self.factors_A + self.factors_G
-        evals, evecs = self.comm.eigh(mats)  # fop_kernels.eigh(mats, clamp=True); distributed: sharded by owner
+        if self.eigh_refresh_iters and self.buckets and not self.comm.active:
+            n = len(self.layers)
+            prev = [None] * (2 * n)
+            for b in self.buckets:
+                for j, i in enumerate(b.index):
+                    prev[i], prev[n + i] = b.QA[j], b.QG[j]
+            evals, evecs = fop_kernels.eigh_refresh(mats, prev, iters=self.eigh_refresh_iters, clamp=True)
+        else:
+            evals, evecs = self.comm.eigh(mats)  # fop_kernels.eigh(mats, clamp=True); distributed: sharded by owner
         n = len(self.layers)
         self._set_buckets(evals[:n], evecs[:n], evals[n:], evecs[n:])
         self.decomposed_at = self.steps

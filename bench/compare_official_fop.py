@@ -1,0 +1,253 @@
+"""Our FOP beside the official FOP code (Kelares/HyperFisher @ bbf208e, folder fop/, built on ASDL), in one process.
+
+The official code is imported at run time from `--official-dir` (or FOP_OFFICIAL_DIR): the folder holding its
+`fop.py`. It needs ASDL (`asdfghjkl==0.1a5`, pure Python): importable, or installed into a folder given by
+`--asdl-dir` (or ASDL_DIR), e.g. `pip install --no-deps --target /work/ext/asdl asdfghjkl==0.1a5`. Nothing of it is
+copied here. Without the folder the script prints why and exits 0.
+
+1. Timing on a 225k-parameter MNIST CNN (no batch-coupled layers) at batch 2048 from the real MNIST IDX files:
+   SGD, the official FOP (two half-batch forward/backward passes per step, an extra full-batch MC-Fisher pass on
+   curvature steps, then SGD), our FOP with the MC Fisher (as the official) and with the empirical Fisher, stepped
+   in turn. Reported: median plain step, median curvature step, mean over whole intervals, ratios to SGD.
+2. Update directions at equal Fisher estimate and damping form: the official step computes its Kronecker factors
+   (MC Fisher, pi-split damping); the same factors are loaded into our FOP (damping_mode="factored"), and both
+   precondition the same batch. Reported: relative difference per layer.
+
+    flock /tmp/fop_bench.lock .venv/bin/python bench/compare_official_fop.py \\
+        --official-dir /work/ext/hyperfisher/fop --asdl-dir /work/ext/asdl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from fop import FOP
+from fop.data import load_mnist
+from torch import nn
+
+
+class MnistCNN(nn.Module):
+    """conv(1->32, 3x3) -> pool -> conv(32->64, 3x3) -> pool -> fc(3136->64) -> fc(64->10): 220,234 parameters
+    (220,064 without biases)."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=bias)
+        self.fc1 = nn.Linear(64 * 7 * 7, 64, bias=bias)
+        self.fc2 = nn.Linear(64, 10, bias=bias)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def import_official(official_dir: str, asdl_dir: str | None):
+    if asdl_dir:
+        sys.path.insert(0, asdl_dir)
+    spec = importlib.util.spec_from_file_location("official_fop", os.path.join(official_dir, "fop.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # prints nothing at import; its classes print on construction
+    import asdl
+
+    if not torch.cuda.is_available():  # ASDL wraps its phases in torch.cuda.nvtx ranges, which CPU builds lack
+        _stub_nvtx()
+    return module, asdl
+
+
+def _stub_nvtx():
+    """Replace the `nvtx` module that ASDL's modules imported with no-op ranges (CPU torch has no NVTX)."""
+    import contextlib
+    import types
+
+    stub = types.SimpleNamespace(range=lambda *a, **k: contextlib.nullcontext(), range_push=lambda *a, **k: 0,
+                                 range_pop=lambda *a, **k: 0, mark=lambda *a, **k: None)
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("asdl") and getattr(mod, "nvtx", None) is torch.cuda.nvtx:
+            mod.nvtx = stub
+
+
+class Quiet:
+    """Silence the official code's prints (it prints on construction and on some steps)."""
+
+    def __enter__(self):
+        self._stdout = sys.stdout
+        sys.stdout = open(os.devnull, "w")
+
+    def __exit__(self, *exc):
+        sys.stdout.close()
+        sys.stdout = self._stdout
+
+
+def official_optimizer(official, asdl, model, args, interval, ema_decay=0.05, damping=None):
+    cfg = asdl.PreconditioningConfig(data_size=args.batch, damping=args.damping if damping is None else damping,
+                                     ema_decay=ema_decay, preconditioner_upd_interval=interval,
+                                     curvature_upd_interval=interval,
+                                     ignore_modules=[nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm])
+    with Quiet():
+        maker = official.FOPGradientMaker(model, cfg, beta_adaptive=True, eta_adaptive=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    return maker, sgd
+
+
+def time_steps(args, official, asdl, data):
+    torch.manual_seed(0)
+    base = MnistCNN()
+    names = ["sgd", "official", "ours_mc", "ours_empirical"]
+    models = {n: copy.deepcopy(base) for n in names}
+    sgd = torch.optim.SGD(models["sgd"].parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    maker, off_sgd = official_optimizer(official, asdl, models["official"], args, args.interval)
+    ours = {n: FOP(models[n], lr=args.lr, momentum=0.9, weight_decay=5e-4, damping=args.damping,
+                   damping_mode="factored", factor_interval=args.interval, inverse_interval=args.interval,
+                   factor_decay=0.05, fisher="mc" if n == "ours_mc" else "empirical")
+            for n in ("ours_mc", "ours_empirical")}
+
+    def step(name, x, y):
+        m = models[name]
+        if name == "sgd":
+            sgd.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            sgd.step()
+        elif name == "official":
+            m.zero_grad()
+            with Quiet():
+                maker.run(m, x, y, F.cross_entropy, label_smoothing=0.0)
+            off_sgd.step()
+        else:
+            opt = ours[name]
+            opt.zero_grad()
+            logits = m(x)
+            if opt.fisher == "mc":
+                opt.fisher_backward(logits)
+            F.cross_entropy(logits, y).backward()
+            opt.step()
+
+    times = {n: [] for n in names}
+    g = torch.Generator().manual_seed(0)
+    total = args.warmup + args.steps
+    for i in range(total):
+        idx = torch.randint(0, len(data.train_y), (args.batch,), generator=g)
+        x, y = data.train_x[idx], data.train_y[idx]
+        for n in names:
+            t = time.perf_counter()
+            step(n, x, y)
+            if i >= args.warmup:
+                times[n].append(time.perf_counter() - t)
+    return names, times
+
+
+def report_times(args, names, times):
+    k = args.interval
+    rows = {}
+    for n in names:
+        curv = [t for i, t in enumerate(times[n]) if (i + args.warmup) % k == 0]
+        plain = [t for i, t in enumerate(times[n]) if (i + args.warmup) % k != 0]
+        rows[n] = (statistics.median(plain), statistics.median(curv), statistics.fmean(times[n]))
+    sgd = rows["sgd"]
+    lines = [f"MNIST CNN 220,234 params, batch {args.batch}, interval {k}, threads {torch.get_num_threads()}, "
+             f"{args.steps} measured steps after {args.warmup} warm-up (all optimizers stepped in turn)", "",
+             "| optimizer | plain step ms (x SGD) | curvature step ms (x SGD) | mean step ms (x SGD) |",
+             "| --- | --- | --- | --- |"]
+    for n in names:
+        p, c, m = rows[n]
+        lines.append(f"| {n} | {p * 1e3:.0f} ({p / sgd[0]:.2f}x) | {c * 1e3:.0f} ({c / sgd[1]:.2f}x) | "
+                     f"{m * 1e3:.0f} ({m / sgd[2]:.2f}x) |")
+    off = rows["official"][2] / sgd[2] - 1
+    for n in ("ours_mc", "ours_empirical"):
+        ours = rows[n][2] / sgd[2] - 1
+        lines.append(f"\n{n}: overhead over SGD {ours:.3f} vs official {off:.3f} -> ratio {ours / off:.2f} "
+                     f"(target <= 0.33); curvature step official / ours = {rows['official'][1] / rows[n][1]:.2f} "
+                     f"(target >= 2)")
+    return "\n".join(lines)
+
+
+def compare_directions(args, official, asdl, data):
+    """Same batch, same Kronecker factors (taken from the official step), factored damping: compare updates.
+
+    Without biases: ASDL's Kronecker factor A leaves the bias out and preconditions a bias by (G + lambda_G)^-1
+    alone, where we treat the bias as a column of ones in A (DESIGN.md), so the weights alone match exactly."""
+    torch.manual_seed(1)
+    model_o = MnistCNN(bias=False).double()
+    model_u = copy.deepcopy(model_o)
+    x = data.train_x[: args.batch].double()
+    y = data.train_y[: args.batch]
+    maker, _ = official_optimizer(official, asdl, model_o, args, 1, ema_decay=1.0)
+    model_o.zero_grad()
+    with Quiet():
+        maker.run(model_o, x, y, F.cross_entropy, label_smoothing=0.0)
+    official_dir = {n: p.grad.detach().clone() for n, p in model_o.named_parameters()}
+
+    opt = FOP(model_u, lr=1.0, momentum=0.0, damping=args.damping, damping_mode="factored",
+              factor_interval=10**9, inverse_interval=10**9, factor_dtype=torch.float64)
+    modules = dict(model_o.named_modules())
+    for i, layer in enumerate(opt.layers):
+        kron = maker._get_module_symmatrix(modules[layer.name], official_shape_kron(asdl))
+        opt.factors_A[i], opt.factors_G[i] = kron.A.detach().clone(), kron.B.detach().clone()
+    opt.factor_updates, opt.steps = 1, 1
+    opt._decompose()
+    opt.capture.release()
+    opt._arm_for(opt.steps)
+    before = {n: p.detach().clone() for n, p in model_u.named_parameters()}
+    opt.zero_grad()
+    F.cross_entropy(model_u(x), y).backward()
+    opt.step()
+    lines = ["| parameter | |ours - official| / |official| |", "| --- | --- |"]
+    worst = 0.0
+    for n, p in model_u.named_parameters():
+        ours = before[n] - p.detach()
+        rel = float((ours - official_dir[n]).norm() / official_dir[n].norm())
+        worst = max(worst, rel)
+        lines.append(f"| {n} | {rel:.2e} |")
+    stats = {k: {a: round(float(b), 4) for a, b in v.items()} for k, v in opt.last_stats().items()}
+    return (f"Update directions, float64, bias-free CNN, batch {args.batch}, damping {args.damping} (pi-split), "
+            "factors from the official MC-Fisher step:\n\n" + "\n".join(lines)
+            + f"\n\nworst relative difference {worst:.2e}; our s_proj/beta/eta per layer: {stats}")
+
+
+def official_shape_kron(asdl):
+    from asdl.matrices import SHAPE_KRON
+
+    return SHAPE_KRON
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--official-dir", default=os.environ.get("FOP_OFFICIAL_DIR"),
+                   help="folder with the official fop.py (Kelares/HyperFisher @ bbf208e, fop/)")
+    p.add_argument("--asdl-dir", default=os.environ.get("ASDL_DIR"), help="folder where asdfghjkl==0.1a5 is installed")
+    p.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "/work/shared/data/mnist"))
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--interval", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--skip-timing", action="store_true")
+    args = p.parse_args()
+    if not args.official_dir or not os.path.isfile(os.path.join(args.official_dir, "fop.py")):
+        print(f"skipped: the official FOP code is absent (--official-dir / FOP_OFFICIAL_DIR = {args.official_dir!r} "
+              "holds no fop.py); fetch Kelares/HyperFisher, check out bbf208e and pass its fop/ folder")
+        return
+    try:
+        official, asdl = import_official(args.official_dir, args.asdl_dir)
+    except ImportError as e:
+        print(f"skipped: the official FOP code needs ASDL (asdfghjkl==0.1a5): {e}; pass --asdl-dir")
+        return
+    data = load_mnist(args.data_dir)
+    print(compare_directions(args, official, asdl, data))
+    if not args.skip_timing:
+        print()
+        print(report_times(args, *time_steps(args, official, asdl, data)))
+
+
+if __name__ == "__main__":
+    main()
