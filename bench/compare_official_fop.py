@@ -7,8 +7,9 @@ copied here. Without the folder the script prints why and exits 0.
 
 1. Timing on a 225k-parameter MNIST CNN (no batch-coupled layers) at batch 2048 from the real MNIST IDX files:
    SGD, the official FOP (two half-batch forward/backward passes per step, an extra full-batch MC-Fisher pass on
-   curvature steps, then SGD), our FOP with the MC Fisher (as the official) and with the empirical Fisher, stepped
-   in turn. Reported: median plain step, median curvature step, mean over whole intervals, ratios to SGD.
+   curvature steps, then SGD), our FOP with the MC Fisher (as the official), with the empirical Fisher, and with
+   the empirical Fisher and eigh_refresh_iters=1 (subspace-iteration refresh of the eigenbases), stepped in turn.
+   Reported: median plain step, median curvature step, mean over whole intervals, ratios to SGD.
 2. Update directions at equal Fisher estimate and damping form: the official step computes its Kronecker factors
    (MC Fisher, pi-split damping); the same factors are loaded into our FOP (damping_mode="factored"), and both
    precondition the same batch. Reported: relative difference per layer.
@@ -102,14 +103,15 @@ def official_optimizer(official, asdl, model, args, interval, ema_decay=0.05, da
 def time_steps(args, official, asdl, data):
     torch.manual_seed(0)
     base = MnistCNN()
-    names = ["sgd", "official", "ours_mc", "ours_empirical"]
+    names = ["sgd", "official", "ours_mc", "ours_empirical", "ours_empirical_refresh"]
     models = {n: copy.deepcopy(base) for n in names}
     sgd = torch.optim.SGD(models["sgd"].parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     maker, off_sgd = official_optimizer(official, asdl, models["official"], args, args.interval)
     ours = {n: FOP(models[n], lr=args.lr, momentum=0.9, weight_decay=5e-4, damping=args.damping,
                    damping_mode="factored", factor_interval=args.interval, inverse_interval=args.interval,
-                   factor_decay=0.05, fisher="mc" if n == "ours_mc" else "empirical")
-            for n in ("ours_mc", "ours_empirical")}
+                   factor_decay=0.05, fisher="mc" if n == "ours_mc" else "empirical",
+                   eigh_refresh_iters=1 if n.endswith("refresh") else 0)
+            for n in names[2:]}
 
     def step(name, x, y):
         m = models[name]
@@ -162,7 +164,7 @@ def report_times(args, names, times):
         lines.append(f"| {n} | {p * 1e3:.0f} ({p / sgd[0]:.2f}x) | {c * 1e3:.0f} ({c / sgd[1]:.2f}x) | "
                      f"{m * 1e3:.0f} ({m / sgd[2]:.2f}x) |")
     off = rows["official"][2] / sgd[2] - 1
-    for n in ("ours_mc", "ours_empirical"):
+    for n in names[2:]:
         ours = rows[n][2] / sgd[2] - 1
         lines.append(f"\n{n}: overhead over SGD {ours:.3f} vs official {off:.3f} -> ratio {ours / off:.2f} "
                      f"(target <= 0.33); curvature step official / ours = {rows['official'][1] / rows[n][1]:.2f} "

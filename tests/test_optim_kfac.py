@@ -247,3 +247,26 @@ def test_forward_before_construction_uses_plain_gradient_then_preconditions():
     F.cross_entropy(m(x), y).backward()
     opt.step()
     assert opt.factor_updates == 1 and opt.buckets
+
+
+def test_eigh_refresh_matches_full_decomposition_on_fixed_factors():
+    """lr=0 and one batch: the factors never change, so refreshing from the exact basis keeps the same update."""
+    torch.manual_seed(28)
+    m = tiny_net().double()
+    x, y = _batch(8)
+    m_full, m_ref = copy.deepcopy(m), copy.deepcopy(m)
+    kwargs = dict(lr=0.0, momentum=0.0, damping=1e-2, factor_interval=1, inverse_interval=1,
+                  factor_dtype=torch.float64)
+    o_full, o_ref = KFAC(m_full, **kwargs), KFAC(m_ref, eigh_refresh_iters=2, **kwargs)
+    for _ in range(3):
+        dirs = []
+        for model, opt in ((m_full, o_full), (m_ref, o_ref)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            dirs.append(opt._curvature_step(None))
+            opt.steps += 1
+            opt._after_step()
+        for d_full, d_ref in zip(dirs[0].values(), dirs[1].values()):  # same layer order in both
+            torch.testing.assert_close(d_ref, d_full, rtol=1e-6, atol=1e-10)
+    with pytest.raises(ValueError, match="eigh_refresh_iters"):
+        KFAC(tiny_net(), eigh_refresh_iters=-1)
