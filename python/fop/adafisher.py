@@ -84,9 +84,9 @@ def input_diagonal(layer, h: torch.Tensor) -> torch.Tensor:
 def output_diagonal(layer, s: torch.Tensor) -> torch.Tensor:
     """The fresh S of one layer from its output gradient s, see the module docstring."""
     dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    if layer.kind == "conv2d":  # N x R x Ho x Wo: mean of s^2 over samples and positions
-        s = s.to(dtype)
-        return torch.einsum("nrhw,nrhw->r", s, s) / (s.shape[0] * s.shape[2] * s.shape[3])
+    if layer.kind == "conv2d":  # N x R x Ho x Wo: mean of s^2 over samples and positions (vecdot: no copies)
+        s3 = s.to(dtype).reshape(s.shape[0], s.shape[1], -1)
+        return torch.linalg.vecdot(s3, s3).sum(0) / (s3.shape[0] * s3.shape[2])
     if layer.kind == "linear":
         Y = s.reshape(-1, s.shape[-1])
         out = torch.empty(Y.shape[1], dtype=dtype, device=s.device)
