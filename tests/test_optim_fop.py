@@ -283,3 +283,22 @@ def test_digits_fop_and_kfac_reach_95_percent_before_sgd(one_thread):
     fop = epochs_to_accuracy(lambda m: FOP(m, lr=lr, damping=damping, factor_interval=1, inverse_interval=1))
     assert fop <= 40 and kfac <= 40, (sgd, kfac, fop)
     assert fop + 5 <= sgd and kfac + 5 <= sgd, (sgd, kfac, fop)
+
+
+@pytest.mark.gpu
+def test_fop_step_has_no_host_sync_on_cuda():
+    """A plain FOP step (no factor update, no decomposition) with check_finite=False never syncs the host."""
+    torch.manual_seed(15)
+    m = tiny_net().cuda()
+    opt = FOP(m, damping=1e-2, factor_interval=100, inverse_interval=100, check_finite=False)
+    x, y = torch.randn(16, 2, 6, 6, device="cuda"), torch.randint(0, 4, (16,), device="cuda")
+    for step in range(3):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        if step == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
