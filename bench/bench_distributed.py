@@ -106,7 +106,10 @@ def _rank_main(args) -> None:
         sgd_t = statistics.median(runs["sgd"]["times"])
         for name, run in runs.items():
             t = statistics.median(run["times"])
-            res = {"step_s": t, "ratio_to_sgd": t / sgd_t, "ddp_bytes_per_step": statistics.median(run["ddp_bytes"]),
+            paired = sorted(a / b for a, b in zip(run["times"], runs["sgd"]["times"]))  # same round, same load
+            res = {"step_s": t, "ratio_to_sgd": t / sgd_t, "paired_ratio_median": statistics.median(paired),
+                   "paired_ratio_min": paired[0], "paired_ratio_max": paired[-1], "round_step_s": run["times"],
+                   "ddp_bytes_per_step": statistics.median(run["ddp_bytes"]),
                    "wchar_per_step": statistics.median(run["wchar"])}
             if name != "sgd":
                 opt = run["opt"]
@@ -142,12 +145,14 @@ def _table(out: dict) -> str:
              f"{out['batch_per_rank']} per rank, factor = inverse interval {out['interval']}, "
              f"{out['rounds']} interleaved rounds x {out['steps']} steps",
              "",
-             "| optimizer | step (ms) | x DDP+SGD | DDP bytes/step | optimizer bytes/step (model) | (DDP + optimizer) "
+             "| optimizer | step (ms) | x DDP+SGD: median of per-round ratios [min, max] | DDP bytes/step | "
+             "optimizer bytes/step (model) | (DDP + optimizer) "
              "/ DDP | rank-0 socket bytes/step: measured / model |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in out["results"].items():
         ob = r.get("opt_bytes_per_step", {}).get("total", 0)
-        lines.append(f"| {name} | {1e3 * r['step_s']:.1f} | {r['ratio_to_sgd']:.2f} | {r['ddp_bytes_per_step']:.0f} "
+        lines.append(f"| {name} | {1e3 * r['step_s']:.1f} | {r['paired_ratio_median']:.2f} "
+                     f"[{r['paired_ratio_min']:.2f}, {r['paired_ratio_max']:.2f}] | {r['ddp_bytes_per_step']:.0f} "
                      f"| {ob:.0f} ({r.get('model_bytes_per_step', 0):.0f}) | "
                      f"{(r['ddp_bytes_per_step'] + ob) / sgd['ddp_bytes_per_step']:.2f} | "
                      f"{r['wchar_per_step']:.0f} / {r['wire_model_rank0']:.0f} |")

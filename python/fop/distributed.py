@@ -124,7 +124,9 @@ def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
             return NullComm()
         raise RuntimeError("distributed=... was given but torch.distributed is not initialized: call "
                            "torch.distributed.init_process_group first (torchrun sets the environment it reads)")
-    base = options.process_group or (ddp.process_group if ddp is not None else dist.group.WORLD)
+    base = options.process_group
+    if base is None:
+        base = ddp.process_group if ddp is not None else dist.group.WORLD
     world = dist.get_world_size(base)
     if options.split == "ranks" and world % 2:
         raise ValueError(f"split='ranks' (primary/secondary: even ranks form g1, odd ranks g2) needs an even world "
@@ -314,7 +316,7 @@ class Comm:
                 acc = torch.zeros(layers[i].shape, dtype=self.dtype, device=layers[i].weight.device)
             parts.append(acc.reshape(-1))
             self._acc[i] = None
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]  # our own accumulator: reduced in place
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self._works.append((work, flat, self.buckets[b]))
         self.bytes["half_batch_grad"] += flat.numel() * flat.element_size()
@@ -356,7 +358,7 @@ class Comm:
                 f"ranks disagree on this factor step: {int(total[1])} rank(s) captured no factor statistics (no "
                 f"forward/backward since the optimizer was built or armed?) while {int(total[2])} did; every rank "
                 f"must run the same forward and backward passes")
-            self._finish_pending()
+            self.end_step()
             raise err
         if half:
             rho1 = [v / self.world_size for v in total[3::2]]
@@ -371,7 +373,7 @@ class Comm:
         message = "" if error is None else f"{type(error).__name__}: {error}"
         messages = [None] * self.world_size
         dist.all_gather_object(messages, message, group=self.group)
-        self._finish_pending()
+        self.end_step()  # the step is abandoned: run forward and backward again before the next step()
         failed = {r: m for r, m in enumerate(messages) if m}
         summary = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
         if error is not None:
