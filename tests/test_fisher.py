@@ -21,7 +21,6 @@ from fop_kernels.reference import fisher as ref
 CPU = torch.device("cpu")
 SUMS_BACKENDS = backends_for("fisher_inner_products", CPU)
 COMBINE_BACKENDS = backends_for("project_combine", CPU)
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Odd sizes (not multiples of any block), a one-row and a one-column layer, more columns than one column block
 # (Triton's BLOCK_C is at most 256) and more rows than one row block.
 MIXED_SHAPES = [(5, 7), (1, 9), (6, 1), (33, 70), (3, 300), (17, 130)]
