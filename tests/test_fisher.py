@@ -189,6 +189,21 @@ def test_damping_as_a_tensor_equals_damping_as_a_float(backend):
         assert torch.equal(as_float, as_tensor)
 
 
+def test_cpp_sums_do_not_depend_on_the_thread_count():
+    if "cpp" not in SUMS_BACKENDS:
+        pytest.skip("the native extension is not loaded")
+    A, D, lG, lA = make_layers([(300, 200), (7, 5000), (64, 147)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fop_kernels.fisher_inner_products(A, D, lG, lA, DAMPING, backend="cpp")
+        torch.set_num_threads(max(2, threads))
+        many = fop_kernels.fisher_inner_products(A, D, lG, lA, DAMPING, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
 def test_triton_sums_use_one_launch_per_dtype_group(monkeypatch):
     if "triton" not in SUMS_BACKENDS:
         pytest.skip("triton is not available here")
