@@ -69,7 +69,7 @@ class ResNet18(nn.Module):
 
 def make_optimizer(name, model, args):
     curvature = dict(lr=args.lr, damping=args.damping, factor_interval=args.interval, inverse_interval=args.interval,
-                     weight_decay=5e-4)
+                     weight_decay=5e-4, eigh_refresh_iters=args.eigh_refresh_iters)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     if name == "adamw":
@@ -148,6 +148,7 @@ def summarize(args, names, fb, st, phases, n_params):
     sgd = rows.get("sgd")
     lines = [f"ResNet-18 layout, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
              f"{args.image}x{args.image}, device {args.device}, threads {torch.get_num_threads()}, interval {k}, "
+             f"eigh_refresh_iters {args.eigh_refresh_iters}, "
              f"{args.steps} measured steps after {args.warmup} warm-up",
              "", "| optimizer | plain step (ms, median) | curvature step (ms, median) | mean step (ms) | mean / SGD |",
              "| --- | --- | --- | --- | --- |"]
@@ -186,6 +187,7 @@ def memory(args):
     out = {}
     for n in args.only or OPTIMIZERS:
         cmd = [sys.executable, __file__, "--memory-child", n, "--width", str(args.width), "--batch", str(args.batch),
+               "--eigh-refresh-iters", str(args.eigh_refresh_iters),
                "--image", str(args.image), "--interval", str(args.interval), "--device", args.device,
                "--steps", str(max(args.interval + 2, 4)), "--warmup", "0"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -254,6 +256,7 @@ def main():
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--damping", type=float, default=1e-2)
+    p.add_argument("--eigh-refresh-iters", type=int, default=0, help="KFAC/FOP eigh_refresh_iters")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS)
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
