@@ -33,8 +33,8 @@ $(STAMPS)/install: $(STAMPS)/deps $(NATIVE_SOURCES)
 # writes out/demo/table.md, results.json and accuracy.png (a few minutes on 2 CPU cores).
 demo: install
 	$(VPY) -m fop_kernels
-	$(VPY) -m fop.train --data digits --model cnn --batch-sizes 1024,full --seeds 0,1,2 --epochs 60 \
-		--target 95 --out out/demo
+	$(VPY) -m fop.train --data digits --model cnn --batch-sizes 1024,full --seeds 0,1,2 --epochs 40 \
+		--target 95 --curvature-interval 1 --out out/demo
 
 test: install
 	$(VPY) -m pytest -q tests
@@ -61,10 +61,13 @@ CUDA_HOME_BUILD ?= $(firstword $(wildcard $(CUDA_HOME) /usr/local/cuda) \
 	$(shell nvcc_path=$$(command -v nvcc) && dirname $$(dirname $$(readlink -f $$nvcc_path))))
 CUDA_ARCHS ?= 8.0;9.0
 
+# The CPU wheel shares build/ with `setup.py build_ext --inplace` (same flags, so ninja reuses its objects),
+# under the same lock that in-place builds take.
+BUILD_LOCK := $(if $(shell command -v flock),flock /tmp/fop_build.lock,)
+
 wheel: install
-	rm -rf dist/fop_kernels-*+cpu-*.whl
-	FOP_KERNELS_FORCE_CPU=1 $(VPY) setup.py -q build --build-base build/wheel-cpu \
-		bdist_wheel --bdist-dir build/wheel-cpu/bdist --dist-dir dist
+	rm -rf dist/fop_kernels-*+cpu-*.whl build/bdist-cpu
+	FOP_KERNELS_FORCE_CPU=1 $(BUILD_LOCK) $(VPY) setup.py -q bdist_wheel --bdist-dir build/bdist-cpu --dist-dir dist
 	ls dist/fop_kernels-*+cpu-*.whl
 
 $(STAMPS)/venv-cuda:
