@@ -21,9 +21,9 @@ F~ = 1 for every other parameter:
     AdaFisher:  g <- g + wd theta;  m <- beta m + (1 - beta) g;  theta <- theta - lr / (1 - beta^t) m / F~
     AdaFisherW: m <- beta m + (1 - beta) g;  theta <- (1 - lr wd) theta - lr / (1 - beta^t) m / F~
 
-With ema="public" the running diagonals settle near 0.008 / 0.92 = 0.0087 of a [0, 1] value, so after the first
-refreshes S_j H_i <= 7.6e-5 and F~ stays within 7.6% of `damping` (1e-3): see `fisher_range()` and
-docs/frog_adafisher.md for the measured figures.
+With ema="public" a running diagonal after k refreshes is at most 0.08^k + 0.0087 (fixed point 0.008 / 0.92 of a
+[0, 1] value), so from the third refresh on S_j H_i <= 8.5e-5 and F~ stays within 8.5% of `damping` (1e-3): see
+`fisher_range()` and docs/frog_adafisher.md for the measured figures.
 """
 
 from __future__ import annotations
