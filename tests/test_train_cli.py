@@ -356,3 +356,24 @@ def test_divergence_is_recorded():
     record = train.run_one(data, "sgd", 512, 0, config, lr=1e6)
     assert record["diverged"] and record["reached_epoch"] is None
     assert len(record["history"]) < 3
+
+
+def test_cli_merge_of_separate_seed_runs(tmp_path, capsys):
+    _make_idx_dataset(str(tmp_path / "d"))
+    common = ["--data", "mnist", "--data-dir", str(tmp_path / "d"), "--model", "mlp", "--width", "16",
+              "--optimizers", "sgd", "--batch-sizes", "48", "--epochs", "2", "--quiet"]
+    for seed in ("0", "1"):
+        assert train.main(common + ["--seeds", seed, "--out", str(tmp_path / f"s{seed}")]) == 0
+    parts = [str(tmp_path / f"s{s}" / "results.json") for s in ("0", "1")]
+    assert train.main(["--merge", *parts, "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert [r["seed"] for r in merged["runs"]] == [0, 1] and merged["meta"]["seeds"] == [0, 1]
+    assert merged["summary"][0]["seeds"] == 2 and merged["meta"]["merged_from"] == parts
+    assert (tmp_path / "merged" / "accuracy.png").exists() and (tmp_path / "merged" / "table.md").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train.main(["--merge", parts[0], parts[0], "--out", str(tmp_path / "again")])
+    assert "repeat an (optimizer, batch size, seed) run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--merge", str(tmp_path / "none.json"), "--out", str(tmp_path / "again")])
+    assert "cannot read runs from" in capsys.readouterr().err

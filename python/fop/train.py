@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/train", help="output directory for table.md, results.json, accuracy.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--list", action="store_true", help="list optimizers, models and datasets, then exit")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: merge the runs of these results.json files (e.g. seeds run in separate "
+                        "processes) and write the table, JSON and plot into --out")
     return p
 
 
@@ -334,6 +337,46 @@ def _listing() -> str:
     return "\n".join(lines)
 
 
+def _write_outputs(out: str, meta: dict, runs: list[dict], target: float, title: str) -> str:
+    os.makedirs(out, exist_ok=True)
+    rows = summarize(runs)
+    write_json(os.path.join(out, "results.json"), meta, runs, rows)
+    table = f"# {title}\n\nCommand: `{meta['command']}`\n\n" + markdown_table(rows, target)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table)
+    plot_curves(os.path.join(out, "accuracy.png"), runs, target, title=title)
+    return table
+
+
+def _merge(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import json
+
+    metas, runs = [], []
+    for path in args.merge:
+        try:
+            with open(path) as f:
+                result = json.load(f)
+            metas.append(result["meta"])
+            runs.extend(result["runs"])
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"--merge: cannot read runs from {path}: {exc}")
+    targets = {m["config"]["target"] for m in metas}
+    if len(targets) != 1:
+        parser.error(f"--merge: the files have different targets {sorted(targets)}")
+    target = targets.pop()
+    keys = [(r["optimizer"], r["batch_size"], r["seed"]) for r in runs]
+    if len(set(keys)) != len(keys):
+        parser.error("--merge: the files repeat an (optimizer, batch size, seed) run")
+    meta = {**metas[0], "command": " + ".join(m["command"] for m in metas), "merged_from": list(args.merge),
+            "seeds": sorted({r["seed"] for r in runs})}
+    runs.sort(key=lambda r: (r["seed"], meta["batch_sizes"].index(r["batch_size"])
+                             if r["batch_size"] in meta["batch_sizes"] else r["batch_size"]))
+    title = f"{meta['dataset']['name']}, {meta['config']['model']}, target {target:g}%"
+    table = _write_outputs(args.out, meta, runs, target, title)
+    print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -341,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print(_listing())
         return 0
+    if args.merge:
+        return _merge(parser, args)
 
     valid = available_optimizers()
     names = _parse_list(args.optimizers) if args.optimizers else valid
@@ -471,14 +516,9 @@ def main(argv: list[str] | None = None) -> int:
                 meta["finished_runs"] = len(runs)
                 rows = summarize(runs)
                 write_json(json_path, meta, runs, rows)
-    rows = summarize(runs)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    write_json(json_path, meta, runs, rows)
     title = f"{data.name}, {args.model}, target {args.target:g}%"
-    table = f"# {title}\n\nCommand: `{meta['command']}`\n\n" + markdown_table(rows, args.target)
-    with open(table_path, "w") as f:
-        f.write(table)
-    plot_curves(plot_path, runs, args.target, title=title)
+    table = _write_outputs(args.out, meta, runs, args.target, title)
     print(table)
     print(f"wrote {table_path}, {json_path}, {plot_path}")
     return 0
