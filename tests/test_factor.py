@@ -76,6 +76,21 @@ def test_accumulate_factor_nonsymmetric_state_and_fp64(backend):
 
 
 @pytest.mark.parametrize("backend", _backends("accumulate_factor"))
+@pytest.mark.parametrize("d", [7, 140])
+def test_float64_input_into_float32_state(backend, d):
+    """X float64 with a float32 state: accumulated in float64, rounded once into F (single- and multi-tile)."""
+    X = torch.randn(19, d, dtype=torch.float64)
+    F0, f0 = _symmetric(d), torch.rand(d)
+    F, f = F0.clone(), f0.clone()
+    fop_kernels.accumulate_factor(F, X, 0.3, 0.2, backend=backend)
+    fop_kernels.accumulate_factor_diag(f, X, 0.3, 0.2, backend=backend)
+    assert F.dtype == torch.float32 and f.dtype == torch.float32
+    assert_close(F, ref.accumulate_factor(F0.double(), X, 0.3, 0.2), *TOLERANCES[torch.float32], what=f"[{backend}]")
+    assert_close(f, ref.accumulate_factor_diag(f0.double(), X, 0.3, 0.2), *TOLERANCES[torch.float32],
+                 what=f"diag [{backend}]")
+
+
+@pytest.mark.parametrize("backend", _backends("accumulate_factor"))
 def test_accumulate_factor_noncontiguous(backend):
     base = torch.randn(150, 46)
     X = base[::3, ::2]  # 50 x 23, strides (138, 2)
