@@ -402,3 +402,54 @@ def test_autocast_bf16_cpu():
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all()) for p in m.parameters())
     assert all(A.dtype == torch.float32 for A in opt.factors_A)
     assert losses[-1] < losses[0]
+
+
+def test_loss_reduction_sum_matches_mean():
+    """A summed loss with loss_reduction="sum" and lr / N steps exactly like the mean loss (same factors)."""
+    torch.manual_seed(7)
+    m1 = small_cnn().double()
+    m2 = copy.deepcopy(m1)
+    m1[3].eval()
+    m2[3].eval()
+    N = 8
+    o1 = FOP(m1, lr=0.1, momentum=0.0, damping=1e-2, factor_interval=1, factor_dtype=torch.float64)
+    o2 = FOP(m2, lr=0.1 / N, momentum=0.0, damping=1e-2, factor_interval=1, factor_dtype=torch.float64,
+             loss_reduction="sum")
+    x, y = torch.randn(N, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (N,))
+    F.cross_entropy(m1(x), y).backward()
+    F.cross_entropy(m2(x), y, reduction="sum").backward()
+    o1.step()
+    o2.step()
+    for A1, A2, G1, G2 in zip(o1.factors_A, o2.factors_A, o1.factors_G, o2.factors_G):
+        torch.testing.assert_close(A1, A2)
+        torch.testing.assert_close(G1, G2)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
+
+
+def test_gradscaler_with_user_unscale_needs_grad_scaler_argument():
+    torch.manual_seed(8)
+    m1 = small_cnn().double()
+    m1[3].eval()
+    m2, m3 = copy.deepcopy(m1), copy.deepcopy(m1)
+    kwargs = dict(lr=0.1, factor_interval=1, damping=1e-2, factor_dtype=torch.float64)
+    o1 = KFAC(m1, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    o2 = KFAC(m2, grad_scaler=scaler, **kwargs)
+    o3 = KFAC(m3, **kwargs)
+    x, y = torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    F.cross_entropy(m1(x), y).backward()
+    o1.step()
+    scaler.scale(F.cross_entropy(m2(x), y)).backward()
+    scaler.unscale_(o2)  # e.g. for gradient clipping
+    scaler.step(o2)
+    scaler.update()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
+    scaler3 = torch.amp.GradScaler("cpu", init_scale=2.0**6)
+    scaler3.scale(F.cross_entropy(m3(x), y)).backward()
+    scaler3.unscale_(o3)
+    before = [p.detach().clone() for p in m3.parameters()]
+    with pytest.raises(RuntimeError, match="grad_scaler=scaler"):
+        scaler3.step(o3)
+    assert all(torch.equal(a, p) for a, p in zip(before, m3.parameters()))
