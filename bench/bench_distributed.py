@@ -5,8 +5,10 @@ Run (a script, not a pytest benchmark: it starts its own rank processes on 127.0
 
 Each rank runs with one thread. The three optimizers train their own DDP copies of one CNN in interleaved rounds
 (`--rounds` x `--steps` steps each, factor and inverse interval `--interval`), so a load change on the shared CPU hits
-them alike. Reported, per optimizer: the median over rounds of the mean step time (forward, backward, step) and its
-ratio to DDP+SGD; bytes per step handed to collectives (DDP's buckets counted by a comm hook; the optimizer's from
+them alike. Reported, per optimizer: the median over rounds of the mean step time (forward, backward, step), the
+median of the per-round ratios to DDP+SGD (paired within a round: robust to a load that changes between rounds);
+the process CPU time per step of rank 0 (all its threads: the work done, unaffected by waiting for a loaded CPU);
+bytes per step handed to collectives (DDP's buckets counted by a comm hook; the optimizer's from
 `optimizer.comm.stats()`); and the bytes each rank wrote to its sockets (`wchar` of /proc/self/io, gloo's TCP
 traffic) against the cost model of docs/distributed.md.
 """
@@ -69,7 +71,7 @@ def _rank_main(args) -> None:
         else:
             opt = (FOP if name == "fop" else KFAC)(ddp, **hyper)
         runs[name] = {"ddp": ddp, "opt": opt, "counter": counter, "times": [], "wchar": [], "ddp_bytes": [],
-                      "opt_bytes": []}
+                      "opt_bytes": [], "cpu": []}
     gen = torch.Generator().manual_seed(100 + rank)
     data = [(torch.randn(args.batch, 1, args.image, args.image, generator=gen),
              torch.randint(0, 10, (args.batch,), generator=gen)) for _ in range(8)]
@@ -78,6 +80,7 @@ def _rank_main(args) -> None:
         ddp, opt, counter = run["ddp"], run["opt"], run["counter"]
         counter["bytes"] = 0
         w0 = _wchar()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for s in range(steps):
             x, y = data[s % len(data)]
@@ -85,6 +88,7 @@ def _rank_main(args) -> None:
             F.cross_entropy(ddp(x), y).backward()
             opt.step()
         elapsed = time.perf_counter() - t0
+        run["cpu"].append((time.process_time() - c0) / steps)
         return elapsed / steps, (_wchar() - w0) / steps, counter["bytes"] / steps
 
     for run in runs.values():  # warm-up: first factor and inverse step, DDP's bucket rebuild
@@ -109,6 +113,8 @@ def _rank_main(args) -> None:
             paired = sorted(a / b for a, b in zip(run["times"], runs["sgd"]["times"]))  # same round, same load
             res = {"step_s": t, "ratio_to_sgd": t / sgd_t, "paired_ratio_median": statistics.median(paired),
                    "paired_ratio_min": paired[0], "paired_ratio_max": paired[-1], "round_step_s": run["times"],
+                   "cpu_step_s": statistics.median(run["cpu"][1:]),
+                   "cpu_ratio_to_sgd": statistics.median(run["cpu"][1:]) / statistics.median(runs["sgd"]["cpu"][1:]),
                    "ddp_bytes_per_step": statistics.median(run["ddp_bytes"]),
                    "wchar_per_step": statistics.median(run["wchar"])}
             if name != "sgd":
@@ -145,14 +151,16 @@ def _table(out: dict) -> str:
              f"{out['batch_per_rank']} per rank, factor = inverse interval {out['interval']}, "
              f"{out['rounds']} interleaved rounds x {out['steps']} steps",
              "",
-             "| optimizer | step (ms) | x DDP+SGD: median of per-round ratios [min, max] | DDP bytes/step | "
+             "| optimizer | step (ms) | x DDP+SGD: median of per-round ratios [min, max] | CPU time/step (ms), "
+             "x DDP+SGD | DDP bytes/step | "
              "optimizer bytes/step (model) | (DDP + optimizer) "
              "/ DDP | rank-0 socket bytes/step: measured / model |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in out["results"].items():
         ob = r.get("opt_bytes_per_step", {}).get("total", 0)
         lines.append(f"| {name} | {1e3 * r['step_s']:.1f} | {r['paired_ratio_median']:.2f} "
-                     f"[{r['paired_ratio_min']:.2f}, {r['paired_ratio_max']:.2f}] | {r['ddp_bytes_per_step']:.0f} "
+                     f"[{r['paired_ratio_min']:.2f}, {r['paired_ratio_max']:.2f}] | {1e3 * r['cpu_step_s']:.1f}, "
+                     f"{r['cpu_ratio_to_sgd']:.2f} | {r['ddp_bytes_per_step']:.0f} "
                      f"| {ob:.0f} ({r.get('model_bytes_per_step', 0):.0f}) | "
                      f"{(r['ddp_bytes_per_step'] + ob) / sgd['ddp_bytes_per_step']:.2f} | "
                      f"{r['wchar_per_step']:.0f} / {r['wire_model_rank0']:.0f} |")
