@@ -156,6 +156,17 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                                  "dims": [layer.in_dim for layer in opt.layers] + [layer.out_dim for layer in
                                                                                    opt.layers],
                                  "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+        if world == 3:  # resume one process's state (saved by the test after 3 steps) on 3 ranks
+            for kind in ("fop", "kfac"):
+                state = torch.load(out / f"single_{kind}.pt")
+                model = make_model()
+                model.load_state_dict(state["model"])
+                ddp = DDP(model)
+                opt = make_optimizer(kind, ddp)
+                opt.load_state_dict(state["optimizer"])
+                for batch in global_batches(world)[3:]:
+                    train_step(opt, ddp, *local(batch, rank))
+                results[f"{kind}_resumed"] = flat_params(model)
         torch.save(results, out / f"rank{rank}.pt")
         return 0
     except Exception as err:  # the failure scenario: report what this rank raised
@@ -222,9 +233,10 @@ def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[d
 
 
 # -- references in this process --------------------------------------------------------------------------------------
-def reference(kind: str, world: int, order: str, steps: range = range(STEPS), state=None) -> torch.Tensor:
+def reference(kind: str, world: int, order: str, steps: range = range(STEPS), state=None,
+              save_to: Path | None = None) -> torch.Tensor:
     """One process on the global batches (`order`: "halves" reorders them so that sub-batch 1 matches,
-    "accumulate" does that per micro-batch of a gradient accumulation)."""
+    "accumulate" does that per micro-batch of a gradient accumulation); `save_to`: save the final state there."""
     model = make_model()
     opt = make_optimizer(kind, model)
     if state is not None:
@@ -237,6 +249,8 @@ def reference(kind: str, world: int, order: str, steps: range = range(STEPS), st
             continue
         batch = halves_first(batches[step], world) if order == "halves" else batches[step]
         train_step(opt, model, *batch)
+    if save_to is not None:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, save_to)
     return flat_params(model)
 
 
@@ -335,12 +349,16 @@ def test_state_dict_from_rank0_restores_in_one_process(two_ranks):
 
 
 def test_three_ranks_equal_one_process(tmp_path):
+    """Also: a state_dict saved by one process after 3 steps restores on 3 ranks, which finish identically."""
+    for kind in ("fop", "kfac"):
+        reference(kind, 3, "halves", steps=range(3), save_to=tmp_path / f"single_{kind}.pt")
     _, results, _ = launch("equiv3", 3, tmp_path)
     for kind in ("fop", "kfac"):
         expected = reference(kind, 3, "halves")
         for rank in range(3):
             assert results[rank][kind]["identical"]
             assert_rel_close(results[rank][kind]["params"], expected)
+            assert_rel_close(results[rank][f"{kind}_resumed"], expected)
     assert "even world size" in results[0]["odd_ranks_error"]
 
 
