@@ -97,6 +97,14 @@ def accumulation_step(opt, model, batch, rank: int | None = None, world: int = 1
     opt.step()
 
 
+def scaled_step(opt, model, scaler, x, y) -> None:
+    """A GradScaler step: the loss scaled by a power of 2, so the result equals the unscaled one."""
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -125,7 +133,7 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
         if scenario == "fail":
             _fail_scenario(rank, world, out)
         else:
-            runs = [("fop", {}), ("kfac", {}), ("fop_accum", {})]
+            runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {})]
             if world % 2 == 0:
                 runs.append(("fop_ranks", {"distributed": DistributedOptions(split="ranks")}))
             else:
@@ -138,10 +146,13 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                 model = make_model()
                 ddp = DDP(model)
                 opt = make_optimizer(name.split("_")[0], ddp, **kwargs)
+                scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
                 step_bytes = []
                 for step, batch in enumerate(global_batches(world)):
                     if name == "fop_accum":
                         accumulation_step(opt, ddp, batch, rank, world)
+                    elif name == "fop_scaler":
+                        scaled_step(opt, ddp, scaler, *local(batch, rank))
                     else:
                         train_step(opt, ddp, *local(batch, rank))
                     step_bytes.append(dict(opt.comm.last_step_bytes))
@@ -284,6 +295,14 @@ def test_primary_secondary_split_equals_rank_batches_as_sub_batches(two_ranks):
         assert_rel_close(results[rank]["fop_ranks"]["params"], expected)
 
 
+def test_grad_scaler(two_ranks):
+    """torch.amp.GradScaler: the all-reduced half-batch gradients are unscaled like .grad."""
+    _, results = two_ranks
+    expected = reference("fop", 2, "halves")
+    for rank in range(2):
+        assert_rel_close(results[rank]["fop_scaler"]["params"], expected)
+
+
 def test_gradient_accumulation_with_no_sync(two_ranks):
     """DDP's no_sync() micro-batches: sub-batch 1 is the union of the first halves of every micro-batch of every
     rank, and the half-batch all-reduces start in the backward pass that DDP synchronizes."""
@@ -301,7 +320,7 @@ def test_half_batch_all_reduce_starts_in_backward(two_ranks):
         assert results[rank]["kfac"]["launches"] == {}
 
 
-@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks", "fop_accum"])
+@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks", "fop_accum", "fop_scaler"])
 def test_parameters_identical_across_ranks(two_ranks, kind):
     _, results = two_ranks
     assert all(results[rank][kind]["identical"] for rank in range(2))
