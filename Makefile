@@ -82,12 +82,12 @@ wheel-cuda: $(STAMPS)/venv-cuda
 	test -n "$(CUDA_HOME_BUILD)" || { echo "nvcc not found: set CUDA_HOME_BUILD to a CUDA toolkit"; exit 1; }
 	rm -rf dist/fop_kernels-*+cu*-*.whl
 	CUDA_HOME=$(CUDA_HOME_BUILD) FOP_KERNELS_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=2 \
-		$(CUDA_VENV)/bin/python setup.py -q build --build-base build/wheel-cuda \
-		bdist_wheel --bdist-dir build/wheel-cuda/bdist --dist-dir dist
+		FOP_KERNELS_BUILD_BASE=build/wheel-cuda \
+		$(CUDA_VENV)/bin/python setup.py -q bdist_wheel --bdist-dir build/wheel-cuda/bdist --dist-dir dist
 	rm -rf build/wheel-cuda/check && mkdir -p build/wheel-cuda/check
-	cd build/wheel-cuda/check && $(abspath $(CUDA_VENV))/bin/python -m zipfile -e $(abspath $(wildcard dist/fop_kernels-*+cu*-*.whl)) .
+	$(CUDA_VENV)/bin/python -m zipfile -e dist/fop_kernels-*+cu*-*.whl build/wheel-cuda/check
 	readelf -d build/wheel-cuda/check/fop_kernels/_C*.so | grep NEEDED
-	readelf -d build/wheel-cuda/check/fop_kernels/_C*.so | grep -q 'libtorch_cuda.so' 
+	readelf -d build/wheel-cuda/check/fop_kernels/_C*.so | grep -q 'libc10_cuda.so'
 	readelf -d build/wheel-cuda/check/fop_kernels/_C*.so | grep -q 'libcusolver.so'
 	$(CUDA_VENV)/bin/python -c "import glob, torch; \
 		torch.ops.load_library(glob.glob('build/wheel-cuda/check/fop_kernels/_C*.so')[0]); \

@@ -3,6 +3,7 @@
 Environment:
   FOP_KERNELS_FORCE_CPU=1          build the C++ sources only
   FOP_KERNELS_CUDA_ARCH_LIST       compute capabilities, default "8.0;9.0" (PTX added for the newest)
+  FOP_KERNELS_BUILD_BASE           the build directory (default build/); wheels for other targets use their own
   FOP_KERNELS_LOCAL_VERSION        override the wheel's local version tag (default: +cpu or +cu<XY>)
   CUDA_HOME                        the CUDA toolkit whose nvcc compiles csrc/cuda (default: nvcc on PATH)
   FOP_KERNELS_CUSOLVER_ROOT        a directory with include/cusolverDn.h and lib/libcusolver.so* (default: the
@@ -121,5 +122,8 @@ setup(
     packages=find_packages(include=["fop_kernels", "fop_kernels.*"])
     + find_packages("python", include=["fop", "fop.*"]),
     ext_modules=[ext],
+    # one build per command line: `setup.py build --build-base X bdist_wheel` would compile twice, because
+    # BuildExtension appends its flags to the extension on every run and ninja then sees new commands
+    options={"build": {"build_base": os.environ.get("FOP_KERNELS_BUILD_BASE", "build")}},
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -12,9 +12,10 @@
 //
 // Outputs of one size group are views into one group tensor (no per-matrix copy kernels).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cusolverDn.h>
 #include <torch/library.h>
 
@@ -24,6 +25,7 @@
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "../eigh.h"
@@ -108,6 +110,17 @@ void raise_on_flags(const std::vector<Group>& groups, const TensorVec& flags, co
   }
 }
 
+// One cuSOLVER handle per (thread, device), bound to the current stream at every use. Our own rather than ATen's
+// pool: at::cuda::getCurrentCUDASolverDnHandle lives in libtorch_cuda_linalg.so, which torch loads lazily.
+// The handles live until the process exits (destroying them in thread-exit order could outlive the context).
+cusolverDnHandle_t solver_handle() {
+  static thread_local std::unordered_map<c10::DeviceIndex, cusolverDnHandle_t> handles;
+  cusolverDnHandle_t& handle = handles[c10::cuda::current_device()];
+  if (handle == nullptr) FOP_CUSOLVER_CHECK(cusolverDnCreate(&handle));
+  FOP_CUSOLVER_CHECK(cusolverDnSetStream(handle, c10::cuda::getCurrentCUDAStream().stream()));
+  return handle;
+}
+
 // ---- cuSOLVER wrappers, float and double ----------------------------------------------------------------------
 
 // Batched Jacobi settings (default tolerance and sweeps, eigenvalues sorted ascending).
@@ -153,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> decompose_group(at::Tensor a, at::Tensor& fla
   TORCH_CHECK(n <= std::numeric_limits<int>::max() / n, "fop_kernels.eigh: matrix size ", n, " too large for cuSOLVER");
   at::Tensor w = at::empty({k, n}, a.options());
   at::Tensor info = at::zeros({k}, a.options().dtype(at::kInt));
-  cusolverDnHandle_t handle = at::cuda::getCurrentCUDASolverDnHandle();  // bound to the current stream
+  cusolverDnHandle_t handle = solver_handle();
   scalar_t* a_ptr = a.data_ptr<scalar_t>();
   scalar_t* w_ptr = w.data_ptr<scalar_t>();
   int lwork = 0;
@@ -217,7 +230,7 @@ at::Tensor reconstruct(const at::Tensor& l, const at::Tensor& q, const at::Tenso
   const int64_t n = qc.size(1), total = qc.numel();
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65535));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "fop_kernels_scale_columns", [&] {
     scale_columns_by_power_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
         qc.data_ptr<scalar_t>(), lc.data_ptr<scalar_t>(), on_device ? damping_dev.data_ptr<double>() : nullptr,
