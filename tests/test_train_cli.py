@@ -320,6 +320,7 @@ def test_cli_same_seed_same_initial_model_across_optimizers(tmp_path):
         (["--opt-arg", "sgd=1"], "expected OPTIMIZER.KEY=VALUE"),
         (["--lr", "lion=0.1"], "unknown optimizer 'lion' in --lr/--opt-arg"),
         (["--optimizers", "sgd", "--opt-arg", "sgd.momentum=-1"], "sgd: Invalid momentum value: -1"),
+        (["--optimizers", "sgd", "--opt-arg", "sgd.dampng=0.1"], "sgd: .*unexpected keyword argument 'dampng'"),
     ],
 )
 def test_cli_clear_errors(tmp_path, capsys, args, message):

@@ -487,6 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         "fop_kernels": _backend_report(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # construct every optimizer once before training, so a bad keyword or value fails before any run
+    for n in names:
+        try:
+            probe = build_model(config.model, data.image_shape, data.num_classes, width=config.width)
+            make_optimizer(n, probe, hyper[n]["lr_by_batch"][str(batch_sizes[0])], config.weight_decay,
+                           opt_args.get(n))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"{n}: {exc}")
     os.makedirs(args.out, exist_ok=True)
     table_path = os.path.join(args.out, "table.md")
     json_path = os.path.join(args.out, "results.json")
@@ -508,10 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                                         t=f"{point['seconds']:.1f}s")
                         bar.update(1)
 
-                    try:
-                        record = run_one(data, n, batch, seed, config, lr, opt_args.get(n), on_epoch)
-                    except ValueError as exc:
-                        parser.error(f"{n}: {exc}")
+                    record = run_one(data, n, batch, seed, config, lr, opt_args.get(n), on_epoch)
                 runs.append(record)
                 meta["finished_runs"] = len(runs)
                 rows = summarize(runs)
