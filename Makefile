@@ -53,7 +53,7 @@ clean:
 # `make wheel`: the CPU wheel (+cpu) into dist/, built against the torch in $(VENV).
 # `make wheel-cuda`: a +cu130 wheel built in $(CUDA_VENV) against the CUDA torch ($(CUDA_TORCH_SPEC)), the nvcc
 # toolkit at $(CUDA_HOME_BUILD) and the cuSOLVER of the nvidia wheels in that venv; then the .so is checked.
-# Each wheel build uses its own build directory, so it never races `build_ext --inplace`.
+# The CUDA wheel compiles in build/wheel-cuda (FOP_KERNELS_BUILD_BASE), so it never touches the CPU objects in build/.
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 # The toolkit: $(CUDA_HOME) if set, else /usr/local/cuda, else the one the nvcc on PATH resolves into.
