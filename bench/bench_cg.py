@@ -9,11 +9,9 @@ timed here: on CPU it runs under the interpreter.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
+from _timing import interleaved_speedup
 
 import fop_kernels
 from fop_kernels import reference as ref
@@ -22,20 +20,6 @@ pytest.importorskip("pytest_benchmark")
 
 _MEDIANS: dict[tuple[str, str], float] = {}
 
-
-def _interleaved_speedup(reference, fast, pairs: int = 9) -> tuple[float, float, float]:
-    """(median, p20, p80) over `pairs` of t_reference / t_fast, the two timed back to back (robust to a shared CPU)."""
-    reference(), fast()
-    ratios = []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        reference()
-        t1 = time.perf_counter()
-        fast()
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / (t2 - t1))
-    ratios.sort()
-    return statistics.median(ratios), ratios[int(0.2 * (pairs - 1))], ratios[int(round(0.8 * (pairs - 1)))]
 
 # (rows R, dim D, samples s, iterations): the issue's GPU target size, a ResNet-18 conv layer, a linear head
 CASES = [(512, 4608, 64, 10), (128, 1152, 24, 4), (10, 512, 24, 4)]
@@ -62,7 +46,7 @@ def test_batched_cg(benchmark, case, impl):
     _MEDIANS[(group, impl)] = median
     base = _MEDIANS.get((group, "reference"))
     if impl != "reference":
-        interleaved, p20, p80 = _interleaved_speedup(fns["reference"], fns[impl], pairs=7)
+        interleaved, p20, p80 = interleaved_speedup(fns["reference"], fns[impl], pairs=7)
         benchmark.extra_info.update({"speedup_interleaved": interleaved, "speedup_p20": p20, "speedup_p80": p80})
         line = f"\n[{group}] {impl}: {median * 1e3:.2f} ms"
         if base is not None:

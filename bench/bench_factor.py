@@ -10,11 +10,9 @@ yardstick for the C++ tiled syrk. Triton is not timed here: on CPU it runs under
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
+from _timing import interleaved_speedup
 
 import fop_kernels
 from fop_kernels import reference as ref
@@ -23,21 +21,6 @@ pytest.importorskip("pytest_benchmark")
 
 DECAY = 0.05
 _MEDIANS: dict[tuple[str, str], float] = {}
-
-
-def _interleaved_speedup(reference, fast, pairs: int = 9) -> tuple[float, float, float]:
-    """(median, p20, p80) over `pairs` of t_reference / t_fast, the two timed back to back (robust to a shared CPU)."""
-    reference(), fast()
-    ratios = []
-    for _ in range(pairs):
-        t0 = time.perf_counter()
-        reference()
-        t1 = time.perf_counter()
-        fast()
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / (t2 - t1))
-    ratios.sort()
-    return statistics.median(ratios), ratios[int(0.2 * (pairs - 1))], ratios[int(round(0.8 * (pairs - 1)))]
 
 
 def _have_cpp(op: str) -> bool:
@@ -54,7 +37,7 @@ def _run(benchmark, group: str, impl: str, fn, rounds: int, reference=None):
     _MEDIANS[(group, impl)] = median
     base = _MEDIANS.get((group, "reference"))
     if impl != "reference" and reference is not None:
-        interleaved, p20, p80 = _interleaved_speedup(reference, fn)
+        interleaved, p20, p80 = interleaved_speedup(reference, fn)
         benchmark.extra_info.update({"speedup_interleaved": interleaved, "speedup_p20": p20, "speedup_p80": p80})
         line = f"\n[{group}] {impl}: {median * 1e3:.2f} ms"
         if base is not None:
