@@ -4,7 +4,7 @@
 - dense diagonal: one fused pass over X (no N x d temporary);
 - conv factor: ATen im2col, then the same syrk; the bias row and column from the patch column sums (no concat);
 - conv diagonal: no im2col at all: sum_n x^2 per channel, then a windowed sum per kernel tap.
-Which of them beats the reference, and by how much, is in bench/results/factor_cg.md.
+Which of them beats the reference, and by how much, is in bench/RESULTS.md#issue-3-factor-accumulation-and-batched-cg.
 """
 
 from __future__ import annotations
