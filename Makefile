@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton==3.7.1
 STAMPS := .stamps
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h) setup.py pyproject.toml
 
-.PHONY: install demo test lint bench wheel wheel-cuda cmake-test clean
+.PHONY: install demo test test-build lint bench wheel wheel-cuda cmake-test clean
 
 install: $(STAMPS)/install
 
@@ -38,6 +38,10 @@ demo: install
 
 test: install
 	$(VPY) -m pytest -q tests
+
+# The slow build tests: the CPU wheel in a fresh venv, and the CUDA wheel checks (skipped without .venv-cuda).
+test-build: install
+	$(VPY) -m pytest -q -m slow tests/test_wheel.py tests/test_build.py
 
 lint: install
 	$(VPY) -m ruff check fop_kernels python tests bench
