@@ -48,3 +48,19 @@ def backends_for(op: str, device: torch.device) -> list[str]:
     status = fop_kernels.available_backends()
     return [b for b, devs in fop_kernels.implementations(op).items()
             if device.type in devs and status[b]["available"]]
+
+
+def train_steps(model, opt, batches, scaler=None) -> None:
+    """Cross-entropy steps over (x, y) batches, through a GradScaler when one is given."""
+    import torch.nn.functional as F
+
+    for x, y in batches:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x.float()), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fop import AdaFisher, AdaFisherW
 from fop._layers import discover_layers
 from fop.adafisher import adafisher_layer_support, input_diagonal, output_diagonal
-from helpers import assert_close
+from helpers import assert_close, train_steps
 from test_optim_frog import train_digits
 from torch import nn
 
@@ -96,7 +96,7 @@ class Tiny(nn.Module):
         return self.fc2(self.ln(torch.tanh(self.fc1(x.flatten(1))))) * self.scale
 
 
-def literal_run(model, batches, lr, beta, damping, gamma, interval, wd, decoupled, ema):
+def literaltrain_steps(model, batches, lr, beta, damping, gamma, interval, wd, decoupled, ema):
     """Train `model` with the formulas written out; returns the parameters after every step."""
     mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm2d,
                                                                      nn.LayerNorm))}
@@ -154,7 +154,7 @@ def test_update_matches_literal_float64(cls, ema):
               factor_interval=hp["interval"], weight_decay=hp["wd"], ema=ema)
     assert [line.split(":")[0] for line in opt.preconditioned()] == ["conv1", "bn", "conv2", "fc1", "ln", "fc2"]
     batches = _batches(5)
-    expected = literal_run(ref, batches, decoupled=cls is AdaFisherW, ema=ema, **hp)
+    expected = literaltrain_steps(ref, batches, decoupled=cls is AdaFisherW, ema=ema, **hp)
     for t, (x, y) in enumerate(batches):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -244,34 +244,21 @@ def test_trains_digits_to_95_percent(cls):
 
 
 # -- state_dict, AMP, bad input ----------------------------------------------------------------------------------------
-def _run(model, opt, batches, scaler=None):
-    for x, y in batches:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x.float()), y)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-
 def test_state_dict_round_trip_resumes_bit_identically():
     torch.manual_seed(0)
     model = Tiny()
     kw = dict(lr=1e-2, factor_interval=2, weight_decay=1e-3)
     opt = AdaFisherW(model, **kw)
     batches = _batches(7)
-    _run(model, opt, batches[:3])
+    train_steps(model, opt, batches[:3])
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    _run(model, opt, batches[3:])
+    train_steps(model, opt, batches[3:])
     model2 = Tiny()
     model2.load_state_dict(saved_model)
     opt2 = AdaFisherW(model2, **kw)
     opt2.load_state_dict(saved_opt)
     assert opt2.is_refresh_step() is False and opt2.steps == 3
-    _run(model2, opt2, batches[3:])
+    train_steps(model2, opt2, batches[3:])
     for (n, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), n
 
@@ -283,8 +270,8 @@ def test_gradscaler_skips_overflow_and_unscales():
     opt, opt_ref = AdaFisher(model, factor_interval=2), AdaFisher(ref, factor_interval=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     batches = _batches(4)
-    _run(model, opt, batches[:1], scaler)
-    _run(ref, opt_ref, batches[:1])
+    train_steps(model, opt, batches[:1], scaler)
+    train_steps(ref, opt_ref, batches[:1])
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     opt.zero_grad()
@@ -297,8 +284,8 @@ def test_gradscaler_skips_overflow_and_unscales():
     for k, v in state["state"].items():
         assert all(torch.equal(torch.as_tensor(v[key]), torch.as_tensor(after["state"][k][key])) for key in v)
     assert opt.steps == 1 and opt.is_refresh_step() is False
-    _run(model, opt, batches[2:], scaler)
-    _run(ref, opt_ref, batches[2:])
+    train_steps(model, opt, batches[2:], scaler)
+    train_steps(ref, opt_ref, batches[2:])
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
         assert_close(a, b, 1e-5, 1e-4, f"GradScaler run vs unscaled run: {n}")
 
@@ -330,7 +317,7 @@ def test_nonfinite_gradient_raises_and_changes_nothing():
     model = Tiny()
     opt = AdaFisher(model, factor_interval=1)
     batches = _batches(2)
-    _run(model, opt, batches[:1])
+    train_steps(model, opt, batches[:1])
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     opt.zero_grad()

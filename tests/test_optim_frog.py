@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fop.frog import FROG, ConvRowSystems, row_cg
-from helpers import assert_close
+from helpers import assert_close, train_steps
 from torch import nn
 
 import fop_kernels
@@ -286,33 +286,20 @@ def _batches(n, seed=3):
     return [(torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
 
 
-def _run(model, opt, batches, scaler=None):
-    for x, y in batches:
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-
-
 def test_state_dict_round_trip_resumes_bit_identically():
     torch.manual_seed(0)
     model = TinyNet()
     kw = dict(lr=0.02, momentum=0.9, sample_size=5, warm_start=True, weight_decay=1e-3)
     opt = FROG(model, **kw)
     batches = _batches(6)
-    _run(model, opt, batches[:3])
+    train_steps(model, opt, batches[:3])
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    _run(model, opt, batches[3:])
+    train_steps(model, opt, batches[3:])
     model2 = TinyNet()
     model2.load_state_dict(saved_model)
     opt2 = FROG(model2, **kw, seed=12345)
     opt2.load_state_dict(saved_opt)
-    _run(model2, opt2, batches[3:])
+    train_steps(model2, opt2, batches[3:])
     for (n, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), n
 
@@ -325,8 +312,8 @@ def test_gradscaler_skips_overflow_and_unscales():
     opt_ref = FROG(ref, lr=0.02, momentum=0.9, sample_size=None)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     batches = _batches(3)
-    _run(model, opt, batches[:1], scaler)
-    _run(ref, opt_ref, batches[:1])
+    train_steps(model, opt, batches[:1], scaler)
+    train_steps(ref, opt_ref, batches[:1])
     # an overflow step: inf in a gradient -> skipped, nothing changes
     params = [p.detach().clone() for p in model.parameters()]
     bufs = {k: v["momentum_buffer"].clone() for k, v in opt.state.items()}
@@ -338,8 +325,8 @@ def test_gradscaler_skips_overflow_and_unscales():
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     assert all(torch.equal(bufs[k], v["momentum_buffer"]) for k, v in opt.state.items())
     assert opt.steps == 1 and scaler.get_scale() < 2.0**10
-    _run(model, opt, batches[2:], scaler)
-    _run(ref, opt_ref, batches[2:])
+    train_steps(model, opt, batches[2:], scaler)
+    train_steps(ref, opt_ref, batches[2:])
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
         assert_close(a, b, 1e-5, 1e-4, f"GradScaler run vs unscaled run: {n}")
 
@@ -360,7 +347,7 @@ def test_nonfinite_gradient_or_bad_tau_schedule_changes_nothing():
     model = TinyNet()
     opt = FROG(model, lr=0.02, momentum=0.9, tau=lambda step: 1e-6 if step < 1 else -1.0)
     batches = _batches(2)
-    _run(model, opt, batches[:1])
+    train_steps(model, opt, batches[:1])
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())
     opt.zero_grad()
