@@ -209,9 +209,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """{id(param): preconditioned direction} for the preconditioned parameters."""
         raise NotImplementedError
 
+    def _arm(self) -> None:
+        """Arm the hooks for the coming forward/backward when the next step needs captures (subclasses decide)."""
+
     def _after_step(self) -> None:
         """Release the captures and arm the hooks for the next step."""
         self.capture.release()
+        self._arm()
 
     def _after_skipped_step(self) -> None:
         """A skipped step keeps the counters; drop its captures and arm again as for the step that was skipped."""
@@ -273,7 +277,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._after_load()
 
     def _after_load(self) -> None:
-        """Arm the hooks for the next step after a load (subclasses decide how)."""
+        """Drop any captures and arm the hooks for the next step after a load."""
+        self.capture.release()
+        self._arm()
 
 
 def layer_device_tensor(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

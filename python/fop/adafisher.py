@@ -158,14 +158,6 @@ class _AdaFisherBase(CurvatureOptimizer):
         if self.is_refresh_step():
             self.capture.arm(full=True)
 
-    def _after_step(self) -> None:
-        self.capture.release()
-        self._arm()
-
-    def _after_load(self) -> None:
-        self.capture.release()
-        self._arm()
-
     def diagonals(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(H, S) of layer i, or None before its first refresh."""
         state = self.state.get(self.layers[i].weight, {})

@@ -222,14 +222,6 @@ class FROG(CurvatureOptimizer):
         if self.layers:
             self.capture.arm(full=True, rows=self._sample_rows)
 
-    def _after_step(self) -> None:
-        self.capture.release()
-        self._arm()
-
-    def _after_load(self) -> None:
-        self.capture.release()
-        self._arm()
-
     def _validate_before_step(self) -> None:
         for group in self.param_groups:
             eval_schedule("tau", group["tau"], self.steps)

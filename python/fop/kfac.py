@@ -104,7 +104,7 @@ class KFAC(CurvatureOptimizer):
         self.factor_updates = 0  # how many factor updates have run (host int)
         self.buckets: list[Bucket] = []
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
-        self._arm_for(self.steps)
+        self._arm()
 
     # -- when to capture, update, decompose ----------------------------------------------------------------------
     def is_factor_step(self, step: int | None = None) -> bool:
@@ -115,18 +115,10 @@ class KFAC(CurvatureOptimizer):
     def _needs_half_batch(self, step: int) -> bool:
         return False
 
-    def _arm_for(self, step: int) -> None:
-        full = self.is_factor_step(step)
-        if full or self._needs_half_batch(step):
+    def _arm(self) -> None:
+        full = self.is_factor_step(self.steps)
+        if full or self._needs_half_batch(self.steps):
             self.capture.arm(full=full, keep_outputs=full and self.fisher == "mc")
-
-    def _after_step(self) -> None:
-        self.capture.release()
-        self._arm_for(self.steps)
-
-    def _after_load(self) -> None:
-        self.capture.release()
-        self._arm_for(self.steps)
 
     # -- the MC Fisher helper -------------------------------------------------------------------------------------
     @torch.no_grad()
