@@ -58,9 +58,10 @@ def test_cpu_wheel_installs_into_fresh_venv_and_runs(tmp_path):
                                capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(venv_site, "build_venv_torch.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    # pip of the build venv installs into the fresh one (--prefix keeps it out of the build venv)
+    # pip of the build venv installs into the fresh one: --prefix keeps the files out of the build venv, and
+    # --ignore-installed stops pip from first uninstalling the build venv's own (editable) fop-kernels.
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
-                    "--prefix", str(venv), wheel], check=True)
+                    "--ignore-installed", "--prefix", str(venv), wheel], check=True)
     script = textwrap.dedent(f"""
         import os, torch, fop_kernels
         from fop_kernels import _native
@@ -84,3 +85,5 @@ def test_cpu_wheel_installs_into_fresh_venv_and_runs(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "pip", "list", "--path", venv_site, "--format=freeze"],
                             capture_output=True, text=True, check=True).stdout
     assert any(line.startswith("fop-kernels==") and line.endswith("+cpu") for line in listed.splitlines()), listed
+    still = subprocess.run([sys.executable, "-c", "import fop, fop_kernels"], cwd=tmp_path, env=env)
+    assert still.returncode == 0, "installing the wheel elsewhere removed the build venv's own fop-kernels"
