@@ -35,39 +35,11 @@ import torch
 import torch.nn.functional as F
 from fop import FROG, AdaFisher
 from fop.frog import ConvRowSystems, row_cg
+from fop.models import resnet18
 from torch import nn
 
 import fop_kernels
 from fop_kernels.reference.factor import conv_patches
-
-
-# -- the model -------------------------------------------------------------------------------------------------------
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-def resnet18(width: int = 32, num_classes: int = 10) -> nn.Module:
-    """ResNet-18 for 32x32 inputs: 3x3 stem, BasicBlocks [2, 2, 2, 2] of widths w, 2w, 4w, 8w, avgpool, Linear."""
-    layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
-    c = width
-    for stage, mult in enumerate((1, 2, 4, 8)):
-        for block in range(2):
-            layers.append(BasicBlock(c, width * mult, 2 if block == 0 and stage > 0 else 1))
-            c = width * mult
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)]
-    return nn.Sequential(*layers)
 
 
 # -- the public implementations, imported from a path ----------------------------------------------------------------

@@ -27,44 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
-from torch import nn
+from fop.models import resnet18
 
 OPTIMIZERS = ("sgd", "adamw", "kfac", "fop")
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR ResNet-18 (2-2-2-2 basic blocks); width 64 is the standard 11.2M-parameter model."""
-
-    def __init__(self, width: int = 64, classes: int = 10):
-        super().__init__()
-        w = width
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        blocks, cin = [], w
-        for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
-            for j in range(2):
-                blocks.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
-                cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(8 * w, classes)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
 def make_optimizer(name, model, args):
@@ -104,7 +69,7 @@ def run(args):
     torch.manual_seed(0)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    base = ResNet18(args.width).to(dev)
+    base = resnet18(args.width).to(dev)
     x = torch.randn(args.batch, 3, args.image, args.image, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     names = args.only or list(OPTIMIZERS)
@@ -206,7 +171,7 @@ def memory(args):
 def memory_child(args):
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    model = ResNet18(args.width).to(dev)
+    model = resnet18(args.width).to(dev)
     x = torch.randn(args.batch, 3, args.image, args.image, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     opt = make_optimizer(args.memory_child, model, args)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "MODELS", "ResNetSmall", "SmallCNN", "TinyViT", "build_model"]
+__all__ = ["MLP", "MODELS", "ResNet", "ResNetSmall", "SmallCNN", "TinyViT", "build_model", "resnet18"]
 
 
 class SmallCNN(nn.Module):
@@ -83,21 +83,38 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNetSmall(nn.Module):
-    """Stem conv-BN-ReLU, BasicBlocks of widths w (stride 1), 2w (stride 2), 4w (stride 2), avgpool, Linear."""
+class ResNet(nn.Module):
+    """Stem conv-BN-ReLU; per stage `(width multiple, blocks)` BasicBlocks, the first block of every stage after
+    the first with stride 2; global average pooling, Linear."""
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 16):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16,
+                 stages: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (4, 1))):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU())
-        self.blocks = nn.Sequential(
-            _BasicBlock(width, width, 1), _BasicBlock(width, 2 * width, 2), _BasicBlock(2 * width, 4 * width, 2)
-        )
-        self.head = nn.Linear(4 * width, num_classes)
+        blocks, c_in = [], width
+        for stage, (mult, count) in enumerate(stages):
+            for block in range(count):
+                blocks.append(_BasicBlock(c_in, mult * width, 2 if (block == 0 and stage > 0) else 1))
+                c_in = mult * width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ResNetSmall(ResNet):
+    """Stem conv-BN-ReLU, BasicBlocks of widths w (stride 1), 2w (stride 2), 4w (stride 2), avgpool, Linear."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 16):
+        super().__init__(in_channels, num_classes, width, stages=((1, 1), (2, 1), (4, 1)))
+
+
+def resnet18(width: int = 64, num_classes: int = 10, in_channels: int = 3) -> ResNet:
+    """CIFAR ResNet-18: BasicBlocks [2, 2, 2, 2] of widths w, 2w, 4w, 8w (w = 64: the standard 11.2M parameters)."""
+    return ResNet(in_channels, num_classes, width, stages=((1, 2), (2, 2), (4, 2), (8, 2)))
 
 
 class _Attention(nn.Module):
