@@ -118,6 +118,20 @@ def _weights(g, g_shift, la, damp, FACTORED: tl.constexpr):
     return f, w
 
 
+@triton.jit
+def _load_tile(a_ptr, d_ptr, la_ptr, ld_a, ld_d, offs_r, mask_r, col_start, cols, g, g_shift, damp,
+               FACTORED: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (BLOCK_R x BLOCK_C) tile at column col_start: A~ (x), D~ (y), undamped f, damped w, its mask, its columns."""
+    offs_c = col_start + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask_c = offs_c < cols
+    mask = mask_r[:, None] & mask_c[None, :]
+    x = tl.load(a_ptr + offs_r[:, None] * ld_a + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+    y = tl.load(d_ptr + offs_r[:, None] * ld_d + offs_c[None, :], mask=mask, other=0.0).to(ACC)
+    la = tl.load(la_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
+    f, w = _weights(g, g_shift, la, damp, FACTORED)
+    return x, y, f, w, mask, offs_c
+
+
 @triton.jit(do_not_specialize=["damping_bits"])
 def _fisher_sums_kernel(layer_table_ptr, program_table_ptr, out_ptr, damping_bits, damping_ptr,
                         A_DTYPE: tl.constexpr, LG_DTYPE: tl.constexpr, LA_DTYPE: tl.constexpr, ACC: tl.constexpr,
@@ -138,13 +152,8 @@ def _fisher_sums_kernel(layer_table_ptr, program_table_ptr, out_ptr, damping_bit
     acc_c = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
     acc_e = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
     for col_start in range(0, cols, BLOCK_C):
-        offs_c = col_start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask_c = offs_c < cols
-        mask = mask_r[:, None] & mask_c[None, :]
-        x = tl.load(a_ptr + offs_r[:, None] * ld_a + offs_c[None, :], mask=mask, other=0.0).to(ACC)
-        y = tl.load(d_ptr + offs_r[:, None] * ld_d + offs_c[None, :], mask=mask, other=0.0).to(ACC)
-        la = tl.load(la_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        f, w = _weights(g, g_shift, la, damp, FACTORED)
+        x, y, f, w, mask, offs_c = _load_tile(a_ptr, d_ptr, la_ptr, ld_a, ld_d, offs_r, mask_r, col_start, cols, g,
+                                              g_shift, damp, FACTORED, ACC, BLOCK_C)
         inv_w = 1.0 / tl.where(mask, w, 1.0)
         xx = x * x
         xy = x * y
@@ -240,13 +249,8 @@ def _project_combine_kernel(layer_table_ptr, program_table_ptr, sums_ptr, sums_s
     offs_r, mask_r, g, g_shift, damp = _row_setup(lg_ptr, la_ptr, rows, cols, row_block, damping, FACTORED, ACC,
                                                   BLOCK_R, BLOCK_T)
     for col_start in range(0, cols, BLOCK_C):
-        offs_c = col_start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask_c = offs_c < cols
-        mask = mask_r[:, None] & mask_c[None, :]
-        x = tl.load(a_ptr + offs_r[:, None] * ld_a + offs_c[None, :], mask=mask, other=0.0).to(ACC)
-        y = tl.load(d_ptr + offs_r[:, None] * ld_d + offs_c[None, :], mask=mask, other=0.0).to(ACC)
-        la = tl.load(la_ptr + offs_c, mask=mask_c, other=0.0).to(ACC)
-        f, w = _weights(g, g_shift, la, damp, FACTORED)
+        x, y, f, w, mask, offs_c = _load_tile(a_ptr, d_ptr, la_ptr, ld_a, ld_d, offs_r, mask_r, col_start, cols, g,
+                                              g_shift, damp, FACTORED, ACC, BLOCK_C)
         u = _div(eta * (x + beta * (y - s * x)), tl.where(mask, w, 1.0), ACC)
         tl.store(u_ptr + offs_r[:, None] * cols + offs_c[None, :], _to_output(u, A_DTYPE), mask=mask)
 
