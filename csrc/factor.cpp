@@ -2,13 +2,14 @@
 //
 //   accumulate_factor_(F, X, decay, coef)       F <- (1-decay) F + coef X^T X
 //   accumulate_factor_diag_(f, X, decay, coef)  f <- (1-decay) f + coef sum_n X_n^2
-//   accumulate_conv_factor_(F, x, decay, coef, kernel_size, stride, padding, dilation, bias)
-//                                               F <- (1-decay) F + coef P^T P, P the im2col patches (+ bias column)
+//   accumulate_conv_factor_(F, x, decay, coef, kernel_size, stride, padding, dilation, bias, method)
+//                                               F <- (1-decay) F + coef P^T P, P the im2col patches (+ bias column),
+//                                               by shifted correlations (stride 1) or gathered patches
 //   accumulate_conv_factor_diag_(f, x, ...)     f <- (1-decay) f + coef sum over patches of P^2, without im2col
 //
 // X^T X is a tiled syrk: only the upper-triangle tiles are computed (one GEMM each, in one parallel region) and
-// mirrored, so about half the flops of a full GEMM for large d. decay == 1 never reads the state (BLAS beta = 0). Accumulation in float32, float64 when the
-// state or the input is float64.
+// mirrored, so about half the flops of a full GEMM for large d. decay == 1 never reads the state (BLAS beta = 0).
+// Accumulation in float32, float64 when the state or the input is float64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -168,22 +169,123 @@ Geometry geometry(const at::Tensor& x, at::IntArrayRef k, at::IntArrayRef s, at:
   return g;
 }
 
+// The Gram P^T P of the patch matrix with columns in (i, j, c) order, from a channels-last copy of the padded
+// input viewed as (N, oh, ow, kh, kw, C) patches: one contiguous gather (no at::im2col, whose N x D x L layout needs
+// a second transposing copy), then the tiled syrk. Any stride. Returns D x D in (c, i, j) order.
+at::Tensor gram_by_patches(const at::Tensor& x, const Geometry& g) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), D = C * g.kh * g.kw;
+  auto xp = at::zeros({N, H + 2 * g.ph, W + 2 * g.pw, C}, x.options());
+  xp.narrow(1, g.ph, H).narrow(2, g.pw, W).copy_(x.permute({0, 2, 3, 1}));
+  const int64_t sN = xp.stride(0), sH = xp.stride(1), sW = xp.stride(2);
+  auto P = xp.as_strided({N, g.oh, g.ow, g.kh, g.kw, C}, {sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, 1})
+               .reshape({N * g.oh * g.ow, D});
+  auto G = at::empty({D, D}, x.options());
+  syrk_ema(G, P, 0.0, 1.0);
+  return G.view({g.kh, g.kw, C, g.kh, g.kw, C}).permute({2, 0, 1, 5, 3, 4}).reshape({D, D});
+}
+
+// [begin, end) of the image rows (or columns) that a stride-1 kernel tap starting at `first` reads for `out` outputs.
+std::pair<int64_t, int64_t> tap_window(int64_t first, int64_t out, int64_t size) {
+  return {std::clamp(first, int64_t{0}, size), std::clamp(first + out, int64_t{0}, size)};
+}
+
+// Stride-1 conv Gram without patches. For kernel taps a = (i, j), b = (i', j') the block
+//   (P^T P)[(., a), (., b)] = sum_{q in R_a} x[q]^T x[q + delta],  delta = ((i'-i) dh, (j'-j) dw),
+// R_a the pixels tap a reads (a rectangle; x = 0 outside the image I). That is the image-wide correlation
+//   C_delta = sum_{q in I} x[q]^T x[q + delta]
+// minus the same sum over the strips I \ R_a (at most four rectangles, one or two pixel rows or columns for the
+// usual "same" padding). C_delta is one GEMM over a channels-last buffer whose images are separated by zero rows
+// and columns at least as wide as any |delta|: a shift by delta is then a shift of the flattened rows, and every
+// pair that crosses an image edge meets a zero. Only deltas with a non-negative flat offset occur for a <= b (tap
+// order), ((2 kh - 1)(2 kw - 1) + 1) / 2 GEMMs of N (H + gh)(W + gw) x C rows: for 3 x 3 kernels 13 C^2-wide GEMMs
+// instead of the 40.5 of a syrk over 9 C-wide patches, and no copy bigger than the input. Returns D x D in
+// (c, i, j) order.
+at::Tensor gram_by_correlation(const at::Tensor& x, const Geometry& g) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), D = C * g.kh * g.kw;
+  const int64_t gh = g.dh * (g.kh - 1), gw = g.dw * (g.kw - 1), Hb = H + gh, Wb = W + gw, block = Hb * Wb;
+  const int64_t R = N * block;
+  auto rows = at::zeros({R, C}, x.options());
+  rows.view({N, Hb, Wb, C}).narrow(1, 0, H).narrow(2, 0, W).copy_(x.permute({0, 2, 3, 1}));
+  // Sum over n and the pixels [h0, h1) x [w0, w1) of x[q]^T x[q + flat offset o] (o >= 0, |delta| within the
+  // gaps: the last partner read is row R - 1).
+  auto rect_gram = [&](int64_t h0, int64_t h1, int64_t w0, int64_t w1, int64_t o) {
+    const std::vector<int64_t> size{N, h1 - h0, w1 - w0, C}, stride{block * C, Wb * C, C, 1};
+    const int64_t at_q = rows.storage_offset() + (h0 * Wb + w0) * C;
+    auto q = rows.as_strided(size, stride, at_q).reshape({-1, C});
+    auto p = rows.as_strided(size, stride, at_q + o * C).reshape({-1, C});
+    return at::mm(q.t(), p);
+  };
+  const int64_t nj = 2 * g.kw - 1;
+  std::vector<at::Tensor> corr(static_cast<size_t>(g.kh * nj));  // [di][dj + kw - 1], di >= 0
+  auto offset = [&](int64_t di, int64_t dj) { return di * g.dh * Wb + dj * g.dw; };
+  auto G = at::empty({C, g.kh, g.kw, C, g.kh, g.kw}, x.options());
+  for (int64_t a = 0; a < g.kh * g.kw; ++a) {
+    const int64_t i = a / g.kw, j = a % g.kw;
+    const auto [t, bt] = tap_window(i * g.dh - g.ph, g.oh, H);
+    const auto [l, r] = tap_window(j * g.dw - g.pw, g.ow, W);
+    for (int64_t b = a; b < g.kh * g.kw; ++b) {
+      const int64_t di = b / g.kw - i, dj = b % g.kw - j, o = offset(di, dj);
+      auto& c = corr[static_cast<size_t>(di * nj + dj + g.kw - 1)];
+      if (!c.defined()) c = at::mm(rows.narrow(0, 0, R - o).t(), rows.narrow(0, o, R - o));
+      auto blk = c.clone();
+      if (t > 0) blk.sub_(rect_gram(0, t, 0, W, o));
+      if (bt < H) blk.sub_(rect_gram(bt, H, 0, W, o));
+      if (bt > t && l > 0) blk.sub_(rect_gram(t, bt, 0, l, o));
+      if (bt > t && r < W) blk.sub_(rect_gram(t, bt, r, W, o));
+      G.select(1, i).select(1, j).select(2, b / g.kw).select(2, b % g.kw).copy_(blk);
+      if (b != a) G.select(1, b / g.kw).select(1, b % g.kw).select(2, i).select(2, j).copy_(blk.t());
+    }
+  }
+  return G.view({D, D});
+}
+
+// Cost of the two methods for a stride-1 conv per sample, in multiply-adds plus a memory term per element read:
+// the correlations (N (H + gh)(W + gw) rows per delta, plus the border strips; C-wide GEMMs are memory-bound for
+// small C) against the patch syrk (N L (C kh kw)^2 / 2, plus its gather). Measured on the ResNet-18 and MNIST-CNN
+// layer shapes, this picks the faster method on each (bench/RESULTS.md).
+bool correlation_is_cheaper(const at::Tensor& x, const Geometry& g) {
+  if (g.sh != 1 || g.sw != 1) return false;
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), taps = g.kh * g.kw;
+  const double block = static_cast<double>((H + g.dh * (g.kh - 1)) * (W + g.dw * (g.kw - 1)));
+  double strips = 0.0;
+  for (int64_t a = 0; a < taps; ++a) {
+    const auto [t, bt] = tap_window(a / g.kw * g.dh - g.ph, g.oh, H);
+    const auto [l, r] = tap_window(a % g.kw * g.dw - g.pw, g.ow, W);
+    strips += static_cast<double>((taps - a) * (H * W - (bt - t) * (r - l)));
+  }
+  const double deltas = static_cast<double>(((2 * g.kh - 1) * (2 * g.kw - 1) + 1) / 2);
+  const double c = static_cast<double>(C), d = c * static_cast<double>(taps);
+  const double correlation = (deltas * block + strips) * (c * c + 16.0 * c);
+  const double patches = static_cast<double>(g.oh * g.ow) * (0.5 * d * d + 8.0 * d);
+  return correlation < patches;
+}
+
+// method: 0 the cheaper of the two by the flop count above, 1 patches, 2 correlations (stride 1 only).
 void accumulate_conv_factor_(at::Tensor F, const at::Tensor& x, double decay, double coef, at::IntArrayRef kernel_size,
-                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool bias) {
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool bias,
+                             int64_t method) {
   check_state(F, "F");
   TORCH_CHECK(x.dim() == 4, "x must be N x C x H x W");
+  TORCH_CHECK(method >= 0 && method <= 2, "method must be 0 (auto), 1 (patches) or 2 (correlation)");
   const Geometry g = geometry(x, kernel_size, stride, padding, dilation);
   const int64_t D = x.size(1) * g.kh * g.kw, N = x.size(0), L = g.oh * g.ow;
   TORCH_CHECK(F.dim() == 2 && F.size(0) == D + bias && F.size(1) == D + bias, "F must be (C kh kw [+1])^2");
+  TORCH_CHECK(method != 2 || (g.sh == 1 && g.sw == 1), "the correlation method needs stride 1");
   auto xa = x.to(accumulation_type(F, x));
-  auto cols = at::im2col(xa, {g.kh, g.kw}, {g.dh, g.dw}, {g.ph, g.pw}, {g.sh, g.sw});  // N x D x L
-  auto P = cols.transpose(1, 2).reshape({N * L, D});
-  auto FD = F.narrow(0, 0, D).narrow(1, 0, D);
-  accumulate_factor_(FD, P, decay, coef);
-  if (bias) {  // P^T 1 = column sums of the patches; 1^T 1 = N L
-    auto colsum = P.sum(0);
-    ema_block(F.narrow(0, D, 1).squeeze(0).narrow(0, 0, D), colsum, 1.0 - decay, coef);
-    ema_block(F.narrow(1, D, 1).squeeze(1).narrow(0, 0, D), colsum, 1.0 - decay, coef);
+  const bool correlation = method == 2 || (method == 0 && correlation_is_cheaper(xa, g));
+  auto gram = correlation ? gram_by_correlation(xa, g) : gram_by_patches(xa, g);
+  ema_block(F.narrow(0, 0, D).narrow(1, 0, D), gram, 1.0 - decay, coef);
+  if (bias) {  // P^T 1: per tap the sum of the pixels it reads, from the image of sum_n x
+    const auto image = at::constant_pad_nd(xa.sum(0), {g.pw, g.pw, g.ph, g.ph});  // C x (H + 2ph) x (W + 2pw)
+    auto colsum = at::empty({x.size(1), g.kh, g.kw}, xa.options());
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j)
+        colsum.select(1, i).select(1, j).copy_(
+            image.narrow(1, i * g.dh, (g.oh - 1) * g.sh + 1).narrow(2, j * g.dw, (g.ow - 1) * g.sw + 1)
+                .slice(1, 0, c10::nullopt, g.sh).slice(2, 0, c10::nullopt, g.sw).sum({1, 2}));
+    const auto flat = colsum.view({D});
+    ema_block(F.narrow(0, D, 1).squeeze(0).narrow(0, 0, D), flat, 1.0 - decay, coef);
+    ema_block(F.narrow(1, D, 1).squeeze(1).narrow(0, 0, D), flat, 1.0 - decay, coef);
     auto corner = F.narrow(0, D, 1).narrow(1, D, 1);
     const double old = decay == 1.0 ? 0.0 : (1.0 - decay) * corner.item<double>();
     corner.fill_(old + coef * static_cast<double>(N * L));
@@ -255,7 +357,7 @@ TORCH_LIBRARY_FRAGMENT(fop_kernels, m) {
   m.def("accumulate_factor_diag_(Tensor(a!) f, Tensor X, float decay, float coef) -> ()");
   m.def(
       "accumulate_conv_factor_(Tensor(a!) F, Tensor x, float decay, float coef, int[] kernel_size, int[] stride, "
-      "int[] padding, int[] dilation, bool bias) -> ()");
+      "int[] padding, int[] dilation, bool bias, int method=0) -> ()");
   m.def(
       "accumulate_conv_factor_diag_(Tensor(a!) f, Tensor x, float decay, float coef, int[] kernel_size, "
       "int[] stride, int[] padding, int[] dilation, bool bias) -> ()");

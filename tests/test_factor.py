@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import fop_kernels
 from fop_kernels import reference as ref
-from fop_kernels.reference.factor import conv_patches
+from fop_kernels.reference.factor import conv_output_size, conv_patches
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -214,6 +214,82 @@ def test_conv_channels_last_input(op, backend):
     expected = getattr(ref, op)(state.double(), x.double().contiguous(), 0.5, 3, 1, 1, 1, True, 0.5)
     getattr(fop_kernels, op)(state, x, 0.5, 3, 1, 1, 1, True, 0.5, backend=backend)
     assert_close(state, expected, *TOLERANCES[torch.float32], what=f"{op} channels_last [{backend}]")
+
+
+# ---- the two C++ conv-factor methods, each forced --------------------------------------------------------------
+
+CPP_METHODS = {1: "patches", 2: "correlation"}
+
+
+def _cpp_conv_factor(F, x, decay, scale, geom, method):
+    """The raw C++ op with its method forced (the public op picks one by a flop count)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), bias = geom
+    L = conv_output_size(x.shape[2], kh, sh, ph, dh) * conv_output_size(x.shape[3], kw, sw, pw, dw)
+    torch.ops.fop_kernels.accumulate_conv_factor_(F, x, decay, decay * scale / L, [kh, kw], [sh, sw], [ph, pw],
+                                                  [dh, dw], bias, method)
+
+
+def _geom(k, s, p, dl, bias):
+    pair = [(v, v) if isinstance(v, int) else tuple(v) for v in (k, s, p, dl)]
+    return (*pair, bias)
+
+
+METHOD_CASES = [(m, c) for m in CPP_METHODS
+                for c in CONV_CASES + [(3, 6, 12, 11, 3, 1, 1, 1, True), (2, 3, 9, 9, 5, 1, 2, 1, False)]
+                if m == 1 or c[5] == 1]  # correlation: stride 1 only (others rejected: test_correlation_needs_stride_1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("method,case", METHOD_CASES, ids=[f"{CPP_METHODS[m]}-{c}" for m, c in METHOD_CASES])
+def test_cpp_conv_factor_methods_match_materialized_patches(method, dtype, case):
+    if "cpp" not in _backends("accumulate_conv_factor"):
+        pytest.skip("the C++ extension is not loaded")
+    N, C, H, W, k, s, p, dl, bias = case
+    geom = _geom(k, s, p, dl, bias)
+    x = torch.randn(N, C, H, W).to(dtype)
+    D = _conv_dim(C, k, bias)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    F0 = _symmetric(D, state_dtype)
+    F = F0.clone()
+    _cpp_conv_factor(F, x, 0.25, 1.0 / N, geom, method)
+    P = conv_patches(x.double(), k, s, p, dl, bias)
+    L = P.shape[0] // N
+    tol = TOLERANCES[torch.float64] if dtype == torch.float64 else _tol(dtype)
+    assert_close(F, 0.75 * F0.double() + 0.25 / (N * L) * P.T @ P, *tol, what=f"{CPP_METHODS[method]} {case}")
+    poisoned = poison_(torch.empty(D, D, dtype=state_dtype))
+    _cpp_conv_factor(poisoned, x, 1.0, 1.0 / N, geom, method)
+    assert_close(poisoned, P.T @ P / (N * L), *tol, what=f"{CPP_METHODS[method]} decay=1 {case}")
+
+
+def test_correlation_needs_stride_1():
+    if "cpp" not in _backends("accumulate_conv_factor"):
+        pytest.skip("the C++ extension is not loaded")
+    F = _symmetric(2 * 9)
+    before = F.clone()
+    with pytest.raises(RuntimeError, match="correlation method needs stride 1"):
+        _cpp_conv_factor(F, torch.randn(2, 2, 6, 6), 0.5, 1.0, _geom(3, 2, 1, 1, False), 2)
+    assert torch.equal(F, before)
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(1, 3), C=st.integers(1, 5), H=st.integers(1, 9), W=st.integers(1, 9),
+       kh=st.integers(1, 4), kw=st.integers(1, 4), ph=st.integers(0, 3), pw=st.integers(0, 3),
+       dh=st.integers(1, 3), dw=st.integers(1, 3), bias=st.booleans())
+def test_hypothesis_conv_correlation_method(N, C, H, W, kh, kw, ph, pw, dh, dw, bias):
+    """Stride-1 geometry of every kind (padding wider than the kernel, dilation, kernels wider than the image)."""
+    if "cpp" not in _backends("accumulate_conv_factor"):
+        pytest.skip("the C++ extension is not loaded")
+    if H + 2 * ph < dh * (kh - 1) + 1 or W + 2 * pw < dw * (kw - 1) + 1:
+        return  # the kernel does not fit (rejected by the op, tested in test_bad_conv_geometry)
+    x = torch.randn(N, C, H, W, dtype=torch.float64)
+    geom = ((kh, kw), (1, 1), (ph, pw), (dh, dw), bias)
+    D = C * kh * kw + int(bias)
+    F0 = _symmetric(D, torch.float64)
+    expected = ref.accumulate_conv_factor(F0.clone(), x, 0.5, *geom, 1.0)
+    for method in CPP_METHODS:
+        F = F0.clone()
+        _cpp_conv_factor(F, x, 0.5, 1.0, geom, method)
+        assert_close(F, expected, *TOLERANCES[torch.float64], what=f"{CPP_METHODS[method]} {x.shape} {geom}")
 
 
 # ---- property-based over shapes, every backend -------------------------------------------------------------------

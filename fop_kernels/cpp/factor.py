@@ -2,7 +2,10 @@
 
 - dense factor: recursive blocked syrk (about half a GEMM's flops for large d) with the EMA applied per block;
 - dense diagonal: one fused pass over X (no N x d temporary);
-- conv factor: ATen im2col, then the same syrk; the bias row and column from the patch column sums (no concat);
+- conv factor, stride 1: no patches at all: one GEMM per kernel-tap offset over a channels-last copy of the input
+  (13 C-wide GEMMs for a 3 x 3 kernel instead of a syrk over 9 C-wide patch columns), minus thin border strips;
+  other strides (or when the flop count says so): channels-last patches gathered in one copy, then the syrk;
+  the bias row and column from windowed sums of sum_n x (no concat);
 - conv diagonal: no im2col at all: sum_n x^2 per channel, then a windowed sum per kernel tap.
 Which of them beats the reference, and by how much, is in bench/RESULTS.md#issue-3-factor-accumulation-and-batched-cg.
 """
@@ -26,7 +29,7 @@ def _accumulate_factor_diag_fake(f, X, decay, coef):
 
 
 @torch.library.register_fake("fop_kernels::accumulate_conv_factor_")
-def _accumulate_conv_factor_fake(F, x, decay, coef, kernel_size, stride, padding, dilation, bias):
+def _accumulate_conv_factor_fake(F, x, decay, coef, kernel_size, stride, padding, dilation, bias, method=0):
     return None
 
 
@@ -60,7 +63,7 @@ def accumulate_factor_diag(f, X, decay, scale=1.0):
 
 @register("accumulate_conv_factor", "cpp", devices=("cpu",))
 def accumulate_conv_factor(F, x, decay, kernel_size, stride=1, padding=0, dilation=1, bias=False, scale=1.0):
-    """F <- (1-decay) F + decay * scale * P^T P / L (im2col + blocked syrk); returns F."""
+    """F <- (1-decay) F + decay * scale * P^T P / L (shifted correlations or gathered patches); returns F."""
     coef = float(decay) * float(scale) / _positions(x, kernel_size, stride, padding, dilation)
     torch.ops.fop_kernels.accumulate_conv_factor_(F, x, float(decay), coef,
                                                   *_pairs(kernel_size, stride, padding, dilation), bool(bias))
