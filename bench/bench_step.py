@@ -34,7 +34,8 @@ OPTIMIZERS = ("sgd", "adamw", "kfac", "fop")
 
 def make_optimizer(name, model, args):
     curvature = dict(lr=args.lr, damping=args.damping, factor_interval=args.interval, inverse_interval=args.interval,
-                     weight_decay=5e-4, eigh_refresh_iters=args.eigh_refresh_iters)
+                     weight_decay=5e-4, eigh_refresh_iters=args.eigh_refresh_iters, damping_mode=args.damping_mode,
+                     inverse_method=args.inverse_method)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     if name == "adamw":
@@ -113,7 +114,8 @@ def summarize(args, names, fb, st, phases, n_params):
     sgd = rows.get("sgd")
     lines = [f"ResNet-18 layout, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
              f"{args.image}x{args.image}, device {args.device}, threads {torch.get_num_threads()}, interval {k}, "
-             f"eigh_refresh_iters {args.eigh_refresh_iters}, "
+             f"eigh_refresh_iters {args.eigh_refresh_iters}, damping_mode {args.damping_mode}, "
+             f"inverse_method {args.inverse_method}, "
              f"{args.steps} measured steps after {args.warmup} warm-up",
              "", "| optimizer | plain step (ms, median) | curvature step (ms, median) | mean step (ms) | mean / SGD |",
              "| --- | --- | --- | --- | --- |"]
@@ -152,7 +154,8 @@ def memory(args):
     out = {}
     for n in args.only or OPTIMIZERS:
         cmd = [sys.executable, __file__, "--memory-child", n, "--width", str(args.width), "--batch", str(args.batch),
-               "--eigh-refresh-iters", str(args.eigh_refresh_iters),
+               "--eigh-refresh-iters", str(args.eigh_refresh_iters), "--damping-mode", args.damping_mode,
+               "--inverse-method", args.inverse_method,
                "--image", str(args.image), "--interval", str(args.interval), "--device", args.device,
                "--steps", str(max(args.interval + 2, 4)), "--warmup", "0"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -200,7 +203,7 @@ def held_bytes(opt) -> int:
     tensors = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     if isinstance(opt, KFAC):
         tensors += [t for t in opt.factors_A + opt.factors_G if t is not None]
-        tensors += [t for b in opt.buckets for t in (b.QA, b.QG, b.lA, b.lG)]
+        tensors += [t for b in opt.buckets for t in vars(b).values() if isinstance(t, torch.Tensor)]
         tensors += [t for recs in opt.capture.records for r in recs for t in (r.a, r.dy) if t is not None]
     seen, total = set(), 0
     for t in tensors:
@@ -222,6 +225,9 @@ def main():
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--eigh-refresh-iters", type=int, default=0, help="KFAC/FOP eigh_refresh_iters")
+    p.add_argument("--damping-mode", choices=("eigen", "factored"), default="eigen")
+    p.add_argument("--inverse-method", choices=("eigh", "cholesky"), default="eigh",
+                   help="cholesky needs --damping-mode factored")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS)
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")

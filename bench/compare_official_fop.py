@@ -7,8 +7,8 @@ copied here. Without the folder the script prints why and exits 0.
 
 1. Timing on a 225k-parameter MNIST CNN (no batch-coupled layers) at batch 2048 from the real MNIST IDX files:
    SGD, the official FOP (two half-batch forward/backward passes per step, an extra full-batch MC-Fisher pass on
-   curvature steps, then SGD), our FOP with the MC Fisher (as the official), with the empirical Fisher, and with
-   the empirical Fisher and eigh_refresh_iters=1 (subspace-iteration refresh of the eigenbases), stepped in turn.
+   curvature steps, then SGD), our FOP with the MC Fisher (as the official) and with the empirical Fisher, each
+   with eigendecompositions and with Cholesky inverses (inverse_method="cholesky", as ASDL), stepped in turn.
    Reported: median plain step, median curvature step, mean over whole intervals, ratios to SGD.
 2. Update directions at equal Fisher estimate and damping form: the official step computes its Kronecker factors
    (MC Fisher, pi-split damping); the same factors are loaded into our FOP (damping_mode="factored"), and both
@@ -103,15 +103,15 @@ def official_optimizer(official, asdl, model, args, interval, ema_decay=0.05, da
 def time_steps(args, official, asdl, data):
     torch.manual_seed(0)
     base = MnistCNN()
-    names = ["sgd", "official", "ours_mc", "ours_empirical", "ours_empirical_refresh"]
+    names = ["sgd", "official", "ours_mc", "ours_empirical", "ours_mc_cholesky", "ours_empirical_cholesky"]
     models = {n: copy.deepcopy(base) for n in names}
     sgd = torch.optim.SGD(models["sgd"].parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     maker, off_sgd = official_optimizer(official, asdl, models["official"], args, args.interval,
                                         damping=args.timing_damping)
     ours = {n: FOP(models[n], lr=args.lr, momentum=0.9, weight_decay=5e-4, damping=args.timing_damping,
                    damping_mode="factored", factor_interval=args.interval, inverse_interval=args.interval,
-                   factor_decay=0.05, fisher="mc" if n == "ours_mc" else "empirical",
-                   eigh_refresh_iters=1 if n.endswith("refresh") else 0)
+                   factor_decay=0.05, fisher="mc" if n.startswith("ours_mc") else "empirical",
+                   inverse_method="cholesky" if n.endswith("cholesky") else "eigh")
             for n in names[2:]}
 
     def step(name, x, y):

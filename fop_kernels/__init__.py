@@ -15,7 +15,7 @@ from fop_kernels.ops.factor import (
     accumulate_factor,
     accumulate_factor_diag,
 )
-from fop_kernels.ops.fisher import fisher_inner_products, project_combine
+from fop_kernels.ops.fisher import combine_scalars, fisher_inner_products, project_combine
 
 __all__ = [
     "BackendUnavailableError",
@@ -26,6 +26,7 @@ __all__ = [
     "accumulate_factor_diag",
     "available_backends",
     "batched_cg",
+    "combine_scalars",
     "damped_inverse",
     "eigh",
     "eigh_refresh",

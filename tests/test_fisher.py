@@ -386,6 +386,20 @@ def _op_args(dtype=torch.float32):
     return A, D, lG, lA, sums
 
 
+def test_combine_scalars_are_project_combines_scalars_and_validate():
+    """The public scalar op (used by the Cholesky-inverse FOP path) gives project_combine's s_proj, beta, eta."""
+    A, D, lG, lA, sums = _op_args(torch.float64)
+    for kw in (dict(), dict(beta=0.2), dict(eta=0.5, beta_clip=(-0.1, 0.1))):
+        _, expected = ref.project_combine(A, D, sums.double(), lG, lA, DAMPING, **kw)
+        got = fop_kernels.combine_scalars(sums.double(), **kw)
+        assert got.dtype == torch.float64
+        assert_close(got, expected, *TOLERANCES[torch.float64], what=f"combine_scalars {kw}")
+    with pytest.raises(ValueError, match=r"sums must be \(layers, 5\)"):
+        fop_kernels.combine_scalars(sums[:, :4])
+    with pytest.raises(ValueError, match="beta_clip"):
+        fop_kernels.combine_scalars(sums, beta_clip=(1.0, -1.0))
+
+
 def test_opcheck_cpp_ops():
     if "cpp" not in SUMS_BACKENDS:
         pytest.skip("the native extension is not loaded")

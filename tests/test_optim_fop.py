@@ -121,9 +121,10 @@ def _one_step_direction(cls, m, x, y, **kwargs):
     return out, opt
 
 
-@pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
+@pytest.mark.parametrize("damping_mode,inverse_method", [("eigen", "eigh"), ("factored", "eigh"),
+                                                         ("factored", "cholesky")])
 @pytest.mark.parametrize("batch", [10, 9])
-def test_fop_matches_literal_paper_equations(damping_mode, batch):
+def test_fop_matches_literal_paper_equations(damping_mode, inverse_method, batch):
     torch.manual_seed(10)
     m = tiny_net().double()
     x = torch.randn(batch, 2, 6, 6, dtype=torch.float64)
@@ -132,8 +133,10 @@ def test_fop_matches_literal_paper_equations(damping_mode, batch):
     # wide clips so that the adaptive values themselves are compared (the defaults are checked below)
     clips = dict(beta_clip=(-50.0, 50.0), eta_clip=(-50.0, 50.0))
     expected = literal_fop_update(m, x, y, damping, damping_mode, **clips)
-    got, opt = _one_step_direction(FOP, m, x, y, damping=damping, damping_mode=damping_mode, **clips)
+    got, opt = _one_step_direction(FOP, m, x, y, damping=damping, damping_mode=damping_mode,
+                                   inverse_method=inverse_method, **clips)
     stats = opt.last_stats()
+    assert set(stats) == set(expected)
     for name, (update, s_proj, beta, eta) in expected.items():
         torch.testing.assert_close(got[name], update, rtol=1e-6, atol=1e-9, msg=f"layer {name}")
         torch.testing.assert_close(stats[name]["s_proj"].double(), s_proj, rtol=1e-6, atol=1e-9)
@@ -157,10 +160,13 @@ def test_fop_default_clips_and_fixed_values_match_literal():
             assert -0.5 <= float(stats["beta"]) <= 0.5 and 0.0 <= float(stats["eta"]) <= 2.0
 
 
-def test_fop_beta0_eta1_equals_kfac_exactly():
+@pytest.mark.parametrize("inverse", [dict(), dict(damping_mode="factored", inverse_method="cholesky")],
+                         ids=["eigh", "cholesky"])
+def test_fop_beta0_eta1_equals_kfac_exactly(inverse):
     torch.manual_seed(12)
     m = tiny_net()
-    kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, damping=1e-2, weight_decay=1e-3, kl_clip=1e-2)
+    kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, damping=1e-2, weight_decay=1e-3, kl_clip=1e-2,
+                  **inverse)
     m_fop, m_kfac = copy.deepcopy(m), copy.deepcopy(m)
     o_fop = FOP(m_fop, beta=0.0, eta=1.0, **kwargs)
     o_kfac = KFAC(m_kfac, **kwargs)

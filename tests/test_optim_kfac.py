@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
+from fop.kfac import damped_cholesky_inverse
 from test_optim_fop import _one_step_direction, _per_layer_stats, tiny_net
 from torch import nn
 
@@ -28,13 +29,15 @@ def _grads(m, x, y):
     return out
 
 
-@pytest.mark.parametrize("damping_mode", ["eigen", "factored"])
-def test_kfac_matches_explicit_kronecker_inverse(damping_mode):
+@pytest.mark.parametrize("damping_mode,inverse_method", [("eigen", "eigh"), ("factored", "eigh"),
+                                                         ("factored", "cholesky")])
+def test_kfac_matches_explicit_kronecker_inverse(damping_mode, inverse_method):
     torch.manual_seed(20)
     m = tiny_net().double()
     x, y = _batch(9)
     damping = 3e-3
-    got, _ = _one_step_direction(KFAC, m, x, y, damping=damping, damping_mode=damping_mode)
+    got, _ = _one_step_direction(KFAC, m, x, y, damping=damping, damping_mode=damping_mode,
+                                 inverse_method=inverse_method)
     layers, stats = _per_layer_stats(copy.deepcopy(m), x, y)
     grads = _grads(m, x, y)
     N = x.shape[0]
@@ -270,3 +273,28 @@ def test_eigh_refresh_matches_full_decomposition_on_fixed_factors():
             torch.testing.assert_close(d_ref, d_full, rtol=1e-6, atol=1e-10)
     with pytest.raises(ValueError, match="eigh_refresh_iters"):
         KFAC(tiny_net(), eigh_refresh_iters=-1)
+
+
+def test_cholesky_inverse_needs_factored_damping_and_no_refresh():
+    with pytest.raises(ValueError, match="inverse_method='cholesky' needs damping_mode='factored'"):
+        KFAC(tiny_net(), inverse_method="cholesky")
+    with pytest.raises(ValueError, match="eigh_refresh_iters"):
+        KFAC(tiny_net(), damping_mode="factored", inverse_method="cholesky", eigh_refresh_iters=1)
+    with pytest.raises(ValueError, match="inverse_method"):
+        KFAC(tiny_net(), inverse_method="lu")
+
+
+def test_damped_cholesky_inverse_falls_back_to_eigh_when_cholesky_fails():
+    """Rounding can leave a factor slightly indefinite; when M + lam I is not positive definite its Cholesky fails
+    and that matrix is inverted through its clamped eigendecomposition, while the others keep Cholesky."""
+    torch.manual_seed(21)
+    X = torch.randn(6, 4, dtype=torch.float64)
+    good = X.T @ X
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    evals = torch.tensor([-1e-3, 1.0, 2.0, 3.0], dtype=torch.float64)
+    indefinite = Q @ torch.diag(evals) @ Q.T
+    lam = torch.tensor([0.1, 1e-6], dtype=torch.float64)
+    inv = damped_cholesky_inverse(torch.stack([good, indefinite]), lam)
+    torch.testing.assert_close(inv[0], torch.linalg.inv(good + 0.1 * torch.eye(4, dtype=torch.float64)))
+    expected = Q @ torch.diag(1.0 / (evals.clamp_min(0) + 1e-6)) @ Q.T
+    torch.testing.assert_close(inv[1], expected, rtol=1e-8, atol=1e-6)

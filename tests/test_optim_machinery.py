@@ -218,6 +218,7 @@ def test_validation_helpers_name_the_value():
     (dict(inverse_interval=2.5), "inverse_interval"), (dict(kl_clip=0.0), "kl_clip"),
     (dict(fisher="true"), "fisher"), (dict(beta="big"), "beta"), (dict(eta_clip=(2, 0)), "eta_clip"),
     (dict(loss_reduction="max"), "loss_reduction"), (dict(factor_dtype=torch.float16), "factor_dtype"),
+    (dict(inverse_method="svd"), "inverse_method"), (dict(inverse_method="cholesky"), "damping_mode='factored'"),
 ])
 def test_constructor_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -326,11 +327,14 @@ def test_gradscaler_matches_unscaled(cls):
         torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("inverse", [dict(), dict(damping_mode="factored", inverse_method="cholesky")],
+                         ids=["eigh", "cholesky"])
 @pytest.mark.parametrize("cls", [KFAC, FOP])
-def test_state_dict_round_trip_bit_identical(cls):
+def test_state_dict_round_trip_bit_identical(cls, inverse):
     torch.manual_seed(4)
     m = small_cnn()
-    kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, weight_decay=1e-3, damping=1e-2, kl_clip=1e-2)
+    kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, weight_decay=1e-3, damping=1e-2, kl_clip=1e-2,
+                  **inverse)
     opt = cls(m, **kwargs)
     _train(m, opt, 5, seed=1)
     saved_model = copy.deepcopy(m.state_dict())

@@ -19,6 +19,7 @@ from fop_kernels._dispatch import register, resolve
 
 register("fisher_inner_products", "reference")(ref.fisher_inner_products)
 register("project_combine", "reference")(ref.project_combine)
+register("combine_scalars", "reference")(ref.combine_scalars)
 
 DAMPING_MODES = ("eigen", "factored")
 _EIGEN_DTYPES = (torch.float32, torch.float64)
@@ -103,3 +104,19 @@ def project_combine(A_rot, D_rot, sums, lG, lA, damping, damping_mode: str = "ei
     _, fn = resolve("project_combine", A_rot[0].device, backend)
     return fn(A_rot, D_rot, sums, lG, lA, damping, damping_mode=damping_mode, beta=beta, eta=eta,
               beta_clip=beta_clip, eta_clip=eta_clip)
+
+
+def combine_scalars(sums, beta="adaptive", eta="adaptive", beta_clip=(-0.5, 0.5), eta_clip=(0.0, 2.0), *,
+                    backend: str | None = None):
+    """(L x 3) s_proj, beta, eta from the (L x 5) sums S1, S2, a, c, e0 (the formulas of project_combine).
+
+    For preconditioners that form F g and F_w^-1 g without an eigenbasis (K-FAC's Cholesky inverses): the sums are
+    then plain inner products, and U = eta (F_w^-1 g_avg + beta (F_w^-1 g_diff - s_proj F_w^-1 g_avg)). No host
+    sync; the scalars have the dtype of `sums`."""
+    _checks.tensor("sums", sums, ndim=2, dtypes=_EIGEN_DTYPES)
+    if sums.shape[1] != 5:
+        raise ValueError(f"sums must be (layers, 5): S1, S2, a, c, e0; got shape {tuple(sums.shape)}")
+    beta, beta_clip = _check_choice("beta", beta, beta_clip)
+    eta, eta_clip = _check_choice("eta", eta, eta_clip)
+    _, fn = resolve("combine_scalars", sums.device, backend)
+    return fn(sums, beta=beta, eta=eta, beta_clip=beta_clip, eta_clip=eta_clip)

@@ -11,7 +11,7 @@ from fop_kernels.reference.factor import (
     accumulate_factor,
     accumulate_factor_diag,
 )
-from fop_kernels.reference.fisher import damping_weights, fisher_inner_products, project_combine
+from fop_kernels.reference.fisher import combine_scalars, damping_weights, fisher_inner_products, project_combine
 
 __all__ = [
     "accumulate_conv_factor",
@@ -19,6 +19,7 @@ __all__ = [
     "accumulate_factor",
     "accumulate_factor_diag",
     "batched_cg",
+    "combine_scalars",
     "damped_inverse",
     "damping_weights",
     "eigh",

@@ -6,7 +6,7 @@ import torch
 
 import fop_kernels
 from fop._base import check_float, check_range, logger
-from fop.kfac import KFAC, Bucket
+from fop.kfac import KFAC, Bucket, InverseBucket
 
 
 def _beta_eta(name: str, value):
@@ -31,9 +31,14 @@ class FOP(KFAC):
         beta* = clamp(d / e, beta_clip)                              (paper eq. 16)
         eta*  = clamp(2 (a + beta d) / (a + 2 beta d + beta^2 e), eta_clip)   (eq. 17, g_tot = g1 + g2)
         U = Q_G [eta (A~ + beta (D~ - s_proj A~)) / w] Q_A^T
-    then K-FAC's KL clip and outer update. `beta`/`eta` fixed (numbers) replace the adaptive values;
+    then K-FAC's KL clip and outer update. With inverse_method="cholesky" (factored damping) the same quantities come
+    without an eigenbasis: with F g = G g A (the factors of the last inversion) and P g = G_d^-1 g A_d^-1,
+        S1 = <g_avg, F g_avg>, S2 = <g_diff, F g_avg>, a = <g_avg, P g_avg>, c = <g_diff, P g_avg>,
+        e0 = <g_diff, P g_diff>,   U = eta (P g_avg + beta (P g_diff - s_proj P g_avg)).
+    `beta`/`eta` fixed (numbers) replace the adaptive values;
     beta=0, eta=1 is K-FAC exactly. A batch of 1 (no second half) falls back to the K-FAC step with a logged
-    warning. All scalars stay on the device: the only host sync in `step()` is the finiteness check.
+    warning. All scalars stay on the device: the only host sync in `step()` is the finiteness check (and, with
+    inverse_method="cholesky", the Cholesky status on inversion steps).
 
     Args (beyond KFAC's): beta ("adaptive" or a number), beta_clip=(-0.5, 0.5), eta ("adaptive" or a number),
     eta_clip=(0, 2) (clips as in the official code).
@@ -72,7 +77,13 @@ class FOP(KFAC):
         else:
             self._counts = counts
         self._inv_scale = inv_scale
-        return super()._precondition(damping, inv_scale)
+        self._stat_parts = []
+        directions = super()._precondition(damping, inv_scale)
+        if self.inverse_method == "cholesky":
+            parts = self._stat_parts
+            self._stats = (([i for idx, _ in parts for i in idx], torch.cat([sc for _, sc in parts]))
+                           if parts else None)
+        return directions
 
     def _bucket_gradients(self, bucket: Bucket, inv_scale):
         V, _ = super()._bucket_gradients(bucket, inv_scale)
@@ -88,6 +99,19 @@ class FOP(KFAC):
         w1 = (n / n1).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g1 = (N/N1) S1
         w2 = (n / (n - n1)).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g2 = (N/N2)(g_avg - S1)
         return V, w1 * S1 - w2 * (V - S1)
+
+    def _inverse_update(self, bucket: InverseBucket, V, D):
+        if D is None:
+            return super()._inverse_update(bucket, V, D)
+        FV = torch.bmm(torch.bmm(bucket.G, V), bucket.A)
+        PV, PD = bucket.precondition(V), bucket.precondition(D)  # PV as K-FAC's, so beta=0, eta=1 is K-FAC exactly
+        sums = torch.stack([(V * FV).sum((1, 2)), (D * FV).sum((1, 2)), (V * PV).sum((1, 2)), (D * PV).sum((1, 2)),
+                            (D * PD).sum((1, 2))], dim=1)
+        scalars = fop_kernels.combine_scalars(sums, beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
+                                              eta_clip=self.eta_clip)
+        self._stat_parts.append((bucket.index, scalars))
+        s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
+        return eta * (PV + beta * (PD - s * PV))
 
     def _combine(self, A_rot, D_rot, lG, lA, damping):
         if D_rot is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import fop_kernels
@@ -18,6 +20,7 @@ from fop._base import (
 
 DAMPING_MODES = ("eigen", "factored")
 FISHER_TYPES = ("empirical", "mc")
+INVERSE_METHODS = ("eigh", "cholesky")
 
 
 class Bucket:
@@ -27,6 +30,10 @@ class Bucket:
         self.index = index  # layer indices
         self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i), (B,i)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.QA.dtype
+
     def rotate(self, M: torch.Tensor) -> torch.Tensor:
         """Q_G^T M Q_A for a (B, o, i) stack."""
         return torch.bmm(torch.bmm(self.QG.mT, M), self.QA)
@@ -34,6 +41,35 @@ class Bucket:
     def unrotate(self, M: torch.Tensor) -> torch.Tensor:
         """Q_G M Q_A^T for a (B, o, i) stack."""
         return torch.bmm(torch.bmm(self.QG, M), self.QA.mT)
+
+
+class InverseBucket:
+    """Layers of one shape for inverse_method="cholesky": the factors of the last inversion and their damped
+    inverses (G + lambda_G I)^-1, (A + lambda_A I)^-1, stacked for bmm."""
+
+    def __init__(self, index: list[int], G, A, Ginv, Ainv):
+        self.index = index
+        self.G, self.A, self.Ginv, self.Ainv = G, A, Ginv, Ainv  # (B,o,o), (B,i,i), (B,o,o), (B,i,i)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    def precondition(self, M: torch.Tensor) -> torch.Tensor:
+        """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack."""
+        return torch.bmm(self.Ginv, torch.bmm(M, self.Ainv))
+
+
+def damped_cholesky_inverse(M: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """(M_b + lam_b I)^-1 for a (B, n, n) stack of PSD matrices by Cholesky. A matrix whose Cholesky fails (rounding
+    made it indefinite) is inverted through its clamped eigendecomposition instead (fop_kernels.damped_inverse)."""
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    L, info = torch.linalg.cholesky_ex(M + lam.to(M.dtype)[:, None, None] * eye)
+    inv = torch.cholesky_inverse(L).contiguous()  # LAPACK's column-major result: bmm then runs as after a load
+    failed = torch.nonzero(info).flatten().tolist()  # one host sync per inversion step
+    for b in failed:
+        inv[b] = fop_kernels.damped_inverse([M[b]], lam[b].to(M.dtype))[0]
+    return inv
 
 
 class KFAC(CurvatureOptimizer):
@@ -48,6 +84,9 @@ class KFAC(CurvatureOptimizer):
     - every step: V~ = Q_G^T V Q_A,  U = Q_G (V~ / w) Q_A^T, with
       "eigen" damping w = l_G l_A^T + lambda (exact Tikhonov damping of A kron G), or
       "factored" w = (l_G + sqrt(lambda)/pi)(l_A + sqrt(lambda) pi)^T, pi = sqrt((tr A/dim A)/(tr G/dim G));
+    - or, with inverse_method="cholesky" (factored damping only): every `inverse_interval` steps the damped inverses
+      (A + sqrt(lambda) pi I)^-1 and (G + sqrt(lambda)/pi I)^-1 by Cholesky, and every step U = G_d^-1 V A_d^-1:
+      the same update as "factored" in the eigenbasis, without eigendecompositions (as the official FOP code);
     - optional KL clipping: U <- min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) U;
     - the outer update (CurvatureOptimizer): weight decay, momentum, learning rate, on U for preconditioned
       parameters and on the gradient for every other parameter.
@@ -74,6 +113,9 @@ class KFAC(CurvatureOptimizer):
             full, later ones run k subspace iterations (Q <- qr(M Q)) from the previous eigenvectors through
             `fop_kernels.eigh_refresh`: a few matmuls and a QR instead of an eigh (large factors on CPU; in one
             process only, distributed runs decompose in full).
+        inverse_method: "eigh" (default) or "cholesky" (needs damping_mode="factored"; a damping schedule is then
+            read on inverse steps only, since the damping is inside the inverses). Cholesky inverses cost about a
+            fifth of an eigendecomposition on CPU (bench/RESULTS.md); distributed runs invert on every rank.
         exclude, loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
         distributed: None (on when torch.distributed runs more than one rank), False, True or a
             fop.distributed.DistributedOptions: factors averaged over ranks, eigendecompositions sharded.
@@ -83,7 +125,7 @@ class KFAC(CurvatureOptimizer):
                  decoupled: bool = False, damping=1e-3, damping_mode: str = "eigen", factor_decay: float = 0.05,
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = None,
                  fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, eigh_refresh_iters: int = 0,
-                 model=None, exclude=None,
+                 inverse_method: str = "eigh", model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         self.damping = check_schedule("damping", damping)
@@ -95,6 +137,13 @@ class KFAC(CurvatureOptimizer):
         self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
         self.factor_dtype = check_choice("factor_dtype", factor_dtype, (torch.float32, torch.float64))
         self.eigh_refresh_iters = check_int("eigh_refresh_iters", eigh_refresh_iters, low=0)
+        self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
+        if self.inverse_method == "cholesky" and self.damping_mode != "factored":
+            raise ValueError("inverse_method='cholesky' needs damping_mode='factored': the exact Tikhonov damping of "
+                             "A kron G ('eigen') has no Kronecker-factored inverse")
+        if self.inverse_method == "cholesky" and self.eigh_refresh_iters:
+            raise ValueError("eigh_refresh_iters refreshes eigendecompositions; it does not apply to "
+                             "inverse_method='cholesky'")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled=bool(decoupled))
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, loss_reduction=loss_reduction,
                          check_finite=check_finite, grad_scaler=grad_scaler, distributed=distributed)
@@ -102,7 +151,7 @@ class KFAC(CurvatureOptimizer):
         self.factors_A: list[torch.Tensor | None] = [None] * n
         self.factors_G: list[torch.Tensor | None] = [None] * n
         self.factor_updates = 0  # how many factor updates have run (host int)
-        self.buckets: list[Bucket] = []
+        self.buckets: list[Bucket] | list[InverseBucket] = []
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
         self._arm()
 
@@ -178,7 +227,10 @@ class KFAC(CurvatureOptimizer):
         return True
 
     def _decompose(self) -> None:
-        """Eigendecompose every A and G in one batched call and stack them by layer shape."""
+        """Eigendecompose every A and G in one batched call and stack them by layer shape (or invert them)."""
+        if self.inverse_method == "cholesky":
+            self._invert()
+            return
         mats = self.factors_A + self.factors_G
         if self.eigh_refresh_iters and self.buckets and not self.comm.active:
             n = len(self.layers)
@@ -193,13 +245,34 @@ class KFAC(CurvatureOptimizer):
         self._set_buckets(evals[:n], evecs[:n], evals[n:], evecs[n:])
         self.decomposed_at = self.steps
 
-    def _set_buckets(self, lA, QA, lG, QG) -> None:
+    def _by_shape(self, like: list[torch.Tensor]) -> list[list[int]]:
+        """Layer indices grouped by (gradient shape, device, dtype of `like[i]`), in layer order."""
         by_shape: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers):
-            by_shape.setdefault((layer.shape, QA[i].device, QA[i].dtype), []).append(i)
+            by_shape.setdefault((layer.shape, like[i].device, like[i].dtype), []).append(i)
+        return list(by_shape.values())
+
+    def _set_buckets(self, lA, QA, lG, QG) -> None:
         self.buckets = [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
                                torch.stack([QA[i] for i in idx]), torch.stack([lA[i] for i in idx]))
-                        for idx in by_shape.values()]
+                        for idx in self._by_shape(QA)]
+
+    def _invert(self) -> None:
+        """inverse_method="cholesky": per layer shape, stack A and G and invert A + sqrt(lambda) pi I and
+        G + sqrt(lambda)/pi I, pi = sqrt((tr A/dim A)/(tr G/dim G)) (means clamped at 1e-30, as the factored
+        damping of the eigenbasis path). Factors are averaged over ranks already, so every rank inverts alike."""
+        root = math.sqrt(eval_schedule("damping", self.damping, self.steps))
+        buckets = []
+        for idx in self._by_shape(self.factors_A):
+            A = torch.stack([self.factors_A[i] for i in idx])
+            G = torch.stack([self.factors_G[i] for i in idx])
+            mean_A = A.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
+            mean_G = G.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
+            pi = torch.sqrt(mean_A / mean_G)
+            buckets.append(InverseBucket(idx, G, A, damped_cholesky_inverse(G, root / pi),
+                                         damped_cholesky_inverse(A, root * pi)))
+        self.buckets = buckets
+        self.decomposed_at = self.steps
 
     def _curvature_step(self, inv_scale):
         if not self.layers:
@@ -218,8 +291,7 @@ class KFAC(CurvatureOptimizer):
 
     def _bucket_gradients(self, bucket: Bucket, inv_scale) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(V stack, difference stack or None) for a bucket: K-FAC has no second gradient."""
-        dtype = bucket.QA.dtype
-        return torch.stack([self.layers[i].grad_matrix(dtype) for i in bucket.index]), None
+        return torch.stack([self.layers[i].grad_matrix(bucket.dtype) for i in bucket.index]), None
 
     def _combine(self, A_rot: list, D_rot: list | None, lG: list, lA: list, damping: float) -> list:
         """The rotated update U~ per layer; K-FAC: V~ / w through project_combine with beta=0, eta=1."""
@@ -228,25 +300,35 @@ class KFAC(CurvatureOptimizer):
                                                beta=0.0, eta=1.0)
         return U_rot
 
+    def _inverse_update(self, bucket: InverseBucket, V: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+        """inverse_method="cholesky": the update stack of a bucket; K-FAC: G_d^-1 V A_d^-1."""
+        return bucket.precondition(V)
+
     def _precondition(self, damping: float, inv_scale) -> dict[int, torch.Tensor]:
-        V_stacks, A_rot, D_rot, lG, lA = [], [], [], [], []
-        have_diff = True
-        for b in self.buckets:
-            V, D = self._bucket_gradients(b, inv_scale)
-            V_stacks.append(V)
-            A_rot.extend(b.rotate(V).unbind(0))
-            if D is None:
-                have_diff = False
-            else:
-                D_rot.extend(b.rotate(D).unbind(0))
-            lG.extend(b.lG.unbind(0))
-            lA.extend(b.lA.unbind(0))
-        U_rot = self._combine(A_rot, D_rot if have_diff else None, lG, lA, damping)
-        updates, start = [], 0
-        for b in self.buckets:
-            U = b.unrotate(torch.stack(U_rot[start:start + len(b.index)]))
-            start += len(b.index)
-            updates.append(U)
+        V_stacks, updates = [], []
+        if self.inverse_method == "cholesky":
+            for b in self.buckets:
+                V, D = self._bucket_gradients(b, inv_scale)
+                V_stacks.append(V)
+                updates.append(self._inverse_update(b, V, D))
+        else:
+            A_rot, D_rot, lG, lA = [], [], [], []
+            have_diff = True
+            for b in self.buckets:
+                V, D = self._bucket_gradients(b, inv_scale)
+                V_stacks.append(V)
+                A_rot.extend(b.rotate(V).unbind(0))
+                if D is None:
+                    have_diff = False
+                else:
+                    D_rot.extend(b.rotate(D).unbind(0))
+                lG.extend(b.lG.unbind(0))
+                lA.extend(b.lA.unbind(0))
+            U_rot = self._combine(A_rot, D_rot if have_diff else None, lG, lA, damping)
+            start = 0
+            for b in self.buckets:
+                updates.append(b.unrotate(torch.stack(U_rot[start:start + len(b.index)])))
+                start += len(b.index)
         if self.kl_clip is not None:
             self._kl_clip_(updates, V_stacks)
         directions = {}
@@ -273,12 +355,16 @@ class KFAC(CurvatureOptimizer):
     def _extra_state(self) -> dict:
         extra = super()._extra_state()
         eig = [None] * len(self.layers)
+        inverse = [None] * len(self.layers)
         for b in self.buckets:
             for j, i in enumerate(b.index):
-                eig[i] = {"QA": b.QA[j], "lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
+                if isinstance(b, InverseBucket):
+                    inverse[i] = {"A": b.A[j], "G": b.G[j], "Ainv": b.Ainv[j], "Ginv": b.Ginv[j]}
+                else:
+                    eig[i] = {"QA": b.QA[j], "lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
         extra.update(factor_updates=self.factor_updates, decomposed_at=self.decomposed_at,
                      factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
-                     eigen=eig)
+                     eigen=eig, inverse=inverse)
         return extra
 
     def _load_extra_state(self, extra: dict) -> None:
@@ -288,11 +374,17 @@ class KFAC(CurvatureOptimizer):
         for i, (layer, f) in enumerate(zip(self.layers, extra["factors"])):
             self.factors_A[i] = None if f is None else layer_device_tensor(f["A"], layer.weight)
             self.factors_G[i] = None if f is None else layer_device_tensor(f["G"], layer.weight)
-        eig = extra["eigen"]
-        if all(e is not None for e in eig) and eig:
-            moved = [{k: layer_device_tensor(v, layer.weight) for k, v in e.items()}
-                     for e, layer in zip(eig, self.layers)]
+        self.buckets = []
+        key = "inverse" if self.inverse_method == "cholesky" else "eigen"
+        saved = extra.get(key) or []
+        if not saved or any(e is None for e in saved):
+            return
+        moved = [{k: layer_device_tensor(v, layer.weight) for k, v in e.items()}
+                 for e, layer in zip(saved, self.layers)]
+        if key == "eigen":
             self._set_buckets([e["lA"] for e in moved], [e["QA"] for e in moved], [e["lG"] for e in moved],
                               [e["QG"] for e in moved])
-        else:
-            self.buckets = []
+            return
+        self.buckets = [InverseBucket(idx, *(torch.stack([moved[i][k] for i in idx])
+                                                   for k in ("G", "A", "Ginv", "Ainv")))
+                        for idx in self._by_shape([e["A"] for e in moved])]
