@@ -7,8 +7,9 @@ copied here. Without the folder the script prints why and exits 0.
 
 1. Timing on a 225k-parameter MNIST CNN (no batch-coupled layers) at batch 2048 from the real MNIST IDX files:
    SGD, the official FOP (two half-batch forward/backward passes per step, an extra full-batch MC-Fisher pass on
-   curvature steps, then SGD), our FOP with the MC Fisher (as the official) and with the empirical Fisher, each
-   with eigendecompositions and with Cholesky inverses (inverse_method="cholesky", as ASDL), stepped in turn.
+   curvature steps, then SGD) and our FOP variants named by `--ours`: the MC Fisher (as the official) or the
+   empirical one (`mc`/`empirical`), eigendecompositions or Cholesky inverses (`_cholesky`, as ASDL), one backward
+   on the batch or two half-batch passes (`_2pass`: split="backward", as the official), stepped in turn.
    Reported: median plain step, median curvature step, mean over whole intervals, ratios to SGD.
 2. Update directions at equal Fisher estimate and damping form: the official step computes its Kronecker factors
    (MC Fisher, pi-split damping); the same factors are loaded into our FOP (damping_mode="factored"), and both
@@ -103,7 +104,7 @@ def official_optimizer(official, asdl, model, args, interval, ema_decay=0.05, da
 def time_steps(args, official, asdl, data):
     torch.manual_seed(0)
     base = MnistCNN()
-    names = ["sgd", "official", "ours_mc", "ours_empirical", "ours_mc_cholesky", "ours_empirical_cholesky"]
+    names = ["sgd", "official"] + [f"ours_{v}" for v in args.ours]
     models = {n: copy.deepcopy(base) for n in names}
     sgd = torch.optim.SGD(models["sgd"].parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     maker, off_sgd = official_optimizer(official, asdl, models["official"], args, args.interval,
@@ -111,7 +112,8 @@ def time_steps(args, official, asdl, data):
     ours = {n: FOP(models[n], lr=args.lr, momentum=0.9, weight_decay=5e-4, damping=args.timing_damping,
                    damping_mode="factored", factor_interval=args.interval, inverse_interval=args.interval,
                    factor_decay=0.05, fisher="mc" if n.startswith("ours_mc") else "empirical",
-                   inverse_method="cholesky" if n.endswith("cholesky") else "eigh")
+                   inverse_method="cholesky" if "cholesky" in n else "eigh",
+                   split="backward" if n.endswith("2pass") else "half_batch")
             for n in names[2:]}
 
     def step(name, x, y):
@@ -125,15 +127,19 @@ def time_steps(args, official, asdl, data):
             with Quiet():
                 maker.run(m, x, y, F.cross_entropy, label_smoothing=0.0)
             off_sgd.step()
-        else:
+        else:  # split="backward": two half-batch passes, as the official code; else one backward on the batch
             opt = ours[name]
             opt.zero_grad()
-            logits = m(x)
-            if opt.fisher == "mc":
-                opt.fisher_backward(logits)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            losses[name] = loss.detach()
+            passes = 2 if opt.split == "backward" else 1
+            total = 0.0
+            for xb, yb in zip(x.chunk(passes), y.chunk(passes)):
+                logits = m(xb)
+                if opt.fisher == "mc":
+                    opt.fisher_backward(logits)
+                loss = F.cross_entropy(logits, yb) / passes
+                loss.backward()
+                total = total + loss.detach()
+            losses[name] = total
             opt.step()
 
     times = {n: [] for n in names}
@@ -240,6 +246,10 @@ def main():
     p.add_argument("--lr", type=float, default=0.002, help="timing run (0.01 diverged at damping 1e-2)")
     p.add_argument("--damping", type=float, default=1e-3, help="damping of the direction comparison")
     p.add_argument("--timing-damping", type=float, default=1e-2, help="damping of the timing run (official default)")
+    p.add_argument("--ours", nargs="+", default=["mc", "empirical", "mc_cholesky", "empirical_cholesky",
+                                                 "mc_cholesky_2pass", "empirical_cholesky_2pass"],
+                   choices=[f + c + t for f in ("mc", "empirical") for c in ("", "_cholesky") for t in ("", "_2pass")],
+                   help="our variants to time")
     p.add_argument("--skip-directions", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     args = p.parse_args()

@@ -308,3 +308,61 @@ def test_fop_step_has_no_host_sync_on_cuda():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+
+
+def _two_pass_step(m, opt, x, y, passes=2):
+    """One optimizer step with gradient accumulation over `passes` equal micro-batches (mean losses / passes)."""
+    opt.zero_grad()
+    for xb, yb in zip(x.chunk(passes), y.chunk(passes)):
+        (F.cross_entropy(m(xb), yb) / passes).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("inverse", [dict(), dict(damping_mode="factored", inverse_method="cholesky")],
+                         ids=["eigh", "cholesky"])
+def test_split_backward_equals_half_batch_split(inverse):
+    """Two backward passes on the halves (split="backward") give the sub-batch gradients of one backward on the
+    whole batch split in halves (split="half_batch"), so the whole trajectory agrees (no batch-coupled layers)."""
+    torch.manual_seed(15)
+    m = tiny_net().double()
+    kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, damping=1e-2, weight_decay=1e-3,
+                  factor_dtype=torch.float64, **inverse)
+    m_half, m_back = copy.deepcopy(m), copy.deepcopy(m)
+    o_half, o_back = FOP(m_half, **kwargs), FOP(m_back, split="backward", **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, y = torch.randn(10, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (10,), generator=g)
+        o_half.zero_grad()
+        F.cross_entropy(m_half(x), y).backward()
+        o_half.step()
+        _two_pass_step(m_back, o_back, x, y)
+        for name in o_half.last_stats():
+            for key in ("s_proj", "beta", "eta"):
+                torch.testing.assert_close(o_back.last_stats()[name][key], o_half.last_stats()[name][key],
+                                           rtol=1e-9, atol=1e-12)
+    for (n, p1), p2 in zip(m_half.named_parameters(), m_back.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-9, atol=1e-12, msg=n)
+    assert o_back._passes == {} and o_back._first_pass == {}  # released after the step
+
+
+def test_split_backward_with_one_pass_is_kfac_with_warning(caplog):
+    torch.manual_seed(16)
+    m = tiny_net()
+    m_fop, m_kfac = copy.deepcopy(m), copy.deepcopy(m)
+    kwargs = dict(lr=0.05, factor_interval=1, inverse_interval=1, damping=1e-2)
+    o_fop, o_kfac = FOP(m_fop, split="backward", **kwargs), KFAC(m_kfac, **kwargs)
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 4, (8,))
+    with caplog.at_level(logging.WARNING, logger="fop"):
+        for model, opt in ((m_fop, o_fop), (m_kfac, o_kfac)):
+            _two_pass_step(model, opt, x, y, passes=1)
+    assert "at least two backward passes" in caplog.text
+    assert o_fop.last_stats() == {}
+    for p1, p2 in zip(m_fop.parameters(), m_kfac.parameters()):
+        assert torch.equal(p1, p2)
+
+
+def test_split_validation():
+    with pytest.raises(ValueError, match="split"):
+        FOP(tiny_net(), split="thirds")
+    with pytest.raises(ValueError, match="loss_reduction='mean'"):
+        FOP(tiny_net(), split="backward", loss_reduction="sum")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import fop_kernels
-from fop._base import check_float, check_range, logger
+from fop._base import check_choice, check_float, check_range, logger
 from fop.kfac import KFAC, Bucket, InverseBucket
 
 
@@ -15,6 +15,14 @@ def _beta_eta(name: str, value):
             raise ValueError(f"{name} must be 'adaptive' or a number, got {value!r}")
         return value
     return check_float(name, value)
+
+
+SPLITS = ("half_batch", "backward")
+
+
+def _multi_rank() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
 
 
 class FOP(KFAC):
@@ -41,21 +49,66 @@ class FOP(KFAC):
     inverse_method="cholesky", the Cholesky status on inversion steps).
 
     Args (beyond KFAC's): beta ("adaptive" or a number), beta_clip=(-0.5, 0.5), eta ("adaptive" or a number),
-    eta_clip=(0, 2) (clips as in the official code).
+    eta_clip=(0, 2) (clips as in the official code), and `split`:
+
+    - "half_batch" (default): one backward per step; sub-batch 1 is the first half of every batch, its gradient one
+      half-batch weight-gradient GEMM per layer over the captured inputs and output gradients (above).
+    - "backward": the training loop runs k >= 2 backward passes per step, each on its own micro-batch with its
+      mean loss divided by k (gradient accumulation, as the official code's two half-batch passes); sub-batch 1 is
+      the first pass: its share S1 of `.grad` is copied when the first pass has accumulated, and
+          g1 = k S1,   g2 = (k / (k - 1)) (g_avg - S1)
+      (the mean gradients of pass 1 and of the other passes). No half-batch GEMM and no capture on non-factor steps:
+      the sub-batch gradients cost nothing beyond the passes themselves. Single process, loss_reduction="mean";
+      `zero_grad()` before the first pass. A step with one pass falls back to the K-FAC update (warned once).
     """
 
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, *,
-                 beta="adaptive", beta_clip=(-0.5, 0.5), eta="adaptive", eta_clip=(0.0, 2.0), **kwargs):
+                 beta="adaptive", beta_clip=(-0.5, 0.5), eta="adaptive", eta_clip=(0.0, 2.0),
+                 split: str = "half_batch", **kwargs):
+        self.split = check_choice("split", split, SPLITS)
+        if self.split == "backward":
+            if kwargs.get("loss_reduction", "mean") != "mean":
+                raise ValueError("split='backward' needs loss_reduction='mean' (each pass's mean loss divided by the "
+                                 "number of passes)")
+            if kwargs.get("distributed") not in (None, False) or (kwargs.get("distributed") is None and _multi_rank()):
+                raise ValueError("split='backward' is for a single process; distributed FOP splits every rank's "
+                                 "batch (split='half_batch')")
         self.beta = _beta_eta("beta", beta)
         self.eta = _beta_eta("eta", eta)
         self.beta_clip = check_range("beta_clip", beta_clip)
         self.eta_clip = check_range("eta_clip", eta_clip)
         self._stats: torch.Tensor | None = None
         self._warned_fallback = False
+        self._first_pass: dict[int, torch.Tensor] = {}  # split="backward": id(p) -> .grad after the first pass
+        self._passes: dict[int, int] = {}  # split="backward": id(p) -> backward passes accumulated this step
         super().__init__(params_or_model, lr, momentum, weight_decay, **kwargs)
+        self._pass_hooks = ([p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+                             for layer in self.layers for p in layer.params] if self.split == "backward" else [])
 
     def _needs_half_batch(self, step: int) -> bool:
-        return True
+        return self.split == "half_batch"
+
+    def _on_grad_accumulated(self, p: torch.Tensor) -> None:
+        """split="backward": count the passes per parameter and copy .grad once the first has accumulated."""
+        count = self._passes.get(id(p), 0) + 1
+        self._passes[id(p)] = count
+        if count == 1:
+            self._first_pass[id(p)] = p.grad.detach().clone()
+
+    def _forget_passes(self) -> None:
+        self._first_pass, self._passes = {}, {}
+
+    def _after_step(self) -> None:
+        super()._after_step()
+        self._forget_passes()
+
+    def _after_skipped_step(self) -> None:
+        super()._after_skipped_step()
+        self._forget_passes()
+
+    def _after_load(self) -> None:
+        super()._after_load()
+        self._forget_passes()
 
     def _fallback(self, why: str) -> None:
         if not self._warned_fallback:
@@ -64,7 +117,17 @@ class FOP(KFAC):
 
     def _precondition(self, damping: float, inv_scale):
         counts = [self.capture.sample_counts_of(i) for i in range(len(self.layers))]
-        if self.comm.active:  # distributed: sub-batches over all ranks, the same decision on every rank
+        if self.split == "backward":
+            passes = {self._passes.get(id(p), 0) for layer in self.layers for p in layer.params}
+            self._counts = None
+            if len(passes) != 1:
+                self._fallback(f"split='backward': the preconditioned parameters saw different numbers of backward "
+                               f"passes ({sorted(passes)})")
+            elif passes.pop() < 2:
+                self._fallback("split='backward' needs at least two backward passes per step")
+            else:
+                self._counts = counts
+        elif self.comm.active:  # distributed: sub-batches over all ranks, the same decision on every rank
             self._counts = None if self.comm.fallback_reason else counts
             if self.comm.fallback_reason:
                 self._fallback(self.comm.fallback_reason)
@@ -90,6 +153,12 @@ class FOP(KFAC):
         if self._counts is None:
             return V, None
         dtype = V.dtype
+        if self.split == "backward":
+            k = self._passes[id(self.layers[bucket.index[0]].weight)]
+            S1 = torch.stack([self._first_pass_matrix(i, dtype) for i in bucket.index])
+            if inv_scale is not None:
+                S1 = S1 * inv_scale.to(device=S1.device, dtype=dtype)
+            return V, k * S1 - (k / (k - 1)) * (V - S1)
         if self.comm.active:  # g1 = w1 S1 over the first sub-batch of every rank (fop.distributed)
             S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, inv_scale)
             return V, w1 * S1 - w2 * (V - S1)
@@ -112,6 +181,12 @@ class FOP(KFAC):
         self._stat_parts.append((bucket.index, scalars))
         s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
         return eta * (PV + beta * (PD - s * PV))
+
+    def _first_pass_matrix(self, i: int, dtype: torch.dtype) -> torch.Tensor:
+        """[dW | db] of layer i after the first backward pass (split="backward")."""
+        layer = self.layers[i]
+        parts = [self._first_pass[id(p)].reshape(layer.out_dim, -1) for p in layer.params]
+        return torch.cat(parts, dim=1).to(dtype) if len(parts) > 1 else parts[0].to(dtype)
 
     def _combine(self, A_rot, D_rot, lG, lA, damping):
         if D_rot is None:
