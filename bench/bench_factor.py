@@ -83,19 +83,27 @@ def test_accumulate_factor_diag(benchmark, case, impl):
 
 # (N, C, H, W, kernel, stride, padding): ResNet-18-like layers on CIFAR-sized inputs
 CONV = [(32, 64, 32, 32, 3, 1, 1), (64, 128, 16, 16, 3, 1, 1), (64, 256, 8, 8, 3, 2, 1)]
+# the ResNet-18 width-16 layers of bench/bench_step.py at batch 128, for the two C++ methods forced
+CONV_W16 = [(128, 3, 32, 32, 3, 1, 1), (128, 16, 32, 32, 3, 1, 1), (128, 16, 32, 32, 3, 2, 1),
+            (128, 32, 16, 16, 3, 1, 1), (128, 64, 8, 8, 3, 1, 1), (128, 128, 4, 4, 3, 1, 1)]
+CPP_METHODS = {"cpp": 0, "cpp_patches": 1, "cpp_correlation": 2}  # auto (the flop count picks), forced
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpp"])
-@pytest.mark.parametrize("case", CONV, ids=[f"C{c[1]}-H{c[2]}-k{c[4]}-s{c[5]}" for c in CONV])
+@pytest.mark.parametrize("impl", ["reference", *CPP_METHODS])
+@pytest.mark.parametrize("case", CONV + CONV_W16,
+                         ids=[f"N{c[0]}-C{c[1]}-H{c[2]}-k{c[4]}-s{c[5]}" for c in CONV + CONV_W16])
 def test_accumulate_conv_factor(benchmark, case, impl):
-    if impl == "cpp" and not _have_cpp("accumulate_conv_factor"):
+    if impl != "reference" and not _have_cpp("accumulate_conv_factor"):
         pytest.skip("the C++ extension is not loaded")
     N, C, H, W, k, s, p = case
+    if impl == "cpp_correlation" and s != 1:
+        pytest.skip("the correlation method is for stride 1")
     x, F = torch.randn(N, C, H, W), torch.randn(C * k * k + 1, C * k * k + 1)
+    L = ((H + 2 * p - k) // s + 1) * ((W + 2 * p - k) // s + 1)
     fns = {
         "reference": lambda: ref.accumulate_conv_factor(F, x, DECAY, k, s, p, 1, True, 1.0 / N),
-        "cpp": lambda: fop_kernels.accumulate_conv_factor(F, x, DECAY, k, s, p, 1, True, 1.0 / N,
-                                                          check_finite=False, backend="cpp"),
+        **{name: (lambda m=m: torch.ops.fop_kernels.accumulate_conv_factor_(
+            F, x, DECAY, DECAY / (N * L), [k, k], [s, s], [p, p], [1, 1], True, m)) for name, m in CPP_METHODS.items()},
     }
     _run(benchmark, f"accumulate_conv_factor x={tuple(case[:4])} k={k} s={s}", impl, fns[impl], rounds=5,
          reference=fns["reference"])

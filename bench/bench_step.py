@@ -42,7 +42,14 @@ def make_optimizer(name, model, args):
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=5e-4)
     if name == "kfac":
         return KFAC(model, **curvature)
-    return FOP(model, **curvature)
+    return FOP(model, split=args.split, **curvature)
+
+
+def forward_backward(name, model, x, y, args):
+    """One backward on the batch; FOP with --split backward: two half-batch passes (mean losses halved)."""
+    passes = 2 if name == "fop" and args.split == "backward" else 1
+    for xb, yb in zip(x.chunk(passes), y.chunk(passes)):
+        (F.cross_entropy(model(xb), yb) / passes).backward()
 
 
 PHASES = ("_update_factors", "_decompose", "_bucket_gradients", "_combine", "_precondition", "_outer_update")
@@ -90,7 +97,7 @@ def run(args):
             sync()
             t0 = time.perf_counter()
             o.zero_grad(set_to_none=True)
-            F.cross_entropy(m(x), y).backward()
+            forward_backward(n, m, x, y, args)
             sync()
             t1 = time.perf_counter()
             o.step()
@@ -115,7 +122,7 @@ def summarize(args, names, fb, st, phases, n_params):
     lines = [f"ResNet-18 layout, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
              f"{args.image}x{args.image}, device {args.device}, threads {torch.get_num_threads()}, interval {k}, "
              f"eigh_refresh_iters {args.eigh_refresh_iters}, damping_mode {args.damping_mode}, "
-             f"inverse_method {args.inverse_method}, "
+             f"inverse_method {args.inverse_method}, FOP split {args.split}, "
              f"{args.steps} measured steps after {args.warmup} warm-up",
              "", "| optimizer | plain step (ms, median) | curvature step (ms, median) | mean step (ms) | mean / SGD |",
              "| --- | --- | --- | --- | --- |"]
@@ -155,7 +162,7 @@ def memory(args):
     for n in args.only or OPTIMIZERS:
         cmd = [sys.executable, __file__, "--memory-child", n, "--width", str(args.width), "--batch", str(args.batch),
                "--eigh-refresh-iters", str(args.eigh_refresh_iters), "--damping-mode", args.damping_mode,
-               "--inverse-method", args.inverse_method,
+               "--inverse-method", args.inverse_method, "--split", args.split,
                "--image", str(args.image), "--interval", str(args.interval), "--device", args.device,
                "--steps", str(max(args.interval + 2, 4)), "--warmup", "0"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -187,7 +194,7 @@ def memory_child(args):
     held = 0
     for _ in range(args.steps):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        forward_backward(args.memory_child, model, x, y, args)
         held = max(held, held_bytes(opt))
         opt.step()
     if dev.type == "cuda":
@@ -228,6 +235,8 @@ def main():
     p.add_argument("--damping-mode", choices=("eigen", "factored"), default="eigen")
     p.add_argument("--inverse-method", choices=("eigh", "cholesky"), default="eigh",
                    help="cholesky needs --damping-mode factored")
+    p.add_argument("--split", choices=("half_batch", "backward"), default="half_batch",
+                   help="FOP's split; backward: FOP runs two half-batch passes per step (the others one pass)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS)
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
