@@ -16,6 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <map>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -189,73 +192,110 @@ std::pair<int64_t, int64_t> tap_window(int64_t first, int64_t out, int64_t size)
   return {std::clamp(first, int64_t{0}, size), std::clamp(first + out, int64_t{0}, size)};
 }
 
+// K[c, c', di + kh - 1, dj + kw - 1] = sum_n sum_{q in [h0, h1) x [w0, w1)} x[n, c, q] x[n, c', q + (di dh, dj dw)]
+// (x = 0 outside the image) for every |di| < kh, |dj| < kw at once: the weight gradient of a stride-1 convolution
+// whose output gradient is x on the rectangle and whose input is x zero-padded by (kh - 1) dh, (kw - 1) dw around
+// it, with a (2 kh - 1) x (2 kw - 1) kernel dilated like the layer's. `padded` is x with that padding.
+at::Tensor rect_correlations(const at::Tensor& x, const at::Tensor& padded, const Geometry& g, int64_t h0, int64_t h1,
+                             int64_t w0, int64_t w1) {
+  const int64_t C = x.size(1), ph = g.dh * (g.kh - 1), pw = g.dw * (g.kw - 1);
+  const auto grad_out = x.narrow(2, h0, h1 - h0).narrow(3, w0, w1 - w0);
+  const auto input = padded.narrow(2, h0, h1 - h0 + 2 * ph).narrow(3, w0, w1 - w0 + 2 * pw);
+  const auto weight = at::empty({C, C, 2 * g.kh - 1, 2 * g.kw - 1}, x.options());
+  return std::get<1>(at::convolution_backward(grad_out, input, weight, c10::nullopt, {1, 1}, {0, 0}, {g.dh, g.dw},
+                                              false, {0, 0}, 1, {false, true, false}));
+}
+
+// The rows (or columns) outside a stride-1 tap's window [begin, end) of an axis of `size`: up to two ranges.
+std::vector<std::pair<int64_t, int64_t>> outside(std::pair<int64_t, int64_t> window, int64_t size) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  if (window.first > 0) out.emplace_back(0, window.first);
+  if (window.second < size) out.emplace_back(std::max(window.second, window.first), size);
+  return out;
+}
+
 // Stride-1 conv Gram without patches. For kernel taps a = (i, j), b = (i', j') the block
 //   (P^T P)[(., a), (., b)] = sum_{q in R_a} x[q]^T x[q + delta],  delta = ((i'-i) dh, (j'-j) dw),
 // R_a the pixels tap a reads (a rectangle; x = 0 outside the image I). That is the image-wide correlation
 //   C_delta = sum_{q in I} x[q]^T x[q + delta]
-// minus the same sum over the strips I \ R_a (at most four rectangles, one or two pixel rows or columns for the
-// usual "same" padding). C_delta is one GEMM over a channels-last buffer whose images are separated by zero rows
-// and columns at least as wide as any |delta|: a shift by delta is then a shift of the flattened rows, and every
-// pair that crosses an image edge meets a zero. Only deltas with a non-negative flat offset occur for a <= b (tap
-// order), ((2 kh - 1)(2 kw - 1) + 1) / 2 GEMMs of N (H + gh)(W + gw) x C rows: for 3 x 3 kernels 13 C^2-wide GEMMs
-// instead of the 40.5 of a syrk over 9 C-wide patches, and no copy bigger than the input. Returns D x D in
-// (c, i, j) order.
+// minus the same sum over I \ R_a = (rows outside R_a's rows) u (columns outside its columns), by inclusion-exclusion:
+// full-width row strips plus full-height column strips minus their corner rectangles (one or two pixel rows,
+// columns and corner pixels for the usual "same" padding). Every C_delta comes from one weight-gradient convolution
+// of x with itself (oneDNN on CPU; (2 kh - 1)(2 kw - 1) C^2 multiply-adds per pixel, no patch matrix), and so do
+// the corrections of each distinct strip, for all deltas at once; column strips run on the transposed image, where
+// they are rows. Returns D x D in (c, i, j) order, symmetrized.
 at::Tensor gram_by_correlation(const at::Tensor& x, const Geometry& g) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), D = C * g.kh * g.kw;
-  const int64_t gh = g.dh * (g.kh - 1), gw = g.dw * (g.kw - 1), Hb = H + gh, Wb = W + gw, block = Hb * Wb;
-  const int64_t R = N * block;
-  auto rows = at::zeros({R, C}, x.options());
-  rows.view({N, Hb, Wb, C}).narrow(1, 0, H).narrow(2, 0, W).copy_(x.permute({0, 2, 3, 1}));
-  // Sum over n and the pixels [h0, h1) x [w0, w1) of x[q]^T x[q + flat offset o] (o >= 0, |delta| within the
-  // gaps: the last partner read is row R - 1).
-  auto rect_gram = [&](int64_t h0, int64_t h1, int64_t w0, int64_t w1, int64_t o) {
-    const std::vector<int64_t> size{N, h1 - h0, w1 - w0, C}, stride{block * C, Wb * C, C, 1};
-    const int64_t at_q = rows.storage_offset() + (h0 * Wb + w0) * C;
-    auto q = rows.as_strided(size, stride, at_q).reshape({-1, C});
-    auto p = rows.as_strided(size, stride, at_q + o * C).reshape({-1, C});
-    return at::mm(q.t(), p);
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), D = C * g.kh * g.kw;
+  const int64_t ph = g.dh * (g.kh - 1), pw = g.dw * (g.kw - 1);
+  const auto xc = x.contiguous();
+  const auto padded = at::constant_pad_nd(xc, {pw, pw, ph, ph});
+  const auto full = rect_correlations(xc, padded, g, 0, H, 0, W);
+  std::map<std::array<int64_t, 4>, at::Tensor> cache;  // rectangle -> its correlations, computed once
+  auto rect = [&](int64_t h0, int64_t h1, int64_t w0, int64_t w1) -> const at::Tensor& {
+    auto& k = cache[{h0, h1, w0, w1}];
+    if (!k.defined()) k = rect_correlations(xc, padded, g, h0, h1, w0, w1);
+    return k;
   };
-  const int64_t nj = 2 * g.kw - 1;
-  std::vector<at::Tensor> corr(static_cast<size_t>(g.kh * nj));  // [di][dj + kw - 1], di >= 0
-  auto offset = [&](int64_t di, int64_t dj) { return di * g.dh * Wb + dj * g.dw; };
-  auto G = at::empty({C, g.kh, g.kw, C, g.kh, g.kw}, x.options());
-  for (int64_t a = 0; a < g.kh * g.kw; ++a) {
-    const int64_t i = a / g.kw, j = a % g.kw;
-    const auto [t, bt] = tap_window(i * g.dh - g.ph, g.oh, H);
-    const auto [l, r] = tap_window(j * g.dw - g.pw, g.ow, W);
-    for (int64_t b = a; b < g.kh * g.kw; ++b) {
-      const int64_t di = b / g.kw - i, dj = b % g.kw - j, o = offset(di, dj);
-      auto& c = corr[static_cast<size_t>(di * nj + dj + g.kw - 1)];
-      if (!c.defined()) c = at::mm(rows.narrow(0, 0, R - o).t(), rows.narrow(0, o, R - o));
-      auto blk = c.clone();
-      if (t > 0) blk.sub_(rect_gram(0, t, 0, W, o));
-      if (bt < H) blk.sub_(rect_gram(bt, H, 0, W, o));
-      if (bt > t && l > 0) blk.sub_(rect_gram(t, bt, 0, l, o));
-      if (bt > t && r < W) blk.sub_(rect_gram(t, bt, r, W, o));
-      G.select(1, i).select(1, j).select(2, b / g.kw).select(2, b % g.kw).copy_(blk);
-      if (b != a) G.select(1, b / g.kw).select(1, b % g.kw).select(2, i).select(2, j).copy_(blk.t());
+  at::Tensor xt, padded_t;  // the transposed image, made on the first column strip
+  Geometry gt = g;
+  std::swap(gt.kh, gt.kw);
+  std::swap(gt.dh, gt.dw);
+  std::map<std::array<int64_t, 2>, at::Tensor> column_cache;
+  auto columns = [&](int64_t w0, int64_t w1) -> const at::Tensor& {
+    auto& k = column_cache[{w0, w1}];
+    if (!k.defined()) {
+      if (!xt.defined()) {
+        xt = xc.transpose(2, 3).contiguous();
+        padded_t = at::constant_pad_nd(xt, {ph, ph, pw, pw});
+      }
+      k = rect_correlations(xt, padded_t, gt, w0, w1, 0, H).transpose(2, 3);
     }
-  }
-  return G.view({D, D});
+    return k;
+  };
+  auto G = at::empty({C, g.kh, g.kw, C, g.kh, g.kw}, x.options());
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const auto [t, bt] = tap_window(i * g.dh - g.ph, g.oh, H);
+      const auto [l, r] = tap_window(j * g.dw - g.pw, g.ow, W);
+      const auto rows_out = outside({t, bt}, H), cols_out = outside({l, r}, W);
+      // the deltas b - a for every tap b: a kh x kw window of the (2 kh - 1) x (2 kw - 1) correlations
+      auto window = [&](const at::Tensor& k) {
+        return k.narrow(2, g.kh - 1 - i, g.kh).narrow(3, g.kw - 1 - j, g.kw);
+      };
+      auto blk = window(full).clone();  // (C, C, kh, kw): [c, c', i', j']
+      for (const auto& [h0, h1] : rows_out) blk.sub_(window(rect(h0, h1, 0, W)));
+      for (const auto& [w0, w1] : cols_out) blk.sub_(window(columns(w0, w1)));
+      for (const auto& [h0, h1] : rows_out)
+        for (const auto& [w0, w1] : cols_out) blk.add_(window(rect(h0, h1, w0, w1)));
+      G.select(1, i).select(1, j).copy_(blk);
+    }
+  const auto flat = G.view({D, D});
+  return (flat + flat.t()).mul_(0.5);
 }
 
-// Cost of the two methods for a stride-1 conv per sample, in multiply-adds plus a memory term per element read:
-// the correlations (N (H + gh)(W + gw) rows per delta, plus the border strips; C-wide GEMMs are memory-bound for
-// small C) against the patch syrk (N L (C kh kw)^2 / 2, plus its gather). Measured on the ResNet-18 and MNIST-CNN
-// layer shapes, this picks the faster method on each (bench/RESULTS.md).
+// Cost of the two methods for a stride-1 conv per sample: the correlations ((2 kh - 1)(2 kw - 1) C^2 per pixel of
+// the image and of every distinct strip, strips counted 3x for the poorer efficiency of thin convolutions, and the
+// whole halved for oneDNN's efficiency against the patch path) against the patch syrk (L (C kh kw)^2 / 2, plus its
+// gather). Measured on the ResNet-18 and MNIST-CNN layer shapes, this picks the faster method on each
+// (bench/RESULTS.md).
 bool correlation_is_cheaper(const at::Tensor& x, const Geometry& g) {
   if (g.sh != 1 || g.sw != 1) return false;
-  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), taps = g.kh * g.kw;
-  const double block = static_cast<double>((H + g.dh * (g.kh - 1)) * (W + g.dw * (g.kw - 1)));
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  std::set<std::array<int64_t, 4>> rects;  // (h0, h1, w0, w1) of every distinct strip and corner
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const auto rows = outside(tap_window(i * g.dh - g.ph, g.oh, H), H);
+      const auto cols = outside(tap_window(j * g.dw - g.pw, g.ow, W), W);
+      for (const auto& [h0, h1] : rows) rects.insert({h0, h1, 0, W});
+      for (const auto& [w0, w1] : cols) rects.insert({0, H, w0, w1});
+      for (const auto& [h0, h1] : rows)
+        for (const auto& [w0, w1] : cols) rects.insert({h0, h1, w0, w1});
+    }
   double strips = 0.0;
-  for (int64_t a = 0; a < taps; ++a) {
-    const auto [t, bt] = tap_window(a / g.kw * g.dh - g.ph, g.oh, H);
-    const auto [l, r] = tap_window(a % g.kw * g.dw - g.pw, g.ow, W);
-    strips += static_cast<double>((taps - a) * (H * W - (bt - t) * (r - l)));
-  }
-  const double deltas = static_cast<double>(((2 * g.kh - 1) * (2 * g.kw - 1) + 1) / 2);
-  const double c = static_cast<double>(C), d = c * static_cast<double>(taps);
-  const double correlation = (deltas * block + strips) * (c * c + 16.0 * c);
+  for (const auto& r : rects) strips += static_cast<double>((r[1] - r[0]) * (r[3] - r[2]));
+  const double c = static_cast<double>(C), d = c * static_cast<double>(g.kh * g.kw);
+  const double window = static_cast<double>((2 * g.kh - 1) * (2 * g.kw - 1));
+  const double correlation = 0.5 * window * c * c * (static_cast<double>(H * W) + 3.0 * strips);
   const double patches = static_cast<double>(g.oh * g.ow) * (0.5 * d * d + 8.0 * d);
   return correlation < patches;
 }
