@@ -46,8 +46,10 @@ def make_optimizer(name, model, args):
 
 
 def forward_backward(name, model, x, y, args):
-    """One backward on the batch; FOP with --split backward: two half-batch passes (mean losses halved)."""
-    passes = 2 if name == "fop" and args.split == "backward" else 1
+    """One backward on the batch; with --split backward, FOP and KFAC run two half-batch passes (mean losses halved):
+    FOP needs them, and KFAC (gradient accumulation, the same update) gets them too so that FOP against KFAC
+    compares optimizer work alone; SGD and AdamW keep one pass."""
+    passes = 2 if name in ("fop", "kfac") and args.split == "backward" else 1
     for xb, yb in zip(x.chunk(passes), y.chunk(passes)):
         (F.cross_entropy(model(xb), yb) / passes).backward()
 
@@ -236,7 +238,7 @@ def main():
     p.add_argument("--inverse-method", choices=("eigh", "cholesky"), default="eigh",
                    help="cholesky needs --damping-mode factored")
     p.add_argument("--split", choices=("half_batch", "backward"), default="half_batch",
-                   help="FOP's split; backward: FOP runs two half-batch passes per step (the others one pass)")
+                   help="FOP's split; backward: FOP and KFAC run two half-batch passes per step (SGD, AdamW one)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS)
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
