@@ -34,6 +34,7 @@ TIMEOUT_S = 150  # per launch: a hang fails the test
 PORTS = {"equiv2": 47611, "equiv3": 47612, "fail": 47613, "single": 47614}  # fixed, distinct per launch
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, factor_interval=2, inverse_interval=2,
              factor_dtype=torch.float64)
+CHOLESKY = dict(damping_mode="factored", inverse_method="cholesky")  # inverted on every rank, not sharded
 
 
 # -- the model, data and training loop shared by the ranks and the references --------------------------------------
@@ -133,7 +134,7 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
         if scenario == "fail":
             _fail_scenario(rank, world, out)
         else:
-            runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {})]
+            runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {}), ("fop_cholesky", CHOLESKY)]
             if world % 2 == 0:
                 runs.append(("fop_ranks", {"distributed": DistributedOptions(split="ranks")}))
             else:
@@ -245,11 +246,11 @@ def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[d
 
 # -- references in this process --------------------------------------------------------------------------------------
 def reference(kind: str, world: int, order: str, steps: range = range(STEPS), state=None,
-              save_to: Path | None = None) -> torch.Tensor:
+              save_to: Path | None = None, **kwargs) -> torch.Tensor:
     """One process on the global batches (`order`: "halves" reorders them so that sub-batch 1 matches,
     "accumulate" does that per micro-batch of a gradient accumulation); `save_to`: save the final state there."""
     model = make_model()
-    opt = make_optimizer(kind, model)
+    opt = make_optimizer(kind, model, **kwargs)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -288,6 +289,16 @@ def test_two_ranks_equal_one_process_on_the_global_batch(two_ranks, kind):
     assert not torch.equal(expected, flat_params(make_model())), "training did not move the parameters"
 
 
+def test_two_ranks_with_cholesky_inverses_equal_one_process(two_ranks):
+    _, results = two_ranks
+    expected = reference("fop", 2, "halves", **CHOLESKY)
+    for rank in range(2):
+        assert_rel_close(results[rank]["fop_cholesky"]["params"], expected)
+        assert results[rank]["fop_cholesky"]["decomposed"] == []  # no eigendecomposition at all
+    # the same update as the eigenbasis with the factored damping (float64: equal to rounding)
+    assert_rel_close(expected, reference("fop", 2, "halves", damping_mode="factored"), rtol=1e-8)
+
+
 def test_primary_secondary_split_equals_rank_batches_as_sub_batches(two_ranks):
     _, results = two_ranks
     expected = reference("fop", 2, "concatenated")  # first half = rank 0's batch, second half = rank 1's
@@ -320,7 +331,7 @@ def test_half_batch_all_reduce_starts_in_backward(two_ranks):
         assert results[rank]["kfac"]["launches"] == {}
 
 
-@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks", "fop_accum", "fop_scaler"])
+@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks", "fop_accum", "fop_scaler", "fop_cholesky"])
 def test_parameters_identical_across_ranks(two_ranks, kind):
     _, results = two_ranks
     assert all(results[rank][kind]["identical"] for rank in range(2))
