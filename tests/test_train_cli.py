@@ -378,3 +378,16 @@ def test_cli_merge_of_separate_seed_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--merge", str(tmp_path / "none.json"), "--out", str(tmp_path / "again")])
     assert "cannot read runs from" in capsys.readouterr().err
+
+
+def test_fop_split_backward_trains_with_two_half_batch_passes(caplog):
+    """With --opt-arg fop.split=backward the loop runs two half-batch backward passes per step, so FOP never falls
+    back to K-FAC (which it does, with a warning, on a step with one pass), and it trains."""
+    data = load_digits()
+    config = train.RunConfig(model="mlp", epochs=2, warmup_epochs=0, schedule="constant")
+    overrides = dict(split="backward", damping_mode="factored", inverse_method="cholesky")
+    with caplog.at_level("WARNING", logger="fop"):
+        record = train.run_one(data, "fop", 256, 0, config, lr=0.05, overrides=overrides)
+    assert "falls back" not in caplog.text and "K-FAC update" not in caplog.text
+    assert not record["diverged"]
+    assert record["history"][-1]["test_acc"] > record["initial_acc"] + 20

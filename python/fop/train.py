@@ -163,6 +163,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _forward_backward(model, optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The mean cross-entropy's backward; FOP with split="backward" gets two half-batch passes (each mean loss halved),
+    its sub-batches. Returns the loss (NaN/inf: nothing was backpropagated after it)."""
+    passes = 2 if getattr(optimizer, "split", None) == "backward" and len(y) > 1 else 1
+    total = 0.0
+    for part_x, part_y in zip(x.tensor_split(passes), y.tensor_split(passes)):
+        loss = F.cross_entropy(model(part_x), part_y) / passes
+        value = loss.item()
+        total += value
+        if not math.isfinite(value):
+            return value
+        loss.backward()
+    return total
+
+
 def run_one(data: ImageDataset, optimizer_name: str, batch_size: int, seed: int, config: RunConfig,
             lr: float, overrides: dict | None = None,
             on_epoch: Callable[[dict], None] | None = None) -> dict:
@@ -202,12 +217,10 @@ def run_one(data: ImageDataset, optimizer_name: str, batch_size: int, seed: int,
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
-            loss_value = loss.item()
+            loss_value = _forward_backward(model, optimizer, train_x[idx], train_y[idx])
             if not math.isfinite(loss_value):
                 record["diverged"] = True
                 break
-            loss.backward()
             try:
                 optimizer.step()
             except (RuntimeError, ValueError):
