@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _timing import interleaved_speedup
+from _timing import timed_against_reference
 
 import fop_kernels
 from fop_kernels import reference as ref
@@ -37,19 +37,5 @@ def test_batched_cg(benchmark, case, impl):
         "reference": lambda: ref.batched_cg(X_s, w, B, 1e-3, iters=iters),
         "cpp": lambda: fop_kernels.batched_cg(X_s, w, B, 1e-3, iters=iters, backend="cpp"),
     }
-    group = f"batched_cg R={R} D={D} s={s} iters={iters}"
-    benchmark.group = group
-    benchmark.extra_info.update({"impl": impl, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                 "device": "cpu"})
-    benchmark.pedantic(fns[impl], rounds=7, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    _MEDIANS[(group, impl)] = median
-    base = _MEDIANS.get((group, "reference"))
-    if impl != "reference":
-        interleaved, p20, p80 = interleaved_speedup(fns["reference"], fns[impl], pairs=7)
-        benchmark.extra_info.update({"speedup_interleaved": interleaved, "speedup_p20": p20, "speedup_p80": p80})
-        line = f"\n[{group}] {impl}: {median * 1e3:.2f} ms"
-        if base is not None:
-            benchmark.extra_info["speedup_of_medians"] = base / median
-            line += f", reference {base * 1e3:.2f} ms, ratio of medians {base / median:.2f}x"
-        print(f"{line}, interleaved speed-up {interleaved:.2f}x (p20-p80 {p20:.2f}-{p80:.2f})")
+    timed_against_reference(benchmark, _MEDIANS, f"batched_cg R={R} D={D} s={s} iters={iters}", impl, fns[impl],
+                            rounds=7, reference=fns["reference"], pairs=7)

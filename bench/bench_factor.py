@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _timing import interleaved_speedup
+from _timing import timed_against_reference
 
 import fop_kernels
 from fop_kernels import reference as ref
@@ -28,23 +28,7 @@ def _have_cpp(op: str) -> bool:
 
 
 def _run(benchmark, group: str, impl: str, fn, rounds: int, reference=None):
-    """Time fn in the group; for a fast path also the interleaved speed-up over `reference` (printed, extra_info)."""
-    benchmark.group = group
-    benchmark.extra_info.update({"impl": impl, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                                 "device": "cpu"})
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    _MEDIANS[(group, impl)] = median
-    base = _MEDIANS.get((group, "reference"))
-    if impl != "reference" and reference is not None:
-        interleaved, p20, p80 = interleaved_speedup(reference, fn)
-        benchmark.extra_info.update({"speedup_interleaved": interleaved, "speedup_p20": p20, "speedup_p80": p80})
-        line = f"\n[{group}] {impl}: {median * 1e3:.2f} ms"
-        if base is not None:
-            benchmark.extra_info["speedup_of_medians"] = base / median
-            line += f", reference {base * 1e3:.2f} ms, ratio of medians {base / median:.2f}x"
-        print(f"{line}, interleaved speed-up {interleaved:.2f}x (p20-p80 {p20:.2f}-{p80:.2f})")
-
+    timed_against_reference(benchmark, _MEDIANS, group, impl, fn, rounds, reference)
 
 DENSE = [(4096, 512), (1024, 1152), (512, 2305), (32768, 256)]
 
