@@ -69,9 +69,13 @@ class Layer:
 
     def grad_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """[W.grad | b.grad] as an out x in matrix (a new tensor when there is a bias)."""
-        gw = self.weight.grad.reshape(self.out_dim, -1)
+        return self.matrix([p.grad for p in self.params], dtype)
+
+    def matrix(self, tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[w | b] as an out x in matrix from tensors shaped like [weight] or [weight, bias] (grad_matrix's layout)."""
+        gw = tensors[0].reshape(self.out_dim, -1)
         if self.bias is not None:
-            gw = torch.cat([gw, self.bias.grad.reshape(-1, 1)], dim=1)
+            gw = torch.cat([gw, tensors[1].reshape(-1, 1)], dim=1)
         return gw if dtype is None else gw.to(dtype)
 
     def split(self, matrix: torch.Tensor) -> list[torch.Tensor]:

@@ -20,6 +20,11 @@ def _beta_eta(name: str, value):
 SPLITS = ("half_batch", "backward")
 
 
+def _layer_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a_l, b_l> per layer of two (L, out, in) stacks, without an elementwise temporary."""
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
+
+
 def _multi_rank() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
@@ -155,7 +160,8 @@ class FOP(KFAC):
         dtype = V.dtype
         if self.split == "backward":
             k = self._passes[id(self.layers[bucket.index[0]].weight)]
-            S1 = torch.stack([self._first_pass_matrix(i, dtype) for i in bucket.index])
+            S1 = torch.stack([self.layers[i].matrix([self._first_pass[id(p)] for p in self.layers[i].params], dtype)
+                              for i in bucket.index])
             if inv_scale is not None:
                 S1 = S1 * inv_scale.to(device=S1.device, dtype=dtype)
             return V, k * S1 - (k / (k - 1)) * (V - S1)
@@ -174,19 +180,13 @@ class FOP(KFAC):
             return super()._inverse_update(bucket, V, D)
         FV = torch.bmm(torch.bmm(bucket.G, V), bucket.A)
         PV, PD = bucket.precondition(V), bucket.precondition(D)  # PV as K-FAC's, so beta=0, eta=1 is K-FAC exactly
-        sums = torch.stack([(V * FV).sum((1, 2)), (D * FV).sum((1, 2)), (V * PV).sum((1, 2)), (D * PV).sum((1, 2)),
-                            (D * PD).sum((1, 2))], dim=1)
+        sums = torch.stack([_layer_dot(V, FV), _layer_dot(D, FV), _layer_dot(V, PV), _layer_dot(D, PV),
+                            _layer_dot(D, PD)], dim=1)
         scalars = fop_kernels.combine_scalars(sums, beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                               eta_clip=self.eta_clip)
         self._stat_parts.append((bucket.index, scalars))
         s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
         return eta * (PV + beta * (PD - s * PV))
-
-    def _first_pass_matrix(self, i: int, dtype: torch.dtype) -> torch.Tensor:
-        """[dW | db] of layer i after the first backward pass (split="backward")."""
-        layer = self.layers[i]
-        parts = [self._first_pass[id(p)].reshape(layer.out_dim, -1) for p in layer.params]
-        return torch.cat(parts, dim=1).to(dtype) if len(parts) > 1 else parts[0].to(dtype)
 
     def _combine(self, A_rot, D_rot, lG, lA, damping):
         if D_rot is None:
