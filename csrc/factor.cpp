@@ -1,6 +1,6 @@
 // Kronecker-factor accumulation on CPU (formulas in fop_kernels/reference/factor.py). ATen headers only.
 //
-//   accumulate_factor_(F, X, decay, coef)       F <- (1-decay) F + coef X^T X
+//   accumulate_factor_(F, [X...], decay, coef)  F <- (1-decay) F + coef X^T X, X the rows of all tensors
 //   accumulate_factor_diag_(f, X, decay, coef)  f <- (1-decay) f + coef sum_n X_n^2
 //   accumulate_conv_factor_(F, x, decay, coef, kernel_size, stride, padding, dilation, bias, method)
 //                                               F <- (1-decay) F + coef P^T P, P the im2col patches (+ bias column),
@@ -92,19 +92,55 @@ void check_state(const at::Tensor& state, const char* name) {
               " must be float32 or float64, got ", state.scalar_type());
 }
 
-void accumulate_factor_(at::Tensor F, const at::Tensor& X, double decay, double coef) {
-  check_state(F, "F");
-  TORCH_CHECK(X.dim() == 2 && F.dim() == 2 && F.size(0) == X.size(1) && F.size(1) == X.size(1),
-              "F must be d x d for X of shape N x d");
-  if (X.size(1) == 0) return;
-  const auto Xa = X.to(accumulation_type(F, X));
-  if (F.scalar_type() == Xa.scalar_type()) {
-    syrk_ema(F, Xa, 1.0 - decay, coef);
-  } else {  // float64 input into a float32 state: the single-tile path would need one dtype
-    auto G = at::zeros({Xa.size(1), Xa.size(1)}, Xa.options());
-    syrk_ema(G, Xa, 0.0, 1.0);
-    ema_block(F, G, 1.0 - decay, coef);
+// Bytes of input copied at a time: inputs that must be copied (a dtype change, rows that are not one strided
+// matrix, a conv's padded or gathered images) are processed in chunks of about this size, so no temporary the size of
+// the input is made. glibc's malloc maps every block above 32 MiB fresh from the kernel and unmaps it on free, so a
+// batch-sized temporary is page-faulted in on every call; on the 2-core test machine those faults cost more than the
+// GEMMs (bench/RESULTS.md, "Chunked factor inputs").
+constexpr int64_t kChunkBytes = int64_t{16} << 20;
+
+// fn(rows) over X (..., d) as row matrices in `type`: X itself when it is one strided matrix of that type, else
+// consecutive chunks of its first dimension copied into one reused buffer of about kChunkBytes. Called at least once
+// (with zero rows for an empty X).
+template <typename Fn>
+void for_row_chunks(const at::Tensor& X, at::ScalarType type, Fn&& fn) {
+  const int64_t d = X.size(-1);
+  if (X.scalar_type() == type && X.dim() == 2) return fn(X);
+  if (X.scalar_type() == type && X.is_contiguous()) return fn(X.view({-1, d}));
+  const int64_t lead = X.size(0), per_lead = lead == 0 ? 0 : X.numel() / lead;
+  const int64_t step = std::clamp(kChunkBytes / std::max<int64_t>(1, per_lead * at::elementSize(type)), int64_t{1},
+                                  std::max<int64_t>(lead, 1));
+  auto buffer = at::empty({std::min(step, lead) * (per_lead / std::max<int64_t>(d, 1)), d}, X.options().dtype(type));
+  for (int64_t s = 0; s == 0 || s < lead; s += step) {
+    const auto chunk = X.narrow(0, s, std::min(step, lead - s));
+    auto rows = buffer.narrow(0, 0, chunk.numel() / std::max<int64_t>(d, 1));
+    rows.view(chunk.sizes()).copy_(chunk);
+    fn(rows);
   }
+}
+
+// X: the rows, in one or more (..., d) tensors. The Gram of all of them is accumulated before the EMA touches a
+// state of another dtype, so a float32 state is rounded once however the rows are split.
+void accumulate_factor_(at::Tensor F, at::TensorList X, double decay, double coef) {
+  check_state(F, "F");
+  TORCH_CHECK(!X.empty(), "X must hold at least one tensor of rows");
+  auto type = at::kFloat;
+  for (const auto& x : X) {
+    TORCH_CHECK(x.dim() >= 2 && F.dim() == 2 && F.size(0) == x.size(-1) && F.size(1) == x.size(-1),
+                "F must be d x d for X of shape (..., d)");
+    if (accumulation_type(F, x) == at::kDouble) type = at::kDouble;
+  }
+  const int64_t d = F.size(0);
+  if (d == 0) return;
+  const bool direct = F.scalar_type() == type;  // else a float64 Gram, then one EMA into the float32 state
+  auto target = direct ? F : at::empty({d, d}, F.options().dtype(type));
+  bool first = true;
+  for (const auto& x : X)
+    for_row_chunks(x, type, [&](const at::Tensor& rows) {
+      syrk_ema(target, rows, first ? (direct ? 1.0 - decay : 0.0) : 1.0, direct ? coef : 1.0);
+      first = false;
+    });
+  if (!direct) ema_block(F, target, 1.0 - decay, coef);
 }
 
 // out[j] = sum_n X[n, j]^2 in acc_t; row blocks in parallel, per-thread partial vectors.
@@ -300,6 +336,17 @@ bool correlation_is_cheaper(const at::Tensor& x, const Geometry& g) {
   return correlation < patches;
 }
 
+// Samples per chunk for about kChunkBytes of the method's largest temporary per chunk: the patch matrix (L rows of
+// C kh kw) for patches; for correlations the input padded by the correlation window, counted with its channels
+// rounded up to oneDNN's blocks of 16 (a 1-channel image is reordered into 16 channels).
+int64_t samples_per_chunk(const at::Tensor& x, const Geometry& g, bool correlation, at::ScalarType type) {
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t per_sample =
+      correlation ? (C + 15) / 16 * 16 * (H + 2 * g.dh * (g.kh - 1)) * (W + 2 * g.dw * (g.kw - 1))
+                  : g.oh * g.ow * C * g.kh * g.kw + C * (H + 2 * g.ph) * (W + 2 * g.pw);
+  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, per_sample * at::elementSize(type)));
+}
+
 // method: 0 the cheaper of the two by the flop count above, 1 patches, 2 correlations (stride 1 only).
 void accumulate_conv_factor_(at::Tensor F, const at::Tensor& x, double decay, double coef, at::IntArrayRef kernel_size,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool bias,
@@ -311,13 +358,20 @@ void accumulate_conv_factor_(at::Tensor F, const at::Tensor& x, double decay, do
   const int64_t D = x.size(1) * g.kh * g.kw, N = x.size(0), L = g.oh * g.ow;
   TORCH_CHECK(F.dim() == 2 && F.size(0) == D + bias && F.size(1) == D + bias, "F must be (C kh kw [+1])^2");
   TORCH_CHECK(method != 2 || (g.sh == 1 && g.sw == 1), "the correlation method needs stride 1");
-  auto xa = x.to(accumulation_type(F, x));
-  const bool correlation = method == 2 || (method == 0 && correlation_is_cheaper(xa, g));
-  auto gram = correlation ? gram_by_correlation(xa, g) : gram_by_patches(xa, g);
+  const auto type = accumulation_type(F, x);
+  const bool correlation = method == 2 || (method == 0 && correlation_is_cheaper(x, g));
+  const int64_t step = samples_per_chunk(x, g, correlation, type);
+  at::Tensor gram, image;  // P^T P, and for the bias sum_n x
+  for (int64_t s = 0; s == 0 || s < N; s += step) {
+    const auto xa = x.narrow(0, s, std::min(step, N - s)).to(type);
+    auto part = correlation ? gram_by_correlation(xa, g) : gram_by_patches(xa, g);
+    gram = s == 0 ? part : gram.add_(part);
+    if (bias) image = s == 0 ? xa.sum(0) : image.add_(xa.sum(0));
+  }
   ema_block(F.narrow(0, 0, D).narrow(1, 0, D), gram, 1.0 - decay, coef);
   if (bias) {  // P^T 1: per tap the sum of the pixels it reads, from the image of sum_n x
-    const auto image = at::constant_pad_nd(xa.sum(0), {g.pw, g.pw, g.ph, g.ph});  // C x (H + 2ph) x (W + 2pw)
-    auto colsum = at::empty({x.size(1), g.kh, g.kw}, xa.options());
+    image = at::constant_pad_nd(image, {g.pw, g.pw, g.ph, g.ph});  // C x (H + 2ph) x (W + 2pw)
+    auto colsum = at::empty({x.size(1), g.kh, g.kw}, image.options());
     for (int64_t i = 0; i < g.kh; ++i)
       for (int64_t j = 0; j < g.kw; ++j)
         colsum.select(1, i).select(1, j).copy_(
@@ -393,7 +447,7 @@ void accumulate_conv_factor_diag_(at::Tensor f, const at::Tensor& x, double deca
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fop_kernels, m) {
-  m.def("accumulate_factor_(Tensor(a!) F, Tensor X, float decay, float coef) -> ()");
+  m.def("accumulate_factor_(Tensor(a!) F, Tensor[] X, float decay, float coef) -> ()");
   m.def("accumulate_factor_diag_(Tensor(a!) f, Tensor X, float decay, float coef) -> ()");
   m.def(
       "accumulate_conv_factor_(Tensor(a!) F, Tensor x, float decay, float coef, int[] kernel_size, int[] stride, "

@@ -112,6 +112,41 @@ def test_accumulate_factor_noncontiguous(backend):
 # ---- diagonal ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", _backends("accumulate_factor"))
+@pytest.mark.parametrize("dtype", INPUT_DTYPES)
+def test_accumulate_factor_rows_of_nd_tensors_and_lists(backend, dtype):
+    """Rows given as (..., d) tensors (a channels-last view of NCHW output gradients, not one strided matrix) and as
+    a list of them equal the factor of the stacked 2-D rows."""
+    dys = [torch.randn(3, 6, 5, 4).to(dtype), torch.randn(2, 6, 5, 4).to(dtype)]  # two records, C = 6 channels
+    views = [dy.movedim(1, -1) for dy in dys]
+    stacked = torch.cat([v.reshape(-1, 6) for v in views]).double()
+    F0 = _symmetric(6)
+    for X, rows in ((views[0], stacked[:60]), (views, stacked)):
+        F = F0.clone()
+        assert fop_kernels.accumulate_factor(F, X, 0.3, scale=0.1, backend=backend) is F
+        assert_close(F, ref.accumulate_factor(F0.double(), rows, 0.3, 0.1), *_tol(dtype),
+                     what=f"accumulate_factor[{backend}] {dtype} {'list' if X is views else 'view'}")
+        poisoned = poison_(torch.empty(6, 6))
+        fop_kernels.accumulate_factor(poisoned, X, 1.0, scale=0.1, backend=backend)
+        assert_close(poisoned, 0.1 * rows.T @ rows, *_tol(dtype), what=f"decay=1 [{backend}] {dtype}")
+
+
+@pytest.mark.parametrize("X", [torch.randn(140_000, 64).bfloat16(),  # a dtype change: 3 chunks of rows
+                               torch.randn(3, 64, 70_000).transpose(1, 2)],  # no single matrix: one chunk per sample
+                         ids=["bf16-rows", "transposed-samples"])
+def test_cpp_accumulate_factor_copies_in_chunks(X):
+    """Inputs the C++ op must copy go through a reused buffer of about 16 MiB; the chunks add up to the whole."""
+    if "cpp" not in _backends("accumulate_factor"):
+        pytest.skip("the C++ extension is not loaded")
+    rows = X.reshape(-1, 64).double()
+    F0 = _symmetric(64)
+    for decay in (0.4, 1.0):
+        F = poison_(torch.empty(64, 64)) if decay == 1.0 else F0.clone()
+        fop_kernels.accumulate_factor(F, X, decay, scale=1e-4, backend="cpp")
+        expected = ref.accumulate_factor(F0.double(), rows, decay, 1e-4)
+        assert_close(F, expected, *_tol(X.dtype), what=f"chunked {X.dtype} {tuple(X.shape)} decay {decay}")
+
+
 @pytest.mark.parametrize("backend", _backends("accumulate_factor_diag"))
 @pytest.mark.parametrize("dtype", INPUT_DTYPES)
 @pytest.mark.parametrize("N,d", DENSE_SHAPES)
@@ -261,6 +296,23 @@ def test_cpp_conv_factor_methods_match_materialized_patches(method, dtype, case)
     assert_close(poisoned, P.T @ P / (N * L), *tol, what=f"{CPP_METHODS[method]} decay=1 {case}")
 
 
+@pytest.mark.parametrize("method", CPP_METHODS)
+def test_cpp_conv_factor_in_sample_chunks(method):
+    """Batches larger than one chunk (about 16 MiB of patches or padded image per chunk: here 2 to 3 chunks) sum
+    to the factor of the whole batch, bias row and column included."""
+    if "cpp" not in _backends("accumulate_conv_factor"):
+        pytest.skip("the C++ extension is not loaded")
+    x = torch.randn(300, 4, 30, 30)
+    geom = _geom(3, 1, 1, 1, True)
+    P = conv_patches(x.double(), 3, 1, 1, 1, True)
+    L = P.shape[0] // 300
+    F0 = _symmetric(37)
+    F = F0.clone()
+    _cpp_conv_factor(F, x, 0.25, 1.0 / 300, geom, method)
+    assert_close(F, 0.75 * F0.double() + 0.25 / (300 * L) * P.T @ P, *TOLERANCES[torch.float32],
+                 what=f"{CPP_METHODS[method]} in chunks")
+
+
 def test_correlation_needs_stride_1():
     if "cpp" not in _backends("accumulate_conv_factor"):
         pytest.skip("the C++ extension is not loaded")
@@ -363,7 +415,7 @@ def test_opcheck_cpp_ops():
     X, F, f = torch.randn(9, 300), _symmetric(300), torch.rand(300)
     x, Fc, fc = torch.randn(2, 2, 5, 4), _symmetric(2 * 9 + 1), torch.rand(2 * 9 + 1)
     geom = ([3, 3], [1, 1], [1, 1], [1, 1], True)
-    torch.library.opcheck(ops.accumulate_factor_.default, (F, X, 0.3, 0.1))
+    torch.library.opcheck(ops.accumulate_factor_.default, (F, [X, X[:4]], 0.3, 0.1))
     torch.library.opcheck(ops.accumulate_factor_diag_.default, (f, X, 0.3, 0.1))
     torch.library.opcheck(ops.accumulate_conv_factor_.default, (Fc, x, 0.3, 0.1, *geom))
     torch.library.opcheck(ops.accumulate_conv_factor_diag_.default, (fc, x, 0.3, 0.1, *geom))
@@ -390,7 +442,9 @@ def test_bad_input_dense(backend):
     _expect_error(ValueError, "scale", lambda: acc(F, X, 0.1, float("inf"), **kw), F)
     _expect_error(ValueError, r"F has shape \(4, 4\), expected \(3, 3\)", lambda: acc(F, X[:, :3], 0.1, **kw), F)
     _expect_error(ValueError, "f has shape", lambda: diag(f, X[:, :3], 0.1, **kw), f)
-    _expect_error(ValueError, "X must be 2-D", lambda: acc(F, X[0], 0.1, **kw), F)
+    _expect_error(ValueError, "X must have rows", lambda: acc(F, X[0], 0.1, **kw), F)
+    _expect_error(ValueError, "non-empty list", lambda: acc(F, [], 0.1, **kw), F)
+    _expect_error(ValueError, r"F has shape \(4, 4\), expected \(3, 3\)", lambda: acc(F, [X, X[:, :3]], 0.1, **kw), F)
     _expect_error(TypeError, "X has unsupported dtype", lambda: acc(F, X.int(), 0.1, **kw), F)
     _expect_error(TypeError, "F has unsupported dtype", lambda: acc(F.half(), X, 0.1, **kw), F)
     _expect_error(TypeError, "X must be a torch.Tensor", lambda: acc(F, X.numpy(), 0.1, **kw), F)
@@ -398,6 +452,7 @@ def test_bad_input_dense(backend):
     bad = X.clone()
     bad[2, 1] = float("nan")
     _expect_error(ValueError, "X contains non-finite", lambda: acc(F, bad, 0.1, **kw), F)
+    _expect_error(ValueError, "X contains non-finite", lambda: acc(F, [X, bad], 0.1, **kw), F)
     bad[2, 1] = float("inf")
     _expect_error(ValueError, "X contains non-finite", lambda: diag(f, bad, 0.1, **kw), f)
 

@@ -1,11 +1,12 @@
 """C++ factor accumulation (torch.ops.fop_kernels.accumulate_*_, csrc/factor.cpp) registered as backend "cpp".
 
-- dense factor: recursive blocked syrk (about half a GEMM's flops for large d) with the EMA applied per block;
+- dense factor: tiled syrk (about half a GEMM's flops for large d) with the EMA applied per tile; rows given as
+  (..., d) views or lists are copied in chunks of about 16 MiB, never whole;
 - dense diagonal: one fused pass over X (no N x d temporary);
-- conv factor, stride 1: no patches at all: one GEMM per kernel-tap offset over a channels-last copy of the input
-  (13 C-wide GEMMs for a 3 x 3 kernel instead of a syrk over 9 C-wide patch columns), minus thin border strips;
-  other strides (or when the flop count says so): channels-last patches gathered in one copy, then the syrk;
-  the bias row and column from windowed sums of sum_n x (no concat);
+- conv factor, stride 1: no patches at all: the image-wide correlations of x with itself for every kernel-tap
+  offset from one oneDNN weight-gradient convolution, minus thin border strips; other strides (or when the flop
+  count says so): channels-last patches gathered in one copy, then the syrk; either way in chunks of samples of
+  about 16 MiB of temporaries; the bias row and column from windowed sums of sum_n x (no concat);
 - conv diagonal: no im2col at all: sum_n x^2 per channel, then a windowed sum per kernel tap.
 Which of them beats the reference, and by how much, is in bench/RESULTS.md#issue-3-factor-accumulation-and-batched-cg.
 """
@@ -49,8 +50,10 @@ def _positions(x, kernel_size, stride, padding, dilation) -> int:
 
 @register("accumulate_factor", "cpp", devices=("cpu",))
 def accumulate_factor(F, X, decay, scale=1.0):
-    """F <- (1-decay) F + decay * scale * X^T X in place (blocked syrk); returns F."""
-    torch.ops.fop_kernels.accumulate_factor_(F, X, float(decay), float(decay) * float(scale))
+    """F <- (1-decay) F + decay * scale * X^T X in place (blocked syrk; X an (..., d) tensor or a list of them, each
+    copied in bounded chunks where it must be copied at all); returns F."""
+    blocks = list(X) if isinstance(X, (list, tuple)) else [X]
+    torch.ops.fop_kernels.accumulate_factor_(F, blocks, float(decay), float(decay) * float(scale))
     return F
 
 

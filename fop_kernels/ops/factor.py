@@ -40,15 +40,29 @@ def _check_values(name_x: str, X: torch.Tensor, check_finite: bool) -> None:
         _checks.finite(name_x, X)
 
 
+def _row_blocks(X) -> list[torch.Tensor]:
+    """X as a list of (..., d) row tensors (one tensor, or a list/tuple of them)."""
+    blocks = list(X) if isinstance(X, (list, tuple)) else [X]
+    if not blocks:
+        raise ValueError("X must be a tensor or a non-empty list of tensors")
+    return blocks
+
+
 def accumulate_factor(F, X, decay, scale: float = 1.0, *, check_finite: bool = True, backend: str | None = None):
-    """F <- (1-decay) F + decay * scale * X^T X in place (X: N x d, any float dtype; fp32 accumulation). Returns F."""
-    decay, scale = _check_common("F", F, "X", X, decay, scale)
-    if X.dim() != 2:
-        raise ValueError(f"X must be 2-D (N x d), got shape {tuple(X.shape)}")
-    _checks.shape("F", F, (X.shape[1], X.shape[1]))
-    _check_values("X", X, check_finite)
+    """F <- (1-decay) F + decay * scale * X^T X in place; returns F. Any float dtype, fp32 accumulation.
+
+    X holds the rows: an (..., d) tensor (every leading index is a row, so a channels-last view of a conv output
+    gradient needs no copy) or a list of them (their rows stacked, without a concatenating copy)."""
+    blocks = _row_blocks(X)
+    decay, scale = _check_common("F", F, "X", blocks[0], decay, scale)
+    for b in blocks:
+        _checks.tensor("X", b, device=F.device)
+        if b.dim() < 2:
+            raise ValueError(f"X must have rows: shape (..., d) with at least 2 dims, got {tuple(b.shape)}")
+        _checks.shape("F", F, (b.shape[-1], b.shape[-1]))
+        _check_values("X", b, check_finite)
     _, fn = resolve("accumulate_factor", F.device, backend)
-    return fn(F, X, decay, scale)
+    return fn(F, blocks, decay, scale)
 
 
 def accumulate_factor_diag(f, X, decay, scale: float = 1.0, *, check_finite: bool = True,

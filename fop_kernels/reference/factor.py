@@ -27,9 +27,11 @@ def _ema_(state: torch.Tensor, update: torch.Tensor, decay: float, coef: float) 
     return state.mul_(1.0 - decay).add_(update.to(state.dtype), alpha=coef)
 
 
-def accumulate_factor(F: torch.Tensor, X: torch.Tensor, decay: float, scale: float = 1.0) -> torch.Tensor:
-    """F <- (1-decay) F + decay * scale * X^T X in place (X: N x d), fp32 accumulation; returns F."""
-    Xa = X.to(accumulation_dtype(F, X))
+def accumulate_factor(F: torch.Tensor, X, decay: float, scale: float = 1.0) -> torch.Tensor:
+    """F <- (1-decay) F + decay * scale * X^T X in place, fp32 accumulation; returns F. X: an (..., d) tensor whose
+    leading indices are rows, or a list of them (rows stacked)."""
+    blocks = list(X) if isinstance(X, (list, tuple)) else [X]
+    Xa = torch.cat([b.reshape(-1, b.shape[-1]) for b in blocks]).to(accumulation_dtype(F, *blocks))
     return _ema_(F, Xa.T @ Xa, decay, decay * scale)
 
 

@@ -287,8 +287,10 @@ _DEVICES = ("cuda", "cpu")  # cpu only under TRITON_INTERPRET=1 and only when fo
 
 @register("accumulate_factor", "triton", devices=_DEVICES)
 def accumulate_factor(F, X, decay, scale=1.0):
-    """F <- (1-decay) F + decay * scale * X^T X in place; returns F."""
-    _accumulate_factor_op(F, X, float(decay), float(decay) * float(scale))
+    """F <- (1-decay) F + decay * scale * X^T X in place (X an (..., d) tensor or a list of them); returns F."""
+    blocks = [b.reshape(-1, b.shape[-1]) for b in (X if isinstance(X, (list, tuple)) else [X])]
+    _accumulate_factor_op(F, blocks[0] if len(blocks) == 1 else torch.cat(blocks), float(decay),
+                          float(decay) * float(scale))
     return F
 
 

@@ -185,14 +185,16 @@ class Capture:
         if not recs:
             return False
         n_total = sum(r.n for r in recs)
-        Y = _stacked_rows([getattr(r, key) for r in recs], False, channels_first=self.layers[i].kind == "conv2d")
+        rows = [getattr(r, key) for r in recs]
+        if self.layers[i].kind == "conv2d":  # rows are (sample, position) pairs: a channels-last view, no copy
+            rows = [dy.movedim(1, -1) for dy in rows]
         if mc or self.loss_reduction == "sum":
             scale = 1.0 / n_total
         else:
             scale = float(n_total)
         if dy_scale is not None and not mc:
-            Y = Y * dy_scale.to(device=Y.device, dtype=torch.float32)
-        fop_kernels.accumulate_factor(G, Y, decay, scale=scale, check_finite=False)
+            rows = [dy * dy_scale.to(device=dy.device, dtype=torch.float32) for dy in rows]
+        fop_kernels.accumulate_factor(G, rows, decay, scale=scale, check_finite=False)
         return True
 
     def half_batch_grad(self, i: int, dtype: torch.dtype, dy_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,21 +222,17 @@ class Capture:
         return total
 
 
-def _rows(t: torch.Tensor, bias: bool, channels_first: bool = False) -> torch.Tensor:
-    """A rows x features matrix: linear inputs (N, ..., d) -> (N*..., d); conv outputs (N, C, H, W) -> (N*H*W, C)."""
-    if channels_first:
-        t = t.movedim(1, -1)
+def _rows(t: torch.Tensor, bias: bool) -> torch.Tensor:
+    """A rows x features matrix (N, ..., d) -> (N*..., d), with a column of ones for a bias."""
     X = t.reshape(-1, t.shape[-1])
     if bias:
         X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
     return X
 
 
-def _stacked_rows(ts: list[torch.Tensor], bias: bool, channels_first: bool = False) -> torch.Tensor:
-    """The rows of every record (see _rows) stacked into one matrix with one copy of the data: no per-record copy
-    followed by a concatenating one (at batch 2048 a conv layer's output gradient is hundreds of MiB)."""
-    if channels_first:
-        ts = [t.movedim(1, -1) for t in ts]
+def _stacked_rows(ts: list[torch.Tensor], bias: bool) -> torch.Tensor:
+    """The rows of every record (see _rows) stacked into one matrix with a column of ones for a bias, with one copy
+    of the data (no per-record copy followed by a concatenating one)."""
     d = ts[0].shape[-1]
     counts = [t.numel() // d for t in ts]
     X = ts[0].new_empty(sum(counts), d + int(bias))
