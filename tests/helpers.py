@@ -64,3 +64,19 @@ def train_steps(model, opt, batches, scaler=None) -> None:
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+
+
+INVERSES = ["eigh", "cholesky-inverse", "cholesky-factor"]
+
+
+def inverse_kwargs(name: str, monkeypatch) -> dict:
+    """Optimizer kwargs for an inverse configuration of INVERSES. The Cholesky path keeps each damped factor as its
+    inverse or as its Cholesky factor by a size rule (fop.kfac.keeps_cholesky_factor); the two cholesky-* names
+    force one form for every factor, so both are tested on small networks."""
+    if name == "eigh":
+        return {}
+    import fop.kfac
+
+    keep = {"cholesky-inverse": False, "cholesky-factor": True}[name]
+    monkeypatch.setattr(fop.kfac, "keeps_cholesky_factor", lambda n, m, interval: keep)
+    return dict(damping_mode="factored", inverse_method="cholesky")

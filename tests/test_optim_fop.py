@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from fop import FOP, KFAC
 from fop._capture import Capture
 from fop._layers import discover_layers
+from helpers import INVERSES, inverse_kwargs
 from torch import nn
 
 
@@ -121,10 +122,10 @@ def _one_step_direction(cls, m, x, y, **kwargs):
     return out, opt
 
 
-@pytest.mark.parametrize("damping_mode,inverse_method", [("eigen", "eigh"), ("factored", "eigh"),
-                                                         ("factored", "cholesky")])
+@pytest.mark.parametrize("damping_mode,inverse", [("eigen", "eigh"), ("factored", "eigh"),
+                                                  ("factored", "cholesky-inverse"), ("factored", "cholesky-factor")])
 @pytest.mark.parametrize("batch", [10, 9])
-def test_fop_matches_literal_paper_equations(damping_mode, inverse_method, batch):
+def test_fop_matches_literal_paper_equations(damping_mode, inverse, batch, monkeypatch):
     torch.manual_seed(10)
     m = tiny_net().double()
     x = torch.randn(batch, 2, 6, 6, dtype=torch.float64)
@@ -133,8 +134,8 @@ def test_fop_matches_literal_paper_equations(damping_mode, inverse_method, batch
     # wide clips so that the adaptive values themselves are compared (the defaults are checked below)
     clips = dict(beta_clip=(-50.0, 50.0), eta_clip=(-50.0, 50.0))
     expected = literal_fop_update(m, x, y, damping, damping_mode, **clips)
-    got, opt = _one_step_direction(FOP, m, x, y, damping=damping, damping_mode=damping_mode,
-                                   inverse_method=inverse_method, **clips)
+    got, opt = _one_step_direction(FOP, m, x, y, damping=damping,
+                                   **{"damping_mode": damping_mode, **inverse_kwargs(inverse, monkeypatch)}, **clips)
     stats = opt.last_stats()
     assert set(stats) == set(expected)
     for name, (update, s_proj, beta, eta) in expected.items():
@@ -160,13 +161,12 @@ def test_fop_default_clips_and_fixed_values_match_literal():
             assert -0.5 <= float(stats["beta"]) <= 0.5 and 0.0 <= float(stats["eta"]) <= 2.0
 
 
-@pytest.mark.parametrize("inverse", [dict(), dict(damping_mode="factored", inverse_method="cholesky")],
-                         ids=["eigh", "cholesky"])
-def test_fop_beta0_eta1_equals_kfac_exactly(inverse):
+@pytest.mark.parametrize("inverse", INVERSES)
+def test_fop_beta0_eta1_equals_kfac_exactly(inverse, monkeypatch):
     torch.manual_seed(12)
     m = tiny_net()
     kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, damping=1e-2, weight_decay=1e-3, kl_clip=1e-2,
-                  **inverse)
+                  **inverse_kwargs(inverse, monkeypatch))
     m_fop, m_kfac = copy.deepcopy(m), copy.deepcopy(m)
     o_fop = FOP(m_fop, beta=0.0, eta=1.0, **kwargs)
     o_kfac = KFAC(m_kfac, **kwargs)
@@ -318,15 +318,14 @@ def _two_pass_step(m, opt, x, y, passes=2):
     opt.step()
 
 
-@pytest.mark.parametrize("inverse", [dict(), dict(damping_mode="factored", inverse_method="cholesky")],
-                         ids=["eigh", "cholesky"])
-def test_split_backward_equals_half_batch_split(inverse):
+@pytest.mark.parametrize("inverse", INVERSES)
+def test_split_backward_equals_half_batch_split(inverse, monkeypatch):
     """Two backward passes on the halves (split="backward") give the sub-batch gradients of one backward on the
     whole batch split in halves (split="half_batch"), so the whole trajectory agrees (no batch-coupled layers)."""
     torch.manual_seed(15)
     m = tiny_net().double()
     kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, damping=1e-2, weight_decay=1e-3,
-                  factor_dtype=torch.float64, **inverse)
+                  factor_dtype=torch.float64, **inverse_kwargs(inverse, monkeypatch))
     m_half, m_back = copy.deepcopy(m), copy.deepcopy(m)
     o_half, o_back = FOP(m_half, **kwargs), FOP(m_back, split="backward", **kwargs)
     g = torch.Generator().manual_seed(1)

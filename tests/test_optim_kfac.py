@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
-from fop.kfac import damped_cholesky_inverse
+from fop.kfac import DampedFactor, keeps_cholesky_factor
+from helpers import inverse_kwargs
 from test_optim_fop import _one_step_direction, _per_layer_stats, tiny_net
 from torch import nn
 
@@ -29,15 +30,15 @@ def _grads(m, x, y):
     return out
 
 
-@pytest.mark.parametrize("damping_mode,inverse_method", [("eigen", "eigh"), ("factored", "eigh"),
-                                                         ("factored", "cholesky")])
-def test_kfac_matches_explicit_kronecker_inverse(damping_mode, inverse_method):
+@pytest.mark.parametrize("damping_mode,inverse", [("eigen", "eigh"), ("factored", "eigh"),
+                                                  ("factored", "cholesky-inverse"), ("factored", "cholesky-factor")])
+def test_kfac_matches_explicit_kronecker_inverse(damping_mode, inverse, monkeypatch):
     torch.manual_seed(20)
     m = tiny_net().double()
     x, y = _batch(9)
     damping = 3e-3
-    got, _ = _one_step_direction(KFAC, m, x, y, damping=damping, damping_mode=damping_mode,
-                                 inverse_method=inverse_method)
+    got, _ = _one_step_direction(KFAC, m, x, y, damping=damping,
+                                 **{"damping_mode": damping_mode, **inverse_kwargs(inverse, monkeypatch)})
     layers, stats = _per_layer_stats(copy.deepcopy(m), x, y)
     grads = _grads(m, x, y)
     N = x.shape[0]
@@ -284,9 +285,11 @@ def test_cholesky_inverse_needs_factored_damping_and_no_refresh():
         KFAC(tiny_net(), inverse_method="lu")
 
 
-def test_damped_cholesky_inverse_falls_back_to_eigh_when_cholesky_fails():
+@pytest.mark.parametrize("keep_factor", [False, True], ids=["inverse", "factor"])
+def test_damped_factor_falls_back_to_clamped_eigenvalues_when_cholesky_fails(keep_factor):
     """Rounding can leave a factor slightly indefinite; when M + lam I is not positive definite its Cholesky fails
-    and that matrix is inverted through its clamped eigendecomposition, while the others keep Cholesky."""
+    and that matrix is replaced by its eigendecomposition with eigenvalues clamped at 0, while the others keep their
+    own Cholesky. Both forms (inverse, Cholesky factor) multiply from either side as the damped inverse."""
     torch.manual_seed(21)
     X = torch.randn(6, 4, dtype=torch.float64)
     good = X.T @ X
@@ -294,7 +297,19 @@ def test_damped_cholesky_inverse_falls_back_to_eigh_when_cholesky_fails():
     evals = torch.tensor([-1e-3, 1.0, 2.0, 3.0], dtype=torch.float64)
     indefinite = Q @ torch.diag(evals) @ Q.T
     lam = torch.tensor([0.1, 1e-6], dtype=torch.float64)
-    inv = damped_cholesky_inverse(torch.stack([good, indefinite]), lam)
-    torch.testing.assert_close(inv[0], torch.linalg.inv(good + 0.1 * torch.eye(4, dtype=torch.float64)))
-    expected = Q @ torch.diag(1.0 / (evals.clamp_min(0) + 1e-6)) @ Q.T
-    torch.testing.assert_close(inv[1], expected, rtol=1e-8, atol=1e-6)
+    damped = DampedFactor.of(torch.stack([good, indefinite]), lam, keep_factor)
+    assert (damped.chol is not None) == keep_factor
+    expected = torch.stack([torch.linalg.inv(good + 0.1 * torch.eye(4, dtype=torch.float64)),
+                            Q @ torch.diag(1.0 / (evals.clamp_min(0) + 1e-6)) @ Q.T])
+    M = torch.randn(2, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(damped.left(M), expected @ M, rtol=1e-8, atol=1e-6)
+    torch.testing.assert_close(damped.right(M.mT), M.mT @ expected, rtol=1e-8, atol=1e-6)
+
+
+def test_cholesky_factor_kept_only_where_the_inverse_costs_more():
+    """MNIST CNN's fc1 (64 x 3137) at interval 10 keeps A's Cholesky factor; ResNet-18's largest factors (1153 for
+    128-wide gradients) and every G are inverted; a longer interval favours the inverse."""
+    assert keeps_cholesky_factor(3137, 64, 10)
+    assert not keeps_cholesky_factor(64, 3137, 10)
+    assert not keeps_cholesky_factor(1153, 128, 10)
+    assert not keeps_cholesky_factor(3137, 64, 100)

@@ -11,6 +11,7 @@ from fop import FOP, KFAC
 from fop._base import check_float, check_int, check_range, eval_schedule
 from fop._capture import Capture
 from fop._layers import discover_layers, parameter_map, unwrap_model
+from helpers import INVERSES, inverse_kwargs
 from torch import nn
 
 
@@ -327,14 +328,13 @@ def test_gradscaler_matches_unscaled(cls):
         torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("inverse", [dict(), dict(damping_mode="factored", inverse_method="cholesky")],
-                         ids=["eigh", "cholesky"])
+@pytest.mark.parametrize("inverse", INVERSES)
 @pytest.mark.parametrize("cls", [KFAC, FOP])
-def test_state_dict_round_trip_bit_identical(cls, inverse):
+def test_state_dict_round_trip_bit_identical(cls, inverse, monkeypatch):
     torch.manual_seed(4)
     m = small_cnn()
     kwargs = dict(lr=0.05, factor_interval=2, inverse_interval=3, weight_decay=1e-3, damping=1e-2, kl_clip=1e-2,
-                  **inverse)
+                  **inverse_kwargs(inverse, monkeypatch))
     opt = cls(m, **kwargs)
     _train(m, opt, 5, seed=1)
     saved_model = copy.deepcopy(m.state_dict())

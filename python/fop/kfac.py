@@ -43,13 +43,65 @@ class Bucket:
         return torch.bmm(torch.bmm(self.QG, M), self.QA.mT)
 
 
-class InverseBucket:
-    """Layers of one shape for inverse_method="cholesky": the factors of the last inversion and their damped
-    inverses (G + lambda_G I)^-1, (A + lambda_A I)^-1, stacked for bmm."""
+def keeps_cholesky_factor(n: int, m: int, interval: int) -> bool:
+    """Whether a damped n x n factor that multiplies m-wide gradient matrices is kept as its Cholesky factor L (two
+    triangular solves per product) rather than inverted. The inverse costs 2 n^3 / 3 more flops per inversion; the
+    solves run slower than one GEMM (2 m n^2 flops) by up to a quarter on large n (bench/RESULTS.md), twice per step
+    for FOP: keep L when n > 3 m interval (MNIST's 3137-wide fc1 input factor; no ResNet-18 factor)."""
+    return n > 3 * m * interval
 
-    def __init__(self, index: list[int], G, A, Ginv, Ainv):
+
+class DampedFactor:
+    """(M_b + lam_b I)^-1 of a (B, n, n) stack, held as the inverse itself or as lower Cholesky factors L (row-major,
+    so a resumed run multiplies exactly as the original)."""
+
+    def __init__(self, inv: torch.Tensor | None = None, chol: torch.Tensor | None = None):
+        if (inv is None) == (chol is None):
+            raise ValueError("a DampedFactor holds exactly one of inv and chol")
+        self.inv, self.chol = inv, chol
+
+    @classmethod
+    def of(cls, M: torch.Tensor, lam: torch.Tensor, keep_factor: bool) -> DampedFactor:
+        """By Cholesky. A matrix whose Cholesky fails (rounding made it indefinite) is replaced first by its
+        eigendecomposition with eigenvalues clamped at 0 (fop_kernels.damped_inverse with power 1)."""
+        damped = M.clone()
+        damped.diagonal(dim1=1, dim2=2).add_(lam.to(M.dtype)[:, None])
+        L, info = torch.linalg.cholesky_ex(damped)
+        for b in torch.nonzero(info).flatten().tolist():  # one host sync per inversion step
+            repaired = fop_kernels.damped_inverse([M[b]], lam[b].to(M.dtype), power=1.0)[0]
+            L[b] = torch.linalg.cholesky(0.5 * (repaired + repaired.mT))
+        del damped
+        if keep_factor:
+            return cls(chol=L.contiguous())
+        # LAPACK's inverse is exactly symmetric and column-major: its transpose is the same matrix, row-major
+        return cls(inv=torch.cholesky_inverse(L).mT)
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"inv": self.inv} if self.inv is not None else {"chol": self.chol}
+
+    def right(self, X: torch.Tensor) -> torch.Tensor:
+        """X (M + lam)^-1 = X L^-T L^-1 for a (B, m, n) stack."""
+        if self.inv is not None:
+            return torch.bmm(X, self.inv)
+        Y = torch.linalg.solve_triangular(self.chol.mT, X, upper=True, left=False)
+        return torch.linalg.solve_triangular(self.chol, Y, upper=False, left=False)
+
+    def left(self, X: torch.Tensor) -> torch.Tensor:
+        """(M + lam)^-1 X = L^-T L^-1 X for a (B, n, m) stack."""
+        if self.inv is not None:
+            return torch.bmm(self.inv, X)
+        Y = torch.linalg.solve_triangular(self.chol, X, upper=False)
+        return torch.linalg.solve_triangular(self.chol.mT, Y, upper=True)
+
+
+class InverseBucket:
+    """Layers of one shape for inverse_method="cholesky": the factors of the last inversion (G, A, stacked for bmm)
+    and their damped inverses (G + lambda_G I)^-1, (A + lambda_A I)^-1 as DampedFactors."""
+
+    def __init__(self, index: list[int], G, A, Ginv: DampedFactor, Ainv: DampedFactor):
         self.index = index
-        self.G, self.A, self.Ginv, self.Ainv = G, A, Ginv, Ainv  # (B,o,o), (B,i,i), (B,o,o), (B,i,i)
+        self.G, self.A, self.Ginv, self.Ainv = G, A, Ginv, Ainv  # (B,o,o), (B,i,i), damped inverses
 
     @property
     def dtype(self) -> torch.dtype:
@@ -57,19 +109,7 @@ class InverseBucket:
 
     def precondition(self, M: torch.Tensor) -> torch.Tensor:
         """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack."""
-        return torch.bmm(self.Ginv, torch.bmm(M, self.Ainv))
-
-
-def damped_cholesky_inverse(M: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """(M_b + lam_b I)^-1 for a (B, n, n) stack of PSD matrices by Cholesky. A matrix whose Cholesky fails (rounding
-    made it indefinite) is inverted through its clamped eigendecomposition instead (fop_kernels.damped_inverse)."""
-    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
-    L, info = torch.linalg.cholesky_ex(M + lam.to(M.dtype)[:, None, None] * eye)
-    inv = torch.cholesky_inverse(L).contiguous()  # LAPACK's column-major result: bmm then runs as after a load
-    failed = torch.nonzero(info).flatten().tolist()  # one host sync per inversion step
-    for b in failed:
-        inv[b] = fop_kernels.damped_inverse([M[b]], lam[b].to(M.dtype))[0]
-    return inv
+        return self.Ginv.left(self.Ainv.right(M))
 
 
 class KFAC(CurvatureOptimizer):
@@ -269,8 +309,10 @@ class KFAC(CurvatureOptimizer):
             mean_A = A.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
             mean_G = G.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
             pi = torch.sqrt(mean_A / mean_G)
-            buckets.append(InverseBucket(idx, G, A, damped_cholesky_inverse(G, root / pi),
-                                         damped_cholesky_inverse(A, root * pi)))
+            o, i = self.layers[idx[0]].shape
+            keep_G, keep_A = (keeps_cholesky_factor(n, m, self.inverse_interval) for n, m in ((o, i), (i, o)))
+            buckets.append(InverseBucket(idx, G, A, DampedFactor.of(G, root / pi, keep_G),
+                                         DampedFactor.of(A, root * pi, keep_A)))
         self.buckets = buckets
         self.decomposed_at = self.steps
 
@@ -359,7 +401,9 @@ class KFAC(CurvatureOptimizer):
         for b in self.buckets:
             for j, i in enumerate(b.index):
                 if isinstance(b, InverseBucket):
-                    inverse[i] = {"A": b.A[j], "G": b.G[j], "Ainv": b.Ainv[j], "Ginv": b.Ginv[j]}
+                    inverse[i] = {"A": b.A[j], "G": b.G[j]}
+                    inverse[i].update({f"A{k}": v[j] for k, v in b.Ainv.state.items()})
+                    inverse[i].update({f"G{k}": v[j] for k, v in b.Ginv.state.items()})
                 else:
                     eig[i] = {"QA": b.QA[j], "lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
         extra.update(factor_updates=self.factor_updates, decomposed_at=self.decomposed_at,
@@ -385,6 +429,12 @@ class KFAC(CurvatureOptimizer):
             self._set_buckets([e["lA"] for e in moved], [e["QA"] for e in moved], [e["lG"] for e in moved],
                               [e["QG"] for e in moved])
             return
-        self.buckets = [InverseBucket(idx, *(torch.stack([moved[i][k] for i in idx])
-                                                   for k in ("G", "A", "Ginv", "Ainv")))
+        def stacked(idx, key):
+            return torch.stack([moved[i][key] for i in idx])
+
+        def damped(idx, side):
+            form = "inv" if side + "inv" in moved[idx[0]] else "chol"
+            return DampedFactor(**{form: stacked(idx, side + form)})
+
+        self.buckets = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"))
                         for idx in self._by_shape([e["A"] for e in moved])]
