@@ -213,6 +213,38 @@ def test_mc_fisher_helper(cls):
         emp.fisher_backward(logits)
 
 
+@pytest.mark.parametrize("passes", [1, 2])
+def test_mc_output_factor_is_the_sampled_label_gradient_gram(passes):
+    """fisher="mc" reduces the sampled-label output gradients to Grams in the hook: G must still be
+    sum over samples (and conv positions) of g g^T / N, g the output gradient of the summed sampled-label loss, over
+    every forward pass of the step (gradient accumulation); the training output gradients are not kept."""
+    torch.manual_seed(27)
+    m = tiny_net().double()
+    opt = KFAC(m, lr=0.01, damping=0.1, fisher="mc", factor_dtype=torch.float64)
+    x, y = _batch(10)
+    expected = {}
+    outputs = {}
+    hooks = [mod.register_forward_hook(lambda mod, i, o, name=name: outputs.__setitem__(name, o))
+             for name, mod in m.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    for k, (xb, yb) in enumerate(zip(x.chunk(passes), y.chunk(passes))):
+        logits = m(xb)
+        probs = torch.softmax(logits.detach().float(), dim=1)
+        labels = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(k)).squeeze(1)
+        sampled = F.cross_entropy(logits.float(), labels, reduction="sum")  # as the helper: a float32 loss
+        grads = torch.autograd.grad(sampled, [outputs[n] for n in outputs], retain_graph=True)
+        for name, g in zip(outputs, grads):
+            rows = g.movedim(1, -1).reshape(-1, g.shape[1]) if g.dim() == 4 else g
+            expected[name] = expected.get(name, 0) + rows.T @ rows
+        opt.fisher_backward(logits, generator=torch.Generator().manual_seed(k))
+        (F.cross_entropy(logits, yb) / passes).backward()
+        assert all(r.dy is None and r.backward_done for recs in opt.capture.records for r in recs)
+    for h in hooks:
+        h.remove()
+    opt.step()
+    for i, layer in enumerate(opt.layers):
+        torch.testing.assert_close(opt.factors_G[i], expected[layer.name] / 10, rtol=1e-12, atol=1e-14)
+
+
 def test_layer_missing_from_forward_raises():
     class TwoHeads(nn.Module):
         def __init__(self):

@@ -193,6 +193,7 @@ class KFAC(CurvatureOptimizer):
         self.factor_updates = 0  # how many factor updates have run (host int)
         self.buckets: list[Bucket] | list[InverseBucket] = []
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
+        self.capture.gram_dtype = self.factor_dtype
         self._arm()
 
     # -- when to capture, update, decompose ----------------------------------------------------------------------
@@ -207,7 +208,8 @@ class KFAC(CurvatureOptimizer):
     def _arm(self) -> None:
         full = self.is_factor_step(self.steps)
         if full or self._needs_half_batch(self.steps):
-            self.capture.arm(full=full, keep_outputs=full and self.fisher == "mc")
+            mc = full and self.fisher == "mc"  # the training output gradients then serve the half batch only
+            self.capture.arm(full=full, keep_outputs=mc, keep_dy=not mc or self._needs_half_batch(self.steps))
 
     # -- the MC Fisher helper -------------------------------------------------------------------------------------
     @torch.no_grad()
