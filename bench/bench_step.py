@@ -48,8 +48,10 @@ def make_optimizer(name, model, args):
 def forward_backward(name, model, x, y, args):
     """One backward on the batch; with --split backward, FOP and KFAC run two half-batch passes (mean losses halved):
     FOP needs them, and KFAC (gradient accumulation, the same update) gets them too so that FOP against KFAC
-    compares optimizer work alone; SGD and AdamW keep one pass."""
-    passes = 2 if name in ("fop", "kfac") and args.split == "backward" else 1
+    compares optimizer work alone; SGD and AdamW keep one pass unless --same-passes (then the ratios compare
+    optimizer work alone: at large batches one full-batch pass can cost more than two half-batch ones on CPU)."""
+    two = args.split == "backward" and (name in ("fop", "kfac") or args.same_passes)
+    passes = 2 if two else 1
     for xb, yb in zip(x.chunk(passes), y.chunk(passes)):
         (F.cross_entropy(model(xb), yb) / passes).backward()
 
@@ -124,7 +126,8 @@ def summarize(args, names, fb, st, phases, n_params):
     lines = [f"ResNet-18 layout, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
              f"{args.image}x{args.image}, device {args.device}, threads {torch.get_num_threads()}, interval {k}, "
              f"eigh_refresh_iters {args.eigh_refresh_iters}, damping_mode {args.damping_mode}, "
-             f"inverse_method {args.inverse_method}, FOP split {args.split}, "
+             f"inverse_method {args.inverse_method}, FOP split {args.split}"
+             f"{' (SGD and AdamW too)' if args.same_passes and args.split == 'backward' else ''}, "
              f"{args.steps} measured steps after {args.warmup} warm-up",
              "", "| optimizer | plain step (ms, median) | curvature step (ms, median) | mean step (ms) | mean / SGD |",
              "| --- | --- | --- | --- | --- |"]
@@ -165,6 +168,7 @@ def memory(args):
         cmd = [sys.executable, __file__, "--memory-child", n, "--width", str(args.width), "--batch", str(args.batch),
                "--eigh-refresh-iters", str(args.eigh_refresh_iters), "--damping-mode", args.damping_mode,
                "--inverse-method", args.inverse_method, "--split", args.split,
+               *(["--same-passes"] if args.same_passes else []),
                "--image", str(args.image), "--interval", str(args.interval), "--device", args.device,
                "--steps", str(max(args.interval + 2, 4)), "--warmup", "0"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -239,6 +243,8 @@ def main():
                    help="cholesky needs --damping-mode factored")
     p.add_argument("--split", choices=("half_batch", "backward"), default="half_batch",
                    help="FOP's split; backward: FOP and KFAC run two half-batch passes per step (SGD, AdamW one)")
+    p.add_argument("--same-passes", action="store_true",
+                   help="with --split backward: SGD and AdamW run the two half-batch passes too")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS)
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
