@@ -188,16 +188,43 @@ def test_half_batch_gradient_equals_separate_backward(batch, bias):
     m = tiny_net(bias).double()
     layers, _ = discover_layers(m)
     cap = Capture(layers)
-    cap.arm(full=False)
+    cap.stat_dtype = torch.float64
+    cap.arm(full=False, half_grads=True)
     x, y = torch.randn(batch, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (batch,))
     F.cross_entropy(m(x), y).backward()
     n1 = batch // 2
+    # reduced in the backward hooks: no half-batch record still holds its input or output gradient
+    assert all(r.backward_done and r.a is None and r.dy is None for recs in cap.records for r in recs)
     sums = [cap.half_batch_grad(i, torch.float64) for i in range(len(layers))]
     cap.remove()  # (deep copies below would carry the hooks)
     for layer, S1 in zip(layers, sums):
         # S1 is the first half's share of the mean-loss gradient: (n1 / N) x gradient of the half's mean loss
         half = _grad_matrix(copy.deepcopy(m), x[:n1], y[:n1], layer.name) * n1 / batch
         torch.testing.assert_close(S1, half, rtol=1e-10, atol=1e-12)
+
+
+def test_half_batch_gradient_of_two_backwards_through_one_graph_adds_up():
+    """Two backward passes through one forward (retain_graph) add their output gradients; S1, reduced in the hook
+    per pass, is linear in them and must equal the S1 of one backward of the summed loss."""
+    torch.manual_seed(16)
+    m = tiny_net().double()
+    layers, _ = discover_layers(m)
+    x, y = torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    results = []
+    for split in (False, True):
+        cap = Capture(layers)
+        cap.stat_dtype = torch.float64
+        cap.arm(full=False, half_grads=True)
+        loss = F.cross_entropy(m(x), y)
+        if split:
+            (0.25 * loss).backward(retain_graph=True)
+            (0.75 * loss).backward()
+        else:
+            loss.backward()
+        results.append([cap.half_batch_grad(i, torch.float64) for i in range(len(layers))])
+        cap.remove()
+    for one, two in zip(*results):
+        torch.testing.assert_close(two, one, rtol=1e-12, atol=1e-14)
 
 
 def test_batch_of_one_falls_back_to_kfac_with_warning(caplog):

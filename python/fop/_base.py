@@ -219,11 +219,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _after_skipped_step(self) -> None:
         """A skipped step keeps the counters; drop its captures and arm again as for the step that was skipped."""
-        cap = self.capture
-        full, keep, rows, keep_dy, was_armed = cap.full, cap.keep_outputs, cap.rows, cap.keep_dy, cap.armed
-        cap.release()
-        if was_armed:
-            cap.arm(full, keep, rows, keep_dy)
+        settings = self.capture.settings()
+        self.capture.release()
+        if settings is not None:
+            self.capture.arm(**settings)
 
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
         """Per param group: coupled (d += wd p) or decoupled (p *= 1 - lr wd) weight decay, momentum, p -= lr m."""

@@ -9,7 +9,9 @@ N x C x H x W) and the gradient of the layer output `dy` as autograd computes it
 - Factors (DESIGN.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv rows are im2col
   patches, computed by fop_kernels' conv-factor op), `G = g^T g / N_total` summed over positions.
 - FOP's half-batch gradient: the first `floor(n/2)` samples of every record, `S1 = sum_{first halves} dy a^T`
-  (conv: torch's conv weight gradient of the half batch), in the same scale as `.grad`.
+  (conv: torch's conv weight gradient of the half batch), in the same scale as `.grad`, reduced in the backward
+  hook as each output gradient arrives (`arm(half_grads=True)`), so that no half-batch input or output gradient is
+  held until the step.
 - fisher="mc": the sampled-label output gradients serve G alone, so the hook reduces them at once to their Gram
   `sum_rows g g^T` (in the factor dtype) instead of holding a batch of them until the step; on such a step the
   training output gradients are not kept either unless the half batch needs them (`arm(keep_dy=...)`). At batch
@@ -38,13 +40,14 @@ LOSS_REDUCTIONS = ("mean", "sum")
 class Record:
     """What one forward pass of one layer left: input rows kept, output gradient, sample counts."""
 
-    a: torch.Tensor
+    a: torch.Tensor | None  # None on a half-batch record whose hook reduces it (arm(half_grads=True))
     n: int  # samples in the forward pass
     n_half: int  # samples of its first half: floor(n / 2)
     full: bool  # True: a and dy hold all n samples; False: only the first n_half
     dy: torch.Tensor | None = None  # None after the backward too when the capture does not keep it (keep_dy)
     backward_done: bool = False
     gram_mc: torch.Tensor | None = None  # sum over rows of g g^T, g the sampled-label output gradient (fisher="mc")
+    s1: torch.Tensor | None = None  # sum over the first half of dy a^T (arm(half_grads=True)), out x in
     output: torch.Tensor | None = None  # the layer output, kept until the MC backward (fisher="mc")
     rows: torch.Tensor | None = None  # the samples kept (arm(rows=...)): a and dy hold only these
 
@@ -62,25 +65,36 @@ class Capture:
         self.full = False
         self.keep_outputs = False
         self.keep_dy = True
+        self.half_grads = False
         self.mc_active = False
         self.rows = None
-        self.gram_dtype = torch.float32  # of the sampled-label Grams: the optimizer's factor dtype
+        self.stat_dtype = torch.float32  # of what the hooks reduce (Grams, S1): the optimizer's factor dtype
         self._handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(layers)]
 
     # -- arming ------------------------------------------------------------------------------------------------
-    def arm(self, full: bool, keep_outputs: bool = False, rows=None, keep_dy: bool = True) -> None:
+    def arm(self, full: bool, keep_outputs: bool = False, rows=None, keep_dy: bool = True,
+            half_grads: bool = False) -> None:
         """Record the next forward passes: whole batches when `full`, else the first half of each.
 
         `rows`: a callable (n, device) -> index tensor; each record then keeps only those samples of its batch
         (FROG's fresh sample per layer and step). `keep_dy=False`: the training output gradients are not kept (the
-        backward is only noted), for an MC-Fisher step that has no other use for them."""
+        backward is only noted), for an MC-Fisher step that has no other use for them. `half_grads`: the hook
+        reduces each record's first half to S1 as its gradient arrives (FOP's sub-batch gradient); a half-batch
+        record then keeps neither its input nor its output gradient."""
         self.armed, self.full, self.keep_outputs, self.rows = True, bool(full), bool(keep_outputs), rows
-        self.keep_dy = bool(keep_dy)
+        self.keep_dy, self.half_grads = bool(keep_dy), bool(half_grads)
+
+    def settings(self) -> dict | None:
+        """The arguments of the last arm() while armed (to arm again after a skipped step), else None."""
+        if not self.armed:
+            return None
+        return dict(full=self.full, keep_outputs=self.keep_outputs, rows=self.rows, keep_dy=self.keep_dy,
+                    half_grads=self.half_grads)
 
     def release(self) -> None:
         """Drop every record and disarm (after the optimizer step)."""
         self.records = [[] for _ in self.layers]
-        self.armed = self.full = self.keep_outputs = False
+        self.armed = self.full = self.keep_outputs = self.half_grads = False
         self.keep_dy = True
         self.rows = None
 
@@ -102,23 +116,32 @@ class Capture:
             n = x.shape[0]
             rows = None if self.rows is None else self.rows(n, x.device)
             a = x.index_select(0, rows) if rows is not None else x if self.full else x[: n // 2]
-            rec = Record(a=a, n=n, n_half=n // 2, full=self.full, rows=rows)
+            # a half-batch record reduced in the hook keeps no input: the hook's closure holds it as long as the graph
+            # (every backward through it adds to S1), and it goes with the graph
+            reduced = self.half_grads and not self.full and rows is None
+            rec = Record(a=None if reduced else a, n=n, n_half=n // 2, full=self.full, rows=rows)
             if self.keep_outputs:
                 rec.output = output
             self.records[i].append(rec)
-            output.register_hook(self._grad_hook(rec, self.layers[i].kind == "conv2d"))
+            output.register_hook(self._grad_hook(rec, self.layers[i], a))
 
         return hook
 
-    def _grad_hook(self, rec: Record, conv: bool):
+    def _grad_hook(self, rec: Record, layer: Layer, a: torch.Tensor):
         def hook(grad):
             g = grad.detach()
             if self.mc_active:  # only G needs it: reduce it now rather than hold a batch of output gradients
-                rows = g.movedim(1, -1) if conv else g  # conv: one row per (sample, position)
-                rec.gram_mc = torch.empty(rows.shape[-1], rows.shape[-1], dtype=self.gram_dtype, device=g.device)
+                rows = g.movedim(1, -1) if layer.kind == "conv2d" else g  # conv: one row per (sample, position)
+                rec.gram_mc = torch.empty(rows.shape[-1], rows.shape[-1], dtype=self.stat_dtype, device=g.device)
                 fop_kernels.accumulate_factor(rec.gram_mc, rows, 1.0, check_finite=False)
                 return
             rec.backward_done = True
+            if self.half_grads and rec.rows is None:  # linear in dy: several backwards add up
+                if rec.n_half > 0:
+                    part = sub_batch_grad(layer, a[: rec.n_half], g[: rec.n_half], self.stat_dtype)
+                    rec.s1 = part if rec.s1 is None else rec.s1 + part
+                if not rec.full:  # a half-batch record needs nothing more
+                    return
             if not self.keep_dy:
                 return
             if rec.rows is not None:
@@ -222,28 +245,32 @@ class Capture:
         return True
 
     def half_batch_grad(self, i: int, dtype: torch.dtype, dy_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """S1 = sum over the first halves of every record of dy a^T, as an out x in matrix [dW | db] in `dtype`
-        (times `dy_scale`, a device scalar, when given)."""
+        """S1 = sum over the first halves of every record of dy a^T (reduced by the hooks, arm(half_grads=True)),
+        as an out x in matrix [dW | db] in `dtype` (times `dy_scale`, a device scalar, when given)."""
         layer = self.layers[i]
-        total = None
-        for r in self.done(i):
-            a = r.a[: r.n_half].to(dtype)
-            dy = r.dy[: r.n_half].to(dtype)
-            if layer.kind == "conv2d":
-                c = layer.conv
-                gw = torch.nn.grad.conv2d_weight(a, layer.weight.shape, dy, stride=c["stride"], padding=c["padding"],
-                                                 dilation=c["dilation"]).reshape(layer.out_dim, -1)
-                if layer.bias is not None:
-                    gw = torch.cat([gw, dy.sum(dim=(0, 2, 3)).unsqueeze(1)], dim=1)
-            else:
-                A = _rows(a, layer.bias is not None)
-                gw = _rows(dy, False).T @ A
-            total = gw if total is None else total + gw
-        if total is None:
+        parts = [r.s1 for r in self.done(i) if r.s1 is not None]
+        if not parts:
             return torch.zeros(layer.shape, dtype=dtype, device=layer.weight.device)
+        total = parts[0].to(dtype)
+        for part in parts[1:]:
+            total = total + part.to(dtype)
         if dy_scale is not None:
             total = total * dy_scale.to(device=total.device, dtype=dtype)
         return total
+
+
+def sub_batch_grad(layer: Layer, a: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_samples dy a^T of one layer as an out x in matrix [dW | db] in `dtype` (conv: torch's weight gradient)."""
+    a, dy = a.to(dtype), dy.to(dtype)
+    if layer.kind == "conv2d":
+        c = layer.conv
+        gw = torch.nn.grad.conv2d_weight(a, layer.weight.shape, dy, stride=c["stride"], padding=c["padding"],
+                                         dilation=c["dilation"], groups=c.get("groups", 1))
+        gw = gw.reshape(layer.out_dim, -1)
+        if layer.bias is not None:
+            gw = torch.cat([gw, dy.sum(dim=(0, 2, 3)).unsqueeze(1)], dim=1)
+        return gw
+    return _rows(dy, False).T @ _rows(a, layer.bias is not None)
 
 
 def _rows(t: torch.Tensor, bias: bool) -> torch.Tensor:

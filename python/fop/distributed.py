@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fop_kernels
-from fop._capture import _rows
+from fop._capture import sub_batch_grad
 
 logger = logging.getLogger("fop")
 
@@ -148,20 +148,6 @@ def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-def _local_grad(layer, a: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_samples dy a^T of one layer as an out x in matrix [dW | db] in `dtype` (conv: torch's weight gradient)."""
-    a, dy = a.to(dtype), dy.to(dtype)
-    if layer.kind == "conv2d":
-        c = layer.conv
-        gw = torch.nn.grad.conv2d_weight(a, layer.weight.shape, dy, stride=c["stride"], padding=c["padding"],
-                                         dilation=c["dilation"], groups=c.get("groups", 1))
-        gw = gw.reshape(layer.out_dim, -1)
-        if layer.bias is not None:
-            gw = torch.cat([gw, dy.sum(dim=(0, 2, 3)).unsqueeze(1)], dim=1)
-        return gw
-    return _rows(dy, False).T @ _rows(a, layer.bias is not None)
-
-
 def _chunks(sizes: list[int], cap: int) -> list[list[int]]:
     """Consecutive groups of item indices whose sizes sum to at most `cap` (an item larger than cap goes alone)."""
     groups, current, total = [], [], 0
@@ -295,7 +281,7 @@ class Comm:
         self._n[i] += n
         self._n1[i] += m
         if m > 0:
-            part = _local_grad(self.opt.layers[i], a, grad.detach()[:m], self.dtype)
+            part = sub_batch_grad(self.opt.layers[i], a, grad.detach()[:m], self.dtype)
             self._acc[i] = part if self._acc[i] is None else self._acc[i] + part
         if sync:
             self._pending[i] -= 1

@@ -93,6 +93,9 @@ class FOP(KFAC):
     def _needs_half_batch(self, step: int) -> bool:
         return self.split == "half_batch"
 
+    def _half_grads_in_hooks(self) -> bool:
+        return self.split == "half_batch" and not self.comm.active  # distributed: fop.distributed's own hooks
+
     def _on_grad_accumulated(self, p: torch.Tensor) -> None:
         """split="backward": count the passes per parameter and copy .grad once the first has accumulated."""
         count = self._passes.get(id(p), 0) + 1

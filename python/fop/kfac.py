@@ -193,7 +193,7 @@ class KFAC(CurvatureOptimizer):
         self.factor_updates = 0  # how many factor updates have run (host int)
         self.buckets: list[Bucket] | list[InverseBucket] = []
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
-        self.capture.gram_dtype = self.factor_dtype
+        self.capture.stat_dtype = self.factor_dtype
         self._arm()
 
     # -- when to capture, update, decompose ----------------------------------------------------------------------
@@ -205,11 +205,15 @@ class KFAC(CurvatureOptimizer):
     def _needs_half_batch(self, step: int) -> bool:
         return False
 
+    def _half_grads_in_hooks(self) -> bool:
+        """Whether the capture hooks reduce each record's first half to its gradient (FOP in one process)."""
+        return False
+
     def _arm(self) -> None:
         full = self.is_factor_step(self.steps)
         if full or self._needs_half_batch(self.steps):
-            mc = full and self.fisher == "mc"  # the training output gradients then serve the half batch only
-            self.capture.arm(full=full, keep_outputs=mc, keep_dy=not mc or self._needs_half_batch(self.steps))
+            mc = full and self.fisher == "mc"  # the training output gradients then serve no factor
+            self.capture.arm(full=full, keep_outputs=mc, keep_dy=not mc, half_grads=self._half_grads_in_hooks())
 
     # -- the MC Fisher helper -------------------------------------------------------------------------------------
     @torch.no_grad()
