@@ -99,21 +99,21 @@ void check_state(const at::Tensor& state, const char* name) {
 // GEMMs (bench/RESULTS.md, "Chunked factor inputs").
 constexpr int64_t kChunkBytes = int64_t{16} << 20;
 
-// fn(rows) over X (..., d) as row matrices in `type`: X itself when it is one strided matrix of that type, else
-// consecutive chunks of its first dimension copied into one reused buffer of about kChunkBytes. Called at least once
-// (with zero rows for an empty X).
+// fn(rows) over X (..., d), d > 0, as row matrices in `type`: X itself when it is one strided matrix of that type,
+// else consecutive chunks of its first dimension copied into one reused buffer of about kChunkBytes. Called at least
+// once (with zero rows for an empty X).
 template <typename Fn>
 void for_row_chunks(const at::Tensor& X, at::ScalarType type, Fn&& fn) {
   const int64_t d = X.size(-1);
   if (X.scalar_type() == type && X.dim() == 2) return fn(X);
   if (X.scalar_type() == type && X.is_contiguous()) return fn(X.view({-1, d}));
-  const int64_t lead = X.size(0), per_lead = lead == 0 ? 0 : X.numel() / lead;
-  const int64_t step = std::clamp(kChunkBytes / std::max<int64_t>(1, per_lead * at::elementSize(type)), int64_t{1},
-                                  std::max<int64_t>(lead, 1));
-  auto buffer = at::empty({std::min(step, lead) * (per_lead / std::max<int64_t>(d, 1)), d}, X.options().dtype(type));
+  const int64_t lead = X.size(0), rows_per_lead = lead == 0 ? 0 : X.numel() / lead / d;
+  const int64_t lead_bytes = std::max<int64_t>(1, rows_per_lead * d * at::elementSize(type));
+  const int64_t step = std::clamp(kChunkBytes / lead_bytes, int64_t{1}, std::max<int64_t>(lead, 1));
+  auto buffer = at::empty({std::min(step, lead) * rows_per_lead, d}, X.options().dtype(type));
   for (int64_t s = 0; s == 0 || s < lead; s += step) {
     const auto chunk = X.narrow(0, s, std::min(step, lead - s));
-    auto rows = buffer.narrow(0, 0, chunk.numel() / std::max<int64_t>(d, 1));
+    auto rows = buffer.narrow(0, 0, chunk.size(0) * rows_per_lead);
     rows.view(chunk.sizes()).copy_(chunk);
     fn(rows);
   }

@@ -222,14 +222,12 @@ class Capture:
             recs = [r for r in self.records[i] if r.full and r.gram_mc is not None]
             if not recs:
                 return False
-            total = recs[0].gram_mc
-            for r in recs[1:]:
-                total = total + r.gram_mc
+            total = _summed([r.gram_mc for r in recs], G.dtype)
             coef = decay / sum(r.n for r in recs)
             if decay == 1.0:
                 G.copy_(total).mul_(coef)
             else:
-                G.mul_(1.0 - decay).add_(total.to(G.dtype), alpha=coef)
+                G.mul_(1.0 - decay).add_(total, alpha=coef)
             return True
         recs = [r for r in self.records[i] if r.full and r.dy is not None]
         if not recs:
@@ -251,12 +249,18 @@ class Capture:
         parts = [r.s1 for r in self.done(i) if r.s1 is not None]
         if not parts:
             return torch.zeros(layer.shape, dtype=dtype, device=layer.weight.device)
-        total = parts[0].to(dtype)
-        for part in parts[1:]:
-            total = total + part.to(dtype)
+        total = _summed(parts, dtype)
         if dy_scale is not None:
             total = total * dy_scale.to(device=total.device, dtype=dtype)
         return total
+
+
+def _summed(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum of the per-record statistics `parts` (in order), in `dtype`."""
+    total = parts[0].to(dtype)
+    for part in parts[1:]:
+        total = total + part.to(dtype)
+    return total
 
 
 def sub_batch_grad(layer: Layer, a: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
