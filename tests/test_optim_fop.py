@@ -66,14 +66,18 @@ def _grad_matrix(m, x, y, layer_name):
     return g.clone()
 
 
-def literal_fop_update(m, x, y, damping, damping_mode="eigen", beta_clip=(-0.5, 0.5), eta_clip=(0.0, 2.0),
-                       fixed_beta=None, fixed_eta=None):
+def literal_fop_update(m, x, y, damping, damping_mode="eigen", beta_clip=(-0.5, 0.5), eta_clip=None,
+                       fixed_beta=None, fixed_eta=None, eta_norm=False, kl_clip=None, lr=1.0):
     """The paper's equations with explicit matrices, float64. F = A kron G acting on vec(V) (column-major), so
-    F vec(V) = vec(G V A); A = P^T P / (N L), G = N Y^T Y. Halves: first floor(N/2) samples and the rest."""
+    F vec(V) = vec(G V A); A = P^T P / (N L), G = N Y^T Y. Halves: first floor(N/2) samples and the rest.
+    eta_norm: eq. 17 with the mean gradient g_avg in place of g_tot = 2 g_avg (eta_clip default (0, 1), else (0, 2)).
+    kl_clip: every update scaled by min(1, sqrt(kl_clip / sum_l lr^2 update_l^T Fd_l update_l))."""
+    if eta_clip is None:
+        eta_clip = (0.0, 1.0) if eta_norm else (0.0, 2.0)
     N = x.shape[0]
     n1 = N // 2
     layers, stats = _per_layer_stats(copy.deepcopy(m), x, y)
-    out = {}
+    out, quadratic = {}, 0.0
     for layer in layers:
         P, Y, L = stats[layer.name]
         A = P.T @ P / (N * L)
@@ -97,11 +101,15 @@ def literal_fop_update(m, x, y, damping, damping_mode="eigen", beta_clip=(-0.5, 
         beta = (g_avg @ Fd_inv @ g_perp) / (g_perp @ Fd_inv @ g_perp)  # eq. 16
         beta = beta.clamp(*beta_clip) if fixed_beta is None else torch.tensor(fixed_beta, dtype=g1.dtype)
         g_comb = g_avg + beta * g_perp
-        g_tot = 2 * g_avg
+        g_tot = g_avg if eta_norm else 2 * g_avg
         eta = (g_tot @ Fd_inv @ g_comb) / (g_comb @ Fd_inv @ g_comb)  # eq. 17
         eta = eta.clamp(*eta_clip) if fixed_eta is None else torch.tensor(fixed_eta, dtype=g1.dtype)
         update = eta * (Fd_inv @ g_comb)  # eq. 18
+        quadratic = quadratic + lr**2 * (update @ Fd @ update)
         out[layer.name] = (update.reshape(layer.in_dim, layer.out_dim).T, s_proj, beta, eta)
+    if kl_clip is not None:
+        nu = min(1.0, float((kl_clip / quadratic) ** 0.5))
+        out = {name: (nu * u, s, b, e) for name, (u, s, b, e) in out.items()}
     return out
 
 
@@ -125,7 +133,8 @@ def _one_step_direction(cls, m, x, y, **kwargs):
 @pytest.mark.parametrize("damping_mode,inverse", [("eigen", "eigh"), ("factored", "eigh"),
                                                   ("factored", "cholesky-inverse"), ("factored", "cholesky-factor")])
 @pytest.mark.parametrize("batch", [10, 9])
-def test_fop_matches_literal_paper_equations(damping_mode, inverse, batch, monkeypatch):
+@pytest.mark.parametrize("eta_norm", [False, True])
+def test_fop_matches_literal_paper_equations(damping_mode, inverse, batch, eta_norm, monkeypatch):
     torch.manual_seed(10)
     m = tiny_net().double()
     x = torch.randn(batch, 2, 6, 6, dtype=torch.float64)
@@ -133,8 +142,8 @@ def test_fop_matches_literal_paper_equations(damping_mode, inverse, batch, monke
     damping = 1e-2
     # wide clips so that the adaptive values themselves are compared (the defaults are checked below)
     clips = dict(beta_clip=(-50.0, 50.0), eta_clip=(-50.0, 50.0))
-    expected = literal_fop_update(m, x, y, damping, damping_mode, **clips)
-    got, opt = _one_step_direction(FOP, m, x, y, damping=damping,
+    expected = literal_fop_update(m, x, y, damping, damping_mode, eta_norm=eta_norm, **clips)
+    got, opt = _one_step_direction(FOP, m, x, y, damping=damping, kl_clip=None, eta_norm=eta_norm,
                                    **{"damping_mode": damping_mode, **inverse_kwargs(inverse, monkeypatch)}, **clips)
     stats = opt.last_stats()
     assert set(stats) == set(expected)
@@ -145,20 +154,42 @@ def test_fop_matches_literal_paper_equations(damping_mode, inverse, batch, monke
         torch.testing.assert_close(stats[name]["eta"].double(), eta, rtol=1e-6, atol=1e-9)
 
 
-def test_fop_default_clips_and_fixed_values_match_literal():
+@pytest.mark.parametrize("inverse", INVERSES)
+def test_fop_defaults_and_fixed_values_match_literal(inverse, monkeypatch):
+    """The defaults (normalized eta clipped to (0, 1), beta clipped to (-0.5, 0.5), KL clip 1e-3) and fixed beta/eta
+    against the literal equations; at lr 1 the KL clip is active."""
     torch.manual_seed(11)
     m = tiny_net().double()
     x, y = torch.randn(12, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (12,))
+    damping_mode = "eigen" if inverse == "eigh" else "factored"
+    inv = {"damping_mode": damping_mode, **inverse_kwargs(inverse, monkeypatch)}
     for kwargs in (dict(), dict(beta=0.3, eta=0.7)):
-        lit = dict(fixed_beta=kwargs.get("beta"), fixed_eta=kwargs.get("eta"))
-        expected = literal_fop_update(m, x, y, 1e-3, **lit)
-        got, opt = _one_step_direction(FOP, m, x, y, damping=1e-3, **kwargs)
+        lit = dict(fixed_beta=kwargs.get("beta"), fixed_eta=kwargs.get("eta"), eta_norm=True, kl_clip=1e-3)
+        expected = literal_fop_update(m, x, y, 1e-3, damping_mode, **lit)
+        unclipped = literal_fop_update(m, x, y, 1e-3, damping_mode, **{**lit, "kl_clip": None})
+        got, opt = _one_step_direction(FOP, m, x, y, damping=1e-3, **inv, **kwargs)
         for name, (update, _, beta, eta) in expected.items():
+            assert not torch.allclose(update, unclipped[name][0])
             torch.testing.assert_close(got[name], update, rtol=1e-6, atol=1e-9)
             stats = opt.last_stats()[name]
             torch.testing.assert_close(stats["beta"].double(), beta, rtol=1e-6, atol=1e-9)
             torch.testing.assert_close(stats["eta"].double(), eta, rtol=1e-6, atol=1e-9)
-            assert -0.5 <= float(stats["beta"]) <= 0.5 and 0.0 <= float(stats["eta"]) <= 2.0
+            assert -0.5 <= float(stats["beta"]) <= 0.5 and 0.0 <= float(stats["eta"]) <= 1.0
+
+
+@pytest.mark.parametrize("inverse", INVERSES)
+def test_fop_normalized_eta_at_beta0_equals_kfac(inverse, monkeypatch):
+    """With beta fixed at 0 the normalized adaptive eta is 1, so FOP's default step is K-FAC's (to rounding)."""
+    torch.manual_seed(14)
+    m = tiny_net().double()
+    x, y = torch.randn(10, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
+    kwargs = {"damping": 1e-2, "damping_mode": "factored" if inverse != "eigh" else "eigen",
+              **inverse_kwargs(inverse, monkeypatch)}
+    got, opt = _one_step_direction(FOP, m, x, y, beta=0.0, **kwargs)
+    kfac, _ = _one_step_direction(KFAC, m, x, y, **kwargs)
+    for name in kfac:
+        torch.testing.assert_close(got[name], kfac[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(opt.last_stats()[name]["eta"].double(), torch.tensor(1.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("inverse", INVERSES)

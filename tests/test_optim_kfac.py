@@ -32,16 +32,21 @@ def _grads(m, x, y):
 
 @pytest.mark.parametrize("damping_mode,inverse", [("eigen", "eigh"), ("factored", "eigh"),
                                                   ("factored", "cholesky-inverse"), ("factored", "cholesky-factor")])
-def test_kfac_matches_explicit_kronecker_inverse(damping_mode, inverse, monkeypatch):
+@pytest.mark.parametrize("kl_clip", [None, "default"])
+def test_kfac_matches_explicit_kronecker_inverse(damping_mode, inverse, kl_clip, monkeypatch):
+    """U = Fd^-1 vec(V) with the explicit damped Kronecker Fisher; with the default KL clip (1e-3, lr 1 here) every
+    layer's U is scaled by min(1, sqrt(1e-3 / sum_l U_l^T Fd_l U_l))."""
     torch.manual_seed(20)
     m = tiny_net().double()
     x, y = _batch(9)
     damping = 3e-3
+    clip = {} if kl_clip == "default" else {"kl_clip": None}
     got, _ = _one_step_direction(KFAC, m, x, y, damping=damping,
-                                 **{"damping_mode": damping_mode, **inverse_kwargs(inverse, monkeypatch)})
+                                 **{"damping_mode": damping_mode, **inverse_kwargs(inverse, monkeypatch)}, **clip)
     layers, stats = _per_layer_stats(copy.deepcopy(m), x, y)
     grads = _grads(m, x, y)
     N = x.shape[0]
+    expected, quadratic = {}, 0.0
     for layer in layers:
         P, Y, L = stats[layer.name]
         A, G = P.T @ P / (N * L), N * Y.T @ Y
@@ -51,9 +56,14 @@ def test_kfac_matches_explicit_kronecker_inverse(damping_mode, inverse, monkeypa
             pi = torch.sqrt((torch.trace(A) / A.shape[0]) / (torch.trace(G) / G.shape[0]))
             Fd = torch.kron(A + damping**0.5 * pi * torch.eye(A.shape[0], dtype=A.dtype),
                             G + damping**0.5 / pi * torch.eye(G.shape[0], dtype=G.dtype))
-        V = grads[layer.name]
-        expected = torch.linalg.solve(Fd, V.T.reshape(-1)).reshape(layer.in_dim, layer.out_dim).T
-        torch.testing.assert_close(got[layer.name], expected, rtol=1e-7, atol=1e-10)
+        u = torch.linalg.solve(Fd, grads[layer.name].T.reshape(-1))
+        quadratic = quadratic + u @ Fd @ u
+        expected[layer.name] = u.reshape(layer.in_dim, layer.out_dim).T
+    nu = min(1.0, float((1e-3 / quadratic) ** 0.5)) if kl_clip == "default" else 1.0
+    if kl_clip == "default":
+        assert nu < 1.0  # the default clip is active at lr 1 on this batch
+    for layer in layers:
+        torch.testing.assert_close(got[layer.name], nu * expected[layer.name], rtol=1e-7, atol=1e-10)
 
 
 def test_kfac_large_damping_approaches_sgd_direction():
@@ -61,7 +71,7 @@ def test_kfac_large_damping_approaches_sgd_direction():
     m = tiny_net().double()
     x, y = _batch(8)
     damping = 1e8
-    got, _ = _one_step_direction(KFAC, m, x, y, damping=damping)
+    got, _ = _one_step_direction(KFAC, m, x, y, damping=damping, damping_mode="eigen", kl_clip=None)
     grads = _grads(m, x, y)
     for name, U in got.items():
         torch.testing.assert_close(U * damping, grads[name], rtol=1e-5, atol=1e-9)
@@ -137,10 +147,10 @@ def test_weight_decay_coupled_and_decoupled(decoupled):
     m = tiny_net().double()
     x, y = _batch(8)
     lr, wd = 0.5, 0.1
-    plain, _ = _one_step_direction(KFAC, m, x, y, damping=1e-2)
+    plain, _ = _one_step_direction(KFAC, m, x, y, damping=1e-2, kl_clip=None)
     m2 = copy.deepcopy(m)
     opt = KFAC(m2, lr=lr, momentum=0.0, weight_decay=wd, decoupled=decoupled, damping=1e-2, factor_interval=1,
-               factor_dtype=torch.float64)
+               factor_dtype=torch.float64, kl_clip=None)
     opt.zero_grad()
     F.cross_entropy(m2(x), y).backward()
     opt.step()
@@ -160,7 +170,7 @@ def test_kl_clip_scales_the_preconditioned_update():
     m = tiny_net().double()
     x, y = _batch(8)
     lr, kl = 0.3, 1e-4
-    free, _ = _one_step_direction(KFAC, m, x, y, damping=1e-2)  # at lr 1: the direction U
+    free, _ = _one_step_direction(KFAC, m, x, y, damping=1e-2, kl_clip=None)  # at lr 1: the direction U
     grads = _grads(m, x, y)
     vg = sum((lr**2) * (free[n] * grads[n]).sum() for n in free)
     nu = min(1.0, float((kl / vg) ** 0.5))
@@ -310,7 +320,7 @@ def test_eigh_refresh_matches_full_decomposition_on_fixed_factors():
 
 def test_cholesky_inverse_needs_factored_damping_and_no_refresh():
     with pytest.raises(ValueError, match="inverse_method='cholesky' needs damping_mode='factored'"):
-        KFAC(tiny_net(), inverse_method="cholesky")
+        KFAC(tiny_net(), damping_mode="eigen", inverse_method="cholesky")
     with pytest.raises(ValueError, match="eigh_refresh_iters"):
         KFAC(tiny_net(), damping_mode="factored", inverse_method="cholesky", eigh_refresh_iters=1)
     with pytest.raises(ValueError, match="inverse_method"):

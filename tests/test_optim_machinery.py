@@ -55,7 +55,7 @@ def test_excluded_and_unsupported_params_get_plain_outer_update():
     torch.manual_seed(0)
     m = small_cnn()
     ref = copy.deepcopy(m)
-    opt = FOP(m, lr=0.1, momentum=0.0, exclude=["0"])
+    opt = FOP(m, lr=0.1, momentum=0.0, exclude=["0"], kl_clip=None)
     sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
     x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
     for model, o in ((m, opt), (ref, sgd)):
@@ -65,6 +65,29 @@ def test_excluded_and_unsupported_params_get_plain_outer_update():
     for name in ("0.weight", "0.bias", "3.weight", "3.bias"):  # excluded conv and the BatchNorm: SGD exactly
         assert torch.equal(dict(m.named_parameters())[name], dict(ref.named_parameters())[name]), name
     assert not torch.equal(m[2].weight, ref[2].weight)
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_kl_clip_scales_every_parameter_alike(cls):
+    """With the (default) KL clip active, the excluded conv and the BatchNorm move by lr nu g with the nu that scales
+    the preconditioned layers: the same step as with kl_clip=None, times nu < 1."""
+    torch.manual_seed(0)
+    m = small_cnn()
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
+    steps = {}
+    for clip in ("default", None):
+        model = copy.deepcopy(m)
+        opt = cls(model, lr=10.0, momentum=0.0, exclude=["0"], **({} if clip == "default" else {"kl_clip": None}))
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        steps[clip] = {n: b - p.detach() for (n, p), b in zip(model.named_parameters(), before)}
+    names = list(steps[None])
+    nu = (steps["default"]["0.weight"].norm() / steps[None]["0.weight"].norm()).item()
+    assert 0.0 < nu < 0.5
+    for name in names:
+        torch.testing.assert_close(steps["default"][name], nu * steps[None][name], rtol=1e-4, atol=1e-7)
 
 
 def test_unwrap_and_param_map_and_params_subset():
@@ -219,7 +242,7 @@ def test_validation_helpers_name_the_value():
     (dict(inverse_interval=2.5), "inverse_interval"), (dict(kl_clip=0.0), "kl_clip"),
     (dict(fisher="true"), "fisher"), (dict(beta="big"), "beta"), (dict(eta_clip=(2, 0)), "eta_clip"),
     (dict(loss_reduction="max"), "loss_reduction"), (dict(factor_dtype=torch.float16), "factor_dtype"),
-    (dict(inverse_method="svd"), "inverse_method"), (dict(inverse_method="cholesky"), "damping_mode='factored'"),
+    (dict(inverse_method="svd"), "inverse_method"), (dict(inverse_method="cholesky", damping_mode="eigen"), "damping_mode='factored'"),
 ])
 def test_constructor_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -44,7 +44,12 @@ class FOP(KFAC):
         beta* = clamp(d / e, beta_clip)                              (paper eq. 16)
         eta*  = clamp(2 (a + beta d) / (a + 2 beta d + beta^2 e), eta_clip)   (eq. 17, g_tot = g1 + g2)
         U = Q_G [eta (A~ + beta (D~ - s_proj A~)) / w] Q_A^T
-    then K-FAC's KL clip and outer update. With inverse_method="cholesky" (factored damping) the same quantities come
+    With eta_norm=True (default) eta* is divided by its value at beta = 0 (which is 2):
+        eta = clamp((a + beta d) / (a + 2 beta d + beta^2 e), eta_clip),   eta_clip default (0, 1)
+    the step length that minimizes the quadratic model of the mean loss along u = g_avg + beta g_perp, so FOP's lr
+    means what K-FAC's does (at beta = 0 the update is K-FAC's); eta_norm=False is the paper's form (eta near 2,
+    eta_clip default (0, 2) as the official code). Then K-FAC's KL clip, with <U, F_w U> =
+    eta^2 (a + 2 beta d + beta^2 e) from the sums, and the outer update. With inverse_method="cholesky" (factored damping) the same quantities come
     without an eigenbasis: with F g = G g A (the factors of the last inversion) and P g = G_d^-1 g A_d^-1,
         S1 = <g_avg, F g_avg>, S2 = <g_diff, F g_avg>, a = <g_avg, P g_avg>, c = <g_diff, P g_avg>,
         e0 = <g_diff, P g_diff>,   U = eta (P g_avg + beta (P g_diff - s_proj P g_avg)).
@@ -54,7 +59,8 @@ class FOP(KFAC):
     inverse_method="cholesky", the Cholesky status on inversion steps).
 
     Args (beyond KFAC's): beta ("adaptive" or a number), beta_clip=(-0.5, 0.5), eta ("adaptive" or a number),
-    eta_clip=(0, 2) (clips as in the official code), and `split`:
+    eta_clip (default (0, 1) normalized, (0, 2) with eta_norm=False: the official code's clip), eta_norm (above;
+    a fixed eta is used as given), and `split`:
 
     - "half_batch" (default): one backward per step; sub-batch 1 is the first half of every batch, its gradient one
       half-batch weight-gradient GEMM per layer over the captured inputs and output gradients (above).
@@ -68,7 +74,7 @@ class FOP(KFAC):
     """
 
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, *,
-                 beta="adaptive", beta_clip=(-0.5, 0.5), eta="adaptive", eta_clip=(0.0, 2.0),
+                 beta="adaptive", beta_clip=(-0.5, 0.5), eta="adaptive", eta_clip=None, eta_norm: bool = True,
                  split: str = "half_batch", **kwargs):
         self.split = check_choice("split", split, SPLITS)
         if self.split == "backward":
@@ -81,7 +87,15 @@ class FOP(KFAC):
         self.beta = _beta_eta("beta", beta)
         self.eta = _beta_eta("eta", eta)
         self.beta_clip = check_range("beta_clip", beta_clip)
+        if not isinstance(eta_norm, bool):
+            raise ValueError(f"eta_norm must be True or False, got {eta_norm!r}")
+        self.eta_norm = eta_norm
+        # the kernels form the paper's eta (g_tot = g1 + g2); normalized, FOP uses half of it (1 at beta = 0)
+        self._eta_factor = 0.5 if (eta_norm and self.eta == "adaptive") else 1.0
+        if eta_clip is None:
+            eta_clip = (0.0, 2.0 * self._eta_factor)
         self.eta_clip = check_range("eta_clip", eta_clip)
+        self._kernel_eta_clip = tuple(c / self._eta_factor for c in self.eta_clip)
         self._stats: torch.Tensor | None = None
         self._warned_fallback = False
         self._first_pass: dict[int, torch.Tensor] = {}  # split="backward": id(p) -> .grad after the first pass
@@ -147,14 +161,8 @@ class FOP(KFAC):
             self._counts = None
         else:
             self._counts = counts
-        self._inv_scale = inv_scale
         self._stat_parts = []
-        directions = super()._precondition(damping, inv_scale)
-        if self.inverse_method == "cholesky":
-            parts = self._stat_parts
-            self._stats = (([i for idx, _ in parts for i in idx], torch.cat([sc for _, sc in parts]))
-                           if parts else None)
-        return directions
+        return super()._precondition(damping, inv_scale)
 
     def _bucket_gradients(self, bucket: Bucket, inv_scale):
         V, _ = super()._bucket_gradients(bucket, inv_scale)
@@ -186,8 +194,8 @@ class FOP(KFAC):
         sums = torch.stack([_layer_dot(V, FV), _layer_dot(D, FV), _layer_dot(V, PV), _layer_dot(D, PV),
                             _layer_dot(D, PD)], dim=1)
         scalars = fop_kernels.combine_scalars(sums, beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
-                                              eta_clip=self.eta_clip)
-        self._stat_parts.append((bucket.index, scalars))
+                                              eta_clip=self._kernel_eta_clip)
+        self._stat_parts.append((bucket.index, sums, scalars))
         s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
         return eta * (PV + beta * (PD - s * PV))
 
@@ -198,16 +206,38 @@ class FOP(KFAC):
         sums = fop_kernels.fisher_inner_products(A_rot, D_rot, lG, lA, damping, self.damping_mode)
         U_rot, scalars = fop_kernels.project_combine(A_rot, D_rot, sums, lG, lA, damping, self.damping_mode,
                                                      beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
-                                                     eta_clip=self.eta_clip)
+                                                     eta_clip=self._kernel_eta_clip)
         order = [i for b in self.buckets for i in b.index]
-        self._stats = (order, scalars)
+        self._stats = (order, sums, scalars)
         return U_rot
+
+    def _update_scale(self, updates, V_stacks, D_stacks):
+        """eta's normalization (1/2) folded into one multiply with the KL clip. The clip's quadratic form: U = eta P u
+        with u = g_avg + beta (g_diff - s_proj g_avg) and P = F_w^-1, so <U, F_w U> = eta <U, u> =
+        eta ((1 - beta s_proj) <U, g_avg> + beta <U, g_diff>) >= 0: at beta = 0, eta = 1 K-FAC's <U, V> bit for bit."""
+        if self.inverse_method == "cholesky":  # the buckets' sums and scalars, in bucket order
+            parts = self._stat_parts
+            self._stats = (([i for idx, _, _ in parts for i in idx], torch.cat([su for _, su, _ in parts]),
+                            torch.cat([sc for _, _, sc in parts])) if parts else None)
+        if self._stats is None:  # a K-FAC fallback step
+            return super()._update_scale(updates, V_stacks, D_stacks)
+        factor = self._eta_factor
+        if self.kl_clip is None:
+            return (None if factor == 1.0 else updates[0].new_tensor(factor)), None
+        scalars = self._stats[2].split([len(b.index) for b in self.buckets])
+        quadratic = []
+        for U, V, D, sc in zip(updates, V_stacks, D_stacks, scalars):
+            s, beta, eta = (t.to(U.dtype) for t in sc.unbind(1))
+            q = eta * ((1 - beta * s) * _layer_dot(U, V) + beta * _layer_dot(U, D))
+            quadratic.append(q.clamp_min(0) * factor ** 2)
+        nu = self._kl_factor(quadratic)
+        return nu * factor, nu
 
     def last_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per layer name: s_proj, beta, eta of the last FOP step as 0-d device tensors (empty after a K-FAC
         fallback or before the first preconditioned step). Reading them as floats syncs the host."""
         if self._stats is None:
             return {}
-        order, scalars = self._stats
-        return {self.layers[i].name: {"s_proj": scalars[j, 0], "beta": scalars[j, 1], "eta": scalars[j, 2]}
-                for j, i in enumerate(order)}
+        order, _, scalars = self._stats
+        return {self.layers[i].name: {"s_proj": scalars[j, 0], "beta": scalars[j, 1],
+                                      "eta": scalars[j, 2] * self._eta_factor} for j, i in enumerate(order)}

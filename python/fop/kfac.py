@@ -127,9 +127,10 @@ class KFAC(CurvatureOptimizer):
     - or, with inverse_method="cholesky" (factored damping only): every `inverse_interval` steps the damped inverses
       (A + sqrt(lambda) pi I)^-1 and (G + sqrt(lambda)/pi I)^-1 by Cholesky, and every step U = G_d^-1 V A_d^-1:
       the same update as "factored" in the eigenbasis, without eigendecompositions (as the official FOP code);
-    - optional KL clipping: U <- min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) U;
+    - KL clipping (on by default): nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) scales the whole step: U <- nu U
+      for the preconditioned parameters and g <- nu g for every other one (so that nothing outruns the trust region);
     - the outer update (CurvatureOptimizer): weight decay, momentum, learning rate, on U for preconditioned
-      parameters and on the gradient for every other parameter.
+      parameters and on the (scaled) gradient for every other parameter.
 
     Layers of one shape are rotated together with bmm. Until the first decomposition exists (a forward pass
     before the optimizer was built, say) the step uses the plain gradient.
@@ -141,11 +142,14 @@ class KFAC(CurvatureOptimizer):
         weight_decay: L2 weight decay added to the direction (coupled, as the official code) or, with
             `decoupled=True`, applied to the parameters as in AdamW: p <- (1 - lr wd) p.
         damping: lambda, a float or a callable of the step count (paper: 1e-5 to 1e-3; official default 1e-2).
-        damping_mode: "eigen" or "factored" (the official code's pi-split), see above.
+        damping_mode: "factored" (default: the official code's pi-split, which damps each factor) or "eigen", see
+            above.
         factor_decay: rho (official ema_decay 0.05).
         factor_interval, inverse_interval: steps between factor updates / eigendecompositions (official run
             script: 10 and 10; paper: 5 to 200).
-        kl_clip: None or a positive float.
+        kl_clip: a trust region on the step's predicted KL divergence, lr^2 <U, F_w U> summed over layers, in
+            which the update is scaled down to kl_clip (default 1e-3, as kfac-pytorch; docs/optimizers.md has the
+            measurements behind it); None turns it off.
         fisher: "empirical" (factors from the training backward) or "mc" (G from a sampled-label backward that
             the user triggers with `optimizer.fisher_backward(logits)` after the forward of each step).
         factor_dtype: float32 or float64 for the factors and their eigendecompositions.
@@ -162,8 +166,8 @@ class KFAC(CurvatureOptimizer):
     """
 
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, *,
-                 decoupled: bool = False, damping=1e-3, damping_mode: str = "eigen", factor_decay: float = 0.05,
-                 factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = None,
+                 decoupled: bool = False, damping=1e-3, damping_mode: str = "factored", factor_decay: float = 0.05,
+                 factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = 1e-3,
                  fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, eigh_refresh_iters: int = 0,
                  inverse_method: str = "eigh", model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
@@ -353,51 +357,67 @@ class KFAC(CurvatureOptimizer):
         return bucket.precondition(V)
 
     def _precondition(self, damping: float, inv_scale) -> dict[int, torch.Tensor]:
-        V_stacks, updates = [], []
+        V_stacks, D_stacks, updates = [], [], []
         if self.inverse_method == "cholesky":
             for b in self.buckets:
                 V, D = self._bucket_gradients(b, inv_scale)
                 V_stacks.append(V)
+                D_stacks.append(D)
                 updates.append(self._inverse_update(b, V, D))
         else:
             A_rot, D_rot, lG, lA = [], [], [], []
-            have_diff = True
             for b in self.buckets:
                 V, D = self._bucket_gradients(b, inv_scale)
                 V_stacks.append(V)
+                D_stacks.append(D)
                 A_rot.extend(b.rotate(V).unbind(0))
-                if D is None:
-                    have_diff = False
-                else:
+                if D is not None:
                     D_rot.extend(b.rotate(D).unbind(0))
                 lG.extend(b.lG.unbind(0))
                 lA.extend(b.lA.unbind(0))
+            have_diff = all(D is not None for D in D_stacks)
             U_rot = self._combine(A_rot, D_rot if have_diff else None, lG, lA, damping)
             start = 0
             for b in self.buckets:
                 updates.append(b.unrotate(torch.stack(U_rot[start:start + len(b.index)])))
                 start += len(b.index)
-        if self.kl_clip is not None:
-            self._kl_clip_(updates, V_stacks)
+        scale, nu = self._update_scale(updates, V_stacks, D_stacks)
+        if scale is not None:
+            for U in updates:
+                U.mul_(scale.to(U.dtype))
         directions = {}
         for b, U in zip(self.buckets, updates):
             for j, i in enumerate(b.index):
                 layer = self.layers[i]
                 for p, d in zip(layer.params, layer.split(U[j])):
                     directions[id(p)] = d
+        if nu is not None:  # the trust region covers the whole step: every other parameter moves at the same scale
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None and id(p) not in directions:
+                        directions[id(p)] = p.grad * nu.to(p.grad.dtype)
         return directions
 
-    def _kl_clip_(self, updates: list[torch.Tensor], V_stacks: list[torch.Tensor]) -> None:
-        """U <- nu U with nu = min(1, sqrt(kl_clip / sum_l lr_l^2 <U_l, V_l>)), on the device."""
+    def _update_scale(self, updates: list[torch.Tensor], V_stacks: list[torch.Tensor],
+                      D_stacks: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the factor every update is multiplied by, the KL clip's nu for every other parameter): 0-d device tensors,
+        None for 1. K-FAC: both are the KL clip's nu."""
+        if self.kl_clip is None:
+            return None, None
+        nu = self._kl_factor([torch.linalg.vecdot(U.flatten(1), V.flatten(1)) for U, V in zip(updates, V_stacks)])
+        return nu, nu
+
+    def _kl_factor(self, quadratic: list[torch.Tensor]) -> torch.Tensor:
+        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 q_l)) from q_l = <U_l, F_w U_l> per layer (a tensor per bucket; K-FAC's
+        U = F_w^-1 V gives q = <U, V>): scaled by nu, the step's predicted KL divergence (its squared F_w-norm) is at
+        most kl_clip. On the device."""
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
         total = None
-        for b, U, V in zip(self.buckets, updates, V_stacks):
-            lrs = torch.tensor([lr_of[id(self.layers[i].weight)] ** 2 for i in b.index], dtype=U.dtype)
-            part = ((U * V).sum(dim=(1, 2)) * lrs.to(U.device)).sum()
+        for b, q in zip(self.buckets, quadratic):
+            lrs = torch.tensor([lr_of[id(self.layers[i].weight)] ** 2 for i in b.index], dtype=q.dtype)
+            part = (q * lrs.to(q.device)).sum()
             total = part if total is None else total + part
-        nu = torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
-        for U in updates:
-            U.mul_(nu)
+        return torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
 
     # -- state -------------------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict:

@@ -205,9 +205,9 @@ def run_one(data: ImageDataset, optimizer_name: str, batch_size: int, seed: int,
         "optimizer": optimizer_name, "batch_size": batch_size, "seed": seed, "lr": lr,
         "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup_steps, "total_steps": total_steps,
         "initial_acc": evaluate(model, test_x, test_y, config.eval_batch_size),
-        "history": [], "reached_epoch": None, "reached_seconds": None, "diverged": False,
+        "history": [], "reached_epoch": None, "reached_seconds": None, "diverged": False, "diverged_step": None,
     }
-    seconds = 0.0
+    seconds, global_step = 0.0, 0
     model.train()
     for epoch in range(1, config.epochs + 1):
         order = torch.randperm(n_train, generator=shuffle).to(device)
@@ -219,15 +219,16 @@ def run_one(data: ImageDataset, optimizer_name: str, batch_size: int, seed: int,
             optimizer.zero_grad(set_to_none=True)
             loss_value = _forward_backward(model, optimizer, train_x[idx], train_y[idx])
             if not math.isfinite(loss_value):
-                record["diverged"] = True
+                record["diverged"], record["diverged_step"] = True, global_step
                 break
             try:
                 optimizer.step()
-            except (RuntimeError, ValueError):
+            except (ArithmeticError, RuntimeError, ValueError):
                 if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters()):
                     raise
-                record["diverged"] = True  # the optimizer refused a non-finite gradient
+                record["diverged"], record["diverged_step"] = True, global_step  # refused a non-finite gradient
                 break
+            global_step += 1
             scheduler.step()
             loss_sum += loss_value * len(idx)
             seen += len(idx)
