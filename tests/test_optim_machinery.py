@@ -242,7 +242,8 @@ def test_validation_helpers_name_the_value():
     (dict(inverse_interval=2.5), "inverse_interval"), (dict(kl_clip=0.0), "kl_clip"),
     (dict(fisher="true"), "fisher"), (dict(beta="big"), "beta"), (dict(eta_clip=(2, 0)), "eta_clip"),
     (dict(loss_reduction="max"), "loss_reduction"), (dict(factor_dtype=torch.float16), "factor_dtype"),
-    (dict(inverse_method="svd"), "inverse_method"), (dict(inverse_method="cholesky", damping_mode="eigen"), "damping_mode='factored'"),
+    (dict(inverse_method="svd"), "inverse_method"),
+    (dict(inverse_method="cholesky", damping_mode="eigen"), "damping_mode='factored'"),
 ])
 def test_constructor_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -49,7 +49,8 @@ class FOP(KFAC):
     the step length that minimizes the quadratic model of the mean loss along u = g_avg + beta g_perp, so FOP's lr
     means what K-FAC's does (at beta = 0 the update is K-FAC's); eta_norm=False is the paper's form (eta near 2,
     eta_clip default (0, 2) as the official code). Then K-FAC's KL clip, with <U, F_w U> =
-    eta^2 (a + 2 beta d + beta^2 e) from the sums, and the outer update. With inverse_method="cholesky" (factored damping) the same quantities come
+    eta^2 (a + 2 beta d + beta^2 e), and the outer update.
+    With inverse_method="cholesky" (factored damping) the same quantities come
     without an eigenbasis: with F g = G g A (the factors of the last inversion) and P g = G_d^-1 g A_d^-1,
         S1 = <g_avg, F g_avg>, S2 = <g_diff, F g_avg>, a = <g_avg, P g_avg>, c = <g_diff, P g_avg>,
         e0 = <g_diff, P g_diff>,   U = eta (P g_avg + beta (P g_diff - s_proj P g_avg)).

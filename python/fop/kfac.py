@@ -408,9 +408,9 @@ class KFAC(CurvatureOptimizer):
         return nu, nu
 
     def _kl_factor(self, quadratic: list[torch.Tensor]) -> torch.Tensor:
-        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 q_l)) from q_l = <U_l, F_w U_l> per layer (a tensor per bucket; K-FAC's
-        U = F_w^-1 V gives q = <U, V>): scaled by nu, the step's predicted KL divergence (its squared F_w-norm) is at
-        most kl_clip. On the device."""
+        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 q_l)) from q_l = <U_l, F_w U_l> per layer (a tensor per bucket;
+        K-FAC's U = F_w^-1 V gives q = <U, V>): scaled by nu, the step's predicted KL divergence (its squared
+        F_w-norm) is at most kl_clip. On the device."""
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
         total = None
         for b, q in zip(self.buckets, quadratic):
