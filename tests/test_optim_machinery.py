@@ -481,3 +481,30 @@ def test_gradscaler_with_user_unscale_needs_grad_scaler_argument():
     with pytest.raises(RuntimeError, match="grad_scaler=scaler"):
         scaler3.step(o3)
     assert all(torch.equal(a, p) for a, p in zip(before, m3.parameters()))
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_max_update_norm_clips_the_global_norm_of_the_step(cls):
+    """max_update_norm: the directions of every parameter (preconditioned or not) scaled together so that their
+    global norm is the bound; a bound above the norm changes nothing."""
+    torch.manual_seed(3)
+    m = small_cnn().double()
+    x, y = torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (8,))
+    steps = {}
+    for bound in (None, 1e-3, 1e9):
+        model = copy.deepcopy(m)
+        opt = cls(model, lr=1.0, momentum=0.0, exclude=["0"], max_update_norm=bound)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        steps[bound] = [b - p.detach() for p, b in zip(model.parameters(), before)]
+    free = torch.linalg.vector_norm(torch.stack([d.norm() for d in steps[None]]))
+    clipped = torch.linalg.vector_norm(torch.stack([d.norm() for d in steps[1e-3]]))
+    assert free > 1e-2
+    torch.testing.assert_close(clipped, torch.tensor(1e-3, dtype=torch.float64), rtol=1e-3, atol=0)
+    for a, b, c in zip(steps[None], steps[1e-3], steps[1e9]):
+        torch.testing.assert_close(b, a * (1e-3 / free), rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="max_update_norm"):
+        cls(copy.deepcopy(m), max_update_norm=0.0)

@@ -160,6 +160,8 @@ class KFAC(CurvatureOptimizer):
         inverse_method: "eigh" (default) or "cholesky" (needs damping_mode="factored"; a damping schedule is then
             read on inverse steps only, since the damping is inside the inverses). Cholesky inverses cost about a
             fifth of an eigendecomposition on CPU (bench/RESULTS.md); distributed runs invert on every rank.
+        max_update_norm: None (default) or a positive float: the global norm of the step's directions (before lr and
+            momentum) clipped to it, as the official FOP training script's clip at 10.
         exclude, loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
         distributed: None (on when torch.distributed runs more than one rank), False, True or a
             fop.distributed.DistributedOptions: factors averaged over ranks, eigendecompositions sharded.
@@ -169,7 +171,7 @@ class KFAC(CurvatureOptimizer):
                  decoupled: bool = False, damping=1e-3, damping_mode: str = "factored", factor_decay: float = 0.05,
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = 1e-3,
                  fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, eigh_refresh_iters: int = 0,
-                 inverse_method: str = "eigh", model=None, exclude=None,
+                 inverse_method: str = "eigh", max_update_norm: float | None = None, model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         self.damping = check_schedule("damping", damping)
@@ -178,6 +180,8 @@ class KFAC(CurvatureOptimizer):
         self.factor_interval = check_int("factor_interval", factor_interval)
         self.inverse_interval = check_int("inverse_interval", inverse_interval)
         self.kl_clip = None if kl_clip is None else check_float("kl_clip", kl_clip, low=0.0, low_open=True)
+        self.max_update_norm = (None if max_update_norm is None else
+                                check_float("max_update_norm", max_update_norm, low=0.0, low_open=True))
         self.fisher = check_choice("fisher", fisher, FISHER_TYPES)
         self.factor_dtype = check_choice("factor_dtype", factor_dtype, (torch.float32, torch.float64))
         self.eigh_refresh_iters = check_int("eigh_refresh_iters", eigh_refresh_iters, low=0)
@@ -396,7 +400,20 @@ class KFAC(CurvatureOptimizer):
                 for p in g["params"]:
                     if p.grad is not None and id(p) not in directions:
                         directions[id(p)] = p.grad * nu.to(p.grad.dtype)
+        if self.max_update_norm is not None:
+            self._clip_update_norm_(directions)
         return directions
+
+    def _clip_update_norm_(self, directions: dict[int, torch.Tensor]) -> None:
+        """Every direction (the preconditioned ones and the other parameters' gradients) times
+        min(1, max_update_norm / ||all directions||), as the official FOP script's clip_grad_norm_ after
+        preconditioning."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        every = [directions.get(id(p), p.grad) for p in params]
+        norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(every)]))
+        factor = (self.max_update_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p, d in zip(params, every):
+            directions[id(p)] = d * factor.to(d.dtype)
 
     def _update_scale(self, updates: list[torch.Tensor], V_stacks: list[torch.Tensor],
                       D_stacks: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
