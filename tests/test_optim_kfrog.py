@@ -267,6 +267,14 @@ def test_kfrog_trains_digits_to_95_percent_at_its_defaults():
     assert acc >= 0.95, f"K-FROG (defaults, lr {opt.defaults['lr']}) reached {acc:.3f} test accuracy on digits"
 
 
+def test_fop_train_builds_kfrog():
+    from fop import train
+
+    opt = train.make_optimizer("kfrog", SmallCNN(1, 8, 10), lr=train.OPTIMIZERS["kfrog"].base_lr * 64 / 256)
+    assert isinstance(opt, KFROG) and opt.defaults["lr"] == KFROG(SmallCNN(1, 8, 10)).defaults["lr"]
+    assert "kfrog" in train.available_optimizers()
+
+
 # -- state_dict, AMP, bad input ----------------------------------------------------------------------------------------
 def _batches(n, seed=3):
     g = torch.Generator().manual_seed(seed)
