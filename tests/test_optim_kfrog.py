@@ -221,6 +221,31 @@ def test_steps_match_reference(fold_bias, sample_size):
     assert opt.state[model.conv.weight]["y_updates"] == 3 and "y_ema" not in opt.state[model.fc.weight]
 
 
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+def test_linear_on_sequences_matches_reference(loss_reduction):
+    """A Linear layer on (N, T, D) inputs: rows are (sample, position) pairs, A divides by the s samples, and y_r
+    follows the loss reduction (public: times N for a mean loss, over N for a sum)."""
+    torch.manual_seed(2)
+    fc = nn.Linear(5, 4).double()
+    N, T = 6, 3
+    x, target = torch.randn(N, T, 5, dtype=DT), torch.randn(N, T, 4, dtype=DT)
+    opt = KFROG(fc, lr=0.05, eps=1e-2, sample_size=4, fold_bias=True, loss_reduction=loss_reduction, seed=3)
+    dy = {}
+    out = fc(x)
+    out.register_hook(lambda g: dy.__setitem__("dy", g.detach()))
+    loss = ((out - target) ** 2).sum((1, 2))
+    (loss.mean() if loss_reduction == "mean" else loss.sum()).backward()
+    before = [p.detach().clone() for p in fc.parameters()]
+    m = _rows([p.grad.clone() for p in fc.parameters()], True)
+    opt.step()
+    idx = torch.randperm(N, generator=torch.Generator().manual_seed(3))[:4]
+    factors = explicit_input_factors(x[idx], bias=True)
+    yr = reference_row_scale(dy["dy"], False, N, mean=loss_reduction == "mean")
+    U = reference_direction(factors, m, yr, 1e-2, 4)
+    delta = _rows([p.detach() - b for p, b in zip(fc.parameters(), before)], True)
+    assert_close(delta, -0.05 * U, 1e-12, 1e-8, "update")
+
+
 def test_weight_decay_is_decoupled_on_preconditioned_layers():
     """Against the same step without decay: W moves by an extra -lr wd W (decoupled), the SGD path by -lr wd p."""
     torch.manual_seed(0)

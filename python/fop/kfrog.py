@@ -70,12 +70,12 @@ def kfrog_linear_solve(X: torch.Tensor, s: int, B: torch.Tensor, eps: float, ite
     """The same for a Linear layer with input rows X (rows x D) of s samples, through fop_kernels.batched_cg.
 
     batched_cg solves (F / t' + damping I) z = b with F = X^T diag(w) X / rows, t' = tr(F) / D + 1e-10. With
-    w = rows / s, damping = eps / t' and b = B / t' that is A z = B up to the factor 1 / t' on both sides, which
-    leaves every CG iterate unchanged."""
+    w = rows / s (so that F = A - eps I and t' is KFROG's t), damping = eps / t' and b = B / t' that is A z = B up
+    to the factor 1 / t' on both sides, which leaves every CG iterate unchanged."""
     rows = X.shape[0]
     t = X.square().sum() / (s * X.shape[1]) + TRACE_EPS
     w = X.new_full((rows, B.shape[0]), rows / s)
-    z, _ = fop_kernels.batched_cg(X, w, B / t, float(eps / t), iters=iters)
+    z, _ = fop_kernels.batched_cg(X, w, B / t, eps / t, iters=iters)  # a device scalar: no host sync
     return z
 
 
