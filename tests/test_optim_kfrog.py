@@ -246,6 +246,23 @@ def test_linear_on_sequences_matches_reference(loss_reduction):
     assert_close(delta, -0.05 * U, 1e-12, 1e-8, "update")
 
 
+def test_gradient_accumulation_equals_one_batch():
+    """Two half-batch backward passes (losses halved) give the step of one whole-batch pass: y_r, m and A are the
+    same sums over the N samples."""
+    torch.manual_seed(4)
+    base = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)).double()
+    x, y = torch.randn(8, 2, 5, 5, dtype=DT), torch.randint(0, 4, (8,))
+    whole, halves = copy.deepcopy(base), copy.deepcopy(base)
+    for model, parts in ((whole, [slice(0, 8)]), (halves, [slice(0, 4), slice(4, 8)])):
+        opt = KFROG(model, lr=0.05, momentum=0.9, y_momentum=0.5, fold_bias=True, seed=0)
+        opt.zero_grad()
+        for part in parts:
+            (F.cross_entropy(model(x[part]), y[part]) / len(parts)).backward()
+        opt.step()
+    for (n, a), b in zip(whole.named_parameters(), halves.parameters()):
+        assert_close(b, a, 1e-13, 1e-10, n)
+
+
 def test_weight_decay_is_decoupled_on_preconditioned_layers():
     """Against the same step without decay: W moves by an extra -lr wd W (decoupled), the SGD path by -lr wd p."""
     torch.manual_seed(0)
