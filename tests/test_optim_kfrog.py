@@ -100,11 +100,12 @@ def test_conv_solve_and_diag_match_explicit_factors(case_index, iters):
     diag = conv_input_diag(x, wshape, stride, padding, dilation, groups, bias)
     assert_close(diag, torch.stack([torch.diagonal(factors[r // (R // groups)]) for r in range(R)]), 1e-12, 1e-12,
                  "diag(X^T X) / s")
-    Z = kfrog_conv_solve(x, B / torch.sqrt(y + eps)[:, None], wshape, stride, padding, dilation, groups, bias, eps,
-                         n_iter)
+    P1 = B / torch.sqrt(y + eps)[:, None]
+    inputs = (x.clone(), P1.clone())
+    Z = kfrog_conv_solve(x, P1, wshape, stride, padding, dilation, groups, bias, eps, n_iter)
+    assert torch.equal(x, inputs[0]) and torch.equal(P1, inputs[1]), "the solve wrote into its inputs"
     if iters == "D":  # D iterations: the exact solve, up to fp64 loss of orthogonality (two CGs drift apart here)
         Ainv = [torch.linalg.inv(A + eps * torch.eye(D, dtype=DT)) for A in factors]
-        P1 = B / torch.sqrt(y + eps)[:, None]
         exact = torch.stack([Ainv[r // (R // groups)] @ P1[r] for r in range(R)])
         assert_close(Z, exact, 1e-6 * float(exact.abs().max()), 1e-6, "CG with D iterations vs solve")
     else:
@@ -125,8 +126,11 @@ def test_linear_solve_matches_explicit_factor(dtype, shape, bias):
     (A,) = explicit_input_factors(x, bias=bias)
     B, y, eps = torch.randn(R, A.shape[0], dtype=DT), torch.rand(R, dtype=DT), 1e-2
     P1 = B / torch.sqrt(y + eps)[:, None]
-    Z = kfrog_linear_solve(X.to(dtype), s, P1.to(dtype), eps, 4)
-    diag = linear_input_diag(X.to(dtype), s)
+    Xd, P1d = X.to(dtype), P1.to(dtype)
+    inputs = (Xd.clone(), P1d.clone())
+    Z = kfrog_linear_solve(Xd, s, P1d, eps, 4)
+    diag = linear_input_diag(Xd, s)
+    assert torch.equal(Xd, inputs[0]) and torch.equal(P1d, inputs[1]), "the solve wrote into its inputs"
     assert Z.dtype == dtype and diag.dtype == dtype
     tol = 1e-10 if dtype == DT else 1e-4
     assert_close(diag, torch.diagonal(A), tol, tol, "diag(X^T X) / s")
