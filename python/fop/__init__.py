@@ -4,5 +4,6 @@ from fop.adafisher import AdaFisher, AdaFisherW
 from fop.fop_optimizer import FOP
 from fop.frog import FROG
 from fop.kfac import KFAC
+from fop.kfrog import KFROG
 
-__all__ = ["FOP", "FROG", "KFAC", "AdaFisher", "AdaFisherW"]
+__all__ = ["FOP", "FROG", "KFAC", "KFROG", "AdaFisher", "AdaFisherW"]

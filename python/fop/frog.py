@@ -36,7 +36,7 @@ from fop._layers import unsupported_reason
 TRACE_EPS = 1e-10
 NORM_EPS = 1e-10
 
-__all__ = ["FROG", "ConvRowSystems", "conv_row_trace", "row_cg", "row_normalized_step"]
+__all__ = ["FROG", "FROGBase", "ConvRowSystems", "ConvSystems", "conv_row_trace", "row_cg", "row_normalized_step"]
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -106,22 +106,20 @@ def conv_row_trace(x_s: torch.Tensor, y2: torch.Tensor, weight_shape, stride, pa
     return weighted.sum((0, 3)).reshape(R) / (c_g * kh * kw + int(bias))
 
 
-class ConvRowSystems:
-    """The row systems of a Conv2d layer on s sampled whole samples, applied as convolutions (no im2col).
+class ConvSystems:
+    """Row systems of a Conv2d layer on s sampled whole samples, applied as convolutions (no im2col).
 
-    Row r (output channel) with D = C_in/groups kh kw (+1): F_r = sum_{n,l} y2[n,r,l] x_{n,l} x_{n,l}^T.
-    matvec(P) = conv_weight_grad(x_s, conv(x_s, P) * y2^) + tau P, quad(P) = sum y2^ conv(x_s, P)^2 + tau |P|^2
+    Row r (output channel) with D = C_in/groups kh kw (+1): A_r = sum_{n,l} w[n,r,l] x_{n,l} x_{n,l}^T + damping I,
+    w a tensor broadcastable to the conv output (s x R x Ho x Wo) or a number.
+    matvec(P) = conv_weight_grad(x_s, conv(x_s, P) * w) + damping P, quad(P) = sum w conv(x_s, P)^2 + damping |P|^2
     (the bias part of P is the conv's bias; its gradient the sum of the weighted output)."""
 
-    def __init__(self, x_s: torch.Tensor, y2: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
-                 bias: bool, tau: float):
-        self.x_s, self.tau, self.bias = x_s, tau, bias
+    def __init__(self, x_s: torch.Tensor, weights, weight_shape, stride, padding, dilation, groups: int, bias: bool,
+                 damping: float):
+        self.x_s, self.weights, self.damping, self.bias = x_s, weights, damping, bias
         self.weight_shape = tuple(weight_shape)
         self.geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
-        R = self.weight_shape[0]
         self.d_weight = self.weight_shape[1] * self.weight_shape[2] * self.weight_shape[3]
-        self.trace = conv_row_trace(x_s, y2, weight_shape, stride, padding, dilation, groups, bias)
-        self.y2_hat = y2 / (self.trace + TRACE_EPS).reshape(1, R, 1, 1)
 
     def _split(self, P: torch.Tensor):
         w = P[:, : self.d_weight].reshape(self.weight_shape)
@@ -133,7 +131,7 @@ class ConvRowSystems:
         return F_nn.conv2d(self.x_s, w, b, stride, padding, dilation, groups)
 
     def matvec(self, P: torch.Tensor) -> torch.Tensor:
-        Z = self._conv(P).mul_(self.y2_hat)
+        Z = self._conv(P).mul_(self.weights)
         stride, padding, dilation, groups = self.geometry
         w, _ = self._split(P)
         _, gw, gb = torch.ops.aten.convolution_backward(
@@ -142,11 +140,31 @@ class ConvRowSystems:
         out = gw.reshape(P.shape[0], -1)
         if self.bias:
             out = torch.cat([out, gb[:, None]], dim=1)
-        return out.add_(P, alpha=self.tau)
+        return out.add_(P, alpha=self.damping)
 
     def quad(self, P: torch.Tensor) -> torch.Tensor:
         Z = self._conv(P)
-        return (Z.square_() * self.y2_hat).sum((0, 2, 3)) + self.tau * _rowdot(P, P)
+        return (Z.square_() * self.weights).sum((0, 2, 3)) + self.damping * _rowdot(P, P)
+
+
+class ConvRowSystems(ConvSystems):
+    """FROG's row systems of a Conv2d layer: F^_r = F_r / (tr F_r / D + 1e-10) + tau I with
+    F_r = sum_{n,l} y2[n,r,l] x_{n,l} x_{n,l}^T, i.e. ConvSystems with w = y2^ = y2 / (t_r + 1e-10)."""
+
+    def __init__(self, x_s: torch.Tensor, y2: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
+                 bias: bool, tau: float):
+        R = weight_shape[0]
+        self.trace = conv_row_trace(x_s, y2, weight_shape, stride, padding, dilation, groups, bias)
+        self.y2_hat = y2 / (self.trace + TRACE_EPS).reshape(1, R, 1, 1)
+        super().__init__(x_s, self.y2_hat, weight_shape, stride, padding, dilation, groups, bias, tau)
+
+
+def check_nesterov(nesterov, momentum) -> None:
+    """nesterov is a bool, and True only with momentum > 0."""
+    if not isinstance(nesterov, bool):
+        raise ValueError(f"nesterov must be a bool, got {nesterov!r}")
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov=True requires momentum > 0")
 
 
 def frog_layer_support(module: nn.Module) -> str | None:
@@ -156,7 +174,83 @@ def frog_layer_support(module: nn.Module) -> str | None:
     return unsupported_reason(module)
 
 
-class FROG(CurvatureOptimizer):
+class FROGBase(CurvatureOptimizer):
+    """What FROG and K-FROG share: the optimizer's own sample generator (its state in `state_dict`), momentum applied
+    to the gradient before preconditioning, and the outer update: decoupled `W <- (1 - lr wd) W - lr U` on the
+    preconditioned parameters, SGD (coupled weight decay, momentum, lr * lr_other_ratio) on the others.
+    Subclasses set `self.sample_size` and implement `_curvature_step`."""
+
+    sample_size: int | None = None
+
+    def __init__(self, params_or_model, defaults: dict, *, seed: int | None, **kwargs):
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
+        super().__init__(params_or_model, defaults, **kwargs)
+
+    def _sample_rows(self, n: int, device: torch.device) -> torch.Tensor | None:
+        """s sample indices out of n, drawn afresh (None: keep the whole batch)."""
+        if self.sample_size is None or self.sample_size >= n:
+            return None
+        return torch.randperm(n, generator=self.generator)[: self.sample_size].to(device)
+
+    def _momentum(self, p: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool) -> torch.Tensor:
+        """m <- mu m + g (m = g on the first step); returns m, or g + mu m with Nesterov."""
+        if mu == 0:
+            return grad
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            state["momentum_buffer"] = buf = grad.detach().clone()
+        else:
+            buf.mul_(mu).add_(grad)
+        return grad.add(buf, alpha=mu) if nesterov else buf
+
+    def _momentum_rows(self, W: torch.Tensor, b: torch.Tensor | None, group: dict, dtype: torch.dtype) -> torch.Tensor:
+        """[m_W | m_b] as an R x D matrix in `dtype` (m_W alone when b is None; a bias without gradient counts 0)."""
+        mu, nesterov = group["momentum"], group["nesterov"]
+        m = self._momentum(W, W.grad, mu, nesterov).reshape(W.shape[0], -1).to(dtype)
+        if b is None:
+            return m
+        gb = b.grad if b.grad is not None else torch.zeros_like(b)
+        return torch.cat([m, self._momentum(b, gb, mu, nesterov).to(dtype)[:, None]], dim=1)
+
+    @staticmethod
+    def _set_directions(directions: dict, U: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> None:
+        """Split the R x D direction rows U back into W's shape (and the bias column when b is given)."""
+        d_w = W[0].numel()
+        directions[id(W)] = U[:, :d_w].reshape(W.shape)
+        if b is not None:
+            directions[id(b)] = U[:, d_w]
+
+    def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
+        """Preconditioned: W <- (1 - lr wd) W - lr U.  Others: SGD, coupled wd, momentum, lr * lr_other_ratio."""
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = directions.get(id(p))
+                if d is not None:
+                    if wd != 0:
+                        p.mul_(1 - lr * wd)
+                    p.add_(d.to(p.dtype), alpha=-lr)
+                    continue
+                g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
+                p.add_(self._momentum(p, g, mu, group["nesterov"]), alpha=-lr * group["lr_other_ratio"])
+
+    # -- extra state -----------------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        extra = super()._extra_state()
+        extra["generator"] = self.generator.get_state()
+        return extra
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        self.generator.set_state(extra["generator"])
+
+
+class FROG(FROGBase):
     r"""FROG: row-wise Fisher preconditioning solved by batched conjugate gradient (see the module docstring).
 
     Args:
@@ -191,10 +285,7 @@ class FROG(CurvatureOptimizer):
                  warm_start: bool = False, seed: int | None = None, model: nn.Module | None = None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be a bool, got {nesterov!r}")
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov=True requires momentum > 0")
+        check_nesterov(nesterov, momentum)
         self.sample_size = None if sample_size is None else check_int("sample_size", sample_size)
         check_int("cg_iters", cg_iters)
         check_schedule("tau", tau)
@@ -202,21 +293,11 @@ class FROG(CurvatureOptimizer):
         check_float("lr_other_ratio", lr_other_ratio, low=0.0)
         self.fold_bias = bool(fold_bias)
         self.warm_start = bool(warm_start)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, cg_iters=cg_iters,
                         tau=tau, tau_linear=tau_linear, lr_other_ratio=lr_other_ratio)
-        super().__init__(params_or_model, defaults, model=model, exclude=exclude or None,
+        super().__init__(params_or_model, defaults, seed=seed, model=model, exclude=exclude or None,
                          loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler)
         self._arm()
-
-    # -- sampling -----------------------------------------------------------------------------------------------
-    def _sample_rows(self, n: int, device: torch.device) -> torch.Tensor | None:
-        """s sample indices out of n, drawn afresh (None: keep the whole batch)."""
-        if self.sample_size is None or self.sample_size >= n:
-            return None
-        return torch.randperm(n, generator=self.generator)[: self.sample_size].to(device)
 
     def _arm(self) -> None:
         if self.layers:
@@ -228,18 +309,6 @@ class FROG(CurvatureOptimizer):
             eval_schedule("tau_linear", group["tau_linear"], self.steps)
 
     # -- the step --------------------------------------------------------------------------------------------------
-    def _momentum(self, p: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool) -> torch.Tensor:
-        """m <- mu m + g (m = g on the first step); returns m, or g + mu m with Nesterov."""
-        if mu == 0:
-            return grad
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            state["momentum_buffer"] = buf = grad.detach().clone()
-        else:
-            buf.mul_(mu).add_(grad)
-        return grad.add(buf, alpha=mu) if nesterov else buf
-
     def _layer_samples(self, i: int, inv_scale: torch.Tensor | None, dtype: torch.dtype):
         """(x_s, y2) of layer i from this step's records: y2 = g^2 / s with g the per-sample output gradient."""
         recs = self.capture.done(i)
@@ -269,11 +338,7 @@ class FROG(CurvatureOptimizer):
             if samples is None:  # the layer ran no forward with grad this step: it takes the SGD path
                 continue
             x_s, y2 = samples
-            mu, nesterov = group["momentum"], group["nesterov"]
-            m = self._momentum(W, W.grad, mu, nesterov).reshape(W.shape[0], -1).to(dtype)
-            if b is not None:
-                gb = b.grad if b.grad is not None else torch.zeros_like(b)
-                m = torch.cat([m, self._momentum(b, gb, mu, nesterov).to(dtype)[:, None]], dim=1)
+            m = self._momentum_rows(W, b, group, dtype)
             key = "tau" if layer.kind == "conv2d" else "tau_linear"
             tau = eval_schedule(key, group[key], self.steps)
             state = self.state[W]
@@ -281,11 +346,7 @@ class FROG(CurvatureOptimizer):
             z = self._solve(layer, x_s, y2, m, tau, group["cg_iters"], b is not None, x0)
             if self.warm_start:
                 state["cg_solution"] = z.clone()
-            U = row_normalized_step(z, m)
-            d_w = W[0].numel()
-            directions[id(W)] = U[:, :d_w].reshape(W.shape)
-            if b is not None:
-                directions[id(b)] = U[:, d_w]
+            self._set_directions(directions, row_normalized_step(z, m), W, b)
         return directions
 
     @staticmethod
@@ -302,29 +363,3 @@ class FROG(CurvatureOptimizer):
         w = y2.reshape(-1, y2.shape[-1]) * X.shape[0]  # batched_cg divides F_r by its row count
         z, _ = fop_kernels.batched_cg(X, w, m, tau, iters=iters, x0=x0)
         return z
-
-    def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
-        """Preconditioned: W <- (1 - lr wd) W - lr U.  Others: SGD, coupled wd, momentum, lr * lr_other_ratio."""
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = directions.get(id(p))
-                if d is not None:
-                    if wd != 0:
-                        p.mul_(1 - lr * wd)
-                    p.add_(d.to(p.dtype), alpha=-lr)
-                    continue
-                g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                p.add_(self._momentum(p, g, mu, group["nesterov"]), alpha=-lr * group["lr_other_ratio"])
-
-    # -- extra state -----------------------------------------------------------------------------------------------
-    def _extra_state(self) -> dict:
-        extra = super()._extra_state()
-        extra["generator"] = self.generator.get_state()
-        return extra
-
-    def _load_extra_state(self, extra: dict) -> None:
-        super()._load_extra_state(extra)
-        self.generator.set_state(extra["generator"])

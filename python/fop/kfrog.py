@@ -1,0 +1,203 @@
+"""K-FROG: Kronecker FROG, the "legacy version" the FROG README keeps (public code: Fullfix/frog-optimizer, kfrog.py).
+
+Per preconditioned layer (nn.Conv2d, nn.Linear) with weight rows W_r (R rows of D = C_in/groups kh kw entries, or
+in_features; with `fold_bias=True` a bias is an extra input column of ones), on every step:
+
+    g = per-sample output gradient of the summed loss, N samples this step (all of them, not only the sampled ones)
+    y_r   = sum_{n, l} g[n, r, l]^2 / N                  optional EMA: v <- b v + (1 - b) y, y^ = v / (1 - b^t)
+    m    <- mu m + grad                                   (momentum first; Nesterov: grad + mu m)
+    P1_r  = m_r / sqrt(y^_r + eps)
+    A     = sum_{n in S, l} x_{n,l} x_{n,l}^T / s + eps I   S: s whole samples drawn afresh per layer and step
+    Z_r   = CG(A, P1_r)                                   cg_iters iterations from zero, all rows at once
+    U_r   = Z_r * sqrt(diag(A - eps I))                   entrywise: the post-scaling that imitates A^{-1/2}
+    W_r  <- (1 - lr wd) W_r - lr U_r
+
+x_{n,l} is the input patch at output position l (Linear: the input row at position l of a (N, ..., in) input). A
+grouped conv's row r sees only its group's input channels, so A is per group. A is applied matrix-free: Conv2d as
+a conv and a weight-gradient conv over the s sampled inputs (fop.frog.ConvSystems, no im2col), Linear through
+fop_kernels.batched_cg. Every other parameter: SGD with momentum mu, coupled weight decay, lr * lr_other_ratio.
+
+With a mean-reduced loss the autograd output gradient is dy = g / N, so y_r = N sum dy^2 as in the public code
+(which multiplies by the subsample count s; the two agree when s >= N, the public default s 256 at batch <= 256).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fop_kernels
+from fop._base import check_float, check_int, check_outer_hyperparameters
+from fop._capture import _rows
+from fop.frog import TRACE_EPS, ConvSystems, FROGBase, check_nesterov, frog_layer_support, row_cg
+
+__all__ = ["KFROG", "conv_input_diag", "kfrog_conv_solve", "kfrog_linear_solve", "linear_input_diag"]
+
+
+def conv_input_diag(x_s: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
+                    bias: bool) -> torch.Tensor:
+    """diag(sum_{n,l} x_{n,l} x_{n,l}^T) / s for every row (R x D), without im2col.
+
+    Entry (c, i, j) sums the squares of the inputs it multiplies: the weight gradient of sum_n x_n^2 (one input)
+    against an all-ones output gradient. The bias entry is the number of output positions L."""
+    s, C, H, W = x_s.shape
+    R, _, kh, kw = weight_shape
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    sq = x_s.square().sum(0, keepdim=True)
+    ones = sq.new_ones(1, 1, Ho, Wo)
+    d = torch.nn.grad.conv2d_weight(sq, (1, C, kh, kw), ones, stride, padding, dilation, 1).div_(s)
+    d = d.reshape(groups, -1).repeat_interleave(R // groups, dim=0)
+    if bias:
+        d = torch.cat([d, d.new_full((R, 1), float(Ho * Wo))], dim=1)
+    return d
+
+
+def linear_input_diag(X: torch.Tensor, s: int) -> torch.Tensor:
+    """diag(X^T X) / s (D) for the input rows X (rows x D, a bias column included) of s samples."""
+    return X.square().sum(0).div_(s)
+
+
+def kfrog_conv_solve(x_s: torch.Tensor, B: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
+                     bias: bool, eps: float, iters: int) -> torch.Tensor:
+    """CG from zero, `iters` iterations, on (sum_{n,l} x x^T / s + eps I) z_r = b_r for every row r of B (R x D):
+    fop.frog.ConvSystems with the constant weight 1/s."""
+    systems = ConvSystems(x_s, 1.0 / x_s.shape[0], weight_shape, stride, padding, dilation, groups, bias, eps)
+    return row_cg(systems.matvec, systems.quad, B, iters)
+
+
+def kfrog_linear_solve(X: torch.Tensor, s: int, B: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """The same for a Linear layer with input rows X (rows x D) of s samples, through fop_kernels.batched_cg.
+
+    batched_cg solves (F / t' + damping I) z = b with F = X^T diag(w) X / rows, t' = tr(F) / D + 1e-10. With
+    w = rows / s (so that F = A - eps I and t' is KFROG's t), damping = eps / t' and b = B / t' that is A z = B up
+    to the factor 1 / t' on both sides, which leaves every CG iterate unchanged."""
+    rows = X.shape[0]
+    t = X.square().sum() / (s * X.shape[1]) + TRACE_EPS
+    w = X.new_full((rows, B.shape[0]), rows / s)
+    z, _ = fop_kernels.batched_cg(X, w, B / t, eps / t, iters=iters)  # a device scalar: no host sync
+    return z
+
+
+class KFROG(FROGBase):
+    r"""K-FROG: the row scaling from squared output gradients, CG on the input factor, diagonal post-scaling (see
+    the module docstring for the formulas).
+
+    Args:
+        params_or_model: the model, or parameters / param groups with `model=` given (hooks go on its layers).
+        lr: learning rate (0.1, ours, the middle of a flat range on the digits CNN: 8 epochs, 3 seeds, mean test
+            accuracy 0.980 / 0.989 / 0.991 at 0.03 / 0.1 / 0.3, 0.951 at 0.01, 0.319 at the public default 1e-3;
+            the public code publishes no K-FROG run). docs/frog_adafisher.md has the sweep.
+        momentum, nesterov: heavy-ball momentum applied to the gradient before preconditioning (0, False: public).
+        weight_decay: decoupled `W <- (1 - lr wd) W` on preconditioned layers, coupled `g + wd p` elsewhere
+            (0; the public code has none).
+        y_momentum: b of the EMA of y_r with Adam-style bias correction (0: this step's y_r alone, public default).
+        sample_size: s, whole samples drawn afresh per layer and step for the input factor A (256, public; None:
+            the whole batch). y_r always uses every sample of the step.
+        cg_iters: CG iterations from zero (4, public; no convergence test).
+        eps: added to y_r under the square root and to A's diagonal (1e-6, public).
+        lr_other_ratio: parameters without a preconditioner (norm layers, embeddings, excluded modules, the biases
+            when `fold_bias=False`) take SGD at `lr * lr_other_ratio` (1.0: the public code uses lr for all).
+        exclude: modules or module names left to the SGD path.
+        fold_bias: solve a layer's bias with its weight rows as an input column of ones (False: the bias takes the
+            SGD path, as in the public code).
+        seed: seed of the sample draws (default: drawn from torch's global generator at construction); the
+            generator's state is part of `state_dict`. Per step, the layers draw in order.
+        loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
+    """
+
+    layer_support = staticmethod(frog_layer_support)
+
+    def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, y_momentum: float = 0.0, sample_size: int | None = 256,
+                 cg_iters: int = 4, eps: float = 1e-6, lr_other_ratio: float = 1.0, exclude=(), *,
+                 fold_bias: bool = False, seed: int | None = None, model: nn.Module | None = None,
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
+        check_outer_hyperparameters(lr, momentum, weight_decay)
+        check_nesterov(nesterov, momentum)
+        check_float("y_momentum", y_momentum, low=0.0, high=1.0, high_open=True)
+        self.sample_size = None if sample_size is None else check_int("sample_size", sample_size)
+        check_int("cg_iters", cg_iters)
+        check_float("eps", eps, low=0.0, low_open=True)
+        check_float("lr_other_ratio", lr_other_ratio, low=0.0)
+        if not isinstance(fold_bias, bool):
+            raise ValueError(f"fold_bias must be a bool, got {fold_bias!r}")
+        self.fold_bias = fold_bias
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        y_momentum=y_momentum, cg_iters=cg_iters, eps=eps, lr_other_ratio=lr_other_ratio)
+        super().__init__(params_or_model, defaults, seed=seed, model=model, exclude=exclude or None,
+                         loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.layers:  # whole batches: y_r needs every output gradient; the inputs are sampled in the step
+            self.capture.arm(full=True)
+
+    def _validate_before_step(self) -> None:
+        for group in self.param_groups:
+            check_float("y_momentum", group["y_momentum"], low=0.0, high=1.0, high_open=True)
+            check_float("eps", group["eps"], low=0.0, low_open=True)
+            check_int("cg_iters", group["cg_iters"])
+
+    # -- the step --------------------------------------------------------------------------------------------------
+    def _row_scale(self, layer, recs, inv_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """y_r = sum_{n,l} g[n,r,l]^2 / N over every record of the step (g = N dy for a mean loss, else dy)."""
+        n_total = sum(r.n for r in recs)
+        coef = float(n_total) if self.capture.loss_reduction == "mean" else 1.0
+        y = None
+        for r in recs:
+            sq = r.dy.to(dtype).square()
+            part = sq.sum((0, 2, 3)) if layer.kind == "conv2d" else sq.reshape(-1, sq.shape[-1]).sum(0)
+            y = part if y is None else y.add_(part)
+        y.mul_(coef * coef / n_total)
+        if inv_scale is not None:
+            y.mul_(inv_scale.to(device=y.device, dtype=dtype).square())
+        return y
+
+    def _smoothed(self, W: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+        """v <- b v + (1 - b) y (v = 0 before the first update), returned as v / (1 - b^t); y itself when b = 0."""
+        if beta == 0:
+            return y
+        state = self.state[W]
+        v = state.get("y_ema")
+        if v is None:
+            state["y_ema"] = v = torch.zeros_like(y)
+        t = state.get("y_updates", 0) + 1
+        state["y_updates"] = t
+        v.mul_(beta).add_(y, alpha=1.0 - beta)
+        return v / (1.0 - beta**t)
+
+    def _sampled_inputs(self, recs, dtype: torch.dtype) -> torch.Tensor:
+        """The inputs of s whole samples drawn from this step's records (those shaped like the first record)."""
+        xs = [r.a for r in recs if r.a.shape[1:] == recs[0].a.shape[1:]]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        idx = self._sample_rows(x.shape[0], x.device)
+        return (x if idx is None else x.index_select(0, idx)).to(dtype)
+
+    def _curvature_step(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Momentum, row scaling, CG on the input factor and the diagonal post-scaling of every layer."""
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        directions: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            W, b = layer.weight, layer.bias if self.fold_bias else None
+            recs = self.capture.done(i)
+            if W.grad is None or not recs:  # no forward with grad this step: the layer takes the SGD path
+                continue
+            group = group_of[id(W)]
+            eps, iters = group["eps"], group["cg_iters"]
+            dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+            y = self._smoothed(W, self._row_scale(layer, recs, inv_scale, dtype), group["y_momentum"])
+            x_s = self._sampled_inputs(recs, dtype)
+            P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]  # never in place: m may be .grad
+            bias = b is not None
+            if layer.kind == "conv2d":
+                c = layer.conv
+                geometry = (c["stride"], c["padding"], c["dilation"], c["groups"])
+                Z = kfrog_conv_solve(x_s, P1, W.shape, *geometry, bias, eps, iters)
+                diag = conv_input_diag(x_s, W.shape, *geometry, bias)
+            else:
+                X = _rows(x_s, bias)
+                Z = kfrog_linear_solve(X, x_s.shape[0], P1, eps, iters)
+                diag = linear_input_diag(X, x_s.shape[0])
+            self._set_directions(directions, Z.mul_(diag.sqrt_()), W, b)
+        return directions
