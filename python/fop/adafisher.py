@@ -33,6 +33,7 @@ from torch import nn
 
 import fop_kernels
 from fop._base import CurvatureOptimizer, check_choice, check_float, check_int
+from fop.distributed_rows import make_rows_comm
 
 EMA_MODES = ("public", "average")
 MINMAX_EPS = 1e-6
@@ -77,8 +78,12 @@ def input_diagonal(layer, h: torch.Tensor) -> torch.Tensor:
         fop_kernels.accumulate_factor_diag(out[: X.shape[1]], X, 1.0, scale=1.0 / X.shape[0], check_finite=False)
         return out
     u, N, T = _norm_reduced(h.to(dtype), layer.kind, layer.weight.numel())
-    u = u.reshape(-1) / (T * T)
-    return torch.stack([u.square().sum(), torch.tensor(float(u.numel()), dtype=dtype, device=h.device)]) / (N * N)
+    return _norm_input_diagonal(u.reshape(-1) / (T * T), N)
+
+
+def _norm_input_diagonal(u: torch.Tensor, N: int) -> torch.Tensor:
+    """H = [sum_c u_c^2, C] / N^2 of a norm layer from u (its input summed over the reduced dims / T^2)."""
+    return torch.stack([u.square().sum(), torch.tensor(float(u.numel()), dtype=u.dtype, device=u.device)]) / (N * N)
 
 
 def output_diagonal(layer, s: torch.Tensor) -> torch.Tensor:
@@ -93,6 +98,44 @@ def output_diagonal(layer, s: torch.Tensor) -> torch.Tensor:
         return fop_kernels.accumulate_factor_diag(out, Y, 1.0, scale=1.0 / Y.shape[0], check_finite=False)
     u, N, _ = _norm_reduced(s.to(dtype), layer.kind, layer.weight.numel())
     return u.reshape(-1).square() / N
+
+
+def additive_sizes(layer) -> tuple[int, int]:
+    """The lengths of a layer's two `additive_diagonals` (H and S; for a norm layer the sums u, one per feature)."""
+    W, bias = layer.weight, layer.bias is not None
+    if layer.kind == "conv2d":
+        return W.shape[1] * layer.conv["groups"] * W.shape[2] * W.shape[3] + bias, W.shape[0]
+    if layer.kind == "linear":
+        return W.shape[1] + bias, W.shape[0]
+    return W.numel(), W.numel()
+
+
+def additive_diagonals(layer, recs, N: int, rank_n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's additive parts of the fresh (H, S) of a layer whose global batch has N samples, rank_n of them
+    here, so that their sums over ranks give one process's diagonals on the global batch (a mean-reduced loss:
+    the rank's dy is N / rank_n times the global batch's). Linear and Conv2d: H_r n_r / N and S_r (n_r / N)^3 (H_r,
+    S_r this rank's means); norm layers: the sums u before they are squared (input / T^2, and dy n_r / N)."""
+    sizes = additive_sizes(layer)
+    if not recs:
+        return torch.zeros(sizes[0], dtype=dtype), torch.zeros(sizes[1], dtype=dtype)
+    if layer.kind in ("conv2d", "linear"):
+        H = sum(input_diagonal(layer, r.a) * (r.n / rank_n) for r in recs)
+        S = sum(output_diagonal(layer, r.dy) * (r.n / rank_n) for r in recs)
+        return H * (rank_n / N), S * (rank_n / N) ** 3
+    features = layer.weight.numel()
+    u_in = u_out = 0
+    for r in recs:
+        u, _, T = _norm_reduced(r.a.to(dtype), layer.kind, features)
+        u_in = u_in + u.reshape(-1) / (T * T)
+        u_out = u_out + _norm_reduced(r.dy.to(dtype), layer.kind, features)[0].reshape(-1) * (rank_n / N)
+    return u_in, u_out
+
+
+def finish_diagonals(layer, H: torch.Tensor, S: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, S) from the sums over ranks of `additive_diagonals`."""
+    if layer.kind in ("conv2d", "linear"):
+        return H, S
+    return _norm_input_diagonal(H, N), S.square() / N
 
 
 def min_max_normalize(t: torch.Tensor) -> torch.Tensor:
@@ -135,7 +178,8 @@ class _AdaFisherBase(CurvatureOptimizer):
 
     def __init__(self, params_or_model, lr: float = 1e-3, beta: float = 0.9, damping: float = 1e-3,
                  gamma: float = 0.8, factor_interval: int = 100, weight_decay: float = 0.0, *, ema: str = "public",
-                 exclude=None, model: nn.Module | None = None, check_finite: bool = True, grad_scaler=None):
+                 exclude=None, model: nn.Module | None = None, check_finite: bool = True, grad_scaler=None,
+                 distributed=None):
         check_float("lr", lr, low=0.0)
         check_float("beta", beta, low=0.0, high=1.0, high_open=True)
         check_float("damping", damping, low=0.0, low_open=True)
@@ -145,7 +189,9 @@ class _AdaFisherBase(CurvatureOptimizer):
         self.ema = check_choice("ema", ema, EMA_MODES)
         defaults = dict(lr=lr, beta=beta, damping=damping, weight_decay=weight_decay)
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, check_finite=check_finite,
-                         grad_scaler=grad_scaler)
+                         grad_scaler=grad_scaler, distributed=False)
+        self.comm = make_rows_comm(self, params_or_model if isinstance(params_or_model, nn.Module) else model,
+                                   distributed)
         self._arm()
 
     # -- refresh schedule ----------------------------------------------------------------------------------------
@@ -183,6 +229,9 @@ class _AdaFisherBase(CurvatureOptimizer):
         min-max normalization is not scale-free)."""
         if not self.capture.armed:
             return {}
+        if self.comm.active:
+            self._refresh_distributed(inv_scale)
+            return {}
         for i, layer in enumerate(self.layers):
             recs = [r for r in self.capture.done(i) if r.full]
             if not recs:
@@ -192,12 +241,46 @@ class _AdaFisherBase(CurvatureOptimizer):
             S = sum(output_diagonal(layer, r.dy) * (r.n / n_total) for r in recs)
             if inv_scale is not None:
                 S = S * inv_scale.to(device=S.device, dtype=S.dtype).square()
-            state = self.state[layer.weight]
-            if "fisher_H" not in state:
-                state["fisher_H"], state["fisher_S"] = torch.ones_like(H), torch.ones_like(S)
-            running_update_(state["fisher_H"], min_max_normalize(H), self.gamma, self.ema)
-            running_update_(state["fisher_S"], min_max_normalize(S), self.gamma, self.ema)
+            self._fold_in(layer, H, S)
         return {}
+
+    def _local_sample_counts(self) -> list[int]:
+        """Per layer, the samples of this rank's full records (the distributed agreement sums them)."""
+        return [sum(r.n for r in self.capture.done(i) if r.full) for i in range(len(self.layers))]
+
+    def _fold_in(self, layer, H: torch.Tensor, S: torch.Tensor) -> None:
+        """Min-max normalize the fresh diagonals and fold them into the running ones (ones before the first)."""
+        state = self.state[layer.weight]
+        if "fisher_H" not in state:
+            state["fisher_H"], state["fisher_S"] = torch.ones_like(H), torch.ones_like(S)
+        running_update_(state["fisher_H"], min_max_normalize(H), self.gamma, self.ema)
+        running_update_(state["fisher_S"], min_max_normalize(S), self.gamma, self.ema)
+
+    def _refresh_distributed(self, inv_scale: torch.Tensor | None) -> None:
+        """The refresh across ranks (fop.distributed_rows): every layer's additive diagonal parts in one bucketed
+        all-reduce, then the same normalization and running update on every rank."""
+        comm = self.comm
+        jobs = [i for i in range(len(self.layers)) if sum(comm.counts[i]) > 0]
+        if not jobs:
+            return
+        dtype = torch.float64 if any(self.layers[i].weight.dtype == torch.float64 for i in jobs) else torch.float32
+
+        def parts():
+            out = []
+            for i in jobs:
+                recs = [r for r in self.capture.done(i) if r.full]
+                out += additive_diagonals(self.layers[i], recs, sum(comm.counts[i]), comm.counts[i][comm.rank],
+                                          dtype)
+            return out
+
+        shapes = [(n,) for i in jobs for n in additive_sizes(self.layers[i])]
+        summed = comm.round("diagonals", shapes, dtype, parts)
+        for k, i in enumerate(jobs):
+            layer = self.layers[i]
+            H, S = finish_diagonals(layer, summed[2 * k], summed[2 * k + 1], sum(comm.counts[i]))
+            if inv_scale is not None:
+                S = S * inv_scale.to(device=S.device, dtype=S.dtype).square()
+            self._fold_in(layer, H.to(device=layer.weight.device), S.to(device=layer.weight.device))
 
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
         """m <- beta m + (1-beta) g; theta <- theta - lr/(1-beta^t) m / F~, weight decay coupled or decoupled."""
@@ -246,7 +329,9 @@ class AdaFisher(_AdaFisherBase):
         gamma: running-average constant of the diagonals (0.8). factor_interval: steps between refreshes (100).
         weight_decay: 0. ema: "public" (the public code's constants) or "average" (a proper average).
         exclude: modules or module names whose parameters take F~ = 1. check_finite, grad_scaler: see
-            CurvatureOptimizer.
+            CurvatureOptimizer. distributed: None (synchronize across ranks when a process group of more than one
+            rank is initialized), False, True or a fop.distributed.DistributedOptions: the fresh diagonals are
+            averaged over ranks on refresh steps (fop.distributed_rows).
     Supported: Linear, Conv2d (any groups), BatchNorm2d, LayerNorm; every other parameter uses F~ = 1.
     """
 

@@ -19,6 +19,7 @@ the scale cancels in F^_r (trace normalization) except against the 1e-10 guard.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F_nn
 from torch import nn
 
@@ -31,12 +32,14 @@ from fop._base import (
     check_schedule,
     eval_schedule,
 )
+from fop._capture import _rows
 from fop._layers import unsupported_reason
 
 TRACE_EPS = 1e-10
 NORM_EPS = 1e-10
 
-__all__ = ["FROG", "FROGBase", "ConvRowSystems", "ConvSystems", "conv_row_trace", "row_cg", "row_normalized_step"]
+__all__ = ["FROG", "FROGBase", "ConvRowSystems", "ConvSystems", "LinearSystems", "cg_schedule", "conv_row_trace",
+           "linear_row_trace", "row_cg", "row_cg_requests", "row_normalized_step"]
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -44,27 +47,30 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b, dim=1)
 
 
-def row_cg(matvec, quad, B: torch.Tensor, iters: int, x0: torch.Tensor | None = None) -> torch.Tensor:
-    """Conjugate gradient on every row of B (R x D) at once: solve F^_r z_r = b_r, `iters` iterations.
+def cg_schedule(iters: int, warm: bool) -> list[str]:
+    """The requests `row_cg_requests` makes, in order: a matvec for the warm start's residual, iters - 1 matvecs,
+    and a quad for the last iteration."""
+    return ["matvec"] * (int(warm) + iters - 1) + ["quad"]
 
-    `matvec(P)` returns the rows F^_r p_r (R x D); `quad(P)` the scalars p_r^T F^_r p_r (R). From z = 0 (or x0).
-    The last iteration only needs p^T F^ p (its residual is never used), so it calls `quad`, which costs half a
-    matvec for a conv layer (the forward conv without the weight-gradient conv). Rows whose residual vanished
-    stop moving (alpha = beta = 0). No host synchronization."""
+
+def row_cg_requests(B: torch.Tensor, iters: int, x0: torch.Tensor | None = None):
+    """The CG of `row_cg` as a generator: yields ("matvec", P) or ("quad", P), receives F^ P (R x D) or p^T F^ p
+    (R), and returns z. Several layers' solves can then advance in lockstep (one collective per round across ranks,
+    fop.distributed_rows); the requests follow `cg_schedule(iters, x0 is not None)`."""
     if x0 is None:
         x = torch.zeros_like(B)
         r = B.clone()
     else:
         x = x0.clone()
-        r = B - matvec(x0)
+        r = B - (yield "matvec", x0)
     p = r.clone()
     rs = _rowdot(r, r)
     for k in range(iters):
         last = k == iters - 1
         if last:
-            pAp = quad(p)
+            pAp = yield "quad", p
         else:
-            Ap = matvec(p)
+            Ap = yield "matvec", p
             pAp = _rowdot(p, Ap)
         positive = pAp > 0
         alpha = torch.where(positive, rs / torch.where(positive, pAp, 1.0), 0.0)
@@ -78,6 +84,23 @@ def row_cg(matvec, quad, B: torch.Tensor, iters: int, x0: torch.Tensor | None = 
         p.mul_(beta[:, None]).add_(r)
         rs = rs_new
     return x
+
+
+def row_cg(matvec, quad, B: torch.Tensor, iters: int, x0: torch.Tensor | None = None) -> torch.Tensor:
+    """Conjugate gradient on every row of B (R x D) at once: solve F^_r z_r = b_r, `iters` iterations.
+
+    `matvec(P)` returns the rows F^_r p_r (R x D); `quad(P)` the scalars p_r^T F^_r p_r (R). From z = 0 (or x0).
+    The last iteration only needs p^T F^ p (its residual is never used), so it calls `quad`, which costs half a
+    matvec for a conv layer (the forward conv without the weight-gradient conv). Rows whose residual vanished
+    stop moving (alpha = beta = 0). No host synchronization."""
+    ops = {"matvec": matvec, "quad": quad}
+    solve = row_cg_requests(B, iters, x0)
+    kind, P = next(solve)
+    try:
+        while True:
+            kind, P = solve.send(ops[kind](P))
+    except StopIteration as done:
+        return done.value
 
 
 def row_normalized_step(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -112,7 +135,8 @@ class ConvSystems:
     Row r (output channel) with D = C_in/groups kh kw (+1): A_r = sum_{n,l} w[n,r,l] x_{n,l} x_{n,l}^T + damping I,
     w a tensor broadcastable to the conv output (s x R x Ho x Wo) or a number.
     matvec(P) = conv_weight_grad(x_s, conv(x_s, P) * w) + damping P, quad(P) = sum w conv(x_s, P)^2 + damping |P|^2
-    (the bias part of P is the conv's bias; its gradient the sum of the weighted output)."""
+    (the bias part of P is the conv's bias; its gradient the sum of the weighted output). `matvec_data` and
+    `quad_data` are the sample sums alone, which add up over ranks that hold disjoint samples."""
 
     def __init__(self, x_s: torch.Tensor, weights, weight_shape, stride, padding, dilation, groups: int, bias: bool,
                  damping: float):
@@ -130,7 +154,8 @@ class ConvSystems:
         stride, padding, dilation, groups = self.geometry
         return F_nn.conv2d(self.x_s, w, b, stride, padding, dilation, groups)
 
-    def matvec(self, P: torch.Tensor) -> torch.Tensor:
+    def matvec_data(self, P: torch.Tensor) -> torch.Tensor:
+        """sum_{n,l} w x x^T p_r for every row (R x D), without the damping."""
         Z = self._conv(P).mul_(self.weights)
         stride, padding, dilation, groups = self.geometry
         w, _ = self._split(P)
@@ -140,23 +165,64 @@ class ConvSystems:
         out = gw.reshape(P.shape[0], -1)
         if self.bias:
             out = torch.cat([out, gb[:, None]], dim=1)
-        return out.add_(P, alpha=self.damping)
+        return out
+
+    def quad_data(self, P: torch.Tensor) -> torch.Tensor:
+        """sum_{n,l} w (p_r^T x)^2 for every row (R), without the damping."""
+        Z = self._conv(P)
+        return (Z.square_() * self.weights).sum((0, 2, 3))
+
+    def matvec(self, P: torch.Tensor) -> torch.Tensor:
+        return self.matvec_data(P).add_(P, alpha=self.damping)
 
     def quad(self, P: torch.Tensor) -> torch.Tensor:
-        Z = self._conv(P)
-        return (Z.square_() * self.weights).sum((0, 2, 3)) + self.damping * _rowdot(P, P)
+        return self.quad_data(P) + self.damping * _rowdot(P, P)
 
 
 class ConvRowSystems(ConvSystems):
     """FROG's row systems of a Conv2d layer: F^_r = F_r / (tr F_r / D + 1e-10) + tau I with
-    F_r = sum_{n,l} y2[n,r,l] x_{n,l} x_{n,l}^T, i.e. ConvSystems with w = y2^ = y2 / (t_r + 1e-10)."""
+    F_r = sum_{n,l} y2[n,r,l] x_{n,l} x_{n,l}^T, i.e. ConvSystems with w = y2^ = y2 / (t_r + 1e-10).
+    `trace`: t_r when already known (summed over ranks); by default `conv_row_trace` of these samples."""
 
     def __init__(self, x_s: torch.Tensor, y2: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
-                 bias: bool, tau: float):
+                 bias: bool, tau: float, trace: torch.Tensor | None = None):
         R = weight_shape[0]
-        self.trace = conv_row_trace(x_s, y2, weight_shape, stride, padding, dilation, groups, bias)
+        if trace is None:
+            trace = conv_row_trace(x_s, y2, weight_shape, stride, padding, dilation, groups, bias)
+        self.trace = trace
         self.y2_hat = y2 / (self.trace + TRACE_EPS).reshape(1, R, 1, 1)
         super().__init__(x_s, self.y2_hat, weight_shape, stride, padding, dilation, groups, bias, tau)
+
+
+def linear_row_trace(X: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """t_r = tr(F_r) / D = sum_n y2[n, r] |x_n|^2 / D for the input rows X (rows x D, bias column included)."""
+    return (y2 * X.square().sum(1)[:, None]).sum(0) / X.shape[1]
+
+
+class LinearSystems:
+    """Row systems of a Linear layer in torch: A_r = sum_n w[n, r] x_n x_n^T + damping I over the input rows X
+    (rows x D, a bias column included), w rows x R or a number. The same interface as ConvSystems; single-process
+    FROG solves Linear rows with fop_kernels.batched_cg instead, this serves the distributed path."""
+
+    def __init__(self, X: torch.Tensor, weights, damping: float):
+        self.X, self.weights, self.damping = X, weights, damping
+
+    def matvec_data(self, P: torch.Tensor) -> torch.Tensor:
+        return ((self.X @ P.T) * self.weights).T @ self.X
+
+    def quad_data(self, P: torch.Tensor) -> torch.Tensor:
+        return ((self.X @ P.T).square_() * self.weights).sum(0)
+
+    def matvec(self, P: torch.Tensor) -> torch.Tensor:
+        return self.matvec_data(P).add_(P, alpha=self.damping)
+
+    def quad(self, P: torch.Tensor) -> torch.Tensor:
+        return self.quad_data(P) + self.damping * _rowdot(P, P)
+
+
+def _covering(conv: dict) -> tuple[int, int]:
+    """An input height and width on which the conv `conv` (layer geometry) has an output."""
+    return tuple(d * (k - 1) + 1 for d, k in zip(conv["dilation"], conv["kernel_size"]))
 
 
 def check_nesterov(nesterov, momentum) -> None:
@@ -182,11 +248,40 @@ class FROGBase(CurvatureOptimizer):
 
     sample_size: int | None = None
 
-    def __init__(self, params_or_model, defaults: dict, *, seed: int | None, **kwargs):
+    def __init__(self, params_or_model, defaults: dict, *, seed: int | None, distributed=None, **kwargs):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
-        super().__init__(params_or_model, defaults, **kwargs)
+        super().__init__(params_or_model, defaults, distributed=False, **kwargs)
+        from fop.distributed_rows import make_rows_comm  # fop.distributed_rows imports this module
+
+        model = params_or_model if isinstance(params_or_model, nn.Module) else kwargs.get("model")
+        self.comm = make_rows_comm(self, model, distributed)
+        if self.comm.active:  # every rank draws the same global samples: rank 0's generator state
+            state = self.generator.get_state()
+            dist.broadcast(state, src=dist.get_global_rank(self.comm.group, 0), group=self.comm.group)
+            self.generator.set_state(state)
+
+    def _records(self, i: int) -> list:
+        """Layer i's records of this step that are shaped like its first one (the ones whose samples are used)."""
+        recs = self.capture.done(i)
+        return [r for r in recs if r.a.shape[1:] == recs[0].a.shape[1:]] if recs else []
+
+    def _local_sample_counts(self) -> list[int]:
+        """Per layer, the samples this rank captured this step (the distributed agreement sums them)."""
+        return [sum(r.n for r in self._records(i)) for i in range(len(self.layers))]
+
+    def _distributed_jobs(self) -> list[tuple[int, torch.Tensor | None]]:
+        """(layer index, global sample draw) of every layer preconditioned this step across ranks, in layer order:
+        one draw of s indices out of the global batch N = sum_r n_r (None: all N) per layer, the same on every
+        rank."""
+        jobs = []
+        for i, layer in enumerate(self.layers):
+            N = sum(self.comm.counts[i])
+            if layer.weight.grad is None or N == 0:
+                continue
+            jobs.append((i, self._sample_rows(N, torch.device("cpu"))))
+        return jobs
 
     def _sample_rows(self, n: int, device: torch.device) -> torch.Tensor | None:
         """s sample indices out of n, drawn afresh (None: keep the whole batch)."""
@@ -275,6 +370,9 @@ class FROG(FROGBase):
         seed: seed of the sample draws (default: drawn from torch's global generator at construction); the
             generator's state is part of `state_dict`.
         loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
+        distributed: None (synchronize across ranks when a process group of more than one rank is initialized),
+            False, True or a fop.distributed.DistributedOptions: see fop.distributed_rows. Across ranks the s
+            samples are drawn out of the global batch (rank 0's generator), per layer in layer order, in step().
     """
 
     layer_support = staticmethod(frog_layer_support)
@@ -283,7 +381,7 @@ class FROG(FROGBase):
                  weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-6,
                  lr_other_ratio: float = 0.25, exclude=(), *, tau_linear=0.3, fold_bias: bool = True,
                  warm_start: bool = False, seed: int | None = None, model: nn.Module | None = None,
-                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         check_nesterov(nesterov, momentum)
         self.sample_size = None if sample_size is None else check_int("sample_size", sample_size)
@@ -296,12 +394,13 @@ class FROG(FROGBase):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, cg_iters=cg_iters,
                         tau=tau, tau_linear=tau_linear, lr_other_ratio=lr_other_ratio)
         super().__init__(params_or_model, defaults, seed=seed, model=model, exclude=exclude or None,
-                         loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler)
+                         loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler,
+                         distributed=distributed)
         self._arm()
 
     def _arm(self) -> None:
-        if self.layers:
-            self.capture.arm(full=True, rows=self._sample_rows)
+        if self.layers:  # across ranks the samples are drawn in step(), out of the global batch
+            self.capture.arm(full=True, rows=None if self.comm.active else self._sample_rows)
 
     def _validate_before_step(self) -> None:
         for group in self.param_groups:
@@ -326,6 +425,8 @@ class FROG(FROGBase):
 
     def _curvature_step(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """Momentum, batched CG and the row-normalized direction of every preconditioned layer."""
+        if self.comm.active:
+            return self._curvature_step_distributed(inv_scale)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         directions: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
@@ -363,3 +464,88 @@ class FROG(FROGBase):
         w = y2.reshape(-1, y2.shape[-1]) * X.shape[0]  # batched_cg divides F_r by its row count
         z, _ = fop_kernels.batched_cg(X, w, m, tau, iters=iters, x0=x0)
         return z
+
+    def _curvature_step_distributed(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """The same across ranks (fop.distributed_rows): each rank's sampled samples' parts of the traces and of
+        every CG matvec, summed over ranks in one round per CG iteration, all layers in lockstep."""
+        from fop.distributed_rows import lockstep_row_cg
+
+        comm = self.comm
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        jobs = self._distributed_jobs()
+        if not jobs:
+            return {}
+        info = []  # per job: layer, W, b, group, dtype, shape (R, D)
+        for i, _ in jobs:
+            layer = self.layers[i]
+            W, b = layer.weight, layer.bias if self.fold_bias else None
+            dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+            info.append((layer, W, b, group_of[id(W)], dtype, (W.shape[0], W[0].numel() + int(b is not None))))
+        round_dtype = torch.float64 if any(it[4] == torch.float64 for it in info) else torch.float32
+        local: list = []
+
+        def traces():
+            out = []
+            for (i, draw), (layer, W, b, _, dtype, (R, _)) in zip(jobs, info):
+                recs = self._records(i)
+                idx = comm.local_indices(draw, i)
+                s = len(draw) if draw is not None else sum(comm.counts[i])
+                if recs:
+                    x = torch.cat([r.a for r in recs])
+                    dy = torch.cat([r.dy for r in recs])
+                    idx = idx.to(x.device)
+                    x_s, dy_s = x.index_select(0, idx).to(dtype), dy.index_select(0, idx).to(dtype)
+                else:  # this rank ran no forward of the layer: it holds none of the samples
+                    x_s = W.new_zeros((0,), dtype=dtype)
+                    dy_s = W.new_zeros((0,), dtype=dtype)
+                n_local = comm.counts[i][comm.rank]
+                coef = float(n_local) if self.capture.loss_reduction == "mean" else 1.0
+                y2 = dy_s.square_().mul_(coef * coef / s)
+                if inv_scale is not None:
+                    y2.mul_(inv_scale.to(device=y2.device, dtype=dtype).square())
+                if layer.kind == "conv2d":
+                    c = layer.conv
+                    if not recs:  # no samples, shaped so that the convs run (on nothing)
+                        x_s = W.new_zeros((0, c["groups"] * W.shape[1], *_covering(c)), dtype=dtype)
+                        y2 = W.new_zeros((0, R, 1, 1), dtype=dtype)
+                    t = conv_row_trace(x_s, y2, W.shape, c["stride"], c["padding"], c["dilation"], c["groups"],
+                                       b is not None) if recs else W.new_zeros(R, dtype=dtype)
+                    local.append((x_s, y2))
+                else:
+                    X = _rows(x_s.reshape(-1, W.shape[1]), b is not None)
+                    y2 = y2.reshape(-1, R)
+                    t = linear_row_trace(X, y2)
+                    local.append((X, y2))
+                out.append(t)
+            return out
+
+        summed = comm.round("trace", [(it[5][0],) for it in info], round_dtype, traces)
+
+        def build():
+            items = []
+            for (layer, W, b, group, dtype, _), (data, y2), t in zip(info, local, summed):
+                key = "tau" if layer.kind == "conv2d" else "tau_linear"
+                tau = eval_schedule(key, group[key], self.steps)
+                t = t.to(dtype)
+                if layer.kind == "conv2d":
+                    c = layer.conv
+                    systems = ConvRowSystems(data, y2, W.shape, c["stride"], c["padding"], c["dilation"],
+                                             c["groups"], b is not None, tau, trace=t)
+                else:
+                    systems = LinearSystems(data, y2 / (t + TRACE_EPS), tau)
+                m = self._momentum_rows(W, b, group, dtype)
+                items.append((systems, m, self.state[W].get("cg_solution") if self.warm_start else None))
+                ms.append(m)
+            return items
+
+        ms: list = []
+        warm = [self.warm_start and "cg_solution" in self.state[it[1]] for it in info]
+        zs = lockstep_row_cg(comm, [it[5] for it in info], [it[3]["cg_iters"] for it in info], warm, round_dtype,
+                             build)
+        directions: dict[int, torch.Tensor] = {}
+        for (_, W, b, _, dtype, _), z, m in zip(info, zs, ms):
+            z = z.to(dtype)
+            if self.warm_start:
+                self.state[W]["cg_solution"] = z.clone()
+            self._set_directions(directions, row_normalized_step(z, m), W, b)
+        return directions

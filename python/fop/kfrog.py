@@ -29,28 +29,48 @@ from torch import nn
 import fop_kernels
 from fop._base import check_float, check_int, check_outer_hyperparameters
 from fop._capture import _rows
-from fop.frog import TRACE_EPS, ConvSystems, FROGBase, check_nesterov, frog_layer_support, row_cg
+from fop.frog import (
+    TRACE_EPS,
+    ConvSystems,
+    FROGBase,
+    LinearSystems,
+    _covering,
+    check_nesterov,
+    frog_layer_support,
+    row_cg,
+)
 
-__all__ = ["KFROG", "conv_input_diag", "kfrog_conv_solve", "kfrog_linear_solve", "linear_input_diag"]
+__all__ = ["KFROG", "conv_input_diag", "conv_input_sq", "expand_input_diag", "kfrog_conv_solve", "kfrog_linear_solve",
+           "linear_input_diag"]
 
 
-def conv_input_diag(x_s: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
-                    bias: bool) -> torch.Tensor:
-    """diag(sum_{n,l} x_{n,l} x_{n,l}^T) / s for every row (R x D), without im2col.
-
-    Entry (c, i, j) sums the squares of the inputs it multiplies: the weight gradient of sum_n x_n^2 (one input)
-    against an all-ones output gradient. The bias entry is the number of output positions L."""
+def conv_input_sq(x_s: torch.Tensor, weight_shape, stride, padding, dilation) -> tuple[torch.Tensor, int]:
+    """(sum_{n,l} of the squared input each entry (c, i, j) of a kernel over all C input channels multiplies,
+    C x kh x kw; the number of output positions L), without im2col: the weight gradient of sum_n x_n^2 (one input)
+    against an all-ones output gradient."""
     s, C, H, W = x_s.shape
-    R, _, kh, kw = weight_shape
+    _, _, kh, kw = weight_shape
     Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     sq = x_s.square().sum(0, keepdim=True)
     ones = sq.new_ones(1, 1, Ho, Wo)
-    d = torch.nn.grad.conv2d_weight(sq, (1, C, kh, kw), ones, stride, padding, dilation, 1).div_(s)
-    d = d.reshape(groups, -1).repeat_interleave(R // groups, dim=0)
+    return torch.nn.grad.conv2d_weight(sq, (1, C, kh, kw), ones, stride, padding, dilation, 1)[0], Ho * Wo
+
+
+def expand_input_diag(sq: torch.Tensor, s: int, R: int, groups: int, bias: bool, positions: int) -> torch.Tensor:
+    """diag(A - eps I) per row (R x D) from conv_input_sq's sums over s samples: row r takes its group's channels;
+    the bias entry is the number of output positions."""
+    d = (sq / s).reshape(groups, -1).repeat_interleave(R // groups, dim=0)
     if bias:
-        d = torch.cat([d, d.new_full((R, 1), float(Ho * Wo))], dim=1)
+        d = torch.cat([d, d.new_full((R, 1), float(positions))], dim=1)
     return d
+
+
+def conv_input_diag(x_s: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
+                    bias: bool) -> torch.Tensor:
+    """diag(sum_{n,l} x_{n,l} x_{n,l}^T) / s for every row (R x D), without im2col (conv_input_sq, expanded)."""
+    sq, positions = conv_input_sq(x_s, weight_shape, stride, padding, dilation)
+    return expand_input_diag(sq, x_s.shape[0], weight_shape[0], groups, bias, positions)
 
 
 def linear_input_diag(X: torch.Tensor, s: int) -> torch.Tensor:
@@ -104,6 +124,8 @@ class KFROG(FROGBase):
         seed: seed of the sample draws (default: drawn from torch's global generator at construction); the
             generator's state is part of `state_dict`. Per step, the layers draw in order.
         loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
+        distributed: as for FROG (fop.distributed_rows): y_r, diag(A) and every CG matvec summed over ranks, the
+            s samples drawn out of the global batch.
     """
 
     layer_support = staticmethod(frog_layer_support)
@@ -112,7 +134,7 @@ class KFROG(FROGBase):
                  weight_decay: float = 0.0, y_momentum: float = 0.0, sample_size: int | None = 256,
                  cg_iters: int = 4, eps: float = 1e-6, lr_other_ratio: float = 1.0, exclude=(), *,
                  fold_bias: bool = False, seed: int | None = None, model: nn.Module | None = None,
-                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         check_nesterov(nesterov, momentum)
         check_float("y_momentum", y_momentum, low=0.0, high=1.0, high_open=True)
@@ -126,7 +148,8 @@ class KFROG(FROGBase):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         y_momentum=y_momentum, cg_iters=cg_iters, eps=eps, lr_other_ratio=lr_other_ratio)
         super().__init__(params_or_model, defaults, seed=seed, model=model, exclude=exclude or None,
-                         loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler)
+                         loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler,
+                         distributed=distributed)
         self._arm()
 
     def _arm(self) -> None:
@@ -176,6 +199,8 @@ class KFROG(FROGBase):
 
     def _curvature_step(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """Momentum, row scaling, CG on the input factor and the diagonal post-scaling of every layer."""
+        if self.comm.active:
+            return self._curvature_step_distributed(inv_scale)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         directions: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
@@ -200,4 +225,91 @@ class KFROG(FROGBase):
                 Z = kfrog_linear_solve(X, x_s.shape[0], P1, eps, iters)
                 diag = linear_input_diag(X, x_s.shape[0])
             self._set_directions(directions, Z.mul_(diag.sqrt_()), W, b)
+        return directions
+
+    def _curvature_step_distributed(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """The same across ranks (fop.distributed_rows): every rank's part of y_r (all its samples) and of diag(A)
+        (its sampled ones) summed in one round, then the CG rounds of all layers in lockstep."""
+        from fop.distributed_rows import lockstep_row_cg
+
+        comm = self.comm
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        jobs = self._distributed_jobs()
+        if not jobs:
+            return {}
+        info = []  # per job: layer, W, b, group, dtype, (R, D), length of the diagonal's data part
+        for i, _ in jobs:
+            layer = self.layers[i]
+            W, b = layer.weight, layer.bias if self.fold_bias else None
+            dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+            d_data = W.shape[1] * layer.conv["groups"] * W.shape[2] * W.shape[3] + 1 if layer.kind == "conv2d" \
+                else W.shape[1] + int(b is not None)
+            info.append((layer, W, b, group_of[id(W)], dtype, (W.shape[0], W[0].numel() + int(b is not None)),
+                         d_data))
+        round_dtype = torch.float64 if any(it[4] == torch.float64 for it in info) else torch.float32
+        local: list = []  # per job: this rank's sampled inputs (conv: s_r x C x H x W; Linear: rows x D)
+
+        def stats():
+            out = []
+            for (i, draw), (layer, W, b, _, dtype, (R, _), _) in zip(jobs, info):
+                recs = self._records(i)
+                N = sum(comm.counts[i])
+                n_local = comm.counts[i][comm.rank]
+                coef = float(n_local) if self.capture.loss_reduction == "mean" else 1.0
+                y = W.new_zeros(R, dtype=dtype)
+                for r in recs:
+                    sq = r.dy.to(dtype).square()
+                    y += sq.sum((0, 2, 3)) if layer.kind == "conv2d" else sq.reshape(-1, sq.shape[-1]).sum(0)
+                y.mul_(coef * coef / N)
+                if inv_scale is not None:
+                    y.mul_(inv_scale.to(device=y.device, dtype=dtype).square())
+                idx = comm.local_indices(draw, i)
+                if layer.kind == "conv2d":
+                    c = layer.conv
+                    x = torch.cat([r.a for r in recs]) if recs else \
+                        W.new_zeros((0, c["groups"] * W.shape[1], *_covering(c)), dtype=dtype)
+                    x_s = x.index_select(0, idx.to(x.device)).to(dtype)
+                    sq, positions = conv_input_sq(x_s, W.shape, c["stride"], c["padding"], c["dilation"])
+                    local.append(x_s)  # the last entry: positions per sample summed over samples (the bias entry)
+                    out += [y, torch.cat([sq.reshape(-1), sq.new_full((1,), float(positions * x_s.shape[0]))])]
+                else:
+                    x = torch.cat([r.a for r in recs]) if recs else W.new_zeros((0, W.shape[1]), dtype=dtype)
+                    X = _rows(x.index_select(0, idx.to(x.device)).to(dtype), b is not None)
+                    local.append(X)
+                    out += [y, X.square().sum(0)]
+            return out
+
+        shapes = [shape for it in info for shape in ((it[5][0],), (it[6],))]
+        summed = comm.round("stats", shapes, round_dtype, stats)
+        ys, sqs = summed[0::2], summed[1::2]
+        sizes = [len(draw) if draw is not None else sum(comm.counts[i]) for i, draw in jobs]
+        P1s: list = []
+
+        def build():
+            items = []
+            for (layer, W, b, group, dtype, _, _), data, y, s in zip(info, local, ys, sizes):
+                eps = group["eps"]
+                y = self._smoothed(W, y.to(dtype), group["y_momentum"])
+                P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]
+                if layer.kind == "conv2d":
+                    c = layer.conv
+                    systems = ConvSystems(data, 1.0 / s, W.shape, c["stride"], c["padding"], c["dilation"],
+                                          c["groups"], b is not None, eps)
+                else:
+                    systems = LinearSystems(data, 1.0 / s, eps)
+                items.append((systems, P1, None))
+                P1s.append(P1)
+            return items
+
+        Zs = lockstep_row_cg(comm, [it[5] for it in info], [it[3]["cg_iters"] for it in info],
+                             [False] * len(info), round_dtype, build)
+        directions: dict[int, torch.Tensor] = {}
+        for (layer, W, b, _, dtype, _, _), Z, sq, s in zip(info, Zs, sqs, sizes):
+            sq = sq.to(dtype)
+            if layer.kind == "conv2d":
+                positions = round(float(sq[-1]) / s)
+                diag = expand_input_diag(sq[:-1], s, W.shape[0], layer.conv["groups"], b is not None, positions)
+            else:
+                diag = (sq / s).expand(W.shape[0], -1)
+            self._set_directions(directions, Z.to(dtype).mul_(diag.sqrt()), W, b)
         return directions
