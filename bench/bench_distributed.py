@@ -1,9 +1,13 @@
-"""Distributed step time and communication: FOP and K-FAC against SGD, all under DDP, on W gloo ranks (CPU).
+"""Distributed step time and communication: FOP, K-FAC, FROG, K-FROG, AdaFisher against SGD under DDP, W gloo ranks.
 
 Run (a script, not a pytest benchmark: it starts its own rank processes on 127.0.0.1):
     flock /tmp/fop_bench.lock .venv/bin/python bench/bench_distributed.py --world 2 --out bench/results/distributed.json
 
-Each rank runs with one thread. The three optimizers train their own DDP copies of one CNN in interleaved rounds
+`--optimizers` picks the runs (default sgd,kfac,fop; FROG and AdaFisher: sgd,frog,kfrog,adafisher). For FROG the
+table also gives what gathering the sampled samples' inputs and output gradients would cost instead (the
+alternative fop.distributed_rows rejects, docs/distributed.md).
+
+Each rank runs with one thread. The optimizers train their own DDP copies of one CNN in interleaved rounds
 (`--rounds` x `--steps` steps each, factor and inverse interval `--interval`), so a load change on the shared CPU hits
 them alike. Reported, per optimizer: the median over rounds of the mean step time (forward, backward, step), the
 median of the per-round ratios to DDP+SGD (paired within a round: robust to a load that changes between rounds);
@@ -49,8 +53,10 @@ def _counting_allreduce_hook(counter: dict):
 
 
 def _rank_main(args) -> None:
-    from fop import FOP, KFAC
+    from fop import FOP, FROG, KFAC, KFROG, AdaFisher
     from fop.distributed import cost_model
+    from fop.distributed_rows import cost_model as rows_cost_model
+    from fop.distributed_rows import gather_cost_model
     from fop.models import SmallCNN
 
     torch.set_num_threads(1)
@@ -60,7 +66,10 @@ def _rank_main(args) -> None:
     hyper = dict(lr=0.01, momentum=0.9, damping=1e-2, kl_clip=1e-3, factor_interval=args.interval,
                  inverse_interval=args.interval)
     runs = {}
-    for name in ("sgd", "kfac", "fop"):
+    rows = {"frog": lambda m: FROG(m, lr=0.01, momentum=0.9, sample_size=args.sample_size),
+            "kfrog": lambda m: KFROG(m, lr=0.01, sample_size=args.sample_size),
+            "adafisher": lambda m: AdaFisher(m, factor_interval=args.interval)}
+    for name in args.optimizers.split(","):
         torch.manual_seed(0)
         model = SmallCNN(1, args.image, 10, width=args.width, hidden=args.hidden)
         ddp = DDP(model)
@@ -68,6 +77,8 @@ def _rank_main(args) -> None:
         ddp.register_comm_hook(None, _counting_allreduce_hook(counter))
         if name == "sgd":
             opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+        elif name in rows:
+            opt = rows[name](ddp)
         else:
             opt = (FOP if name == "fop" else KFAC)(ddp, **hyper)
         runs[name] = {"ddp": ddp, "opt": opt, "counter": counter, "times": [], "wchar": [], "ddp_bytes": [],
@@ -91,6 +102,15 @@ def _rank_main(args) -> None:
         run["cpu"].append((time.process_time() - c0) / steps)
         return elapsed / steps, (_wchar() - w0) / steps, counter["bytes"] / steps
 
+    if "frog" in runs:  # per-sample sizes of what FROG would gather instead: each layer's input and output gradient
+        run = runs["frog"]
+        F.cross_entropy(run["ddp"](data[0][0]), data[0][1]).backward()
+        capture = run["opt"].capture
+        run["sample_numel"] = [r.a[0].numel() + r.dy[0].numel() for i in range(len(run["opt"].layers))
+                               for r in capture.done(i)[:1]]
+        run["opt"].zero_grad()
+        capture.release()
+        run["opt"]._arm()
     for run in runs.values():  # warm-up: first factor and inverse step, DDP's bucket rebuild
         block(run, 2)
     for _ in range(args.rounds):
@@ -117,7 +137,24 @@ def _rank_main(args) -> None:
                    "cpu_ratio_to_sgd": statistics.median(run["cpu"][1:]) / statistics.median(runs["sgd"]["cpu"][1:]),
                    "ddp_bytes_per_step": statistics.median(run["ddp_bytes"]),
                    "wchar_per_step": statistics.median(run["wchar"])}
-            if name != "sgd":
+            if name in rows:
+                opt = run["opt"]
+                kinds = sorted({k for d in run["opt_bytes"] for k in d})
+                res["opt_bytes_per_step"] = {k: statistics.median(d.get(k, 0) for d in run["opt_bytes"])
+                                             for k in kinds}
+                res["opt_bytes_per_step"]["total"] = sum(res["opt_bytes_per_step"].values())
+                kind = "adafisher" if name == "adafisher" else name
+                fold = getattr(opt, "fold_bias", True)
+                plain = rows_cost_model(kind, opt.layers, world, fold_bias=fold, refresh=False)
+                refresh = rows_cost_model(kind, opt.layers, world, fold_bias=fold, refresh=True)
+                k = args.interval if name == "adafisher" else 1
+                res["model_bytes_per_step"] = ((k - 1) * plain["total"] + refresh["total"]) / k
+                res["model_parts"] = {"ordinary_step": plain, "refresh_step": refresh}
+                if name == "frog":
+                    res["gather_alternative_bytes_per_step"] = gather_cost_model(run["sample_numel"],
+                                                                                 args.sample_size, world)
+                res["layers"] = opt.preconditioned()
+            elif name != "sgd":
                 opt = run["opt"]
                 kinds = sorted({k for d in run["opt_bytes"] for k in d})
                 res["opt_bytes_per_step"] = {k: statistics.median(d.get(k, 0) for d in run["opt_bytes"])
@@ -134,7 +171,9 @@ def _rank_main(args) -> None:
             # what rank 0 writes to its sockets with W=2 (gloo): every all-reduce payload once (ring: 2(W-1)/W = 1),
             # the broadcasts it owns once, nothing for the broadcasts it receives
             wire = res["ddp_bytes_per_step"]
-            if name != "sgd":
+            if name in rows:  # all-reduces only
+                wire += res["model_bytes_per_step"]
+            elif name != "sgd":
                 eigen = res["model_parts"]["factor_and_inverse_step"].get("eigen", 0) / args.interval
                 wire += res["model_bytes_per_step"] - eigen + res["rank0_broadcast_bytes_per_step"]
             res["wire_model_rank0"] = wire if world == 2 else float("nan")
@@ -164,6 +203,11 @@ def _table(out: dict) -> str:
                      f"| {ob:.0f} ({r.get('model_bytes_per_step', 0):.0f}) | "
                      f"{(r['ddp_bytes_per_step'] + ob) / sgd['ddp_bytes_per_step']:.2f} | "
                      f"{r['wchar_per_step']:.0f} / {r['wire_model_rank0']:.0f} |")
+    for name, r in out["results"].items():
+        if "gather_alternative_bytes_per_step" in r:
+            lines.append(f"\n{name}: gathering the sampled inputs and output gradients instead would hand "
+                         f"{r['gather_alternative_bytes_per_step']:.0f} B/step to collectives, against "
+                         f"{r['opt_bytes_per_step']['total']:.0f} for the summed row systems.")
     return "\n".join(lines)
 
 
@@ -178,6 +222,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="steps per optimizer and round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--port", type=int, default=47651)
+    p.add_argument("--optimizers", default="sgd,kfac,fop", help="comma-separated, sgd first: sgd, kfac, fop, frog, "
+                   "kfrog, adafisher")
+    p.add_argument("--sample-size", type=int, default=64, help="FROG's and K-FROG's s (per step, global batch)")
     p.add_argument("--out", default="bench/results/distributed.json")
     p.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
