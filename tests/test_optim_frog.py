@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from fop.frog import FROG, ConvRowSystems, row_cg
+from fop.frog import CHANNELS_LAST_MIN_PIXELS, FROG, ConvRowSystems, row_cg
 from helpers import assert_close, train_steps
 from torch import nn
 
@@ -56,6 +56,8 @@ CONV_CASES = [  # C_in, R, kernel, stride, padding, dilation, groups, bias, H, W
     (2, 3, (2, 3), 1, (1, 0), 2, 1, True, 6, 7),
     (4, 4, 3, 1, 1, 1, 4, True, 5, 5),
     (5, 7, 1, 1, 0, 1, 1, False, 3, 4),
+    (3, 4, 3, 1, 1, 1, 1, True, 32, 32),  # CPU: the channels-last convs (inputs of CHANNELS_LAST_MIN_PIXELS or more)
+    (4, 6, 3, 2, 1, 1, 2, False, 32, 33),
 ]
 
 
@@ -67,6 +69,7 @@ def test_conv_row_cg_solves_explicit_systems(case):
     y2 = torch.rand_like(conv(x))
     tau = 1e-2
     rows = ConvRowSystems(x, y2, conv.weight.shape, conv.stride, conv.padding, conv.dilation, groups, bias, tau)
+    assert rows.x_s.is_contiguous(memory_format=torch.channels_last) == (H * W >= CHANNELS_LAST_MIN_PIXELS)
     Fm = explicit_conv_rows(x, y2, conv.weight.shape, conv.stride, conv.padding, conv.dilation, groups, bias, tau)
     D = Fm.shape[-1]
     B = torch.randn(R, D, dtype=DT)
