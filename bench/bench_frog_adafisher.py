@@ -8,10 +8,12 @@ Run (one process, everything interleaved; the public code is imported at run tim
 `--frog-dir` (env FROG_DIR) holds the public `frog.py`; `--adafisher-dir` (env ADAFISHER_DIR) holds
 `optimizers/AdaFisher.py`. A missing path skips that implementation with a message.
 
-Sections (`--only steps,cg,agree,digits`; default: all):
+Sections (`--only steps,profile,cg,agree,digits`; default: all):
   steps   full training step (forward, backward, optimizer) on a ResNet-18-shaped CNN (BasicBlocks [2, 2, 2, 2],
           widths 32/64/128/256, CIFAR stem, 3x32x32 inputs, 10 classes) at batch 64; medians over interleaved rounds;
-          ratios to SGD. AdaFisher's plain and refresh steps are reported apart.
+          ratios to SGD. AdaFisher's plain and refresh steps are reported apart. `--batch`, `--sample-size` (s).
+  profile FROG's step() alone at that setting through torch.profiler: self time per aten op (conv = the sampled
+          forward convs, convolution_backward = the weight-gradient convs, the rest: reductions and copies).
   cg      FROG's conv row systems at s = 24, 4 CG iterations, over the distinct conv shapes of that network: the conv
           matvec (conv + weight-gradient conv) against fop_kernels.batched_cg on materialized im2col patches.
   agree   our updates against the public ones on one model and batch (where the two compute the same thing).
@@ -76,63 +78,71 @@ class Runner:
         self.opt = make(model)
         self.refresh = refresh
         self.times = {"plain": [], "refresh": []}
+        self.cpu = {"plain": [], "refresh": []}  # process CPU time: with one thread, unaffected by waiting for a core
 
     def step(self, x, y):
         kind = "refresh" if self.refresh(self.opt) else "plain"
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(x), y).backward()
         self.opt.step()
         self.times[kind].append(time.perf_counter() - t0)
+        self.cpu[kind].append(time.process_time() - c0)
 
 
 def bench_steps(args, public_frog, public_ada) -> list[str]:
     torch.manual_seed(0)
     base = resnet18(args.width)
     x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-    K = args.refresh_interval
+    K, S = args.refresh_interval, args.sample_size
     runners = [
         Runner("SGD (momentum 0.9)", copy.deepcopy(base),
                lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)),
-        Runner("Adam", copy.deepcopy(base), lambda m: torch.optim.Adam(m.parameters(), lr=1e-3)),
-        Runner("FROG (ours, s 24, 4 CG)", copy.deepcopy(base),
-               lambda m: FROG(m, lr=0.01, momentum=0.9, sample_size=24, cg_iters=4)),
+        *([] if args.frog_only else [Runner("Adam", copy.deepcopy(base),
+                                            lambda m: torch.optim.Adam(m.parameters(), lr=1e-3))]),
+        Runner(f"FROG (ours, s {S}, 4 CG)", copy.deepcopy(base),
+               lambda m: FROG(m, lr=0.01, momentum=0.9, sample_size=S, cg_iters=4)),
     ]
     if public_frog is not None:
-        runners.append(Runner("FROG (public, s 24, 4 CG)", copy.deepcopy(base),
-                              lambda m: public_frog(m.parameters(), m, lr=0.01, momentum=0.9, sample_size=24,
+        runners.append(Runner(f"FROG (public, s {S}, 4 CG)", copy.deepcopy(base),
+                              lambda m: public_frog(m.parameters(), m, lr=0.01, momentum=0.9, sample_size=S,
                                                     num_iters=4)))
-    runners.append(Runner(f"AdaFisher (ours, interval {K})", copy.deepcopy(base),
-                          lambda m: AdaFisher(m, factor_interval=K), lambda o: o.is_refresh_step()))
-    if public_ada is not None:
+    if not args.frog_only:
+        runners.append(Runner(f"AdaFisher (ours, interval {K})", copy.deepcopy(base),
+                              lambda m: AdaFisher(m, factor_interval=K), lambda o: o.is_refresh_step()))
+    if public_ada is not None and not args.frog_only:
         runners.append(Runner(f"AdaFisher (public, TCov {K})", copy.deepcopy(base),
                               lambda m: public_ada.AdaFisher(m, TCov=K), lambda o: o.steps % o.TCov == 0))
     for r in runners:  # warm-up: one refresh and one plain step each
         r.step(x, y), r.step(x, y)
         r.times = {"plain": [], "refresh": []}
+        r.cpu = {"plain": [], "refresh": []}
     for _ in range(args.rounds):
         for r in runners:
             for _ in range(K):
                 r.step(x, y)
     sgd = statistics.median(runners[0].times["plain"])
+    sgd_cpu = statistics.median(runners[0].cpu["plain"])
     lines = [f"Step time, ResNet-18-shaped CNN (width {args.width}, batch {args.batch}, 3x32x32), "
              f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds of {K} steps; medians.", "",
-             "| optimizer | step | median ms | p20-p80 ms | steps | ratio to SGD |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| optimizer | step | median ms | p20-p80 ms | steps | ratio to SGD | median CPU ms | CPU ratio to SGD |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runners:
         for kind, ts in r.times.items():
             if not ts:
                 continue
             q = statistics.quantiles(ts, n=5) if len(ts) >= 2 else [ts[0]] * 4
-            med = statistics.median(ts)
+            med, cpu = statistics.median(ts), statistics.median(r.cpu[kind])
             lines.append(f"| {r.name} | {kind} | {med * 1e3:.1f} | {q[0] * 1e3:.1f}-{q[3] * 1e3:.1f} | {len(ts)} | "
-                         f"{med / sgd:.2f}x |")
+                         f"{med / sgd:.2f}x | {cpu * 1e3:.1f} | {cpu / sgd_cpu:.2f}x |")
     named = {r.name.split(" (")[0] + ("/public" if "public" in r.name else ""): r for r in runners}
     ours_f, pub_f = named.get("FROG"), named.get("FROG/public")
     if ours_f and pub_f:
         ratio = statistics.median(pub_f.times["plain"]) / statistics.median(ours_f.times["plain"])
+        cpu_ratio = statistics.median(pub_f.cpu["plain"]) / statistics.median(ours_f.cpu["plain"])
         lines.append(f"\nFROG: public step / our step = {ratio:.2f}x (target >= 1.5x); ours = "
-                     f"{statistics.median(ours_f.times['plain']) / sgd:.2f}x SGD (target <= 1.3x).")
+                     f"{statistics.median(ours_f.times['plain']) / sgd:.2f}x SGD (target <= 1.3x). In CPU time: "
+                     f"{cpu_ratio:.2f}x and {statistics.median(ours_f.cpu['plain']) / sgd_cpu:.2f}x.")
     ours_a, pub_a = named.get("AdaFisher"), named.get("AdaFisher/public")
     if ours_a:
         lines.append(f"AdaFisher plain step = {statistics.median(ours_a.times['plain']) / sgd:.3f}x SGD "
@@ -140,6 +150,39 @@ def bench_steps(args, public_frog, public_ada) -> list[str]:
         if pub_a and ours_a.times["refresh"] and pub_a.times["refresh"]:
             ratio = statistics.median(pub_a.times["refresh"]) / statistics.median(ours_a.times["refresh"])
             lines.append(f"AdaFisher refresh step: public / ours = {ratio:.2f}x (target >= 3x).")
+    return lines
+
+
+# -- profile -------------------------------------------------------------------------------------------------------
+def bench_profile(args) -> list[str]:
+    """Where FROG's optimizer step (opt.step() alone, after forward and backward) spends its time, by aten op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = resnet18(args.width)
+    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+    opt = FROG(model, lr=0.01, momentum=0.9, sample_size=args.sample_size, cg_iters=4)
+    steps, total = 3, 0.0
+    for k in range(steps + 1):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        if k == 0:  # warm-up
+            opt.step()
+            continue
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            opt.step()
+            total += time.perf_counter() - t0
+    # the last profiled step, by op (self time: an op's own time, without the ops it calls)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    step_ms = total / steps * 1e3
+    lines = [f"FROG step() profile (width {args.width}, batch {args.batch}, s {args.sample_size}, 4 CG), "
+             f"{torch.get_num_threads()} threads: step() mean of {steps} = {step_ms:.1f} ms; the last one by op "
+             "(self CPU time):", "", "| op | calls | self ms | share |", "| --- | --- | --- | --- |"]
+    whole = sum(e.self_cpu_time_total for e in rows)
+    for e in rows[:10]:
+        lines.append(f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
+                     f"{e.self_cpu_time_total / whole:.0%} |")
     return lines
 
 
@@ -341,10 +384,12 @@ def main(argv=None) -> None:
     p.add_argument("--frog-dir", default=os.environ.get("FROG_DIR"), help="public FROG checkout (env FROG_DIR)")
     p.add_argument("--adafisher-dir", default=os.environ.get("ADAFISHER_DIR"),
                    help="public AdaFisher checkout (env ADAFISHER_DIR)")
-    p.add_argument("--only", default="steps,cg,agree,digits")
+    p.add_argument("--only", default="steps,profile,cg,agree,digits")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--sample-size", type=int, default=24, help="FROG's s in the steps and profile sections")
+    p.add_argument("--frog-only", action="store_true", help="steps: SGD and the two FROGs only")
     p.add_argument("--refresh-interval", type=int, default=4, help="AdaFisher refresh interval for the timing")
     p.add_argument("--cg-reps", type=int, default=7)
     p.add_argument("--digits-epochs", type=int, default=8)
@@ -362,7 +407,8 @@ def main(argv=None) -> None:
     sections = args.only.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()[0]:.1f}")
-    for name, fn in (("steps", lambda: bench_steps(args, public_frog, public_ada)), ("cg", lambda: bench_cg(args)),
+    for name, fn in (("steps", lambda: bench_steps(args, public_frog, public_ada)),
+                     ("profile", lambda: bench_profile(args)), ("cg", lambda: bench_cg(args)),
                      ("agree", lambda: bench_agree(args, public_frog, public_ada)),
                      ("digits", lambda: bench_digits(args))):
         if name in sections:
