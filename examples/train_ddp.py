@@ -1,4 +1,4 @@
-"""Train a small CNN with FOP (or K-FAC / SGD) across ranks with DistributedDataParallel.
+"""Train a small CNN with FOP (or K-FAC, FROG, K-FROG, AdaFisher, SGD) across ranks with DistributedDataParallel.
 
     torchrun --nproc_per_node=2 examples/train_ddp.py                     # CPU: gloo, sklearn's digits
     torchrun --nproc_per_node=4 examples/train_ddp.py --data-dir DIR      # GPUs: NCCL, MNIST IDX files in DIR
@@ -6,7 +6,8 @@
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The backend is NCCL when CUDA is
 available (one GPU per process, cuda:LOCAL_RANK), gloo otherwise. Each rank trains on its own shard of every
 epoch (DistributedSampler); DDP averages the gradients and the optimizer, built on the DDP model, synchronizes its
-curvature (fop.distributed): FOP's first sub-batch is the first half of every rank's batch. Rank 0 prints the test
+curvature (fop.distributed; FROG, K-FROG and AdaFisher: fop.distributed_rows): FOP's first sub-batch is the first
+half of every rank's batch; FROG's samples are drawn out of the global batch. Rank 0 prints the test
 accuracy after every epoch, the optimizer's bytes per step against DDP's, and saves a checkpoint that restores on
 any number of ranks (`--resume`).
 """
@@ -20,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from fop import FOP, KFAC
+from fop import FOP, FROG, KFAC, KFROG, AdaFisher
 from fop.data import load_digits, load_mnist
 from fop.distributed import DistributedOptions
 from fop.models import SmallCNN
@@ -30,11 +31,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--optimizer", choices=("fop", "kfac", "sgd"), default="fop")
+    p.add_argument("--optimizer", choices=("fop", "kfac", "frog", "kfrog", "adafisher", "sgd"), default="fop")
     p.add_argument("--data-dir", default=None, help="MNIST IDX files; default: sklearn's bundled digits")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch", type=int, default=128, help="samples per rank and step")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=None,
+                   help="default: 0.05 (FOP, K-FAC, SGD), 0.01 (FROG), 0.1 (K-FROG), 1e-3 (AdaFisher)")
     p.add_argument("--split", choices=("halves", "ranks"), default="halves",
                    help="FOP's sub-batches: first halves of every rank's batch, or even vs odd ranks")
     p.add_argument("--checkpoint", default=None, help="save model and optimizer here after every epoch (rank 0)")
@@ -60,10 +62,17 @@ def main() -> None:
     channels, side, _ = data.image_shape
     model = SmallCNN(channels, side, data.num_classes).to(device)
     ddp = DDP(model, device_ids=[local_rank] if use_cuda else None)
+    lr = args.lr if args.lr is not None else {"frog": 0.01, "kfrog": 0.1, "adafisher": 1e-3}.get(args.optimizer, 0.05)
     if args.optimizer == "sgd":
-        opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
+        opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
+    elif args.optimizer == "frog":
+        opt = FROG(ddp, lr=lr, momentum=0.9, seed=0)
+    elif args.optimizer == "kfrog":
+        opt = KFROG(ddp, lr=lr, seed=0)
+    elif args.optimizer == "adafisher":
+        opt = AdaFisher(ddp, lr=lr, factor_interval=10)
     else:
-        kwargs = dict(lr=args.lr, damping=1e-2, factor_interval=10, inverse_interval=10, kl_clip=1e-2)
+        kwargs = dict(lr=lr, damping=1e-2, factor_interval=10, inverse_interval=10, kl_clip=1e-2)
         if args.optimizer == "fop":
             opt = FOP(ddp, distributed=DistributedOptions(split=args.split), **kwargs)
         else:

@@ -57,12 +57,12 @@ def conv_input_sq(x_s: torch.Tensor, weight_shape, stride, padding, dilation) ->
     return torch.nn.grad.conv2d_weight(sq, (1, C, kh, kw), ones, stride, padding, dilation, 1)[0], Ho * Wo
 
 
-def expand_input_diag(sq: torch.Tensor, s: int, R: int, groups: int, bias: bool, positions: int) -> torch.Tensor:
+def expand_input_diag(sq: torch.Tensor, s: int, R: int, groups: int, bias: bool, positions) -> torch.Tensor:
     """diag(A - eps I) per row (R x D) from conv_input_sq's sums over s samples: row r takes its group's channels;
-    the bias entry is the number of output positions."""
+    the bias entry is the number of output positions (a number, or a 0-d tensor: no host sync)."""
     d = (sq / s).reshape(groups, -1).repeat_interleave(R // groups, dim=0)
     if bias:
-        d = torch.cat([d, d.new_full((R, 1), float(positions))], dim=1)
+        d = torch.cat([d, d.new_ones(R, 1) * positions], dim=1)
     return d
 
 
@@ -307,8 +307,7 @@ class KFROG(FROGBase):
         for (layer, W, b, _, dtype, _, _), Z, sq, s in zip(info, Zs, sqs, sizes):
             sq = sq.to(dtype)
             if layer.kind == "conv2d":
-                positions = round(float(sq[-1]) / s)
-                diag = expand_input_diag(sq[:-1], s, W.shape[0], layer.conv["groups"], b is not None, positions)
+                diag = expand_input_diag(sq[:-1], s, W.shape[0], layer.conv["groups"], b is not None, sq[-1] / s)
             else:
                 diag = (sq / s).expand(W.shape[0], -1)
             self._set_directions(directions, Z.to(dtype).mul_(diag.sqrt()), W, b)
