@@ -280,7 +280,9 @@ class _AdaFisherBase(CurvatureOptimizer):
             H, S = finish_diagonals(layer, summed[2 * k], summed[2 * k + 1], sum(comm.counts[i]))
             if inv_scale is not None:
                 S = S * inv_scale.to(device=S.device, dtype=S.dtype).square()
-            self._fold_in(layer, H.to(device=layer.weight.device), S.to(device=layer.weight.device))
+            like = dict(device=layer.weight.device,
+                        dtype=torch.float64 if layer.weight.dtype == torch.float64 else torch.float32)
+            self._fold_in(layer, H.to(**like), S.to(**like))
 
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
         """m <- beta m + (1-beta) g; theta <- theta - lr/(1-beta^t) m / F~, weight decay coupled or decoupled."""

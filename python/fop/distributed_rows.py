@@ -237,6 +237,7 @@ def lockstep_row_cg(comm: RowsComm, shapes: list[tuple[int, int]], iters: list[i
         sums = comm.round("cg", round_shapes, dtype, lambda k=k, active=active: compute(k, active))
         for j, total in zip(active, sums):
             kind, P = state["requests"][j]
+            total = total.to(P.dtype)  # the round's dtype is the widest of the layers'
             damping = state["systems"][j].damping
             results[j] = total.add_(P, alpha=damping) if kind == "matvec" else total + damping * _rowdot(P, P)
     out = []
