@@ -346,7 +346,7 @@ def test_decompositions_sharded_by_owner(two_ranks):
         dims = results[0][kind]["dims"]
         owners = assign_owners(dims, 2)
         assert results[0][kind]["owners"] == owners
-        inverse_steps = 3  # steps 0, 2, 4
+        inverse_steps = 4  # steps 0, 1 (young statistics), 2, 4
         for rank in range(2):
             mine = sorted(d for d, r in zip(dims, owners) if r == rank)
             assert sorted(results[rank][kind]["decomposed"]) == sorted(mine * inverse_steps)
@@ -358,15 +358,17 @@ def test_communicated_bytes_follow_the_cost_model(two_ranks):
     _, results = two_ranks
     from fop import FOP
     from fop.distributed import cost_model
+    from fop.kfac import on_schedule
 
     layers = FOP(make_model(), lr=0.1).layers
     for kind in ("fop", "kfac"):
         for rank in range(2):
             for step, got in enumerate(results[rank][kind]["bytes"]):
-                expected = cost_model(layers, 2, half_batch=kind == "fop", factor_step=step % 2 == 0,
-                                      inverse_step=step % 2 == 0, grad_bytes=8, factor_bytes=8)
+                refresh = on_schedule(step, 2)
+                expected = cost_model(layers, 2, half_batch=kind == "fop", factor_step=refresh,
+                                      inverse_step=refresh, grad_bytes=8, factor_bytes=8)
                 assert got == expected, (kind, rank, step)
-                if step % 2:  # ordinary step: at most DDP's gradient volume (plus the agreement vector)
+                if not refresh:  # ordinary step: at most DDP's gradient volume (plus the agreement vector)
                     assert got["total"] - got["control"] <= results[rank][kind]["grad_bytes"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
-from fop.kfac import DampedFactor, keeps_cholesky_factor
+from fop.kfac import DampedFactor, keeps_cholesky_factor, on_schedule
 from helpers import inverse_kwargs
 from test_optim_fop import _one_step_direction, _per_layer_stats, tiny_net
 from torch import nn
@@ -100,14 +100,18 @@ def test_factor_ema_and_intervals():
 
     m = tiny_net()
     opt = KFAC(m, lr=0.01, damping=0.1, factor_interval=3, inverse_interval=4)
+    factor_steps = {0, 1, 2, 3, 6}  # every 3 steps, and 1, 2 while younger than the interval
+    decompositions = []
     for step in range(7):
-        assert opt.is_factor_step() == (step % 3 == 0)
+        assert opt.is_factor_step() == (step in factor_steps)
         x, y = _batch(6, seed=step, dtype=torch.float32)
         opt.zero_grad()
         F.cross_entropy(m(x), y).backward()
         opt.step()
-        assert opt.capture.armed == (opt.steps % 3 == 0)  # K-FAC captures only before factor steps
-    assert opt.factor_updates == 3 and opt.decomposed_at == 4
+        decompositions.append(opt.decomposed_at)
+        assert opt.capture.armed == (opt.steps in factor_steps)  # K-FAC captures only before factor steps
+    assert opt.factor_updates == 5 and decompositions == [0, 1, 2, 2, 4, 4, 4]  # steps 0, 1, 2 and every 4
+    assert [s for s in range(40) if on_schedule(s, 10)] == [0, 1, 2, 4, 8, 10, 20, 30]
 
 
 def test_damping_schedule_is_called_with_the_step():

@@ -43,6 +43,13 @@ class Bucket:
         return torch.bmm(torch.bmm(self.QG, M), self.QA.mT)
 
 
+def on_schedule(step: int, interval: int) -> bool:
+    """Whether `step` refreshes curvature kept every `interval` steps: every multiple of the interval, and while the
+    statistics are young (step < interval) at steps 0, 1, 2, 4, 8, ...: curvature from the first batch alone, at a
+    random initialization, must not steer a long interval (1 + log2(interval) extra refreshes)."""
+    return step % interval == 0 or (step < interval and step & (step - 1) == 0)
+
+
 def keeps_cholesky_factor(n: int, m: int, interval: int) -> bool:
     """Whether a damped n x n factor that multiplies m-wide gradient matrices is kept as its Cholesky factor L (two
     triangular solves per product) rather than inverted. The inverse costs 2 n^3 / 3 more flops per inversion; the
@@ -118,7 +125,8 @@ class KFAC(CurvatureOptimizer):
     Per preconditioned layer with gradient matrix V = [dW | db] (out x in):
 
     - every `factor_interval` steps: A <- (1-rho) A + rho a^T a / rows,  G <- (1-rho) G + rho g^T g / N
-      (rho = `factor_decay`; the first update sets A, G to the batch statistics);
+      (rho = `factor_decay`; the first update sets A, G to the batch statistics); before the first interval has
+      passed also at steps 1, 2, 4, 8, ... (`on_schedule`), and the same for the decompositions;
     - every `inverse_interval` steps: A = Q_A diag(l_A) Q_A^T, G = Q_G diag(l_G) Q_G^T (eigenvalues clamped at 0),
       batched over all layers by `fop_kernels.eigh`;
     - every step: V~ = Q_G^T V Q_A,  U = Q_G (V~ / w) Q_A^T, with
@@ -208,7 +216,7 @@ class KFAC(CurvatureOptimizer):
     def is_factor_step(self, step: int | None = None) -> bool:
         """Whether step `step` (default: the next one) updates the factors."""
         step = self.steps if step is None else step
-        return bool(self.layers) and (step % self.factor_interval == 0 or self.factor_updates == 0)
+        return bool(self.layers) and (on_schedule(step, self.factor_interval) or self.factor_updates == 0)
 
     def _needs_half_batch(self, step: int) -> bool:
         return False
@@ -336,9 +344,9 @@ class KFAC(CurvatureOptimizer):
         step = self.steps
         if self.is_factor_step(step):
             updated = self._update_factors(inv_scale)
-            if updated and (step % self.inverse_interval == 0 or self.decomposed_at < 0):
+            if updated and (on_schedule(step, self.inverse_interval) or self.decomposed_at < 0):
                 self._decompose()
-        elif step % self.inverse_interval == 0 and self.factor_updates > 0:
+        elif on_schedule(step, self.inverse_interval) and self.factor_updates > 0:
             self._decompose()
         if not self.buckets:
             return {}
