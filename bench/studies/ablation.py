@@ -19,7 +19,6 @@ import sys
 import time
 
 import torch
-
 from fop.data import load_dataset
 from fop.train import OPTIMIZERS, RunConfig, run_one, scaled_lr
 
@@ -34,6 +33,7 @@ VARIANTS = {
     "fop paper eta (eta_norm=False)": ("fop", {"eta_norm": False}, 0.0),
     "fop beta=0, paper eta (2x K-FAC before the clip)": ("fop", {"beta": 0.0, "eta_norm": False}, 0.0),
     "fop beta=0.1 fixed": ("fop", {"beta": 0.1}, 0.0),
+    "fop eta=1 fixed, adaptive beta, mc Fisher": ("fop", {"eta": 1.0, "fisher": "mc"}, 0.0),
     "kfac eigen damping": ("kfac", {"damping_mode": "eigen"}, 0.0),
     "fop eigen damping": ("fop", {"damping_mode": "eigen"}, 0.0),
     "kfac mc Fisher": ("kfac", {"fisher": "mc"}, 0.0),
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--target", type=float, default=95.0)
-    p.add_argument("--lr", type=float, default=None, help="base lr at batch 256 for every variant (default: fop-train's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="base lr at batch 256 for every variant (default: fop-train's)")
     p.add_argument("--variants", default=None, help="comma-separated indices into the variant list (default: all)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="out/ablation")
