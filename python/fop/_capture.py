@@ -69,7 +69,8 @@ class Capture:
         self.mc_active = False
         self.rows = None
         self.stat_dtype = torch.float32  # of what the hooks reduce (Grams, S1): the optimizer's factor dtype
-        self._handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(layers)]
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
+                         for i, layer in enumerate(layers)]
 
     # -- arming ------------------------------------------------------------------------------------------------
     def arm(self, full: bool, keep_outputs: bool = False, rows=None, keep_dy: bool = True,
@@ -107,12 +108,13 @@ class Capture:
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _forward_hook(self, i: int):
-        def hook(module, inputs, output):
+        def hook(module, inputs, kwargs, output):
             if not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return
-            if not output.requires_grad or not inputs:
+            x = layer_input(inputs, kwargs)
+            if not output.requires_grad or x is None:
                 return
-            x = inputs[0].detach()
+            x = x.detach()
             n = x.shape[0]
             rows = None if self.rows is None else self.rows(n, x.device)
             a = x.index_select(0, rows) if rows is not None else x if self.full else x[: n // 2]
@@ -160,8 +162,11 @@ class Capture:
     def has_factor_data(self, mc: bool = False) -> bool:
         """True when every layer has at least one full record whose backward ran (mc: whose sampled-label Gram
         exists)."""
-        return bool(self.layers) and all(
-            any(r.full and (r.gram_mc is not None if mc else r.backward_done) for r in recs) for recs in self.records)
+        return bool(self.layers) and all(self.has_layer_factor_data(i, mc) for i in range(len(self.layers)))
+
+    def has_layer_factor_data(self, i: int, mc: bool = False) -> bool:
+        """True when layer i has a full record whose backward ran (mc: whose sampled-label Gram exists)."""
+        return any(r.full and (r.gram_mc is not None if mc else r.backward_done) for r in self.records[i])
 
     def layers_without_records(self) -> list[str]:
         """Names of the layers with no completed record while some other layer has one."""
@@ -253,6 +258,12 @@ class Capture:
         if dy_scale is not None:
             total = total * dy_scale.to(device=total.device, dtype=dtype)
         return total
+
+
+def layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input tensor of a Linear/Conv2d call, positional or as `input=` (nn.Linear and nn.Conv2d's name)."""
+    x = inputs[0] if inputs else kwargs.get("input")
+    return x if isinstance(x, torch.Tensor) else None
 
 
 def _summed(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

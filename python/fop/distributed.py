@@ -42,8 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import fop_kernels
-from fop._capture import sub_batch_grad
+from fop._capture import layer_input, sub_batch_grad
 
 logger = logging.getLogger("fop")
 
@@ -90,12 +89,17 @@ class NullComm:
     def guard(self):
         return contextlib.nullcontext()
 
+    def agree(self):
+        return contextlib.nullcontext()
+
     def all_reduce_factors(self, factors_A: list, factors_G: list) -> None:
         """Nothing to average."""
 
-    def eigh(self, mats: list[torch.Tensor]):
-        """All decompositions here: `fop_kernels.eigh(mats, clamp=True)`."""
-        return fop_kernels.eigh(mats, clamp=True)
+    def eigh(self, mats: list[torch.Tensor], names: list[str]):
+        """All decompositions here: `fop.kfac.robust_eigh` (`fop_kernels.eigh(mats, clamp=True)`, with retries)."""
+        from fop.kfac import robust_eigh
+
+        return robust_eigh(mats, names)
 
     def end_step(self) -> None:
         """Nothing pending."""
@@ -179,9 +183,11 @@ def cost_model(layers, world: int, *, half_batch: bool, factor_step: bool, inver
     """Payload bytes one rank hands to the optimizer's collectives in one step (what `Comm.last_step_bytes`
     reports): half-batch gradients out*in per layer, factor triangles d(d+1)/2, eigenpairs d^2 + d per factor
     (counted for the broadcasting owner and every receiver alike: the payload of the broadcast), and the agreement
-    vector (3 + 2 L float64 with FOP, 3 without)."""
+    vectors: 3 + 2 L float64 with FOP (3 without) before the step's work, and one float64 error flag after each
+    local phase (before the factor all-reduce, before the eigenpair broadcasts, before the commit)."""
     n = len(layers)
-    out = {"control": 8 * (3 + (2 * n if half_batch else 0))}
+    flags = 1 + int(factor_step) + int(inverse_step)
+    out = {"control": 8 * (3 + (2 * n if half_batch else 0) + flags)}
     if half_batch:
         out["half_batch_grad"] = grad_bytes * sum(layer.out_dim * layer.in_dim for layer in layers)
     dims = [layer.in_dim for layer in layers] + [layer.out_dim for layer in layers]
@@ -223,8 +229,8 @@ class Comm:
                         for chunk in _chunks([layers[i].out_dim * layers[i].in_dim * size for i in order], self.cap)]
         self._handles = []
         if self.uses_half_batch:
-            self._handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in
-                             enumerate(layers)]
+            self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
+                             for i, layer in enumerate(layers)]
         self.bytes = Counter()
         self.total_bytes = Counter()
         self.last_step_bytes: dict[str, int] = {"total": 0}
@@ -258,12 +264,13 @@ class Comm:
         return n // 2
 
     def _forward_hook(self, i: int):
-        def hook(module, inputs, output):
+        def hook(module, inputs, kwargs, output):
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
-            if not inputs or not self.opt._needs_half_batch(self.opt.steps):
+            x = layer_input(inputs, kwargs)
+            if x is None or not self.opt._needs_half_batch(self.opt.steps):
                 return
-            x = inputs[0].detach()
+            x = x.detach()
             n = x.shape[0]
             m = self._first_rows(n)
             sync = self.options.overlap and self.ddp is not None and bool(self.ddp.require_backward_grad_sync)
@@ -354,12 +361,30 @@ class Comm:
             self.fallback_reason = (f"no rank has samples in one of the two sub-batches of {', '.join(empty)}"
                                     if empty else None)
 
-    def _raise_together(self, error: Exception | None):
-        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error."""
+    @contextlib.contextmanager
+    def agree(self):
+        """Run the body (local work of step(), no collective inside); then one all-reduce of an error flag: if the
+        body raised on any rank, every rank raises (the failing ones their own error, the others
+        DistributedStepError naming it), so that no rank enters the next collective alone."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # re-raised below, after the other ranks have been told
+            error = err
+        vec = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec, group=self.group)
+        self.bytes["control"] += vec.numel() * vec.element_size()
+        if vec.item() > 0:
+            self._raise_together(error, finish=False)
+
+    def _raise_together(self, error: Exception | None, finish: bool = True):
+        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error. `finish`: end
+        the step here (the agreement before the step's work); step() ends it after a failure in its work."""
         message = "" if error is None else f"{type(error).__name__}: {error}"
         messages = [None] * self.world_size
         dist.all_gather_object(messages, message, group=self.group)
-        self.end_step()  # the step is abandoned: run forward and backward again before the next step()
+        if finish:
+            self.end_step()  # the step is abandoned: run forward and backward again before the next step()
         failed = {r: m for r, m in enumerate(messages) if m}
         summary = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
         if error is not None:
@@ -420,16 +445,20 @@ class Comm:
                 mats[j][cols, rows] = values
                 start += rows.numel()
 
-    def eigh(self, mats: list[torch.Tensor]):
-        """([l_i], [Q_i]) of every matrix like `fop_kernels.eigh(mats, clamp=True)`: each rank decomposes the
-        matrices it owns, then every owner broadcasts its eigenpairs in flat buffers."""
+    def eigh(self, mats: list[torch.Tensor], names: list[str]):
+        """([l_i], [Q_i]) of every matrix like `fop.kfac.robust_eigh(mats, names)`: each rank decomposes the
+        matrices it owns (an owner that fails makes every rank raise before the broadcasts), then every owner
+        broadcasts its eigenpairs in flat buffers."""
+        from fop.kfac import robust_eigh
+
         mine = [j for j, r in enumerate(self.owners) if r == self.rank]
         evals: list[torch.Tensor | None] = [None] * len(mats)
         evecs: list[torch.Tensor | None] = [None] * len(mats)
-        if mine:
-            lv, qv = fop_kernels.eigh([mats[j] for j in mine], clamp=True)
-            for j, lam, q in zip(mine, lv, qv):
-                evals[j], evecs[j] = lam, q
+        with self.agree():
+            if mine:
+                lv, qv = robust_eigh([mats[j] for j in mine], [names[j] for j in mine])
+                for j, lam, q in zip(mine, lv, qv):
+                    evals[j], evecs[j] = lam, q
         pending = []
         for owner in range(self.world_size):
             owned = [j for j, r in enumerate(self.owners) if r == owner]

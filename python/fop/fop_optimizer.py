@@ -123,10 +123,13 @@ class FOP(KFAC):
             logger.warning("FOP step %d: %s; using the K-FAC update for this step (warned once)", self.steps, why)
             self._warned_fallback = True
 
-    def _precondition(self, damping: float, inv_scale):
-        counts = [self.capture.sample_counts_of(i) for i in range(len(self.layers))]
+    _step_attrs = KFAC._step_attrs + ("_stats",)
+
+    def _precondition(self, buckets, damping: float, inv_scale):
+        self._order = [i for b in buckets for i in b.index]
+        counts = {i: self.capture.sample_counts_of(i) for i in self._order}
         if self.split == "backward":
-            passes = {self._passes.get(id(p), 0) for layer in self.layers for p in layer.params}
+            passes = {self._passes.get(id(p), 0) for i in self._order for p in self.layers[i].params}
             self._counts = None
             if len(passes) != 1:
                 self._fallback(f"split='backward': the preconditioned parameters saw different numbers of backward "
@@ -139,17 +142,17 @@ class FOP(KFAC):
             self._counts = None if self.comm.fallback_reason else counts
             if self.comm.fallback_reason:
                 self._fallback(self.comm.fallback_reason)
-        elif any(n == 0 for n, _ in counts):
+        elif any(n == 0 for n, _ in counts.values()):
             self._fallback("no half-batch capture (was the forward pass run before the optimizer was built?)")
             self._counts = None
-        elif any(n1 == 0 for _, n1 in counts):
+        elif any(n1 == 0 for _, n1 in counts.values()):
             self._fallback("a batch of 1 sample has no second half")
             self._counts = None
         else:
             self._counts = counts
         self._inv_scale = inv_scale
         self._stat_parts = []
-        directions = super()._precondition(damping, inv_scale)
+        directions = super()._precondition(buckets, damping, inv_scale)
         if self.inverse_method == "cholesky":
             parts = self._stat_parts
             self._stats = (([i for idx, _ in parts for i in idx], torch.cat([sc for _, sc in parts]))
@@ -199,8 +202,7 @@ class FOP(KFAC):
         U_rot, scalars = fop_kernels.project_combine(A_rot, D_rot, sums, lG, lA, damping, self.damping_mode,
                                                      beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                                      eta_clip=self.eta_clip)
-        order = [i for b in self.buckets for i in b.index]
-        self._stats = (order, scalars)
+        self._stats = (self._order, scalars)
         return U_rot
 
     def last_stats(self) -> dict[str, dict[str, torch.Tensor]]:

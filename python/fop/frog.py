@@ -184,6 +184,7 @@ class FROG(CurvatureOptimizer):
     """
 
     layer_support = staticmethod(frog_layer_support)
+    group_checks = {**CurvatureOptimizer.group_checks, "lr_other_ratio": dict(low=0.0)}
 
     def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-6,
@@ -228,16 +229,20 @@ class FROG(CurvatureOptimizer):
             eval_schedule("tau_linear", group["tau_linear"], self.steps)
 
     # -- the step --------------------------------------------------------------------------------------------------
-    def _momentum(self, p: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool) -> torch.Tensor:
-        """m <- mu m + g (m = g on the first step); returns m, or g + mu m with Nesterov."""
+    def _momentum(self, p: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool,
+                  inplace: bool = True) -> torch.Tensor:
+        """m <- mu m + g (m = g on the first step); returns m, or g + mu m with Nesterov. `inplace=False`: the new
+        m is a new tensor (before the step commits, see CurvatureOptimizer.step)."""
         if mu == 0:
             return grad
         state = self.state[p]
         buf = state.get("momentum_buffer")
         if buf is None:
             state["momentum_buffer"] = buf = grad.detach().clone()
-        else:
+        elif inplace:
             buf.mul_(mu).add_(grad)
+        else:
+            state["momentum_buffer"] = buf = buf.mul(mu).add_(grad)
         return grad.add(buf, alpha=mu) if nesterov else buf
 
     def _layer_samples(self, i: int, inv_scale: torch.Tensor | None, dtype: torch.dtype):
@@ -270,10 +275,10 @@ class FROG(CurvatureOptimizer):
                 continue
             x_s, y2 = samples
             mu, nesterov = group["momentum"], group["nesterov"]
-            m = self._momentum(W, W.grad, mu, nesterov).reshape(W.shape[0], -1).to(dtype)
+            m = self._momentum(W, W.grad, mu, nesterov, inplace=False).reshape(W.shape[0], -1).to(dtype)
             if b is not None:
                 gb = b.grad if b.grad is not None else torch.zeros_like(b)
-                m = torch.cat([m, self._momentum(b, gb, mu, nesterov).to(dtype)[:, None]], dim=1)
+                m = torch.cat([m, self._momentum(b, gb, mu, nesterov, inplace=False).to(dtype)[:, None]], dim=1)
             key = "tau" if layer.kind == "conv2d" else "tau_linear"
             tau = eval_schedule(key, group[key], self.steps)
             state = self.state[W]
