@@ -340,3 +340,80 @@ def test_robust_eigh_retries_and_names_the_matrix_when_every_form_fails(monkeypa
     monkeypatch.setattr(torch.linalg, "svd", always_fails)
     with pytest.raises(RuntimeError, match="eigendecomposition of factor A of layer conv failed in every form"):
         robust_eigh([M], ["factor A of layer conv"], decompose=failing)
+
+
+# -- load_state_dict: validated and atomic ---------------------------------------------------------------------------
+def _trained(cls, **kwargs):
+    m = mlp()
+    opt = make(cls, m, **kwargs)
+    train(m, opt, 3)
+    return m, opt
+
+
+def _corruptions(cls):
+    """(description, change to a state_dict copy, expected message) for `cls`'s state."""
+    out = [
+        ("steps < 0", lambda sd: sd["curvature"].update(steps=-5), "steps must be an integer >= 0"),
+        ("other layers", lambda sd: sd["curvature"].update(layers=["x"]), "preconditioned layers"),
+        ("no curvature", lambda sd: sd.pop("curvature"), "no 'curvature' entry"),
+        ("NaN lr", lambda sd: sd["param_groups"][0].update(lr=float("nan")), "lr'\\] must be finite"),
+        ("missing group", lambda sd: sd.update(param_groups=[]), "param groups"),
+    ]
+    if cls in (FOP, KFAC):
+        out += [
+            ("truncated factors", lambda sd: sd["curvature"]["factors"].pop(), "factors of 2 layers"),
+            ("truncated eigen", lambda sd: sd["curvature"]["eigen"].pop(), "eigen entries"),
+            ("NaN eigenvalues", lambda sd: sd["curvature"]["eigen"][1]["lA"].fill_(float("nan")), "non-finite"),
+            ("wider factor", lambda sd: sd["curvature"]["factors"][0].update(A=torch.eye(9)), r"factor A .* \(7, 7\)"),
+            ("float64 factor", lambda sd: sd["curvature"]["factors"][0].update(
+                A=sd["curvature"]["factors"][0]["A"].double()), "torch.float32"),
+            ("factor_updates < 0", lambda sd: sd["curvature"].update(factor_updates=-1), "factor_updates"),
+            ("momentum shape", lambda sd: sd["state"][0].update(momentum_buffer=torch.zeros(3)), "momentum_buffer"),
+        ]
+    if cls is FROG:
+        out += [("bad generator", lambda sd: sd["curvature"].update(generator=torch.zeros(3)), "generator")]
+    return out
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_bad_state_dict_is_rejected_before_anything_changes(cls):
+    source, good = _trained(cls)[1], None
+    good = source.state_dict()
+    m, opt = _trained(cls)
+    train(m, opt, 1, seed=900)  # a different state than `good`
+    for what, corrupt, match in _corruptions(cls):
+        sd = copy.deepcopy(good)
+        corrupt(sd)
+        before = snapshot(m, opt)
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+        assert same(before, snapshot(m, opt)), what
+    opt.load_state_dict(copy.deepcopy(good))
+    assert same(good, opt.state_dict())
+    trains_on(m, opt)
+
+
+@pytest.mark.parametrize("saved,loaded", [(KFAC, FOP), (FOP, KFAC), (AdaFisher, AdaFisherW), (AdaFisherW, AdaFisher),
+                                          (KFAC, FROG), (FROG, KFAC)])
+def test_state_of_another_optimizer_class_is_rejected(saved, loaded):
+    sd = _trained(saved)[1].state_dict()
+    m, opt = _trained(loaded)
+    before = snapshot(m, opt)
+    with pytest.raises(ValueError, match=f"saved by {saved.__name__}, not {loaded.__name__}"):
+        opt.load_state_dict(sd)
+    assert same(before, snapshot(m, opt))
+
+
+@pytest.mark.parametrize("cls", KFAC_FOP)
+def test_state_of_another_inverse_method_is_rejected(cls):
+    eig = _trained(cls)[1].state_dict()
+    chol = _trained(cls, damping_mode="factored", inverse_method="cholesky")[1].state_dict()
+    m, opt = _trained(cls, damping_mode="factored", inverse_method="cholesky")
+    with pytest.raises(ValueError, match="inverse_method='eigh'"):
+        opt.load_state_dict(eig)
+    del eig["curvature"]["inverse_method"]  # a state saved before the method was recorded: told by its entries
+    with pytest.raises(ValueError, match="eigen decompositions"):
+        opt.load_state_dict(eig)
+    m, opt = _trained(cls)
+    with pytest.raises(ValueError, match="inverse_method='cholesky'"):
+        opt.load_state_dict(chol)

@@ -353,14 +353,51 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # -- extra state -----------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
         """Curvature state beyond torch's per-parameter state (subclasses extend it)."""
-        return {"steps": self.steps, "layers": [layer.name for layer in self.layers]}
+        return {"optimizer": type(self).__name__, "steps": self.steps, "layers": [layer.name for layer in self.layers]}
 
-    def _load_extra_state(self, extra: dict) -> None:
+    def _load_extra_state(self, extra: dict) -> dict:
+        """Check `extra` against this optimizer and return {attribute: new value} to assign; change nothing
+        (load_state_dict assigns them once everything is checked). Subclasses extend the dict."""
+        saved_for = extra.get("optimizer")
+        if saved_for is not None and saved_for != type(self).__name__:
+            raise ValueError(f"state_dict was saved by {saved_for}, not {type(self).__name__}")
         names = [layer.name for layer in self.layers]
         if extra.get("layers") != names:
             raise ValueError(f"state_dict was saved for preconditioned layers {extra.get('layers')}, "
                              f"but this optimizer preconditions {names}")
-        self.steps = int(extra["steps"])
+        return {"steps": state_counter(extra, "steps")}
+
+    def _check_param_state(self, state_dict: dict) -> None:
+        """torch's part of a state_dict: groups of matching sizes with valid hyperparameters, and per-parameter
+        state of finite tensors (moments shaped like their parameter, step counts >= 0)."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError("state_dict has no 'state' dict and 'param_groups' list")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
+        index = {}
+        for k, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(f"param_groups[{k}] of the state_dict has {len(saved.get('params', ()))} "
+                                 f"parameters, this optimizer's {len(group['params'])}")
+            for key, limits in self.group_checks.items():
+                if key in saved:
+                    check_float(f"state_dict param_groups[{k}][{key!r}]", saved[key], **limits)
+            index.update(zip(saved["params"], group["params"]))
+        for pid, entry in state_dict["state"].items():
+            p = index.get(pid)
+            if p is None or not isinstance(entry, dict):
+                raise ValueError(f"state_dict state[{pid!r}] belongs to no parameter of this optimizer")
+            name = self.param_names.get(id(p), f"parameter {pid}")
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    if key in ("momentum_buffer", "exp_avg") and value.shape != p.shape:
+                        raise ValueError(f"state_dict {key} of {name} has shape {tuple(value.shape)}, the "
+                                         f"parameter {tuple(p.shape)}")
+                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"state_dict {key} of {name} contains non-finite values")
+                elif key == "step":
+                    state_counter(entry, "step", f"state_dict step of {name}")
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -368,12 +405,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Atomic: the whole dict is checked against this optimizer (class, layers, shapes, dtypes, counters,
+        finite values, inverse method) before anything changes; a mismatch raises ValueError naming it."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvature", None)
-        if extra is None:
+        if not isinstance(extra, dict):
             raise ValueError(f"state_dict has no 'curvature' entry: it was not saved by {type(self).__name__}")
-        self._load_extra_state(extra)
-        super().load_state_dict(state_dict)
+        self._check_param_state(state_dict)
+        try:
+            new = self._load_extra_state(extra)
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+            raise ValueError(f"state_dict does not fit {type(self).__name__}: {type(err).__name__}: {err}") from err
+        super().load_state_dict(state_dict)  # checks its groups before it changes anything
+        for attr, value in new.items():
+            setattr(self, attr, value)
         self._after_load()
 
     def _after_load(self) -> None:
@@ -382,10 +429,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._arm()
 
 
+def state_counter(entry: dict, key: str, what: str | None = None, low: int = 0) -> int:
+    """entry[key] as an int >= low (a loaded counter), else ValueError naming it."""
+    value = entry[key]
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what or 'state_dict ' + key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
 def layer_device_tensor(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A loaded state tensor moved to the device of `like`, dtype kept (bit-identical resume)."""
     return t.detach().to(device=like.device).clone()
 
 
 __all__ = ["CurvatureOptimizer", "Layer", "check_choice", "check_float", "check_int", "check_range",
-           "check_schedule", "eval_schedule", "check_outer_hyperparameters", "layer_device_tensor", "logger"]
+           "check_schedule", "eval_schedule", "check_outer_hyperparameters", "layer_device_tensor", "logger",
+           "state_counter"]

@@ -330,6 +330,13 @@ class FROG(CurvatureOptimizer):
         extra["generator"] = self.generator.get_state()
         return extra
 
-    def _load_extra_state(self, extra: dict) -> None:
-        super()._load_extra_state(extra)
-        self.generator.set_state(extra["generator"])
+    def _load_extra_state(self, extra: dict) -> dict:
+        new = super()._load_extra_state(extra)
+        state = extra["generator"]
+        generator = torch.Generator()
+        try:
+            generator.set_state(state)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"state_dict generator is not a CPU generator state: {err}") from err
+        new["generator"] = generator
+        return new

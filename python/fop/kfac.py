@@ -17,6 +17,7 @@ from fop._base import (
     check_schedule,
     eval_schedule,
     layer_device_tensor,
+    state_counter,
 )
 
 logger = logging.getLogger("fop")
@@ -443,10 +444,14 @@ class KFAC(CurvatureOptimizer):
                 by_shape.setdefault((layer.shape, like[i].device, like[i].dtype), []).append(i)
         return list(by_shape.values())
 
+    def _make_buckets(self, lA, QA, lG, QG) -> list[Bucket]:
+        """Buckets of the layers i with QA[i] (lists indexed by layer, None where a layer has none)."""
+        return [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
+                       torch.stack([QA[i] for i in idx]), torch.stack([lA[i] for i in idx]))
+                for idx in self._by_shape(QA)]
+
     def _set_buckets(self, lA, QA, lG, QG) -> None:
-        self.buckets = [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
-                               torch.stack([QA[i] for i in idx]), torch.stack([lA[i] for i in idx]))
-                        for idx in self._by_shape(QA)]
+        self.buckets = self._make_buckets(lA, QA, lG, QG)
 
     def _invert(self) -> None:
         """inverse_method="cholesky": per layer shape, stack A and G and invert A + sqrt(lambda) pi I and
@@ -574,29 +579,75 @@ class KFAC(CurvatureOptimizer):
                     inverse[i].update({f"G{k}": v[j] for k, v in b.Ginv.state.items()})
                 else:
                     eig[i] = {"QA": b.QA[j], "lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
-        extra.update(factor_updates=self.factor_updates, decomposed_at=self.decomposed_at,
+        extra.update(inverse_method=self.inverse_method, factor_updates=self.factor_updates,
+                     decomposed_at=self.decomposed_at,
                      factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
                      eigen=eig, inverse=inverse)
         return extra
 
-    def _load_extra_state(self, extra: dict) -> None:
-        super()._load_extra_state(extra)
-        self.factor_updates = int(extra["factor_updates"])
-        self.decomposed_at = int(extra["decomposed_at"])
-        for i, (layer, f) in enumerate(zip(self.layers, extra["factors"])):
-            self.factors_A[i] = None if f is None else layer_device_tensor(f["A"], layer.weight)
-            self.factors_G[i] = None if f is None else layer_device_tensor(f["G"], layer.weight)
-        self.buckets = []
-        key = "inverse" if self.inverse_method == "cholesky" else "eigen"
+    def _loaded(self, entry: dict, key: str, shape: tuple, layer, what: str) -> torch.Tensor:
+        """entry[key] checked (a tensor of `shape` in the factor dtype, finite) and moved to the layer's device."""
+        t = entry[key]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != self.factor_dtype:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"state_dict {what} of layer {layer.name} is {got}, expected {self.factor_dtype} "
+                             f"{tuple(shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"state_dict {what} of layer {layer.name} contains non-finite values")
+        return layer_device_tensor(t, layer.weight)
+
+    def _load_extra_state(self, extra: dict) -> dict:
+        new = super()._load_extra_state(extra)
+        n = len(self.layers)
+        method = extra.get("inverse_method")
+        if method is not None and method != self.inverse_method:
+            raise ValueError(f"state_dict was saved with inverse_method={method!r}, this optimizer uses "
+                             f"{self.inverse_method!r}")
+        new["factor_updates"] = state_counter(extra, "factor_updates")
+        new["decomposed_at"] = state_counter(extra, "decomposed_at", low=-1)
+        factors = extra["factors"]
+        if not isinstance(factors, list) or len(factors) != n:
+            raise ValueError(f"state_dict holds factors of {len(factors) if isinstance(factors, list) else '?'} "
+                             f"layers, this optimizer preconditions {n}")
+        new["factors_A"], new["factors_G"] = [None] * n, [None] * n
+        for i, (layer, f) in enumerate(zip(self.layers, factors)):
+            if f is not None:
+                new["factors_A"][i] = self._loaded(f, "A", (layer.in_dim,) * 2, layer, "factor A")
+                new["factors_G"][i] = self._loaded(f, "G", (layer.out_dim,) * 2, layer, "factor G")
+        key, other = ("inverse", "eigen") if self.inverse_method == "cholesky" else ("eigen", "inverse")
         saved = extra.get(key) or []
-        if not saved or any(e is None for e in saved):
-            return
-        moved = [{k: layer_device_tensor(v, layer.weight) for k, v in e.items()}
-                 for e, layer in zip(saved, self.layers)]
+        if not any(e is not None for e in saved) and any(e is not None for e in extra.get(other) or []):
+            raise ValueError(f"state_dict holds {other} decompositions (inverse_method="
+                             f"{'eigh' if other == 'eigen' else 'cholesky'!r}), this optimizer uses "
+                             f"inverse_method={self.inverse_method!r}")
+        if saved and len(saved) != n:
+            raise ValueError(f"state_dict holds {len(saved)} {key} entries for {n} layers")
+        moved: list[dict | None] = [None] * n
+        for i, (layer, e) in enumerate(zip(self.layers, saved)):
+            if e is None:
+                continue
+            if new["factors_A"][i] is None:
+                raise ValueError(f"state_dict has a decomposition but no factors for layer {layer.name}")
+            o, d = layer.out_dim, layer.in_dim
+            if key == "eigen":
+                shapes = {"QA": (d, d), "lA": (d,), "QG": (o, o), "lG": (o,)}
+            else:
+                shapes = {"A": (d, d), "G": (o, o)}
+                for side, dim in (("A", d), ("G", o)):
+                    forms = [f for f in ("inv", "chol") if side + f in e]
+                    if len(forms) != 1:
+                        raise ValueError(f"state_dict inverse of layer {layer.name} needs one of {side}inv, "
+                                         f"{side}chol")
+                    shapes[side + forms[0]] = (dim, dim)
+            moved[i] = {k: self._loaded(e, k, shape, layer, f"{key} {k}") for k, shape in shapes.items()}
+        if new["decomposed_at"] >= 0 and any(A is not None for A in new["factors_A"]) and not any(moved):
+            raise ValueError(f"state_dict says a decomposition was made at step {new['decomposed_at']} but holds "
+                             f"no {key} entries")
         if key == "eigen":
-            self._set_buckets([e["lA"] for e in moved], [e["QA"] for e in moved], [e["lG"] for e in moved],
-                              [e["QG"] for e in moved])
-            return
+            new["buckets"] = self._make_buckets(*([None if e is None else e[k] for e in moved]
+                                                  for k in ("lA", "QA", "lG", "QG")))
+            return new
+
         def stacked(idx, key):
             return torch.stack([moved[i][key] for i in idx])
 
@@ -604,5 +655,6 @@ class KFAC(CurvatureOptimizer):
             form = "inv" if side + "inv" in moved[idx[0]] else "chol"
             return DampedFactor(**{form: stacked(idx, side + form)})
 
-        self.buckets = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"))
-                        for idx in self._by_shape([e["A"] for e in moved])]
+        new["buckets"] = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"))
+                          for idx in self._by_shape([None if e is None else e["A"] for e in moved])]
+        return new
