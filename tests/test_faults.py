@@ -417,3 +417,49 @@ def test_state_of_another_inverse_method_is_rejected(cls):
     m, opt = _trained(cls)
     with pytest.raises(ValueError, match="inverse_method='cholesky'"):
         opt.load_state_dict(chol)
+
+
+# -- hook lifecycle --------------------------------------------------------------------------------------------------
+def _hooks_left(model) -> int:
+    return sum(len(mod._forward_hooks) for mod in model.modules()) + sum(
+        len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls,kw", [(c, {}) for c in ALL] + [(FOP, {"split": "backward"})],
+                         ids=[c.__name__ for c in ALL] + ["FOP-backward"])
+def test_hooks_hold_the_optimizer_weakly_and_go_with_it(cls, kw):
+    import gc
+    import weakref
+
+    m = mlp()
+    opt = make(cls, m, **kw)
+    train(m, opt, 2)
+    assert _hooks_left(m) > 0
+    gone, capture = weakref.ref(opt), weakref.ref(opt.capture)
+    del opt
+    gc.collect()
+    assert gone() is None and capture() is None
+    assert _hooks_left(m) == 0
+    opt = make(cls, m, **kw)  # a second optimizer on the model trains alone
+    trains_on(m, opt)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_remove_hooks_and_context_manager(cls):
+    m = mlp()
+    with make(cls, m) as opt:
+        train(m, opt, 2)
+        assert _hooks_left(m) > 0
+    assert _hooks_left(m) == 0
+    assert opt.capture.records == [[] for _ in opt.layers]
+    m(batch()[0]).sum().backward()
+    before = snapshot(m, opt)
+    with pytest.raises(RuntimeError, match=r"remove_hooks\(\) was called"):
+        opt.step()
+    assert same(before, snapshot(m, opt))
+    resumed = make(cls, m)  # resumes from the state of the closed one
+    resumed.load_state_dict(opt.state_dict())
+    trains_on(m, resumed)
+    resumed.remove_hooks()
+    resumed.remove_hooks()  # twice is harmless
+    assert _hooks_left(m) == 0

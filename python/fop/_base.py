@@ -140,9 +140,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.check_finite = bool(check_finite)
         self.grad_scaler = grad_scaler
         self.steps = 0  # completed (not skipped) steps; a host int so schedules never sync
+        self.hooks_removed = False
         self._grad_norms: torch.Tensor | None = None  # queued by _prepare_gradients, read by _check_update
         self._to_check: list[tuple[str, torch.Tensor]] = []  # new curvature of the step in progress
         self.comm = make_comm(self, model, distributed)  # fop.distributed; a no-op NullComm in one process
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def remove_hooks(self) -> None:
+        """Remove every hook this optimizer put on the model (as happens when the optimizer is garbage collected:
+        the hooks hold it weakly, and at the end of `with FOP(model) as opt:`). step() raises afterwards."""
+        self.capture.remove()
+        self.comm.remove()
+        self.hooks_removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     # -- what is preconditioned ----------------------------------------------------------------------------------
     def preconditioned(self) -> list[str]:
@@ -262,6 +277,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """One optimizer step (see the class docstring for the update). Transactional: everything new is computed
         and checked first, then committed (the outer update); an error on any rank raises on every rank and leaves
         parameters, state and counters as they were. A step where no parameter has a gradient does nothing."""
+        if self.hooks_removed:
+            raise RuntimeError(f"{type(self).__name__}.remove_hooks() was called (or its with-block ended): it sees "
+                               "no forward pass any more; build a new optimizer (load_state_dict resumes)")
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -25,6 +25,7 @@ under `torch.no_grad()`) record nothing; a record whose backward never came is i
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,8 @@ class Capture:
         self.stat_dtype = torch.float32  # of what the hooks reduce (Grams, S1): the optimizer's factor dtype
         self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
                          for i, layer in enumerate(layers)]
+        # the hooks hold the capture weakly, and go when it goes (with its optimizer)
+        self._finalizer = weakref.finalize(self, remove_handles, self._handles)
 
     # -- arming ------------------------------------------------------------------------------------------------
     def arm(self, full: bool, keep_outputs: bool = False, rows=None, keep_dy: bool = True,
@@ -101,15 +104,16 @@ class Capture:
 
     def remove(self) -> None:
         """Remove the hooks from the modules."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._finalizer()
         self.release()
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _forward_hook(self, i: int):
+        ref = weakref.ref(self)
+
         def hook(module, inputs, kwargs, output):
-            if not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            self = ref()
+            if self is None or not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return
             x = layer_input(inputs, kwargs)
             if not output.requires_grad or x is None:
@@ -258,6 +262,13 @@ class Capture:
         if dy_scale is not None:
             total = total * dy_scale.to(device=total.device, dtype=dtype)
         return total
+
+
+def remove_handles(handles: list) -> None:
+    """Remove hook handles (once: the list is emptied)."""
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 def layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fop._capture import layer_input, sub_batch_grad
+from fop._capture import layer_input, remove_handles, sub_batch_grad
 
 logger = logging.getLogger("fop")
 
@@ -103,6 +104,9 @@ class NullComm:
 
     def end_step(self) -> None:
         """Nothing pending."""
+
+    def remove(self) -> None:
+        """No hooks."""
 
     @property
     def last_step_bytes(self) -> dict[str, int]:
@@ -231,6 +235,7 @@ class Comm:
         if self.uses_half_batch:
             self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
                              for i, layer in enumerate(layers)]
+        self._finalizer = weakref.finalize(self, remove_handles, self._handles)  # hooks hold this weakly
         self.bytes = Counter()
         self.total_bytes = Counter()
         self.last_step_bytes: dict[str, int] = {"total": 0}
@@ -241,9 +246,7 @@ class Comm:
 
     def remove(self) -> None:
         """Remove the hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._finalizer()
 
     def _reset(self) -> None:
         n = len(self.opt.layers)
@@ -264,8 +267,13 @@ class Comm:
         return n // 2
 
     def _forward_hook(self, i: int):
+        ref = weakref.ref(self)
+
         def hook(module, inputs, kwargs, output):
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            self = ref()
+            if self is None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+                return
+            if not output.requires_grad:
                 return
             x = layer_input(inputs, kwargs)
             if x is None or not self.opt._needs_half_batch(self.opt.steps):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import fop_kernels
 from fop._base import check_choice, check_float, check_range, logger
+from fop._capture import remove_handles
 from fop.kfac import KFAC, Bucket, InverseBucket
 
 
@@ -87,8 +90,20 @@ class FOP(KFAC):
         self._first_pass: dict[int, torch.Tensor] = {}  # split="backward": id(p) -> .grad after the first pass
         self._passes: dict[int, int] = {}  # split="backward": id(p) -> backward passes accumulated this step
         super().__init__(params_or_model, lr, momentum, weight_decay, **kwargs)
-        self._pass_hooks = ([p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+        on_grad = weakref.WeakMethod(self._on_grad_accumulated)  # the hooks hold the optimizer weakly
+
+        def pass_hook(p):
+            method = on_grad()
+            if method is not None:
+                method(p)
+
+        self._pass_hooks = ([p.register_post_accumulate_grad_hook(pass_hook)
                              for layer in self.layers for p in layer.params] if self.split == "backward" else [])
+        self._pass_finalizer = weakref.finalize(self, remove_handles, self._pass_hooks)
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        self._pass_finalizer()
 
     def _needs_half_batch(self, step: int) -> bool:
         return self.split == "half_batch"
