@@ -463,3 +463,60 @@ def test_remove_hooks_and_context_manager(cls):
     resumed.remove_hooks()
     resumed.remove_hooks()  # twice is harmless
     assert _hooks_left(m) == 0
+
+
+# -- ops: one validation per op, shared by every backend -------------------------------------------------------------
+def _op_calls():
+    """(op name, callable(damping=..., backend=..., **extra)) on small valid inputs."""
+    g = torch.Generator().manual_seed(0)
+    A = [torch.randn(3, 4, generator=g)]
+    D = [torch.randn(3, 4, generator=g)]
+    lG, lA = [torch.rand(3, generator=g)], [torch.rand(4, generator=g)]
+    X = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    M = [X.T @ X]
+    Xs, w, B = torch.randn(6, 4, generator=g), torch.rand(6, 3, generator=g), torch.randn(3, 4, generator=g)
+    sums = fop_kernels.fisher_inner_products(A, D, lG, lA, 0.1)
+    return {
+        "fisher_inner_products": lambda damping, **kw: fop_kernels.fisher_inner_products(A, D, lG, lA, damping, **kw),
+        "project_combine": lambda damping, **kw: fop_kernels.project_combine(A, D, sums, lG, lA, damping, **kw),
+        "damped_inverse": lambda damping, **kw: fop_kernels.damped_inverse(M, damping, **kw),
+        "batched_cg": lambda damping, iters=2, **kw: fop_kernels.batched_cg(Xs, w, B, damping, iters=iters, **kw),
+    }
+
+
+def _cpu_backends(op):
+    from helpers import backends_for
+
+    return [None] + backends_for(op, torch.device("cpu"))
+
+
+BAD_DAMPING = [(torch.tensor(-1.0), ValueError, r"damping must be a finite value >= 0, got -1.0"),
+               (torch.tensor(float("nan")), ValueError, r"damping must be a finite value >= 0"),
+               (torch.tensor([0.1]), ValueError, r"damping must be 0-D, got shape \(1,\)"),
+               (-1e-3, ValueError, r"damping must be a finite value >= 0"),
+               ("0.1", TypeError, r"damping must be a float or a 0-dim tensor")]
+
+
+@pytest.mark.parametrize("op", ["fisher_inner_products", "project_combine", "damped_inverse", "batched_cg"])
+def test_op_damping_is_validated_alike_on_every_backend(op):
+    call = _op_calls()[op]
+    for backend in _cpu_backends(op):
+        for damping, exc, match in BAD_DAMPING:
+            with pytest.raises(exc, match=match):
+                call(damping, backend=backend)
+        call(torch.tensor(0.1), backend=backend)
+
+
+def test_batched_cg_iters_must_be_an_integer_on_every_backend():
+    call = _op_calls()["batched_cg"]
+    for backend in _cpu_backends("batched_cg"):
+        for iters, exc, match in ((2.7, TypeError, "iters must be an integer, got 2.7"),
+                                  ("3", TypeError, "iters must be an integer, got '3'"),
+                                  (True, TypeError, "iters must be an integer"),
+                                  (-1, ValueError, "iters must be >= 0")):
+            with pytest.raises(exc, match=match):
+                call(0.1, iters=iters, backend=backend)
+        with pytest.raises(ValueError, match="damping must be a finite value >= 0, got -1.0"):
+            call(torch.tensor(-1.0), backend=backend)
+        z, _ = call(0.1, iters=3, backend=backend)
+        assert bool(torch.isfinite(z).all())
