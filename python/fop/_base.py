@@ -310,7 +310,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     raise
         except BaseException:
             self._restore_step_state(saved)
-            self.comm.end_step()
+            self.comm.end_step(failed=True)
             self._after_skipped_step()
             raise
         finally:

@@ -19,8 +19,10 @@ group (a copy of DDP's, so its collectives never interleave with DDP's buckets):
   assignment by d^3); owners decompose theirs with one batched `fop_kernels.eigh`, then broadcast Q and l in one
   flat buffer per owner. Ranks that own nothing decompose nothing.
 - Agreement: one small all-reduce at the start of every `step()` carries an error flag, whether this rank captured
-  factor statistics, and the half-batch fractions rho. A rank whose `step()` raises (bad input) still takes part,
-  so every rank raises `DistributedStepError` naming the failing rank and its error instead of waiting forever.
+  factor statistics, and the half-batch fractions rho; then every local phase of the step (factor statistics,
+  owned decompositions, preconditioning and the final check) ends in a one-flag all-reduce (`Comm.agree`). A rank
+  whose `step()` raises still takes part, so every rank raises (`DistributedStepError` naming the failing rank and
+  its error) before any rank enters the next collective, and nothing is committed anywhere.
 
 With no process group, or a world size of 1, `make_comm` returns a `NullComm` and the optimizer runs its plain,
 single-process code unchanged. Every rank holds the whole optimizer state, so `state_dict()` on rank 0 restores
@@ -37,6 +39,7 @@ import math
 import weakref
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -65,12 +68,16 @@ class DistributedOptions:
     bucket_cap_mb: largest flat buffer of one collective (half-batch gradients, factors, eigenvectors).
     overlap: launch the half-batch all-reduces during backward (needs the model wrapped in DDP, whose
         `no_sync()` tells which backward ends the step); otherwise they all start in `step()`.
+    timeout: seconds a collective of the optimizer's own group waits for the other ranks before it raises (a rank
+        that died or hangs outside `step()`); None: torch.distributed's default for a new group (30 minutes for
+        gloo and NCCL). Ignored when `process_group` is given (its own timeout applies).
     """
 
     process_group: Any = None
     split: str = "halves"
     bucket_cap_mb: float = 25.0
     overlap: bool = True
+    timeout: float | None = None
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -78,6 +85,9 @@ class DistributedOptions:
         cap = self.bucket_cap_mb
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
             raise ValueError(f"bucket_cap_mb must be a positive number, got {cap!r}")
+        t = self.timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
+            raise ValueError(f"timeout must be None or a positive number of seconds, got {t!r}")
 
 
 class NullComm:
@@ -102,7 +112,7 @@ class NullComm:
 
         return robust_eigh(mats, names)
 
-    def end_step(self) -> None:
+    def end_step(self, failed: bool = False) -> None:
         """Nothing pending."""
 
     def remove(self) -> None:
@@ -151,7 +161,8 @@ def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
         raise ValueError(f"split='ranks' chooses FOP's two sub-batches; {type(optimizer).__name__} has none")
     group = options.process_group
     if group is None:
-        group = dist.new_group(ranks=dist.get_process_group_ranks(base))
+        timeout = None if options.timeout is None else timedelta(seconds=options.timeout)
+        group = dist.new_group(ranks=dist.get_process_group_ranks(base), timeout=timeout)
     return Comm(optimizer, ddp, group, options)
 
 
@@ -359,7 +370,7 @@ class Comm:
                 f"ranks disagree on this factor step: {int(total[1])} rank(s) captured no factor statistics (no "
                 f"forward/backward since the optimizer was built or armed?) while {int(total[2])} did; every rank "
                 f"must run the same forward and backward passes")
-            self.end_step()
+            self.end_step(failed=True)
             raise err
         if half:
             rho1 = [v / self.world_size for v in total[3::2]]
@@ -392,7 +403,7 @@ class Comm:
         messages = [None] * self.world_size
         dist.all_gather_object(messages, message, group=self.group)
         if finish:
-            self.end_step()  # the step is abandoned: run forward and backward again before the next step()
+            self.end_step(failed=True)  # the step is abandoned: run forward and backward again before the next step()
         failed = {r: m for r, m in enumerate(messages) if m}
         summary = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
         if error is not None:
@@ -494,14 +505,22 @@ class Comm:
         return evals, evecs
 
     # -- end of step --------------------------------------------------------------------------------------------------
-    def _finish_pending(self) -> None:
-        for work, _, _ in self._works:
-            work.wait()
-        self._works = []
+    def _finish_pending(self, failed: bool = False) -> None:
+        """Wait for the collectives in flight; after a failed step, an error of theirs (a dead peer) is logged
+        rather than raised over the step's own error."""
+        works, self._works = self._works, []
+        for work, _, _ in works:
+            try:
+                work.wait()
+            except RuntimeError as err:
+                if not failed:
+                    raise
+                logger.warning("rank %d: a collective of the failed step failed as well: %s", self.rank, err)
 
-    def end_step(self) -> None:
-        """After a step (taken or skipped): finish what is in flight, record the bytes, reset the per-step state."""
-        self._finish_pending()
+    def end_step(self, failed: bool = False) -> None:
+        """After a step (taken, skipped or `failed`): finish what is in flight, record the bytes, reset the
+        per-step state."""
+        self._finish_pending(failed)
         self.last_step_bytes = dict(self.bytes)
         self.last_step_bytes["total"] = sum(self.bytes.values())
         self.total_bytes.update(self.bytes)
