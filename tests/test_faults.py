@@ -520,3 +520,34 @@ def test_batched_cg_iters_must_be_an_integer_on_every_backend():
             call(torch.tensor(-1.0), backend=backend)
         z, _ = call(0.1, iters=3, backend=backend)
         assert bool(torch.isfinite(z).all())
+
+
+# -- smaller items ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", ALL)
+def test_unbatched_input_names_the_layer(cls):
+    m = mlp()
+    opt = make(cls, m)
+    train(m, opt, 2)
+    before = snapshot(m, opt)
+    opt.zero_grad()
+    F.cross_entropy(m(batch()[0][0]), torch.tensor(1)).backward()  # one sample without a batch dimension
+    with pytest.raises(ValueError, match=r"layer 0 was called on an input of shape \(6,\) without a batch"):
+        opt.step()
+    assert same(before, snapshot(m, opt))
+    trains_on(m, opt)
+
+
+def test_even_kernel_same_padding_gets_the_plain_update():
+    m = nn.Sequential(nn.Conv2d(1, 2, 4, padding="same"), nn.Flatten(), nn.Linear(2 * 5 * 5, 3))
+    opt = KFAC(m, damping=1e-2)
+    assert [layer.name for layer in opt.layers] == ["2"]
+    assert ("0", "padding='same' with an even kernel extent (asymmetric padding)") in opt.not_preconditioned()
+    F.cross_entropy(m(torch.randn(4, 1, 5, 5)), torch.randint(0, 3, (4,))).backward()
+    opt.step()
+    assert opt.steps == 1
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_parameters_of_another_model_are_rejected(cls):
+    with pytest.raises(ValueError, match="none of the parameters .* belongs to model="):
+        cls(mlp().parameters(), model=mlp())

@@ -133,6 +133,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.model = unwrap_model(model)
         optimized = [p for g in self.param_groups for p in g["params"]]
+        own = {id(p) for p in self.model.parameters()}
+        if optimized and not any(id(p) in own for p in optimized):
+            raise ValueError(f"none of the parameters given to {type(self).__name__} belongs to model=; pass the "
+                             "model the parameters come from (its layers get the hooks)")
         self.layers, self.skipped = discover_layers(self.model, optimized, exclude, self.layer_support)
         self.param_to_layer = parameter_map(self.layers)
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
@@ -218,6 +222,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _check_records(self) -> None:
         """A layer whose captured forward passes hold 0 samples has no statistics: raise before anything changes."""
+        if self.capture.unbatched:
+            i, shape = next(iter(self.capture.unbatched.items()))
+            raise ValueError(f"layer {self.layers[i].name} was called on an input of shape {shape} without a batch "
+                             "dimension; the curvature needs one (x.unsqueeze(0)); nothing was changed")
         for i, layer in enumerate(self.layers):
             recs = self.capture.done(i)
             if recs and sum(r.n for r in recs) == 0:

@@ -35,6 +35,7 @@ import fop_kernels
 from fop._layers import Layer
 
 LOSS_REDUCTIONS = ("mean", "sum")
+UNBATCHED_DIM = {"linear": 2, "conv2d": 4}  # an input of fewer dims has no batch dimension
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Capture:
         self.mc_active = False
         self.rows = None
         self.stat_dtype = torch.float32  # of what the hooks reduce (Grams, S1): the optimizer's factor dtype
+        self.unbatched: dict[int, tuple] = {}  # layer index -> shape of an input without a batch dimension
         self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
                          for i, layer in enumerate(layers)]
         # the hooks hold the capture weakly, and go when it goes (with its optimizer)
@@ -98,6 +100,7 @@ class Capture:
     def release(self) -> None:
         """Drop every record and disarm (after the optimizer step)."""
         self.records = [[] for _ in self.layers]
+        self.unbatched = {}
         self.armed = self.full = self.keep_outputs = self.half_grads = False
         self.keep_dy = True
         self.rows = None
@@ -119,6 +122,9 @@ class Capture:
             if not output.requires_grad or x is None:
                 return
             x = x.detach()
+            if x.dim() < UNBATCHED_DIM.get(self.layers[i].kind, 1):
+                self.unbatched[i] = tuple(x.shape)  # no batch dimension: step() raises naming the layer
+                return
             n = x.shape[0]
             rows = None if self.rows is None else self.rows(n, x.device)
             a = x.index_select(0, rows) if rows is not None else x if self.full else x[: n // 2]

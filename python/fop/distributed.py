@@ -287,8 +287,8 @@ class Comm:
             if not output.requires_grad:
                 return
             x = layer_input(inputs, kwargs)
-            if x is None or not self.opt._needs_half_batch(self.opt.steps):
-                return
+            if x is None or x.dim() < 2 or not self.opt._needs_half_batch(self.opt.steps):
+                return  # an unbatched input: the capture's record makes step() raise
             x = x.detach()
             n = x.shape[0]
             m = self._first_rows(n)
