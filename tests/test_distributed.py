@@ -32,7 +32,7 @@ N_LOCAL = 6  # samples per rank and step
 MICRO = [(0, 2), (2, 6)]  # gradient accumulation: two micro-batches of each rank's batch
 TIMEOUT_S = 150  # per launch: a hang fails the test
 PORTS = {"equiv2": 47611, "equiv3": 47612, "fail": 47613, "single": 47614, "faults": 47615,
-         "hang": 47616}  # fixed, distinct per launch
+         "hang": 47616, "killed": 47617}  # fixed, distinct per launch
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, factor_interval=2, inverse_interval=2,
              factor_dtype=torch.float64)
 CHOLESKY = dict(damping_mode="factored", inverse_method="cholesky")  # inverted on every rank, not sharded
@@ -138,6 +138,8 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
             results = _faults_scenario(rank, world)
         elif scenario == "hang":
             results = _hang_scenario(rank, world)
+        elif scenario == "killed":
+            results = _killed_scenario(rank, world)
         else:
             runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {}), ("fop_cholesky", CHOLESKY)]
             if world % 2 == 0:
@@ -319,6 +321,37 @@ def _hang_scenario(rank: int, world: int) -> dict:
         return {"outcome": (type(err).__name__, str(err)), "waited": time.monotonic() - start, "steps": opt.steps}
 
 
+def _killed_scenario(rank: int, world: int) -> dict:
+    """Rank 1 dies inside step() (in its preconditioning, after the factor all-reduce and the broadcasts of a factor
+    and inverse step); rank 0's step() must raise a clear error, not hang, and leave its state unchanged."""
+    import time
+
+    from fop.distributed import DistributedOptions
+    from test_faults import same, snapshot
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fop_kernels
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = make_optimizer("fop", ddp, distributed=DistributedOptions(timeout=HANG_TIMEOUT_S))
+    batches = global_batches(world)
+    for batch in batches[:2]:
+        train_step(opt, ddp, *local(batch, rank))
+    if rank == 1:
+        fop_kernels.fisher_inner_products = lambda *args, **kwargs: os._exit(5)
+    opt.zero_grad()
+    F.cross_entropy(ddp(local(batches[2], rank)[0]), local(batches[2], rank)[1]).backward()
+    before = snapshot(model, opt)
+    start = time.monotonic()
+    try:
+        opt.step()
+        outcome = ("no error", "")
+    except Exception as err:
+        outcome = (type(err).__name__, str(err))
+    return {"outcome": outcome, "unchanged": same(before, snapshot(model, opt)), "waited": time.monotonic() - start}
+
+
 def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[dict], list[str]]:
     """Run the ranks as processes; (return codes, saved results, error texts). Fails the test on a timeout."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -339,7 +372,7 @@ def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[d
                for r in range(world)]
     errors = [(tmp_path / f"rank{r}.err").read_text() if (tmp_path / f"rank{r}.err").exists() else ""
               for r in range(world)]
-    if scenario != "fail" and any(codes):
+    if scenario not in ("fail", "killed") and any(codes):
         pytest.fail(f"scenario {scenario!r}: ranks exited with {codes}:\n" + "\n".join(logs))
     return codes, results, errors
 
@@ -531,6 +564,14 @@ def test_a_stalled_rank_makes_step_raise_after_the_timeout(tmp_path):
     kind, message = results[0]["outcome"]
     assert kind == "RuntimeError" and "Timed out" in message, results[0]  # gloo names the 3000 ms it waited
     assert results[0]["steps"] == 1 and results[1]["slept"]
+
+
+def test_a_rank_killed_inside_step_makes_the_other_raise_with_its_state_unchanged(tmp_path):
+    codes, results, _ = launch("killed", 2, tmp_path)
+    assert codes[1] == 5 and codes[0] == 0, codes
+    kind, message = results[0]["outcome"]
+    assert kind == "RuntimeError" and ("peer" in message or "Timed out" in message), results[0]
+    assert results[0]["unchanged"]
 
 
 def test_world_size_one_is_the_plain_path():
