@@ -34,6 +34,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         if isinstance(module.padding, str):
+            if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+                return "padding='same' with an even kernel extent (asymmetric padding)"
             return None if module.padding in ("valid", "same") else f"padding={module.padding!r}"
         return None
     return "layer type not supported"
