@@ -46,14 +46,17 @@ test-build: install
 lint: install
 	$(VPY) -m ruff check fop_kernels python tests bench
 
+# Every microbenchmark in bench/micro (each op against its reference and plain torch, one group per case);
+# a summary table at the end, the pytest-benchmark JSON in out/bench/micro.json. Minutes on 2 idle cores.
 bench: install
-	$(VPY) -m pytest bench --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds \
-		--benchmark-json=bench/last_run.json -s
+	@mkdir -p out/bench
+	$(VPY) -m pytest bench/micro --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=out/bench/micro.json
 
 clean:
 	rm -rf build dist *.egg-info $(STAMPS) fop_kernels/_C*.so
 
-# ---- wheels and the CMake build (issue 2) ----
+# ---- wheels and the CMake build ----
 # `make wheel`: the CPU wheel (+cpu) into dist/, built against the torch in $(VENV).
 # `make wheel-cuda`: a +cu130 wheel built in $(CUDA_VENV) against the CUDA torch ($(CUDA_TORCH_SPEC)), the nvcc
 # toolkit at $(CUDA_HOME_BUILD) and the cuSOLVER of the nvidia wheels in that venv; then the .so is checked.
