@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton==3.7.1
 STAMPS := .stamps
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h) setup.py pyproject.toml
 
-.PHONY: install demo test test-build lint bench wheel wheel-cuda cmake-test clean
+.PHONY: install demo test test-build lint bench bench-smoke gpu-check wheel wheel-cuda cmake-test clean
 
 install: $(STAMPS)/install
 
@@ -52,6 +52,13 @@ bench: install
 	@mkdir -p out/bench
 	$(VPY) -m pytest bench/micro --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=out/bench/micro.json
+
+# CI: every microbenchmark on tiny shapes, one round (well under a minute); fails when none is collected or a
+# collected file times nothing, so a benchmark that breaks or stops being collected fails CI.
+bench-smoke: install
+	@mkdir -p out/bench
+	$(VPY) -m pytest bench/micro --smoke --benchmark-only -q --benchmark-columns=median \
+		--benchmark-json=out/bench/smoke.json
 
 clean:
 	rm -rf build dist *.egg-info $(STAMPS) fop_kernels/_C*.so

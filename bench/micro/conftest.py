@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 
 def pytest_addoption(parser):
@@ -31,6 +32,11 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
 def _case_key(item, first_seen: dict) -> tuple:
     """(function position, indices of the non-impl parameters, index of impl)."""
     fn = first_seen.setdefault((str(item.path), item.originalname), len(first_seen))
@@ -45,7 +51,11 @@ def pytest_collection_modifyitems(session, config, items):
     first_seen: dict = {}
     keys = {id(item): _case_key(item, first_seen) for item in items}
     items.sort(key=lambda item: keys[id(item)])
-    config._fop_bench_modules = sorted({item.nodeid.split("::")[0] for item in items})
+
+
+def pytest_collection_finish(session):
+    """The modules selected to run (after -k/-m deselection)."""
+    session.config._fop_bench_modules = sorted({item.nodeid.split("::")[0] for item in session.items})
 
 
 def _failures(config) -> list[str]:
