@@ -60,6 +60,14 @@ bench-smoke: install
 	$(VPY) -m pytest bench/micro --smoke --benchmark-only -q --benchmark-columns=median \
 		--benchmark-json=out/bench/smoke.json
 
+# On a machine with a CUDA GPU: validates and times every GPU path in at most 8 minutes (bench/gpu_check.py).
+# It uses that machine's own python, torch (>= 2.4) and triton (>= 3.2): no venv, no network, no pinned torch;
+# it builds the extension in place itself. Report: under FOP_GPU_CHECK_OUT (default out/gpu-check/). Without CUDA it
+# prints "no CUDA device: nothing to check" and the plan, and exits 0.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/python $(GPU_PYTHON) bench/gpu_check.py
+
 clean:
 	rm -rf build dist *.egg-info $(STAMPS) fop_kernels/_C*.so
 
