@@ -17,7 +17,8 @@ $(STAMPS)/venv:
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	@touch $@
 
-# torch only when it is not importable (a user's GPU machine keeps its own CUDA torch).
+# torch and triton only when they are not importable (a user's GPU machine keeps its own CUDA torch and triton;
+# the package runs with torch >= 2.4 and triton >= 3.2).
 $(STAMPS)/deps: $(STAMPS)/venv
 	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(VPY) -c "import triton" 2>/dev/null || $(PIP) install $(TRITON_SPEC)
