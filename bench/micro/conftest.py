@@ -27,6 +27,9 @@ def pytest_configure(config):
 
 
 def pytest_collect_file(file_path, parent):
+    """bench_*.py files; one named on the command line is collected by pytest itself (not twice)."""
+    if parent.session.isinitpath(file_path):
+        return None
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
@@ -61,6 +64,8 @@ def pytest_collection_finish(session):
 def _failures(config) -> list[str]:
     from _timing import ROWS
 
+    if config.option.collectonly:
+        return []
     modules = getattr(config, "_fop_bench_modules", [])
     if not modules:
         return ["no benchmark was collected"]
