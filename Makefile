@@ -48,7 +48,7 @@ lint: install
 	$(VPY) -m ruff check fop_kernels python tests bench
 
 # Every microbenchmark in bench/micro (each op against its reference and plain torch, one group per case);
-# a summary table at the end, the pytest-benchmark JSON in out/bench/micro.json. Minutes on 2 idle cores.
+# a summary table at the end, the pytest-benchmark JSON in out/bench/micro.json (not yet timed end to end).
 bench: install
 	@mkdir -p out/bench
 	$(VPY) -m pytest bench/micro --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds \

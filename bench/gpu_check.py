@@ -496,17 +496,19 @@ def _sync_count(fn) -> tuple[int, str]:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _sync_config(part: dict, name: str, cls, extra: dict, check_finite: bool) -> None:
-    """Warm up one optimizer on a ResNet-18 (width 16, batch 64), then count syncs in its capture and step()
-    on a plain and on a curvature step."""
+def _sync_config(part: dict, name: str, cls, extra: dict, check_finite: bool, device: str = "cuda",
+                 size: tuple[int, int, int] = (64, 16, 32)) -> None:
+    """Warm up one optimizer on a ResNet-18 (size: batch 64, width 16, 32 x 32 images), then count syncs in its
+    capture and step() on a plain and on a curvature step."""
     import torch
     import torch.nn.functional as F
     from fop.models import resnet18
 
     torch.manual_seed(0)
-    x = torch.randn(64, 3, 32, 32, device="cuda")
-    y = torch.randint(0, 10, (64,), device="cuda")
-    model = resnet18(width=16).cuda()
+    batch, width, image = size
+    x = torch.randn(batch, 3, image, image, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    model = resnet18(width=width).to(device)
     opt = cls(model, lr=0.01, damping=1e-2, factor_interval=2, inverse_interval=2, check_finite=check_finite,
               **extra)
 
@@ -608,43 +610,44 @@ def measure_roofline(report: dict) -> dict:
     return rf
 
 
-def _factor_kernels(dname: str):
+def _factor_kernels(dname: str, dev: dict):
     """Dense, diagonal and conv factor accumulation on GPT-2's widest input (4096 x 3073) and a ResNet-18 conv."""
     import torch
 
     import fop_kernels
     from fop_kernels import reference as ref
+    from fop_kernels.reference.factor import conv_patches
 
     dt = _dt(dname)
     esize = torch.finfo(dt).bits // 8
-    n, d = 4096, 3073
-    X = torch.randn(n, d, device="cuda").to(dt)
-    F = torch.randn(d, d, device="cuda")
-    f = torch.randn(d, device="cuda")
-    yield (f"accumulate_factor X {n}x{d}", "triton", dname,
-           lambda: fop_kernels.accumulate_factor(F, X, 0.05, 1 / n, check_finite=False, backend="triton"),
+    n, d = (40, 33) if dev["small"] else (4096, 3073)
+    X = torch.randn(n, d, device=dev["device"]).to(dt)
+    F = torch.randn(d, d, device=dev["device"])
+    f = torch.randn(d, device=dev["device"])
+    yield (f"accumulate_factor X {n}x{d}", dev["fast"], dname,
+           lambda: fop_kernels.accumulate_factor(F, X, 0.05, 1 / n, check_finite=False, backend=dev["fast"]),
            lambda: ref.accumulate_factor(F, X, 0.05, 1 / n), n * d * esize + 2 * d * d * 4, 2.0 * n * d * d,
            lambda: torch.mm(X.T, X))
-    yield (f"accumulate_factor_diag X {n}x{d}", "triton", dname,
-           lambda: fop_kernels.accumulate_factor_diag(f, X, 0.05, 1 / n, check_finite=False, backend="triton"),
+    yield (f"accumulate_factor_diag X {n}x{d}", dev["fast"], dname,
+           lambda: fop_kernels.accumulate_factor_diag(f, X, 0.05, 1 / n, check_finite=False, backend=dev["fast"]),
            lambda: ref.accumulate_factor_diag(f, X, 0.05, 1 / n), n * d * esize + 2 * d * 4, 2.0 * n * d, None)
-    N, C, H, k = 256, 128, 16, 3
-    x = torch.randn(N, C, H, H, device="cuda").to(dt)
+    N, C, H, k = (2, 3, 5, 3) if dev["small"] else (256, 128, 16, 3)
+    x = torch.randn(N, C, H, H, device=dev["device"]).to(dt)
     dim = C * k * k + 1
-    Fc = torch.randn(dim, dim, device="cuda")
+    Fc = torch.randn(dim, dim, device=dev["device"])
 
     def patches_gemm():
-        P = ref.conv_patches(x, k, 1, 1, 1, True)
+        P = conv_patches(x, k, 1, 1, 1, True)
         return torch.mm(P.T, P)
 
-    yield (f"accumulate_conv_factor x=({N},{C},{H},{H}) k3", "triton", dname,
+    yield (f"accumulate_conv_factor x=({N},{C},{H},{H}) k3", dev["fast"], dname,
            lambda: fop_kernels.accumulate_conv_factor(Fc, x, 0.05, k, 1, 1, 1, True, 1 / N, check_finite=False,
-                                                      backend="triton"),
+                                                      backend=dev["fast"]),
            lambda: ref.accumulate_conv_factor(Fc, x, 0.05, k, 1, 1, 1, True, 1 / N),
            x.numel() * esize + 2 * dim * dim * 4, 2.0 * N * H * H * dim * dim, patches_gemm)
 
 
-def _fisher_kernels(dname: str):
+def _fisher_kernels(dname: str, dev: dict):
     """Fisher sums and projection-and-combine on the GPT-2-small layer set (85M elements per tensor)."""
     import torch
 
@@ -653,22 +656,22 @@ def _fisher_kernels(dname: str):
 
     dt = _dt(dname)
     esize = torch.finfo(dt).bits // 8
-    shapes = gpt2_weight_shapes()
-    A = [torch.randn(s, device="cuda").to(dt) for s in shapes]
-    D = [torch.randn(s, device="cuda").to(dt) for s in shapes]
-    lG = [torch.rand(s[0], device="cuda") for s in shapes]
-    lA = [torch.rand(s[1], device="cuda") for s in shapes]
+    shapes = gpt2_weight_shapes(layers=1, dim=8) if dev["small"] else gpt2_weight_shapes()
+    A = [torch.randn(s, device=dev["device"]).to(dt) for s in shapes]
+    D = [torch.randn(s, device=dev["device"]).to(dt) for s in shapes]
+    lG = [torch.rand(s[0], device=dev["device"]) for s in shapes]
+    lA = [torch.rand(s[1], device=dev["device"]) for s in shapes]
     elems = sum(a.numel() for a in A)
     sums = ref.fisher_inner_products(A, D, lG, lA, 1e-3)
-    yield ("fisher_inner_products gpt2-small set", "triton", dname,
-           lambda: fop_kernels.fisher_inner_products(A, D, lG, lA, 1e-3, backend="triton"),
+    yield ("fisher_inner_products gpt2-small set", dev["fast"], dname,
+           lambda: fop_kernels.fisher_inner_products(A, D, lG, lA, 1e-3, backend=dev["fast"]),
            lambda: ref.fisher_inner_products(A, D, lG, lA, 1e-3), 2 * elems * esize, 12.0 * elems, None)
-    yield ("project_combine gpt2-small set", "triton", dname,
-           lambda: fop_kernels.project_combine(A, D, sums, lG, lA, 1e-3, backend="triton"),
+    yield ("project_combine gpt2-small set", dev["fast"], dname,
+           lambda: fop_kernels.project_combine(A, D, sums, lG, lA, 1e-3, backend=dev["fast"]),
            lambda: ref.project_combine(A, D, sums, lG, lA, 1e-3), 3 * elems * esize, 8.0 * elems, None)
 
 
-def _cg_kernels(dname: str):
+def _cg_kernels(dname: str, dev: dict):
     """FROG's batched CG at the GPU target size: per iteration two GEMMs (4 s R D flops) and about 7 passes over
     the R x D rows (fp32 working copies)."""
     import torch
@@ -676,16 +679,16 @@ def _cg_kernels(dname: str):
     import fop_kernels
     from fop_kernels import reference as ref
 
-    R, Dm, s, iters = 512, 4608, 64, 10
-    X_s = torch.randn(s, Dm, device="cuda").to(_dt(dname))
-    w, B = torch.rand(s, R, device="cuda"), torch.randn(R, Dm, device="cuda").to(_dt(dname))
-    yield (f"batched_cg R={R} D={Dm} s={s} iters={iters}", "triton", dname,
-           lambda: fop_kernels.batched_cg(X_s, w, B, 1e-3, iters=iters, backend="triton"),
+    R, Dm, s, iters = (6, 40, 5, 3) if dev["small"] else (512, 4608, 64, 10)
+    X_s = torch.randn(s, Dm, device=dev["device"]).to(_dt(dname))
+    w, B = torch.rand(s, R, device=dev["device"]), torch.randn(R, Dm, device=dev["device"]).to(_dt(dname))
+    yield (f"batched_cg R={R} D={Dm} s={s} iters={iters}", dev["fast"], dname,
+           lambda: fop_kernels.batched_cg(X_s, w, B, 1e-3, iters=iters, backend=dev["fast"]),
            lambda: ref.batched_cg(X_s, w, B, 1e-3, iters=iters), iters * 7.0 * R * Dm * 4,
            iters * 4.0 * s * R * Dm, None)
 
 
-def _eigh_kernels(label: str, sizes: list[int]):
+def _eigh_kernels(label: str, sizes: list[int], dev: dict):
     """The cuSOLVER eigh against the per-matrix torch.linalg.eigh loop (about 9 n^3 flops per matrix)."""
     import torch
 
@@ -693,22 +696,26 @@ def _eigh_kernels(label: str, sizes: list[int]):
 
     mats = []
     for n in sizes:
-        Xm = torch.randn(2 * n, n, device="cuda")
+        Xm = torch.randn(2 * n, n, device=dev["device"])
         mats.append(Xm.T @ Xm / (2 * n))
-    yield (f"eigh {label}", "cuda", "fp32", lambda: fop_kernels.eigh(mats, backend="cuda"),
+    yield (f"eigh {label}", dev["eigh"], "fp32", lambda: fop_kernels.eigh(mats, backend=dev["eigh"]),
            lambda: [torch.linalg.eigh(m) for m in mats], sum(m.numel() for m in mats) * 4 * 3,
            sum(9.0 * m.shape[0] ** 3 for m in mats), None)
 
 
-def _kernel_cases():
+def _kernel_cases(device: str = "cuda", fast_backend: str = "triton", eigh_backend: str = "cuda",
+                  small: bool = False):
     """(name, backend, dtype, fast, reference, bytes, flops, gemm) per kernel on one realistic shape and dtype;
-    gemm: the torch.mm that computes the same product at the same precision (factor accumulation), or None."""
+    gemm: the torch.mm that computes the same product at the same precision (factor accumulation), or None.
+    `small` and the other arguments: tiny shapes and CPU backends, for testing the cases on CPU."""
+    dev = {"device": device, "fast": fast_backend, "eigh": eigh_backend, "small": small}
     for dname in ("fp32", "bf16"):
-        yield from _factor_kernels(dname)
-        yield from _fisher_kernels(dname)
-        yield from _cg_kernels(dname)
-    yield from _eigh_kernels("200 x 64", [64] * 200)
-    yield from _eigh_kernels("resnet18 factor set", [28, 64, 128, 256, 512, 513, 577, 1153, 2305, 4609])
+        yield from _factor_kernels(dname, dev)
+        yield from _fisher_kernels(dname, dev)
+        yield from _cg_kernels(dname, dev)
+    yield from _eigh_kernels("200 x 64", [8 if small else 64] * (20 if small else 200), dev)
+    yield from _eigh_kernels("resnet18 factor set", [3, 10, 17] if small else [28, 64, 128, 256, 512, 513, 577, 1153,
+                                                                                2305, 4609], dev)
 
 
 def part_kernels(budget: Budget, part: dict, report: dict) -> None:

@@ -137,3 +137,33 @@ def test_step_configs_build_and_step_on_cpu(gpu_check, name):
             F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
             opt.step()
         assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), name
+
+
+def test_kernel_cases_run_on_cpu(gpu_check):
+    """Every case of the kernels part (tiny shapes, CPU backends) runs its fast path, reference and GEMM, and
+    has a positive byte and flop count: the timing part has no argument error waiting for a GPU."""
+    cases = list(gpu_check._kernel_cases("cpu", _cpu_backend("accumulate_factor"), _cpu_backend("eigh"),
+                                         small=True))
+    names = {c[0].split()[0] for c in cases}
+    assert names == {"accumulate_factor", "accumulate_factor_diag", "accumulate_conv_factor", "fisher_inner_products",
+                     "project_combine", "batched_cg", "eigh"}, names
+    for name, _backend, _dtype, fast, reference, nbytes, flops, gemm in cases:
+        for fn in (fast, reference) + ((gemm,) if gemm is not None else ()):
+            fn()
+        assert nbytes > 0 and flops > 0, name
+
+
+def test_sync_part_logic_on_cpu(gpu_check, monkeypatch):
+    """The sync part's step sequence on CPU, with the CUDA sync counter replaced by a plain call: it measures the
+    capture and step() of a plain and of a curvature step."""
+    from fop import FOP
+
+    monkeypatch.setattr(gpu_check, "_sync_count", lambda fn: (fn(), (0, ""))[1])
+    part = {"results": [], "notes": []}
+    gpu_check._sync_config(part, "fop", FOP, {}, False, device="cpu", size=(16, 4, 16))
+    cases = [r["case"] for r in part["results"]]
+    assert cases == ["fop check_finite=False capture (forward+backward, plain step)",
+                     "fop check_finite=False step() (plain)",
+                     "fop check_finite=False capture (forward+backward, curvature step)",
+                     "fop check_finite=False step() (curvature)"], cases
+    assert all(r["status"] == "ok" and r["expect_none"] for r in part["results"])
