@@ -1,7 +1,8 @@
 """Distributed step time and communication: FOP and K-FAC against SGD, all under DDP, on W gloo ranks (CPU).
 
 Run (a script, not a pytest benchmark: it starts its own rank processes on 127.0.0.1):
-    flock /tmp/fop_bench.lock .venv/bin/python bench/bench_distributed.py --world 2 --out bench/results/distributed.json
+    flock /tmp/fop_bench.lock .venv/bin/python bench/studies/bench_distributed.py --world 2 \\
+        --out bench/results/distributed.json
 
 Each rank runs with one thread. The three optimizers train their own DDP copies of one CNN in interleaved rounds
 (`--rounds` x `--steps` steps each, factor and inverse interval `--interval`), so a load change on the shared CPU hits

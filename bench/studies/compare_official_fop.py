@@ -17,7 +17,7 @@ copied here. Without the folder the script prints why and exits 0.
    (MC Fisher, pi-split damping); the same factors are loaded into our FOP (damping_mode="factored"), and both
    precondition the same batch. Reported: relative difference per layer.
 
-    flock /tmp/fop_bench.lock .venv/bin/python bench/compare_official_fop.py \\
+    flock /tmp/fop_bench.lock .venv/bin/python bench/studies/compare_official_fop.py \\
         --official-dir /work/ext/hyperfisher/fop --asdl-dir /work/ext/asdl
 """
 
