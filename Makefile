@@ -45,7 +45,7 @@ test-build: install
 	$(VPY) -m pytest -q -m slow tests/test_wheel.py tests/test_build.py
 
 lint: install
-	$(VPY) -m ruff check fop_kernels python tests bench
+	$(VPY) -m ruff check fop_kernels python tests bench examples
 
 # Every microbenchmark in bench/micro (each op against its reference and plain torch, one group per case);
 # a summary table at the end, the pytest-benchmark JSON in out/bench/micro.json (not yet timed end to end).

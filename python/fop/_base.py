@@ -1,7 +1,7 @@
 """Machinery shared by the curvature optimizers: construction from a model, hyperparameter validation, AMP and
 non-finite handling, the SGD-style outer update, and extra state in state_dict.
 
-Subclasses implement `_curvature_step(groups_of, inv_scale)` (returns {param: direction}) and the
+Subclasses implement `_curvature_step(inv_scale)` (returns {id(param): direction}) and the
 `_extra_state` / `_load_extra_state` pair; `CurvatureOptimizer.step` does the rest:
 
 1. GradScaler (`_step_supports_amp_scaling`): the scaler hands `grad_scale` and `found_inf` to the optimizer. A step

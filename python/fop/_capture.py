@@ -6,7 +6,7 @@ N x C x H x W) and the gradient of the layer output `dy` as autograd computes it
 - `dy` is the gradient of whatever loss was backpropagated. With `loss_reduction="mean"` (the usual mean-reduced
   loss, with gradient accumulation dividing by the number of micro-batches) the per-sample gradient of the summed
   loss is `g = N_total dy`, N_total the number of samples captured since the last step; with `"sum"`, `g = dy`.
-- Factors (DESIGN.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv rows are im2col
+- Factors (docs/design.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv rows are im2col
   patches, computed by fop_kernels' conv-factor op), `G = g^T g / N_total` summed over positions.
 - FOP's half-batch gradient: the first `floor(n/2)` samples of every record, `S1 = sum_{first halves} dy a^T`
   (conv: torch's conv weight gradient of the half batch), in the same scale as `.grad`, reduced in the backward
@@ -184,11 +184,6 @@ class Capture:
         if not any(done):
             return []
         return [layer.name for layer, d in zip(self.layers, done) if not d]
-
-    def sample_counts(self) -> tuple[int, int]:
-        """(N_total, N1_total) of the records of the first layer: samples seen, and samples in the first halves."""
-        recs = self.done(0) if self.layers else []
-        return sum(r.n for r in recs), sum(r.n_half for r in recs)
 
     def sample_counts_of(self, i: int) -> tuple[int, int]:
         """(N_total, N1_total) of layer i's completed records: samples seen, and samples in their first halves."""

@@ -2,7 +2,7 @@
 
 A supported layer has a weight W (out x in) and an optional bias b. Its gradient is handled as one matrix
 `[W | b]` of shape out x (in + 1) (conv weights flattened to out x (C_in kh kw)): the bias is an extra input
-column of ones, as in DESIGN.md. Supported: `nn.Linear`, and `nn.Conv2d` with groups=1 and zero padding (any
+column of ones, as in docs/design.md. Supported: `nn.Linear`, and `nn.Conv2d` with groups=1 and zero padding (any
 stride, padding and dilation). Everything else (norm layers, embeddings, grouped or depthwise convs, circular
 padding) is not preconditioned: its parameters get the optimizer's outer update on the plain gradient.
 """

@@ -1,4 +1,4 @@
-"""AdaFisher and AdaFisherW: a diagonal block-Kronecker Fisher in an Adam-like update (DESIGN.md, AdaFisher).
+"""AdaFisher and AdaFisherW: a diagonal block-Kronecker Fisher in an Adam-like update (docs/design.md, AdaFisher).
 
 Per supported module two diagonals, refreshed from the batch every `factor_interval` steps (from step 0):
 

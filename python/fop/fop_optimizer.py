@@ -34,7 +34,7 @@ def _multi_rank() -> bool:
 
 
 class FOP(KFAC):
-    r"""Fisher-Orthogonal Projection (Lu and Armour, arXiv 2508.13898; DESIGN.md "FOP").
+    r"""Fisher-Orthogonal Projection (Lu and Armour, arXiv 2508.13898; docs/design.md "FOP").
 
     One backward, two gradients: with `.grad` = g_avg (the mean-loss gradient over N samples) and the hooks'
     first-half sum S1 = sum_{n < N1} dy_n a_n^T (N1 = floor(N/2), N2 = N - N1):

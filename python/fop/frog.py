@@ -1,4 +1,4 @@
-"""FROG: Fisher ROw-wise preconditioninG with batched conjugate gradient (DESIGN.md, section FROG).
+"""FROG: Fisher ROw-wise preconditioninG with batched conjugate gradient (docs/design.md, section FROG).
 
 Per preconditioned layer (nn.Linear, nn.Conv2d) with weight rows W_r (a bias is an extra input column of ones,
 folded into the row when `fold_bias=True`), on every step:

@@ -229,7 +229,7 @@ class InverseBucket:
 
 
 class KFAC(CurvatureOptimizer):
-    r"""K-FAC with eigenbasis preconditioning (DESIGN.md, "K-FAC").
+    r"""K-FAC with eigenbasis preconditioning (docs/design.md, "K-FAC").
 
     Per preconditioned layer with gradient matrix V = [dW | db] (out x in):
 
