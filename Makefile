@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton==3.7.1
 STAMPS := .stamps
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h) setup.py pyproject.toml
 
-.PHONY: install demo test test-build lint bench wheel wheel-cuda cmake-test clean
+.PHONY: install demo test test-build lint bench bench-smoke gpu-check wheel wheel-cuda cmake-test clean
 
 install: $(STAMPS)/install
 
@@ -17,7 +17,8 @@ $(STAMPS)/venv:
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	@touch $@
 
-# torch only when it is not importable (a user's GPU machine keeps its own CUDA torch).
+# torch and triton only when they are not importable (a user's GPU machine keeps its own CUDA torch and triton;
+# the package runs with torch >= 2.4 and triton >= 3.2).
 $(STAMPS)/deps: $(STAMPS)/venv
 	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(VPY) -c "import triton" 2>/dev/null || $(PIP) install $(TRITON_SPEC)
@@ -44,16 +45,34 @@ test-build: install
 	$(VPY) -m pytest -q -m slow tests/test_wheel.py tests/test_build.py
 
 lint: install
-	$(VPY) -m ruff check fop_kernels python tests bench
+	$(VPY) -m ruff check fop_kernels python tests bench examples
 
+# Every microbenchmark in bench/micro (each op against its reference and plain torch, one group per case);
+# a summary table at the end, the pytest-benchmark JSON in out/bench/micro.json (not yet timed end to end).
 bench: install
-	$(VPY) -m pytest bench --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds \
-		--benchmark-json=bench/last_run.json -s
+	@mkdir -p out/bench
+	$(VPY) -m pytest bench/micro --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=out/bench/micro.json
+
+# CI: every microbenchmark on tiny shapes, one round (well under a minute); fails when none is collected or a
+# collected file times nothing, so a benchmark that breaks or stops being collected fails CI.
+bench-smoke: install
+	@mkdir -p out/bench
+	$(VPY) -m pytest bench/micro --smoke --benchmark-only -q --benchmark-columns=median \
+		--benchmark-json=out/bench/smoke.json
+
+# On a machine with a CUDA GPU: validates and times every GPU path in at most 8 minutes (bench/gpu_check.py).
+# It uses that machine's own python, torch (>= 2.4) and triton (>= 3.2): no venv, no network, no pinned torch;
+# it builds the extension in place itself. Report: under FOP_GPU_CHECK_OUT (default out/gpu-check/). Without CUDA it
+# prints "no CUDA device: nothing to check" and the plan, and exits 0.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/python $(GPU_PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf build dist *.egg-info $(STAMPS) fop_kernels/_C*.so
 
-# ---- wheels and the CMake build (issue 2) ----
+# ---- wheels and the CMake build ----
 # `make wheel`: the CPU wheel (+cpu) into dist/, built against the torch in $(VENV).
 # `make wheel-cuda`: a +cu130 wheel built in $(CUDA_VENV) against the CUDA torch ($(CUDA_TORCH_SPEC)), the nvcc
 # toolkit at $(CUDA_HOME_BUILD) and the cuSOLVER of the nvidia wheels in that venv; then the .so is checked.

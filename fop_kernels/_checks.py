@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterable, Sequence
 
 import torch
@@ -59,17 +60,47 @@ def unit_interval(name: str, x) -> float:
     return x
 
 
-def nonnegative(name: str, x):
-    """A float >= 0, or a tensor of such values (checked without a host sync only for floats)."""
+def damping(name: str, x, *, dtypes: Iterable[torch.dtype] = FLOAT_DTYPES, device: torch.device | None = None):
+    """The damping of an op, the same check for every backend: a finite number >= 0, or a 0-d floating tensor
+    (on `device` when given) holding one. A CPU tensor's value is read (CPU memory, no device sync); a device
+    tensor's is not, so that no op syncs the host."""
     if isinstance(x, torch.Tensor):
+        tensor(name, x, ndim=0, dtypes=dtypes, device=device)
+        if x.device.type == "cpu":
+            value = float(x)
+            if not (value >= 0.0) or math.isinf(value):
+                raise ValueError(f"{name} must be a finite value >= 0, got {value}")
         return x
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float or a 0-dim tensor, got {type(x).__name__}")
     x = float(x)
     if not (x >= 0.0) or math.isinf(x):
         raise ValueError(f"{name} must be a finite value >= 0, got {x}")
     return x
 
 
+def integer(name: str, x, low: int = 0) -> int:
+    """An integer (a Python or numpy int, not a float or a string) >= low."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an integer, got {x!r}")
+    try:
+        value = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {x!r}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def nonnegative_float(name: str, x) -> float:
+    """A finite number >= 0 (not a string)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a number, got {x!r}")
+    x = float(x)
+    if not (x >= 0.0) or math.isinf(x):
+        raise ValueError(f"{name} must be >= 0 and finite, got {x}")
+    return x
+
+
 def positive_int(name: str, x) -> int:
-    if isinstance(x, bool) or int(x) != x or int(x) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {x!r}")
-    return int(x)
+    return integer(name, x, low=1)

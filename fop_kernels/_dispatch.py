@@ -59,7 +59,7 @@ def _triton_status() -> tuple[bool, str]:
     try:
         importlib.import_module("triton")
     except Exception as exc:  # noqa: BLE001 - any import failure means the backend is missing
-        return False, f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton==3.7.1"
+        return False, f"triton is not importable ({type(exc).__name__}: {exc}); pip install 'triton>=3.2'"
     if torch.cuda.is_available():
         return True, "triton with a CUDA device"
     if interpreter_enabled():

@@ -31,7 +31,8 @@ STEPS = 5
 N_LOCAL = 6  # samples per rank and step
 MICRO = [(0, 2), (2, 6)]  # gradient accumulation: two micro-batches of each rank's batch
 TIMEOUT_S = 150  # per launch: a hang fails the test
-PORTS = {"equiv2": 47611, "equiv3": 47612, "fail": 47613, "single": 47614}  # fixed, distinct per launch
+PORTS = {"equiv2": 47611, "equiv3": 47612, "fail": 47613, "single": 47614, "faults": 47615,
+         "hang": 47616, "killed": 47617}  # fixed, distinct per launch
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, factor_interval=2, inverse_interval=2,
              factor_dtype=torch.float64)
 CHOLESKY = dict(damping_mode="factored", inverse_method="cholesky")  # inverted on every rank, not sharded
@@ -133,6 +134,12 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
     try:
         if scenario == "fail":
             _fail_scenario(rank, world, out)
+        elif scenario == "faults":
+            results = _faults_scenario(rank, world)
+        elif scenario == "hang":
+            results = _hang_scenario(rank, world)
+        elif scenario == "killed":
+            results = _killed_scenario(rank, world)
         else:
             runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {}), ("fop_cholesky", CHOLESKY)]
             if world % 2 == 0:
@@ -168,7 +175,7 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                                  "dims": [layer.in_dim for layer in opt.layers] + [layer.out_dim for layer in
                                                                                    opt.layers],
                                  "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
-        if world == 3:  # resume one process's state (saved by the test after 3 steps) on 3 ranks
+        if scenario == "equiv3":  # resume one process's state (saved by the test after 3 steps) on 3 ranks
             for kind in ("fop", "kfac"):
                 state = torch.load(out / f"single_{kind}.pt")
                 model = make_model()
@@ -219,6 +226,132 @@ def _fail_scenario(rank: int, world: int, out: Path) -> None:
     opt.step()
 
 
+FAULTS = ("factor statistics", "decomposition", "preconditioning", "nan damping", "empty batch")
+
+
+def _faults_scenario(rank: int, world: int) -> dict:
+    """Faults on rank 1 only, one per step attempt at step 2 (a factor and inverse step), for FOP, K-FAC and FOP
+    with Cholesky inverses: an exception in each phase of step(), a damping schedule returning NaN, an empty
+    batch. Every rank must raise and change nothing; then the ranks train on identically."""
+    import torch.distributed as dist
+    from fop import kfac as kfac_module
+    from test_faults import same, snapshot
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fop_kernels
+
+    def boom(*args, **kwargs):
+        raise ValueError("injected fault")
+
+    results = {}
+    for name, kwargs in (("fop", {}), ("kfac", {}), ("fop_cholesky", CHOLESKY)):
+        model = make_model()
+        ddp = DDP(model)
+        opt = make_optimizer(name.split("_")[0], ddp, **kwargs)
+        batches = global_batches(world)
+        for batch in batches[:2]:
+            train_step(opt, ddp, *local(batch, rank))
+        outcomes = {}
+        for fault in FAULTS:
+            x, y = local(batches[2], rank)
+            patch = None
+            if rank == 1:
+                if fault == "factor statistics":
+                    patch = (fop_kernels, "accumulate_factor")
+                elif fault == "decomposition":
+                    patch = (torch.linalg, "cholesky_ex") if name == "fop_cholesky" else (kfac_module, "robust_eigh")
+                elif fault == "preconditioning":
+                    patch = (fop_kernels, {"fop": "fisher_inner_products", "kfac": "project_combine",
+                                           "fop_cholesky": "combine_scalars"}[name])
+                elif fault == "nan damping":
+                    opt.damping = lambda step: float("nan")
+                else:
+                    x, y = x[:0], y[:0]
+            real = None if patch is None else getattr(*patch)
+            if patch is not None:
+                setattr(*patch, boom)
+            before = snapshot(model, opt)
+            try:
+                train_step(opt, ddp, x, y)
+                outcome = ("no error", "")
+            except Exception as err:
+                outcome = (type(err).__name__, str(err))
+            finally:
+                if patch is not None:
+                    setattr(*patch, real)
+                opt.damping = HYPER["damping"]
+            outcomes[fault] = (*outcome, same(before, snapshot(model, opt)))
+        for batch in batches[2:]:
+            train_step(opt, ddp, *local(batch, rank))
+        mine = flat_params(model)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        results[name] = {"outcomes": outcomes, "params": mine, "steps": opt.steps,
+                         "identical": all(torch.equal(g, gathered[0]) for g in gathered)}
+    return results
+
+
+HANG_TIMEOUT_S = 3.0
+
+
+def _hang_scenario(rank: int, world: int) -> dict:
+    """Rank 1 stalls (sleeps) instead of calling step(); rank 0's step() must raise once the optimizer's
+    `DistributedOptions(timeout=...)` has passed, not wait forever. The backward runs under no_sync() so that
+    DDP's own all-reduce does not wait first."""
+    import time
+
+    from fop.distributed import DistributedOptions
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(make_model())
+    opt = make_optimizer("kfac", ddp, distributed=DistributedOptions(timeout=HANG_TIMEOUT_S))
+    x, y = local(global_batches(world)[0], rank)
+    train_step(opt, ddp, x, y)  # one good step together
+    with ddp.no_sync():
+        opt.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+    if rank == 1:
+        time.sleep(3 * HANG_TIMEOUT_S)
+        return {"slept": True}
+    start = time.monotonic()
+    try:
+        opt.step()
+        return {"outcome": ("no error", ""), "waited": time.monotonic() - start}
+    except Exception as err:
+        return {"outcome": (type(err).__name__, str(err)), "waited": time.monotonic() - start, "steps": opt.steps}
+
+
+def _killed_scenario(rank: int, world: int) -> dict:
+    """Rank 1 dies inside step() (in its preconditioning, after the factor all-reduce and the broadcasts of a factor
+    and inverse step); rank 0's step() must raise a clear error, not hang, and leave its state unchanged."""
+    import time
+
+    from fop.distributed import DistributedOptions
+    from test_faults import same, snapshot
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import fop_kernels
+
+    model = make_model()
+    ddp = DDP(model)
+    opt = make_optimizer("fop", ddp, distributed=DistributedOptions(timeout=HANG_TIMEOUT_S))
+    batches = global_batches(world)
+    for batch in batches[:2]:
+        train_step(opt, ddp, *local(batch, rank))
+    if rank == 1:
+        fop_kernels.fisher_inner_products = lambda *args, **kwargs: os._exit(5)
+    opt.zero_grad()
+    F.cross_entropy(ddp(local(batches[2], rank)[0]), local(batches[2], rank)[1]).backward()
+    before = snapshot(model, opt)
+    start = time.monotonic()
+    try:
+        opt.step()
+        outcome = ("no error", "")
+    except Exception as err:
+        outcome = (type(err).__name__, str(err))
+    return {"outcome": outcome, "unchanged": same(before, snapshot(model, opt)), "waited": time.monotonic() - start}
+
+
 def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[dict], list[str]]:
     """Run the ranks as processes; (return codes, saved results, error texts). Fails the test on a timeout."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -239,7 +372,7 @@ def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[d
                for r in range(world)]
     errors = [(tmp_path / f"rank{r}.err").read_text() if (tmp_path / f"rank{r}.err").exists() else ""
               for r in range(world)]
-    if scenario != "fail" and any(codes):
+    if scenario not in ("fail", "killed") and any(codes):
         pytest.fail(f"scenario {scenario!r}: ranks exited with {codes}:\n" + "\n".join(logs))
     return codes, results, errors
 
@@ -346,7 +479,7 @@ def test_decompositions_sharded_by_owner(two_ranks):
         dims = results[0][kind]["dims"]
         owners = assign_owners(dims, 2)
         assert results[0][kind]["owners"] == owners
-        inverse_steps = 3  # steps 0, 2, 4
+        inverse_steps = 4  # steps 0, 1 (young statistics), 2, 4
         for rank in range(2):
             mine = sorted(d for d, r in zip(dims, owners) if r == rank)
             assert sorted(results[rank][kind]["decomposed"]) == sorted(mine * inverse_steps)
@@ -358,15 +491,17 @@ def test_communicated_bytes_follow_the_cost_model(two_ranks):
     _, results = two_ranks
     from fop import FOP
     from fop.distributed import cost_model
+    from fop.kfac import on_schedule
 
     layers = FOP(make_model(), lr=0.1).layers
     for kind in ("fop", "kfac"):
         for rank in range(2):
             for step, got in enumerate(results[rank][kind]["bytes"]):
-                expected = cost_model(layers, 2, half_batch=kind == "fop", factor_step=step % 2 == 0,
-                                      inverse_step=step % 2 == 0, grad_bytes=8, factor_bytes=8)
+                refresh = on_schedule(step, 2)
+                expected = cost_model(layers, 2, half_batch=kind == "fop", factor_step=refresh,
+                                      inverse_step=refresh, grad_bytes=8, factor_bytes=8)
                 assert got == expected, (kind, rank, step)
-                if step % 2:  # ordinary step: at most DDP's gradient volume (plus the agreement vector)
+                if not refresh:  # ordinary step: at most DDP's gradient volume (plus the agreement vector)
                     assert got["total"] - got["control"] <= results[rank][kind]["grad_bytes"]
 
 
@@ -404,6 +539,46 @@ def test_a_raising_rank_makes_every_rank_fail(tmp_path):
     assert errors[0].startswith("RuntimeError") and "peer" in errors[0]  # gloo: "Connection closed/reset by peer"
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_fault_on_one_rank_raises_on_every_rank_and_changes_nothing(tmp_path, world):
+    """An exception in each phase of step() (factor statistics, the owned decompositions, the preconditioning), a
+    NaN damping and an empty batch, each on rank 1 only: both ranks raise (rank 1 its error, rank 0
+    DistributedStepError naming rank 1), no rank hangs, state is unchanged; then both train on identically and
+    finish as one process that never saw the faults."""
+    _, results, _ = launch("faults", world, tmp_path)
+    expected_msg = {"factor statistics": "injected fault", "decomposition": "injected fault",
+                    "preconditioning": "injected fault", "nan damping": "must be finite", "empty batch": "0 samples"}
+    for name in ("fop", "kfac", "fop_cholesky"):
+        for fault in FAULTS:
+            kind1, msg1, unchanged1 = results[1][name]["outcomes"][fault]
+            assert kind1 != "no error" and expected_msg[fault] in msg1, (name, fault, kind1, msg1)
+            assert unchanged1, (name, fault)
+            for other in set(range(world)) - {1}:
+                kind0, msg0, unchanged0 = results[other][name]["outcomes"][fault]
+                assert kind0 == "DistributedStepError" and "rank 1" in msg0 and expected_msg[fault] in msg0, (
+                    name, fault, other, kind0, msg0)
+                assert unchanged0, (name, fault, other)
+        assert results[0][name]["identical"] and results[0][name]["steps"] == STEPS
+        kind = name.split("_")[0]
+        expected = reference(kind, world, "halves", **(CHOLESKY if name.endswith("cholesky") else {}))
+        assert_rel_close(results[0][name]["params"], expected)
+
+
+def test_a_stalled_rank_makes_step_raise_after_the_timeout(tmp_path):
+    _, results, _ = launch("hang", 2, tmp_path)
+    kind, message = results[0]["outcome"]
+    assert kind == "RuntimeError" and "Timed out" in message, results[0]  # gloo names the 3000 ms it waited
+    assert results[0]["steps"] == 1 and results[1]["slept"]
+
+
+def test_a_rank_killed_inside_step_makes_the_other_raise_with_its_state_unchanged(tmp_path):
+    codes, results, _ = launch("killed", 2, tmp_path)
+    assert codes[1] == 5 and codes[0] == 0, codes
+    kind, message = results[0]["outcome"]
+    assert kind == "RuntimeError" and ("peer" in message or "Timed out" in message), results[0]
+    assert results[0]["unchanged"]
+
+
 def test_world_size_one_is_the_plain_path():
     import torch.distributed as dist
     from fop.distributed import NullComm
@@ -437,6 +612,9 @@ def test_bad_distributed_arguments():
         DistributedOptions(split="thirds")
     with pytest.raises(ValueError, match="bucket_cap_mb"):
         DistributedOptions(bucket_cap_mb=0)
+    for bad in (0, -1.0, float("inf"), "30"):
+        with pytest.raises(ValueError, match="timeout"):
+            DistributedOptions(timeout=bad)
     with pytest.raises(TypeError, match="distributed"):
         make_optimizer("fop", make_model(), distributed="yes")
     with pytest.raises(RuntimeError, match="init_process_group"):

@@ -75,6 +75,30 @@ def test_accumulate_factor_nonsymmetric_state_and_fp64(backend):
     assert_close(F, expected, *TOLERANCES[torch.float64], what=f"fp64 [{backend}]")
 
 
+@pytest.mark.parametrize("d", [7, 140])
+def test_triton_float64_without_tl_dot(monkeypatch, d):
+    """Triton < 3.5 has no float64 tl.dot; the broadcast-and-sum product it gets instead (FP64_DOT False) matches
+    the fp64 oracle, dense and conv (with bias), on a NaN-poisoned state and on an EMA step."""
+    if "triton" not in _backends("accumulate_factor"):
+        pytest.skip("triton is not usable here")
+    import fop_kernels.triton.factor as triton_factor
+
+    monkeypatch.setattr(triton_factor, "FP64_DOT", False)
+    X = torch.randn(23, d, dtype=torch.float64)
+    F = poison_(torch.empty(d, d, dtype=torch.float64))
+    fop_kernels.accumulate_factor(F, X, 1.0, scale=0.5, backend="triton")
+    assert_close(F, 0.5 * X.T @ X, *TOLERANCES[torch.float64], what="fp64 without tl.dot, decay 1")
+    F0 = torch.randn(d, d, dtype=torch.float64)
+    F = F0.clone()
+    fop_kernels.accumulate_factor(F, X, 0.2, scale=0.1, backend="triton")
+    assert_close(F, 0.8 * F0 + 0.02 * X.T @ X, *TOLERANCES[torch.float64], what="fp64 without tl.dot, EMA")
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    Fc = poison_(torch.empty(28, 28, dtype=torch.float64))
+    fop_kernels.accumulate_conv_factor(Fc, x, 1.0, 3, 1, 1, 1, True, scale=0.5, backend="triton")
+    P = conv_patches(x, 3, 1, 1, 1, bias=True)
+    assert_close(Fc, 0.5 * P.T @ P / 20, *TOLERANCES[torch.float64], what="fp64 conv without tl.dot")
+
+
 @pytest.mark.parametrize("backend", _backends("accumulate_factor"))
 @pytest.mark.parametrize("d", [7, 140])
 def test_float64_input_into_float32_state(backend, d):

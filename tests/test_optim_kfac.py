@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
-from fop.kfac import DampedFactor, keeps_cholesky_factor
+from fop.kfac import DampedFactor, keeps_cholesky_factor, on_schedule
 from helpers import inverse_kwargs
 from test_optim_fop import _one_step_direction, _per_layer_stats, tiny_net
 from torch import nn
@@ -100,14 +100,18 @@ def test_factor_ema_and_intervals():
 
     m = tiny_net()
     opt = KFAC(m, lr=0.01, damping=0.1, factor_interval=3, inverse_interval=4)
+    factor_steps = {0, 1, 2, 3, 6}  # every 3 steps, and 1, 2 while younger than the interval
+    decompositions = []
     for step in range(7):
-        assert opt.is_factor_step() == (step % 3 == 0)
+        assert opt.is_factor_step() == (step in factor_steps)
         x, y = _batch(6, seed=step, dtype=torch.float32)
         opt.zero_grad()
         F.cross_entropy(m(x), y).backward()
         opt.step()
-        assert opt.capture.armed == (opt.steps % 3 == 0)  # K-FAC captures only before factor steps
-    assert opt.factor_updates == 3 and opt.decomposed_at == 4
+        decompositions.append(opt.decomposed_at)
+        assert opt.capture.armed == (opt.steps in factor_steps)  # K-FAC captures only before factor steps
+    assert opt.factor_updates == 5 and decompositions == [0, 1, 2, 2, 4, 4, 4]  # steps 0, 1, 2 and every 4
+    assert [s for s in range(40) if on_schedule(s, 10)] == [0, 1, 2, 4, 8, 10, 20, 30]
 
 
 def test_damping_schedule_is_called_with_the_step():
@@ -133,7 +137,7 @@ def test_damping_schedule_is_called_with_the_step():
     assert seen == [0, 1, 2]
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p1, p2)
-    with pytest.raises(ValueError, match=r"damping\(3\) must be >= 0.0"):
+    with pytest.raises(ValueError, match=r"damping\(3\) must be > 0.0"):
         o3 = KFAC(tiny_net(), damping=lambda s: -1.0)
         o3.steps = 3
         x, y = _batch(4, dtype=torch.float32)
@@ -255,23 +259,35 @@ def test_mc_output_factor_is_the_sampled_label_gradient_gram(passes):
         torch.testing.assert_close(opt.factors_G[i], expected[layer.name] / 10, rtol=1e-12, atol=1e-14)
 
 
-def test_layer_missing_from_forward_raises():
+def test_layer_without_gradient_is_skipped_and_keyword_calls_are_seen():
+    """A layer the forward skipped has no gradient: it is skipped as torch skips such parameters (no error, no
+    update, no factor); a layer called as lin(input=x) is captured like lin(x)."""
     class TwoHeads(nn.Module):
-        def __init__(self):
+        def __init__(self, keyword=False):
             super().__init__()
             self.body, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+            self.keyword = keyword
 
         def forward(self, x):
-            return self.body(x)
+            return self.body(input=x) if self.keyword else self.body(x)
 
+    torch.manual_seed(0)
     m = TwoHeads()
-    opt = KFAC(m)
-    F.cross_entropy(m(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
-    with pytest.raises(RuntimeError, match=r"\['unused'\] took no part"):
-        opt.step()
-    opt = KFAC(m, exclude="unused")
-    F.cross_entropy(m(torch.randn(5, 4)), torch.randint(0, 3, (5,))).backward()
+    opt = KFAC(m, damping=1e-2)
+    before = m.unused.weight.detach().clone()
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    F.cross_entropy(m(x), y).backward()
     opt.step()
+    assert torch.equal(m.unused.weight, before) and opt.factors_A[1] is None and opt.factors_A[0] is not None
+    k, m2 = TwoHeads(keyword=True), TwoHeads()
+    k.load_state_dict(m.state_dict())
+    m2.load_state_dict(m.state_dict())
+    o1, o2 = KFAC(k, damping=1e-2), KFAC(m2, damping=1e-2)
+    for model, o in ((k, o1), (m2, o2)):
+        F.cross_entropy(model(x), y).backward()
+        o.step()
+    assert torch.equal(o1.factors_A[0], o2.factors_A[0])
+    assert torch.equal(k.body.weight, m2.body.weight)
 
 
 def test_forward_before_construction_uses_plain_gradient_then_preconditions():

@@ -24,8 +24,7 @@ from fop.data import (
 from fop.models import MODELS, build_model
 from fop.report import PLOT_DPI, PLOT_PANEL_INCHES, markdown_table, summarize
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_MNIST = os.path.join(REPO, "..", "shared", "data", "mnist")
+MNIST_DIR = os.environ.get("FOP_MNIST_DIR", "")  # a folder with the four MNIST IDX files, to test the real data
 
 
 def _make_idx_dataset(directory, n_train=96, n_test=48, side=8, classes=4, dotted=False, gz=True, seed=0):
@@ -123,9 +122,9 @@ def test_mismatched_image_and_label_counts(tmp_path):
         load_mnist(str(tmp_path))
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="../shared/data/mnist not present")
+@pytest.mark.skipif(not os.path.isdir(MNIST_DIR), reason="set FOP_MNIST_DIR to a folder with the MNIST IDX files")
 def test_real_mnist_files_when_present():
-    data = load_mnist(SHARED_MNIST)
+    data = load_mnist(MNIST_DIR)
     assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
     assert data.num_classes == 10
     assert sorted(set(data.train_y.tolist())) == list(range(10))

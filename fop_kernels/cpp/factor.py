@@ -8,7 +8,7 @@
   count says so): channels-last patches gathered in one copy, then the syrk; either way in chunks of samples of
   about 16 MiB of temporaries; the bias row and column from windowed sums of sum_n x (no concat);
 - conv diagonal: no im2col at all: sum_n x^2 per channel, then a windowed sum per kernel tap.
-Which of them beats the reference, and by how much, is in bench/RESULTS.md#issue-3-factor-accumulation-and-batched-cg.
+Which of them beats the reference, and by how much, is in bench/RESULTS.md#factor-accumulation-and-batched-cg.
 """
 
 from __future__ import annotations

@@ -26,12 +26,8 @@ def batched_cg(X_s, row_weights, B, damping, iters: int = 10, tol: float = 0.0, 
     if x0 is not None:
         _checks.tensor("x0", x0, ndim=2, device=dev)
         _checks.shape("x0", x0, (R, D))
-    damping = _checks.nonnegative("damping", damping)
-    iters = int(iters)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
-    tol = float(tol)
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    damping = _checks.damping("damping", damping, device=dev)
+    iters = _checks.integer("iters", iters, low=0)
+    tol = _checks.nonnegative_float("tol", tol)
     _, fn = resolve("batched_cg", dev, backend)
     return fn(X_s, row_weights, B, damping, iters=iters, tol=tol, x0=x0)

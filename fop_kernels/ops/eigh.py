@@ -88,7 +88,7 @@ def damped_inverse(mats, damping, power: float = -1.0, eig=None, *, backend: str
     `eig=(evals, evecs)` reuses a decomposition from `eigh` instead of computing one. With damping 0 and power < 0
     a singular matrix raises an error rather than returning inf/NaN."""
     mats = _check_structure(mats)
-    damping = _checks.nonnegative("damping", damping)
+    damping = _checks.damping("damping", damping, dtypes=(torch.float32, torch.float64), device=mats[0].device)
     power = float(power)
     if power != power or power in (float("inf"), float("-inf")):
         raise ValueError(f"power must be finite, got {power}")

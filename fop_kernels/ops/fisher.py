@@ -2,9 +2,10 @@
 
 Formulas in fop_kernels.reference.fisher. Conventions (every backend): arithmetic in float32, or float64
 when any input tensor is float64; A_rot[i] and D_rot[i] share a dtype (fp32, fp64, fp16 or bf16); U~ comes
-back in A_rot[i]'s dtype. `damping` is a float >= 0 or a 0-dim tensor on the layers' device (never read
-on the host, so no sync). Neither op mutates its inputs, so no value checks (NaN/inf) are made: those would
-cost a host sync per call.
+back in A_rot[i]'s dtype. `damping` is a float >= 0 or a 0-dim tensor on the layers' device
+(fop_kernels._checks.damping, shared by every backend: a CPU tensor's value is checked, a device tensor's is
+never read on the host, so no sync). Neither op mutates its inputs, so no value checks (NaN/inf) are made:
+those would cost a host sync per call.
 """
 
 from __future__ import annotations
@@ -23,15 +24,6 @@ register("combine_scalars", "reference")(ref.combine_scalars)
 
 DAMPING_MODES = ("eigen", "factored")
 _EIGEN_DTYPES = (torch.float32, torch.float64)
-
-
-def _check_damping(damping, device):
-    if isinstance(damping, torch.Tensor):
-        _checks.tensor("damping", damping, ndim=0, dtypes=_EIGEN_DTYPES, device=device)
-        return damping
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-        raise TypeError(f"damping must be a float or a 0-dim tensor, got {type(damping).__name__}")
-    return _checks.nonnegative("damping", damping)
 
 
 def _check_layers(A_rot, D_rot, lG, lA, damping, damping_mode):
@@ -56,7 +48,7 @@ def _check_layers(A_rot, D_rot, lG, lA, damping, damping_mode):
         _checks.shape(f"lA[{i}]", lA[i], (A_rot[i].shape[1],))
     if damping_mode not in DAMPING_MODES:
         raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {damping_mode!r}")
-    damping = _check_damping(damping, dev)
+    damping = _checks.damping("damping", damping, dtypes=_EIGEN_DTYPES, device=dev)
     return A_rot, D_rot, lG, lA, damping
 
 

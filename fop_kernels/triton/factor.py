@@ -10,7 +10,8 @@
 Accumulation is fp32 (fp64 when X or the state is fp64). fp32 dots run with input_precision="ieee" (no tf32), so
 the result meets the fp32 tolerance of the reference. fp16/bf16 tiles go to tl.dot as they are on a GPU (fp32
 accumulate); under the CPU interpreter every tile is converted to the accumulation dtype at load (bf16 arithmetic is
-wrong there). `decay == 1` does not read the state (READ_STATE=False), like BLAS beta = 0.
+wrong there). `decay == 1` does not read the state (READ_STATE=False), like BLAS beta = 0. Triton < 3.5 has no
+float64 tl.dot: there fp64 tiles are multiplied by broadcast-and-sum on smaller tiles (USE_DOT=False).
 
 The launchers are torch.library custom ops (mutating their state argument) with fake kernels, so they trace under
 torch.compile and pass torch.library.opcheck.
@@ -28,6 +29,14 @@ from fop_kernels._dispatch import interpreter_enabled, register
 from fop_kernels.reference.factor import accumulation_dtype, conv_output_size
 
 MAX_BLOCK = 128
+
+
+def _version(v: str) -> tuple[int, int]:
+    major, minor = (v.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+FP64_DOT = _version(triton.__version__) >= (3, 5)  # tl.dot accepts float64 tiles from triton 3.5
 
 
 @triton.jit
@@ -75,7 +84,8 @@ def _factor_ema_kernel(
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     keep_hi, keep_lo, coef_hi, coef_lo,
     PATCHES: tl.constexpr, BIAS: tl.constexpr, READ_STATE: tl.constexpr, LOAD_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One upper-triangle tile (bi <= bj) of F <- keep * F + coef * X^T X, mirrored into tile (bj, bi).
 
@@ -101,7 +111,10 @@ def _factor_ema_kernel(
         else:
             a = _dense_tile(x_ptr, ks, rows_i, n_rows, dim, stride_x0, stride_x1, LOAD_DTYPE)
             b = _dense_tile(x_ptr, ks, cols_j, n_rows, dim, stride_x0, stride_x1, LOAD_DTYPE)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        if USE_DOT:
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        else:  # acc[i, j] += sum_k a[k, i] b[k, j] without tl.dot (float64 on triton < 3.5)
+            acc += tl.sum(a[:, :, None] * b[:, None, :], axis=0)
     update = acc * coef_hi + acc * coef_lo
     mask = (rows_i[:, None] < dim) & (cols_j[None, :] < dim)
     ptrs_ij = state_ptr + rows_i[:, None] * stride_state_row + cols_j[None, :] * stride_state_col
@@ -167,10 +180,13 @@ def _block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def _gemm_settings(dim: int, n_rows: int) -> dict:
-    """Square output tiles; under the interpreter large blocks (few programs), on a GPU 64/128 tiles."""
+def _gemm_settings(dim: int, n_rows: int, use_dot: bool = True) -> dict:
+    """Square output tiles; under the interpreter large blocks (few programs), on a GPU 64/128 tiles (32 x 32 with
+    a K step of 8 without tl.dot: the broadcast product holds BLOCK_K * BLOCK^2 values)."""
     if interpreter_enabled():
         return {"BLOCK": _block(dim, 16, MAX_BLOCK), "BLOCK_K": _block(n_rows, 16, MAX_BLOCK)}
+    if not use_dot:
+        return {"BLOCK": 32, "BLOCK_K": 8, "num_warps": 4, "num_stages": 2}
     block = 128 if dim >= 1024 else 64
     return {"BLOCK": block, "BLOCK_K": 32, "num_warps": 8 if block == 128 else 4, "num_stages": 3}
 
@@ -206,14 +222,15 @@ def _launch_factor(state, x, decay, coef, patches, bias, n_rows, dim, n_image_co
     acc = accumulation_dtype(state, x)
     # half-precision tiles feed tl.dot as they are on a GPU (fp32 accumulate); the interpreter needs fp32 tiles
     upcast = interpreter_enabled() or x.dtype in (torch.float32, torch.float64) or acc == torch.float64
-    settings = _gemm_settings(dim, n_rows)
+    use_dot = acc != torch.float64 or FP64_DOT
+    settings = _gemm_settings(dim, n_rows, use_dot)
     tiles = triton.cdiv(dim, settings["BLOCK"])
     _factor_ema_kernel[(tiles * (tiles + 1) // 2,)](
         state, x, n_rows, dim, n_image_cols, state.stride(0), state.stride(1), *x_strides, *geometry,
         *_split(1.0 - decay), *_split(coef),
         PATCHES=patches, BIAS=bias, READ_STATE=decay != 1.0, LOAD_DTYPE=_TL_DTYPES[acc if upcast else x.dtype],
         ACC_DTYPE=_TL_DTYPES[acc],
-        PRECISION="ieee", **settings,
+        PRECISION="ieee", USE_DOT=use_dot, **settings,
     )
 
 

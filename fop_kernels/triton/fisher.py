@@ -31,8 +31,8 @@ import triton.language as tl
 
 from fop_kernels._dispatch import register
 
-EPS = 1e-30
-_FIELDS = 10  # layer table: A, D, lG, lA, U pointers; rows, cols, ldA, ldD; output row
+# layer table row (the layout _layer_entry reads): A, D, lG, lA, U pointers; rows, cols, ldA, ldD; output row
+_FIELDS = 10
 _MAX_BLOCK_C = 256
 _TILE = 2048  # BLOCK_R * BLOCK_C elements per program step
 _BLOCK_T = 1024  # trace reduction block (factored damping)
@@ -310,7 +310,8 @@ def _tables(A_rot, D_rot, lG, lA, U, idx, device):
         for rb in range(triton.cdiv(rows, block_r)):
             program_rows += [slot, rb]
     table = _upload(layer_rows + program_rows, device)
-    return table[: len(layer_rows)], table[len(layer_rows):], block_r, block_c, len(program_rows) // 2, keep
+    n_layer = _FIELDS * len(idx)
+    return table[:n_layer], table[n_layer:], block_r, block_c, len(program_rows) // 2, keep
 
 
 def _damping_args(damping: float, damping_tensor: Optional[torch.Tensor], like: torch.Tensor):

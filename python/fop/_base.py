@@ -1,20 +1,28 @@
 """Machinery shared by the curvature optimizers: construction from a model, hyperparameter validation, AMP and
 non-finite handling, the SGD-style outer update, and extra state in state_dict.
 
-Subclasses implement `_curvature_step(groups_of, inv_scale)` (returns {param: direction}) and the
+Subclasses implement `_curvature_step(inv_scale)` (returns {id(param): direction}) and the
 `_extra_state` / `_load_extra_state` pair; `CurvatureOptimizer.step` does the rest:
 
 1. GradScaler (`_step_supports_amp_scaling`): the scaler hands `grad_scale` and `found_inf` to the optimizer. A step
    with inf/NaN gradients is skipped before anything changes (parameters, state, counters); otherwise the
    gradients are unscaled in place and the captured output gradients are unscaled by the same factor.
-2. Without a scaler and with `check_finite=True` (default) a non-finite gradient raises FloatingPointError before
-   anything changes. That check is one reduction and one host sync per step, the only one in `step()`.
-3. The subclass's direction per parameter, then the outer update per param group (momentum mu, weight decay wd,
-   learning rate lr): coupled `d <- d + wd p`, or decoupled `p <- (1 - lr wd) p`; `m <- mu m + d`; `p <- p - lr m`.
+2. Without a scaler and with `check_finite=True` (default) a non-finite gradient raises FloatingPointError and
+   nothing changes. The gradient norms are read together with the norms of the new curvature and of the
+   directions: one reduction and one host sync per step, the only one in `step()`.
+3. The subclass's direction per parameter, computed without changing any state tensor in place (new factors,
+   decompositions, moments are new tensors the step rebinds). Any error up to here, or a non-finite new factor or
+   direction from finite gradients (FloatingPointError naming it), puts the saved references back: parameters,
+   state and counters are exactly as before, and the next good batch trains on (docs/faults.md). A parameter
+   without a gradient is skipped as torch's optimizers skip it; a step where none has one does nothing.
+4. The commit, the outer update per param group (momentum mu, weight decay wd, learning rate lr; each group's
+   values checked before the step): coupled `d <- d + wd p`, or decoupled `p <- (1 - lr wd) p`; `m <- mu m + d`;
+   `p <- p - lr m`.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Callable, Iterable
@@ -69,17 +77,18 @@ def check_range(name: str, value) -> tuple[float, float]:
     return (low, high)
 
 
-def check_schedule(name: str, value, *, low: float = 0.0) -> float | Callable[[int], float]:
-    """A float >= low, or a callable of the step count returning one (checked when called)."""
+def check_schedule(name: str, value, *, low: float = 0.0, low_open: bool = False) -> float | Callable[[int], float]:
+    """A float >= low (> low with `low_open`), or a callable of the step count returning one (checked when
+    called)."""
     if callable(value):
         return value
-    return check_float(name, value, low=low)
+    return check_float(name, value, low=low, low_open=low_open)
 
 
-def eval_schedule(name: str, value, step: int, *, low: float = 0.0) -> float:
+def eval_schedule(name: str, value, step: int, *, low: float = 0.0, low_open: bool = False) -> float:
     """The value of a constant-or-callable hyperparameter at `step`, validated."""
     return check_float(f"{name}({step})" if callable(value) else name, value(step) if callable(value) else value,
-                       low=low)
+                       low=low, low_open=low_open)
 
 
 def check_outer_hyperparameters(lr, momentum, weight_decay) -> None:
@@ -100,6 +109,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     fop.distributed.DistributedOptions; see fop.distributed."""
 
     _step_supports_amp_scaling = True
+    # param-group hyperparameters checked before every step (check_float limits); subclasses replace it
+    group_checks = {"lr": dict(low=0.0), "momentum": dict(low=0.0, high=1.0, high_open=True),
+                    "weight_decay": dict(low=0.0)}
+    _step_attrs: tuple[str, ...] = ()  # attributes a step may rebind before committing (restored on failure)
     layer_support = staticmethod(unsupported_reason)  # module -> None if preconditioned, else why not
 
     def __init__(self, params_or_model, defaults: dict, *, model: nn.Module | None = None, exclude=None,
@@ -120,6 +133,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.model = unwrap_model(model)
         optimized = [p for g in self.param_groups for p in g["params"]]
+        own = {id(p) for p in self.model.parameters()}
+        if optimized and not any(id(p) in own for p in optimized):
+            raise ValueError(f"none of the parameters given to {type(self).__name__} belongs to model=; pass the "
+                             "model the parameters come from (its layers get the hooks)")
         self.layers, self.skipped = discover_layers(self.model, optimized, exclude, self.layer_support)
         self.param_to_layer = parameter_map(self.layers)
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
@@ -127,7 +144,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.check_finite = bool(check_finite)
         self.grad_scaler = grad_scaler
         self.steps = 0  # completed (not skipped) steps; a host int so schedules never sync
+        self.hooks_removed = False
+        self._grad_norms: torch.Tensor | None = None  # queued by _prepare_gradients, read by _check_update
+        self._to_check: list[tuple[str, torch.Tensor]] = []  # new curvature of the step in progress
         self.comm = make_comm(self, model, distributed)  # fop.distributed; a no-op NullComm in one process
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def remove_hooks(self) -> None:
+        """Remove every hook this optimizer put on the model (as happens when the optimizer is garbage collected:
+        the hooks hold it weakly, and at the end of `with FOP(model) as opt:`). step() raises afterwards."""
+        self.capture.remove()
+        self.comm.remove()
+        self.hooks_removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove_hooks()
 
     # -- what is preconditioned ----------------------------------------------------------------------------------
     def preconditioned(self) -> list[str]:
@@ -147,8 +181,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if not bool(torch.isfinite(p.grad).all())]
 
     def _prepare_gradients(self) -> tuple[bool, torch.Tensor | None]:
-        """(skip, inv_scale): handle a GradScaler's grad_scale/found_inf or check finiteness; nothing changes
-        when skipping or raising. `inv_scale` (a device tensor) unscales captured output gradients."""
+        """(skip, inv_scale): handle a GradScaler's grad_scale/found_inf; nothing changes when skipping or raising.
+        `inv_scale` (a device tensor) unscales captured output gradients. With `check_finite` and no scaler the
+        gradient norms are queued here and read with the update's in `_check_update` (one host sync)."""
+        self._grad_norms = None
         found_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if found_inf is not None:
@@ -172,30 +208,121 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if grads:
                 # L2 norms: NaN/inf anywhere makes them non-finite, and they run ~80x faster on CPU than the inf
                 # norm; a norm that overflows on finite values is told apart by the exact check before raising.
-                norms = torch.stack([n.float() for n in torch._foreach_norm(grads, 2)])
-                if not bool(torch.isfinite(norms).all()):  # the one documented host sync of step()
-                    names = self._nonfinite_names()
-                    if names:
-                        raise FloatingPointError(
-                            f"non-finite gradient (NaN or inf) in {', '.join(names)}; nothing was "
-                            "changed. Use torch.amp.GradScaler to skip such steps, or fix the loss.")
+                self._grad_norms = torch.stack([n.float() for n in torch._foreach_norm(grads, 2)])
         return False, None
+
+    def _check_groups(self) -> None:
+        """Every param group's hyperparameters (an LR scheduler or the user may have changed them) are numbers in
+        range, so that the outer update, which commits the step, cannot fail part-way."""
+        for k, group in enumerate(self.param_groups):
+            for key, limits in self.group_checks.items():
+                if key not in group:
+                    raise ValueError(f"param_groups[{k}] has no {key!r} entry (a scheduler or the user removed it)")
+                check_float(f"param_groups[{k}][{key!r}]", group[key], **limits)
+
+    def _check_records(self) -> None:
+        """A layer whose captured forward passes hold 0 samples has no statistics: raise before anything changes."""
+        if self.capture.unbatched:
+            i, shape = next(iter(self.capture.unbatched.items()))
+            raise ValueError(f"layer {self.layers[i].name} was called on an input of shape {shape} without a batch "
+                             "dimension; the curvature needs one (x.unsqueeze(0)); nothing was changed")
+        for i, layer in enumerate(self.layers):
+            recs = self.capture.done(i)
+            if recs and sum(r.n for r in recs) == 0:
+                raise ValueError(f"layer {layer.name} saw a batch of 0 samples in this step's forward/backward; "
+                                 "nothing was changed (skip empty batches before the forward pass)")
+
+    def _check_update(self, directions: dict[int, torch.Tensor]) -> None:
+        """With `check_finite`: the gradient norms, the new curvature (`self._to_check`) and the directions read in
+        one host sync; raise naming what is non-finite (nothing is committed yet)."""
+        if not self.check_finite:
+            return
+        parts = [] if self._grad_norms is None else [self._grad_norms]
+        tensors = [t for _, t in self._to_check] + list(directions.values())
+        if tensors:
+            parts.append(torch.stack([n.float().to(parts[0].device if parts else n.device)
+                                      for n in torch._foreach_norm(tensors, 2)]))
+        if parts and not bool(torch.isfinite(torch.cat(parts)).all()):  # the one documented host sync of step()
+            self._raise_nonfinite(directions)
+
+    def _raise_nonfinite(self, directions: dict[int, torch.Tensor] | None, cause: Exception | None = None) -> None:
+        """Raise FloatingPointError naming the first non-finite thing among the gradients, the new curvature and
+        the directions (exact checks; only after a failure). Returns when everything is finite."""
+        names = self._nonfinite_names()
+        if names:
+            raise FloatingPointError(
+                f"non-finite gradient (NaN or inf) in {', '.join(names)}; nothing was changed. Use "
+                "torch.amp.GradScaler to skip such steps, or fix the loss.") from cause
+        for what, t in self._to_check:
+            if not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(
+                    f"{what} is non-finite (NaN or inf) although the gradients are finite: the inputs or output "
+                    "gradients of this step overflowed it; nothing was changed") from cause
+        bad = [self.param_names.get(pid, "a parameter") for pid, d in (directions or {}).items()
+               if not bool(torch.isfinite(d).all())]
+        if bad:
+            raise FloatingPointError(
+                f"the update of {', '.join(bad)} is non-finite (NaN or inf) from finite gradients: the curvature "
+                "overflowed or the damping is too small for it; nothing was changed") from cause
+
+    def _save_step_state(self):
+        """What a step may rebind before it commits: the counters, each parameter's state dict (shallow) and the
+        subclass's `_step_attrs` (shallow). A step never changes a state tensor in place before its commit, so
+        putting these references back restores the optimizer exactly."""
+        return (self.steps, {p: dict(s) for p, s in self.state.items()},
+                {a: copy.copy(getattr(self, a)) for a in self._step_attrs})
+
+    def _restore_step_state(self, saved) -> None:
+        steps, state, attrs = saved
+        self.steps = steps
+        self.state.clear()
+        self.state.update(state)
+        for a, v in attrs.items():
+            setattr(self, a, v)
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One optimizer step (see the class docstring for the update)."""
+        """One optimizer step (see the class docstring for the update). Transactional: everything new is computed
+        and checked first, then committed (the outer update); an error on any rank raises on every rank and leaves
+        parameters, state and counters as they were. A step where no parameter has a gradient does nothing."""
+        if self.hooks_removed:
+            raise RuntimeError(f"{type(self).__name__}.remove_hooks() was called (or its with-block ended): it sees "
+                               "no forward pass any more; build a new optimizer (load_state_dict resumes)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with self.comm.guard():  # distributed: if one rank raises here, every rank raises
-            self._validate_before_step()
-            skip, inv_scale = self._prepare_gradients()
-        if skip:
+        try:
+            with self.comm.guard():  # distributed: if one rank raises here, every rank raises
+                self._check_groups()
+                self._check_records()
+                self._validate_before_step()
+                skip, inv_scale = self._prepare_gradients()
+        except BaseException:
+            self._after_skipped_step()
+            raise
+        if skip or not self._params_with_grad():
             self.comm.end_step()
             self._after_skipped_step()
             return loss
-        directions = self._curvature_step(inv_scale)
+        saved = self._save_step_state()
+        self._to_check = []  # (description, tensor): new curvature that _check_update reads with the directions
+        try:
+            with self.comm.agree():
+                try:
+                    directions = self._curvature_step(inv_scale)
+                    self._check_update(directions)
+                except Exception as err:
+                    if self.check_finite and not isinstance(err, FloatingPointError):
+                        self._raise_nonfinite(None, cause=err)
+                    raise
+        except BaseException:
+            self._restore_step_state(saved)
+            self.comm.end_step(failed=True)
+            self._after_skipped_step()
+            raise
+        finally:
+            self._to_check = []
         self._outer_update(directions)
         self.steps += 1
         self.comm.end_step()
@@ -252,14 +379,51 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # -- extra state -----------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
         """Curvature state beyond torch's per-parameter state (subclasses extend it)."""
-        return {"steps": self.steps, "layers": [layer.name for layer in self.layers]}
+        return {"optimizer": type(self).__name__, "steps": self.steps, "layers": [layer.name for layer in self.layers]}
 
-    def _load_extra_state(self, extra: dict) -> None:
+    def _load_extra_state(self, extra: dict) -> dict:
+        """Check `extra` against this optimizer and return {attribute: new value} to assign; change nothing
+        (load_state_dict assigns them once everything is checked). Subclasses extend the dict."""
+        saved_for = extra.get("optimizer")
+        if saved_for is not None and saved_for != type(self).__name__:
+            raise ValueError(f"state_dict was saved by {saved_for}, not {type(self).__name__}")
         names = [layer.name for layer in self.layers]
         if extra.get("layers") != names:
             raise ValueError(f"state_dict was saved for preconditioned layers {extra.get('layers')}, "
                              f"but this optimizer preconditions {names}")
-        self.steps = int(extra["steps"])
+        return {"steps": state_counter(extra, "steps")}
+
+    def _check_param_state(self, state_dict: dict) -> None:
+        """torch's part of a state_dict: groups of matching sizes with valid hyperparameters, and per-parameter
+        state of finite tensors (moments shaped like their parameter, step counts >= 0)."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError("state_dict has no 'state' dict and 'param_groups' list")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
+        index = {}
+        for k, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(f"param_groups[{k}] of the state_dict has {len(saved.get('params', ()))} "
+                                 f"parameters, this optimizer's {len(group['params'])}")
+            for key, limits in self.group_checks.items():
+                if key in saved:
+                    check_float(f"state_dict param_groups[{k}][{key!r}]", saved[key], **limits)
+            index.update(zip(saved["params"], group["params"]))
+        for pid, entry in state_dict["state"].items():
+            p = index.get(pid)
+            if p is None or not isinstance(entry, dict):
+                raise ValueError(f"state_dict state[{pid!r}] belongs to no parameter of this optimizer")
+            name = self.param_names.get(id(p), f"parameter {pid}")
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    if key in ("momentum_buffer", "exp_avg") and value.shape != p.shape:
+                        raise ValueError(f"state_dict {key} of {name} has shape {tuple(value.shape)}, the "
+                                         f"parameter {tuple(p.shape)}")
+                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"state_dict {key} of {name} contains non-finite values")
+                elif key == "step":
+                    state_counter(entry, "step", f"state_dict step of {name}")
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -267,12 +431,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Atomic: the whole dict is checked against this optimizer (class, layers, shapes, dtypes, counters,
+        finite values, inverse method) before anything changes; a mismatch raises ValueError naming it."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         extra = state_dict.pop("curvature", None)
-        if extra is None:
+        if not isinstance(extra, dict):
             raise ValueError(f"state_dict has no 'curvature' entry: it was not saved by {type(self).__name__}")
-        self._load_extra_state(extra)
-        super().load_state_dict(state_dict)
+        self._check_param_state(state_dict)
+        try:
+            new = self._load_extra_state(extra)
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
+            raise ValueError(f"state_dict does not fit {type(self).__name__}: {type(err).__name__}: {err}") from err
+        super().load_state_dict(state_dict)  # checks its groups before it changes anything
+        for attr, value in new.items():
+            setattr(self, attr, value)
         self._after_load()
 
     def _after_load(self) -> None:
@@ -281,10 +455,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._arm()
 
 
+def state_counter(entry: dict, key: str, what: str | None = None, low: int = 0) -> int:
+    """entry[key] as an int >= low (a loaded counter), else ValueError naming it."""
+    value = entry[key]
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what or 'state_dict ' + key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
 def layer_device_tensor(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A loaded state tensor moved to the device of `like`, dtype kept (bit-identical resume)."""
     return t.detach().to(device=like.device).clone()
 
 
 __all__ = ["CurvatureOptimizer", "Layer", "check_choice", "check_float", "check_int", "check_range",
-           "check_schedule", "eval_schedule", "check_outer_hyperparameters", "layer_device_tensor", "logger"]
+           "check_schedule", "eval_schedule", "check_outer_hyperparameters", "layer_device_tensor", "logger",
+           "state_counter"]

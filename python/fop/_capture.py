@@ -6,7 +6,7 @@ N x C x H x W) and the gradient of the layer output `dy` as autograd computes it
 - `dy` is the gradient of whatever loss was backpropagated. With `loss_reduction="mean"` (the usual mean-reduced
   loss, with gradient accumulation dividing by the number of micro-batches) the per-sample gradient of the summed
   loss is `g = N_total dy`, N_total the number of samples captured since the last step; with `"sum"`, `g = dy`.
-- Factors (DESIGN.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv rows are im2col
+- Factors (docs/design.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv rows are im2col
   patches, computed by fop_kernels' conv-factor op), `G = g^T g / N_total` summed over positions.
 - FOP's half-batch gradient: the first `floor(n/2)` samples of every record, `S1 = sum_{first halves} dy a^T`
   (conv: torch's conv weight gradient of the half batch), in the same scale as `.grad`, reduced in the backward
@@ -25,6 +25,7 @@ under `torch.no_grad()`) record nothing; a record whose backward never came is i
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ import fop_kernels
 from fop._layers import Layer
 
 LOSS_REDUCTIONS = ("mean", "sum")
+UNBATCHED_DIM = {"linear": 2, "conv2d": 4}  # an input of fewer dims has no batch dimension
 
 
 @dataclass
@@ -69,7 +71,11 @@ class Capture:
         self.mc_active = False
         self.rows = None
         self.stat_dtype = torch.float32  # of what the hooks reduce (Grams, S1): the optimizer's factor dtype
-        self._handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in enumerate(layers)]
+        self.unbatched: dict[int, tuple] = {}  # layer index -> shape of an input without a batch dimension
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
+                         for i, layer in enumerate(layers)]
+        # the hooks hold the capture weakly, and go when it goes (with its optimizer)
+        self._finalizer = weakref.finalize(self, remove_handles, self._handles)
 
     # -- arming ------------------------------------------------------------------------------------------------
     def arm(self, full: bool, keep_outputs: bool = False, rows=None, keep_dy: bool = True,
@@ -94,25 +100,31 @@ class Capture:
     def release(self) -> None:
         """Drop every record and disarm (after the optimizer step)."""
         self.records = [[] for _ in self.layers]
+        self.unbatched = {}
         self.armed = self.full = self.keep_outputs = self.half_grads = False
         self.keep_dy = True
         self.rows = None
 
     def remove(self) -> None:
         """Remove the hooks from the modules."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._finalizer()
         self.release()
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _forward_hook(self, i: int):
-        def hook(module, inputs, output):
-            if not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+        ref = weakref.ref(self)
+
+        def hook(module, inputs, kwargs, output):
+            self = ref()
+            if self is None or not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return
-            if not output.requires_grad or not inputs:
+            x = layer_input(inputs, kwargs)
+            if not output.requires_grad or x is None:
                 return
-            x = inputs[0].detach()
+            x = x.detach()
+            if x.dim() < UNBATCHED_DIM.get(self.layers[i].kind, 1):
+                self.unbatched[i] = tuple(x.shape)  # no batch dimension: step() raises naming the layer
+                return
             n = x.shape[0]
             rows = None if self.rows is None else self.rows(n, x.device)
             a = x.index_select(0, rows) if rows is not None else x if self.full else x[: n // 2]
@@ -160,8 +172,11 @@ class Capture:
     def has_factor_data(self, mc: bool = False) -> bool:
         """True when every layer has at least one full record whose backward ran (mc: whose sampled-label Gram
         exists)."""
-        return bool(self.layers) and all(
-            any(r.full and (r.gram_mc is not None if mc else r.backward_done) for r in recs) for recs in self.records)
+        return bool(self.layers) and all(self.has_layer_factor_data(i, mc) for i in range(len(self.layers)))
+
+    def has_layer_factor_data(self, i: int, mc: bool = False) -> bool:
+        """True when layer i has a full record whose backward ran (mc: whose sampled-label Gram exists)."""
+        return any(r.full and (r.gram_mc is not None if mc else r.backward_done) for r in self.records[i])
 
     def layers_without_records(self) -> list[str]:
         """Names of the layers with no completed record while some other layer has one."""
@@ -169,11 +184,6 @@ class Capture:
         if not any(done):
             return []
         return [layer.name for layer, d in zip(self.layers, done) if not d]
-
-    def sample_counts(self) -> tuple[int, int]:
-        """(N_total, N1_total) of the records of the first layer: samples seen, and samples in the first halves."""
-        recs = self.done(0) if self.layers else []
-        return sum(r.n for r in recs), sum(r.n_half for r in recs)
 
     def sample_counts_of(self, i: int) -> tuple[int, int]:
         """(N_total, N1_total) of layer i's completed records: samples seen, and samples in their first halves."""
@@ -253,6 +263,19 @@ class Capture:
         if dy_scale is not None:
             total = total * dy_scale.to(device=total.device, dtype=dtype)
         return total
+
+
+def remove_handles(handles: list) -> None:
+    """Remove hook handles (once: the list is emptied)."""
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
+def layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input tensor of a Linear/Conv2d call, positional or as `input=` (nn.Linear and nn.Conv2d's name)."""
+    x = inputs[0] if inputs else kwargs.get("input")
+    return x if isinstance(x, torch.Tensor) else None
 
 
 def _summed(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

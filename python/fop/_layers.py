@@ -2,7 +2,7 @@
 
 A supported layer has a weight W (out x in) and an optional bias b. Its gradient is handled as one matrix
 `[W | b]` of shape out x (in + 1) (conv weights flattened to out x (C_in kh kw)): the bias is an extra input
-column of ones, as in DESIGN.md. Supported: `nn.Linear`, and `nn.Conv2d` with groups=1 and zero padding (any
+column of ones, as in docs/design.md. Supported: `nn.Linear`, and `nn.Conv2d` with groups=1 and zero padding (any
 stride, padding and dilation). Everything else (norm layers, embeddings, grouped or depthwise convs, circular
 padding) is not preconditioned: its parameters get the optimizer's outer update on the plain gradient.
 """
@@ -34,6 +34,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         if isinstance(module.padding, str):
+            if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+                return "padding='same' with an even kernel extent (asymmetric padding)"
             return None if module.padding in ("valid", "same") else f"padding={module.padding!r}"
         return None
     return "layer type not supported"

@@ -1,4 +1,4 @@
-"""AdaFisher and AdaFisherW: a diagonal block-Kronecker Fisher in an Adam-like update (DESIGN.md, AdaFisher).
+"""AdaFisher and AdaFisherW: a diagonal block-Kronecker Fisher in an Adam-like update (docs/design.md, AdaFisher).
 
 Per supported module two diagonals, refreshed from the batch every `factor_interval` steps (from step 0):
 
@@ -175,6 +175,8 @@ class _AdaFisherBase(CurvatureOptimizer):
 
     layer_support = staticmethod(adafisher_layer_support)
     decoupled_weight_decay = False
+    group_checks = {"lr": dict(low=0.0), "beta": dict(low=0.0, high=1.0, high_open=True),
+                    "damping": dict(low=0.0, low_open=True), "weight_decay": dict(low=0.0)}
 
     def __init__(self, params_or_model, lr: float = 1e-3, beta: float = 0.9, damping: float = 1e-3,
                  gamma: float = 0.8, factor_interval: int = 100, weight_decay: float = 0.0, *, ema: str = "public",
@@ -249,12 +251,15 @@ class _AdaFisherBase(CurvatureOptimizer):
         return [sum(r.n for r in self.capture.done(i) if r.full) for i in range(len(self.layers))]
 
     def _fold_in(self, layer, H: torch.Tensor, S: torch.Tensor) -> None:
-        """Min-max normalize the fresh diagonals and fold them into the running ones (ones before the first)."""
+        """Min-max normalize the fresh diagonals and fold them into the running ones (ones before the first), as new
+        tensors, not in place: the step commits only once everything is computed (CurvatureOptimizer.step)."""
         state = self.state[layer.weight]
-        if "fisher_H" not in state:
-            state["fisher_H"], state["fisher_S"] = torch.ones_like(H), torch.ones_like(S)
-        running_update_(state["fisher_H"], min_max_normalize(H), self.gamma, self.ema)
-        running_update_(state["fisher_S"], min_max_normalize(S), self.gamma, self.ema)
+        H_run, S_run = ((state[k].clone() for k in ("fisher_H", "fisher_S")) if "fisher_H" in state
+                        else (torch.ones_like(H), torch.ones_like(S)))
+        state["fisher_H"] = running_update_(H_run, min_max_normalize(H), self.gamma, self.ema)
+        state["fisher_S"] = running_update_(S_run, min_max_normalize(S), self.gamma, self.ema)
+        self._to_check += [(f"Fisher diagonal H of layer {layer.name}", state["fisher_H"]),
+                           (f"Fisher diagonal S of layer {layer.name}", state["fisher_S"])]
 
     def _refresh_distributed(self, inv_scale: torch.Tensor | None) -> None:
         """The refresh across ranks (fop.distributed_rows): every layer's additive diagonal parts in one bucketed

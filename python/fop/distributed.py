@@ -19,8 +19,10 @@ group (a copy of DDP's, so its collectives never interleave with DDP's buckets):
   assignment by d^3); owners decompose theirs with one batched `fop_kernels.eigh`, then broadcast Q and l in one
   flat buffer per owner. Ranks that own nothing decompose nothing.
 - Agreement: one small all-reduce at the start of every `step()` carries an error flag, whether this rank captured
-  factor statistics, and the half-batch fractions rho. A rank whose `step()` raises (bad input) still takes part,
-  so every rank raises `DistributedStepError` naming the failing rank and its error instead of waiting forever.
+  factor statistics, and the half-batch fractions rho; then every local phase of the step (factor statistics,
+  owned decompositions, preconditioning and the final check) ends in a one-flag all-reduce (`Comm.agree`). A rank
+  whose `step()` raises still takes part, so every rank raises (`DistributedStepError` naming the failing rank and
+  its error) before any rank enters the next collective, and nothing is committed anywhere.
 
 With no process group, or a world size of 1, `make_comm` returns a `NullComm` and the optimizer runs its plain,
 single-process code unchanged. Every rank holds the whole optimizer state, so `state_dict()` on rank 0 restores
@@ -34,16 +36,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import fop_kernels
-from fop._capture import sub_batch_grad
+from fop._capture import layer_input, remove_handles, sub_batch_grad
 
 logger = logging.getLogger("fop")
 
@@ -65,12 +68,16 @@ class DistributedOptions:
     bucket_cap_mb: largest flat buffer of one collective (half-batch gradients, factors, eigenvectors).
     overlap: launch the half-batch all-reduces during backward (needs the model wrapped in DDP, whose
         `no_sync()` tells which backward ends the step); otherwise they all start in `step()`.
+    timeout: seconds a collective of the optimizer's own group waits for the other ranks before it raises (a rank
+        that died or hangs outside `step()`); None: torch.distributed's default for a new group (30 minutes for
+        gloo and NCCL). Ignored when `process_group` is given (its own timeout applies).
     """
 
     process_group: Any = None
     split: str = "halves"
     bucket_cap_mb: float = 25.0
     overlap: bool = True
+    timeout: float | None = None
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -78,6 +85,9 @@ class DistributedOptions:
         cap = self.bucket_cap_mb
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
             raise ValueError(f"bucket_cap_mb must be a positive number, got {cap!r}")
+        t = self.timeout
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0):
+            raise ValueError(f"timeout must be None or a positive number of seconds, got {t!r}")
 
 
 class NullComm:
@@ -90,15 +100,23 @@ class NullComm:
     def guard(self):
         return contextlib.nullcontext()
 
+    def agree(self):
+        return contextlib.nullcontext()
+
     def all_reduce_factors(self, factors_A: list, factors_G: list) -> None:
         """Nothing to average."""
 
-    def eigh(self, mats: list[torch.Tensor]):
-        """All decompositions here: `fop_kernels.eigh(mats, clamp=True)`."""
-        return fop_kernels.eigh(mats, clamp=True)
+    def eigh(self, mats: list[torch.Tensor], names: list[str]):
+        """All decompositions here: `fop.kfac.robust_eigh` (`fop_kernels.eigh(mats, clamp=True)`, with retries)."""
+        from fop.kfac import robust_eigh
 
-    def end_step(self) -> None:
+        return robust_eigh(mats, names)
+
+    def end_step(self, failed: bool = False) -> None:
         """Nothing pending."""
+
+    def remove(self) -> None:
+        """No hooks."""
 
     @property
     def last_step_bytes(self) -> dict[str, int]:
@@ -143,7 +161,8 @@ def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
         raise ValueError(f"split='ranks' chooses FOP's two sub-batches; {type(optimizer).__name__} has none")
     group = options.process_group
     if group is None:
-        group = dist.new_group(ranks=dist.get_process_group_ranks(base))
+        timeout = None if options.timeout is None else timedelta(seconds=options.timeout)
+        group = dist.new_group(ranks=dist.get_process_group_ranks(base), timeout=timeout)
     return Comm(optimizer, ddp, group, options)
 
 
@@ -179,9 +198,11 @@ def cost_model(layers, world: int, *, half_batch: bool, factor_step: bool, inver
     """Payload bytes one rank hands to the optimizer's collectives in one step (what `Comm.last_step_bytes`
     reports): half-batch gradients out*in per layer, factor triangles d(d+1)/2, eigenpairs d^2 + d per factor
     (counted for the broadcasting owner and every receiver alike: the payload of the broadcast), and the agreement
-    vector (3 + 2 L float64 with FOP, 3 without)."""
+    vectors: 3 + 2 L float64 with FOP (3 without) before the step's work, and one float64 error flag after each
+    local phase (before the factor all-reduce, before the eigenpair broadcasts, before the commit)."""
     n = len(layers)
-    out = {"control": 8 * (3 + (2 * n if half_batch else 0))}
+    flags = 1 + int(factor_step) + int(inverse_step)
+    out = {"control": 8 * (3 + (2 * n if half_batch else 0) + flags)}
     if half_batch:
         out["half_batch_grad"] = grad_bytes * sum(layer.out_dim * layer.in_dim for layer in layers)
     dims = [layer.in_dim for layer in layers] + [layer.out_dim for layer in layers]
@@ -223,8 +244,9 @@ class Comm:
                         for chunk in _chunks([layers[i].out_dim * layers[i].in_dim * size for i in order], self.cap)]
         self._handles = []
         if self.uses_half_batch:
-            self._handles = [layer.module.register_forward_hook(self._forward_hook(i)) for i, layer in
-                             enumerate(layers)]
+            self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
+                             for i, layer in enumerate(layers)]
+        self._finalizer = weakref.finalize(self, remove_handles, self._handles)  # hooks hold this weakly
         self.bytes = Counter()
         self.total_bytes = Counter()
         self.last_step_bytes: dict[str, int] = {"total": 0}
@@ -235,9 +257,7 @@ class Comm:
 
     def remove(self) -> None:
         """Remove the hooks."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._finalizer()
 
     def _reset(self) -> None:
         n = len(self.opt.layers)
@@ -258,12 +278,18 @@ class Comm:
         return n // 2
 
     def _forward_hook(self, i: int):
-        def hook(module, inputs, output):
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        ref = weakref.ref(self)
+
+        def hook(module, inputs, kwargs, output):
+            self = ref()
+            if self is None or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return
-            if not inputs or not self.opt._needs_half_batch(self.opt.steps):
+            if not output.requires_grad:
                 return
-            x = inputs[0].detach()
+            x = layer_input(inputs, kwargs)
+            if x is None or x.dim() < 2 or not self.opt._needs_half_batch(self.opt.steps):
+                return  # an unbatched input: the capture's record makes step() raise
+            x = x.detach()
             n = x.shape[0]
             m = self._first_rows(n)
             sync = self.options.overlap and self.ddp is not None and bool(self.ddp.require_backward_grad_sync)
@@ -344,7 +370,7 @@ class Comm:
                 f"ranks disagree on this factor step: {int(total[1])} rank(s) captured no factor statistics (no "
                 f"forward/backward since the optimizer was built or armed?) while {int(total[2])} did; every rank "
                 f"must run the same forward and backward passes")
-            self.end_step()
+            self.end_step(failed=True)
             raise err
         if half:
             rho1 = [v / self.world_size for v in total[3::2]]
@@ -354,12 +380,30 @@ class Comm:
             self.fallback_reason = (f"no rank has samples in one of the two sub-batches of {', '.join(empty)}"
                                     if empty else None)
 
-    def _raise_together(self, error: Exception | None):
-        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error."""
+    @contextlib.contextmanager
+    def agree(self):
+        """Run the body (local work of step(), no collective inside); then one all-reduce of an error flag: if the
+        body raised on any rank, every rank raises (the failing ones their own error, the others
+        DistributedStepError naming it), so that no rank enters the next collective alone."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # re-raised below, after the other ranks have been told
+            error = err
+        vec = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec, group=self.group)
+        self.bytes["control"] += vec.numel() * vec.element_size()
+        if vec.item() > 0:
+            self._raise_together(error, finish=False)
+
+    def _raise_together(self, error: Exception | None, finish: bool = True):
+        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error. `finish`: end
+        the step here (the agreement before the step's work); step() ends it after a failure in its work."""
         message = "" if error is None else f"{type(error).__name__}: {error}"
         messages = [None] * self.world_size
         dist.all_gather_object(messages, message, group=self.group)
-        self.end_step()  # the step is abandoned: run forward and backward again before the next step()
+        if finish:
+            self.end_step(failed=True)  # the step is abandoned: run forward and backward again before the next step()
         failed = {r: m for r, m in enumerate(messages) if m}
         summary = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
         if error is not None:
@@ -420,16 +464,20 @@ class Comm:
                 mats[j][cols, rows] = values
                 start += rows.numel()
 
-    def eigh(self, mats: list[torch.Tensor]):
-        """([l_i], [Q_i]) of every matrix like `fop_kernels.eigh(mats, clamp=True)`: each rank decomposes the
-        matrices it owns, then every owner broadcasts its eigenpairs in flat buffers."""
+    def eigh(self, mats: list[torch.Tensor], names: list[str]):
+        """([l_i], [Q_i]) of every matrix like `fop.kfac.robust_eigh(mats, names)`: each rank decomposes the
+        matrices it owns (an owner that fails makes every rank raise before the broadcasts), then every owner
+        broadcasts its eigenpairs in flat buffers."""
+        from fop.kfac import robust_eigh
+
         mine = [j for j, r in enumerate(self.owners) if r == self.rank]
         evals: list[torch.Tensor | None] = [None] * len(mats)
         evecs: list[torch.Tensor | None] = [None] * len(mats)
-        if mine:
-            lv, qv = fop_kernels.eigh([mats[j] for j in mine], clamp=True)
-            for j, lam, q in zip(mine, lv, qv):
-                evals[j], evecs[j] = lam, q
+        with self.agree():
+            if mine:
+                lv, qv = robust_eigh([mats[j] for j in mine], [names[j] for j in mine])
+                for j, lam, q in zip(mine, lv, qv):
+                    evals[j], evecs[j] = lam, q
         pending = []
         for owner in range(self.world_size):
             owned = [j for j, r in enumerate(self.owners) if r == owner]
@@ -457,14 +505,22 @@ class Comm:
         return evals, evecs
 
     # -- end of step --------------------------------------------------------------------------------------------------
-    def _finish_pending(self) -> None:
-        for work, _, _ in self._works:
-            work.wait()
-        self._works = []
+    def _finish_pending(self, failed: bool = False) -> None:
+        """Wait for the collectives in flight; after a failed step, an error of theirs (a dead peer) is logged
+        rather than raised over the step's own error."""
+        works, self._works = self._works, []
+        for work, _, _ in works:
+            try:
+                work.wait()
+            except RuntimeError as err:
+                if not failed:
+                    raise
+                logger.warning("rank %d: a collective of the failed step failed as well: %s", self.rank, err)
 
-    def end_step(self) -> None:
-        """After a step (taken or skipped): finish what is in flight, record the bytes, reset the per-step state."""
-        self._finish_pending()
+    def end_step(self, failed: bool = False) -> None:
+        """After a step (taken, skipped or `failed`): finish what is in flight, record the bytes, reset the
+        per-step state."""
+        self._finish_pending(failed)
         self.last_step_bytes = dict(self.bytes)
         self.last_step_bytes["total"] = sum(self.bytes.values())
         self.total_bytes.update(self.bytes)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 import fop_kernels
 from fop._base import check_choice, check_float, check_range, logger
+from fop._capture import remove_handles
 from fop.kfac import KFAC, Bucket, InverseBucket
 
 
@@ -31,7 +34,7 @@ def _multi_rank() -> bool:
 
 
 class FOP(KFAC):
-    r"""Fisher-Orthogonal Projection (Lu and Armour, arXiv 2508.13898; DESIGN.md "FOP").
+    r"""Fisher-Orthogonal Projection (Lu and Armour, arXiv 2508.13898; docs/design.md "FOP").
 
     One backward, two gradients: with `.grad` = g_avg (the mean-loss gradient over N samples) and the hooks'
     first-half sum S1 = sum_{n < N1} dy_n a_n^T (N1 = floor(N/2), N2 = N - N1):
@@ -102,8 +105,20 @@ class FOP(KFAC):
         self._first_pass: dict[int, torch.Tensor] = {}  # split="backward": id(p) -> .grad after the first pass
         self._passes: dict[int, int] = {}  # split="backward": id(p) -> backward passes accumulated this step
         super().__init__(params_or_model, lr, momentum, weight_decay, **kwargs)
-        self._pass_hooks = ([p.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+        on_grad = weakref.WeakMethod(self._on_grad_accumulated)  # the hooks hold the optimizer weakly
+
+        def pass_hook(p):
+            method = on_grad()
+            if method is not None:
+                method(p)
+
+        self._pass_hooks = ([p.register_post_accumulate_grad_hook(pass_hook)
                              for layer in self.layers for p in layer.params] if self.split == "backward" else [])
+        self._pass_finalizer = weakref.finalize(self, remove_handles, self._pass_hooks)
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        self._pass_finalizer()
 
     def _needs_half_batch(self, step: int) -> bool:
         return self.split == "half_batch"
@@ -138,10 +153,13 @@ class FOP(KFAC):
             logger.warning("FOP step %d: %s; using the K-FAC update for this step (warned once)", self.steps, why)
             self._warned_fallback = True
 
-    def _precondition(self, damping: float, inv_scale):
-        counts = [self.capture.sample_counts_of(i) for i in range(len(self.layers))]
+    _step_attrs = KFAC._step_attrs + ("_stats",)
+
+    def _precondition(self, buckets, damping: float, inv_scale):
+        self._order = [i for b in buckets for i in b.index]
+        counts = {i: self.capture.sample_counts_of(i) for i in self._order}
         if self.split == "backward":
-            passes = {self._passes.get(id(p), 0) for layer in self.layers for p in layer.params}
+            passes = {self._passes.get(id(p), 0) for i in self._order for p in self.layers[i].params}
             self._counts = None
             if len(passes) != 1:
                 self._fallback(f"split='backward': the preconditioned parameters saw different numbers of backward "
@@ -154,16 +172,16 @@ class FOP(KFAC):
             self._counts = None if self.comm.fallback_reason else counts
             if self.comm.fallback_reason:
                 self._fallback(self.comm.fallback_reason)
-        elif any(n == 0 for n, _ in counts):
+        elif any(n == 0 for n, _ in counts.values()):
             self._fallback("no half-batch capture (was the forward pass run before the optimizer was built?)")
             self._counts = None
-        elif any(n1 == 0 for _, n1 in counts):
+        elif any(n1 == 0 for _, n1 in counts.values()):
             self._fallback("a batch of 1 sample has no second half")
             self._counts = None
         else:
             self._counts = counts
         self._stat_parts = []
-        return super()._precondition(damping, inv_scale)
+        return super()._precondition(buckets, damping, inv_scale)
 
     def _bucket_gradients(self, bucket: Bucket, inv_scale):
         V, _ = super()._bucket_gradients(bucket, inv_scale)
@@ -208,11 +226,10 @@ class FOP(KFAC):
         U_rot, scalars = fop_kernels.project_combine(A_rot, D_rot, sums, lG, lA, damping, self.damping_mode,
                                                      beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                                      eta_clip=self._kernel_eta_clip)
-        order = [i for b in self.buckets for i in b.index]
-        self._stats = (order, sums, scalars)
+        self._stats = (self._order, sums, scalars)
         return U_rot
 
-    def _update_scale(self, updates, V_stacks, D_stacks):
+    def _update_scale(self, buckets, updates, V_stacks, D_stacks):
         """eta's normalization (1/2) folded into one multiply with the KL clip. The clip's quadratic form: U = eta P u
         with u = g_avg + beta (g_diff - s_proj g_avg) and P = F_w^-1, so <U, F_w U> = eta <U, u> =
         eta ((1 - beta s_proj) <U, g_avg> + beta <U, g_diff>) >= 0: at beta = 0, eta = 1 K-FAC's <U, V> bit for bit."""
@@ -221,17 +238,17 @@ class FOP(KFAC):
             self._stats = (([i for idx, _, _ in parts for i in idx], torch.cat([su for _, su, _ in parts]),
                             torch.cat([sc for _, _, sc in parts])) if parts else None)
         if self._stats is None:  # a K-FAC fallback step
-            return super()._update_scale(updates, V_stacks, D_stacks)
+            return super()._update_scale(buckets, updates, V_stacks, D_stacks)
         factor = self._eta_factor
         if self.kl_clip is None:
             return (None if factor == 1.0 else updates[0].new_tensor(factor)), None
-        scalars = self._stats[2].split([len(b.index) for b in self.buckets])
+        scalars = self._stats[2].split([len(b.index) for b in buckets])
         quadratic = []
         for U, V, D, sc in zip(updates, V_stacks, D_stacks, scalars):
             s, beta, eta = (t.to(U.dtype) for t in sc.unbind(1))
             q = eta * ((1 - beta * s) * _layer_dot(U, V) + beta * _layer_dot(U, D))
             quadratic.append(q.clamp_min(0) * factor ** 2)
-        nu = self._kl_factor(quadratic)
+        nu = self._kl_factor(buckets, quadratic)
         return nu * factor, nu
 
     def last_stats(self) -> dict[str, dict[str, torch.Tensor]]:

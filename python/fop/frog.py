@@ -1,4 +1,4 @@
-"""FROG: Fisher ROw-wise preconditioninG with batched conjugate gradient (DESIGN.md, section FROG).
+"""FROG: Fisher ROw-wise preconditioninG with batched conjugate gradient (docs/design.md, section FROG).
 
 Per preconditioned layer (nn.Linear, nn.Conv2d) with weight rows W_r (a bias is an extra input column of ones,
 folded into the row when `fold_bias=True`), on every step:
@@ -294,26 +294,31 @@ class FROGBase(CurvatureOptimizer):
             return None
         return torch.randperm(n, generator=self.generator)[: self.sample_size].to(device)
 
-    def _momentum(self, p: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool) -> torch.Tensor:
-        """m <- mu m + g (m = g on the first step); returns m, or g + mu m with Nesterov."""
+    def _momentum(self, p: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool,
+                  inplace: bool = True) -> torch.Tensor:
+        """m <- mu m + g (m = g on the first step); returns m, or g + mu m with Nesterov. `inplace=False`: the new
+        m is a new tensor (before the step commits, see CurvatureOptimizer.step)."""
         if mu == 0:
             return grad
         state = self.state[p]
         buf = state.get("momentum_buffer")
         if buf is None:
             state["momentum_buffer"] = buf = grad.detach().clone()
-        else:
+        elif inplace:
             buf.mul_(mu).add_(grad)
+        else:
+            state["momentum_buffer"] = buf = buf.mul(mu).add_(grad)
         return grad.add(buf, alpha=mu) if nesterov else buf
 
     def _momentum_rows(self, W: torch.Tensor, b: torch.Tensor | None, group: dict, dtype: torch.dtype) -> torch.Tensor:
-        """[m_W | m_b] as an R x D matrix in `dtype` (m_W alone when b is None; a bias without gradient counts 0)."""
+        """[m_W | m_b] as an R x D matrix in `dtype` (m_W alone when b is None; a bias without gradient counts 0); the
+        new momentum buffers are new tensors, so a step that fails later restores the old ones."""
         mu, nesterov = group["momentum"], group["nesterov"]
-        m = self._momentum(W, W.grad, mu, nesterov).reshape(W.shape[0], -1).to(dtype)
+        m = self._momentum(W, W.grad, mu, nesterov, inplace=False).reshape(W.shape[0], -1).to(dtype)
         if b is None:
             return m
         gb = b.grad if b.grad is not None else torch.zeros_like(b)
-        return torch.cat([m, self._momentum(b, gb, mu, nesterov).to(dtype)[:, None]], dim=1)
+        return torch.cat([m, self._momentum(b, gb, mu, nesterov, inplace=False).to(dtype)[:, None]], dim=1)
 
     @staticmethod
     def _set_directions(directions: dict, U: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -345,9 +350,15 @@ class FROGBase(CurvatureOptimizer):
         extra["generator"] = self.generator.get_state()
         return extra
 
-    def _load_extra_state(self, extra: dict) -> None:
-        super()._load_extra_state(extra)
-        self.generator.set_state(extra["generator"])
+    def _load_extra_state(self, extra: dict) -> dict:
+        new = super()._load_extra_state(extra)
+        generator = torch.Generator()
+        try:
+            generator.set_state(extra["generator"])
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"state_dict generator is not a CPU generator state: {err}") from err
+        new["generator"] = generator
+        return new
 
 
 class FROG(FROGBase):
@@ -381,6 +392,7 @@ class FROG(FROGBase):
     """
 
     layer_support = staticmethod(frog_layer_support)
+    group_checks = {**CurvatureOptimizer.group_checks, "lr_other_ratio": dict(low=0.0)}
 
     def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-6,

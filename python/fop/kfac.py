@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -16,7 +17,10 @@ from fop._base import (
     check_schedule,
     eval_schedule,
     layer_device_tensor,
+    state_counter,
 )
+
+logger = logging.getLogger("fop")
 
 DAMPING_MODES = ("eigen", "factored")
 FISHER_TYPES = ("empirical", "mc")
@@ -42,6 +46,87 @@ class Bucket:
         """Q_G M Q_A^T for a (B, o, i) stack."""
         return torch.bmm(torch.bmm(self.QG, M), self.QA.mT)
 
+    def subset(self, keep: list[int]) -> Bucket:
+        """The bucket of the layers at positions `keep` (copies; for a step where some layers have no gradient)."""
+        return Bucket([self.index[j] for j in keep], self.QG[keep], self.lG[keep], self.QA[keep], self.lA[keep])
+
+
+def _eigh_forms(M: torch.Tensor):
+    """Safer ways to decompose a symmetric PSD M after LAPACK failed on it, each a callable returning (l, Q) in
+    float64: float64; the block of its nonzero rows (zero rows of a factor are exact eigenvectors with eigenvalue
+    0, and they are what makes LAPACK fail on conv inputs of 1x1 maps); shifted M + s I (same eigenvectors, l - s);
+    a symmetric jitter of relative size 1e-7; and the SVD (for a PSD matrix its singular values and left vectors,
+    a clamped eigendecomposition)."""
+    D = M.double()
+    n = D.shape[0]
+    scale = float(D.diagonal().abs().mean()) or 1.0
+
+    def deflated():
+        nz = torch.nonzero(D.abs().sum(1) > 0).flatten()
+        l = torch.zeros(n, dtype=D.dtype, device=D.device)
+        Q = torch.zeros(n, n, dtype=D.dtype, device=D.device)
+        zero = torch.ones(n, dtype=torch.bool, device=D.device)
+        zero[nz] = False
+        lz, Qz = torch.linalg.eigh(D[nz][:, nz])
+        z = torch.nonzero(zero).flatten()
+        Q[z, torch.arange(z.numel(), device=D.device)] = 1.0
+        Q[nz[:, None], torch.arange(z.numel(), n, device=D.device)] = Qz
+        l[z.numel():] = lz
+        return l, Q
+
+    def shifted():
+        l, Q = torch.linalg.eigh(D + scale * 1e-3 * torch.eye(n, dtype=D.dtype, device=D.device))
+        return l - scale * 1e-3, Q
+
+    def jittered():
+        E = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=D.dtype).to(D.device)
+        return torch.linalg.eigh(D + 1e-7 * scale * 0.5 * (E + E.mT))
+
+    def svd():
+        U, S, _ = torch.linalg.svd(D)
+        return S.flip(0), U.flip(1)
+
+    return [("float64", lambda: torch.linalg.eigh(D)), ("nonzero block", deflated), ("shifted", shifted),
+            ("jittered", jittered), ("svd", svd)]
+
+
+def robust_eigh(mats: list[torch.Tensor], names: list[str], decompose=None):
+    """([l], [Q]) of every matrix as `fop_kernels.eigh(mats, clamp=True)` (or `decompose(mats)`); a matrix whose
+    decomposition fails is retried in the forms of `_eigh_forms` (logged), and only if every form fails the error
+    names it (`names[i]`)."""
+    decompose = decompose or (lambda ms: fop_kernels.eigh(ms, clamp=True))
+    try:
+        return decompose(mats)
+    except RuntimeError:  # one failing matrix fails the batch: find it below
+        pass
+    evals, evecs = [], []
+    for M, name in zip(mats, names):
+        try:
+            (l,), (Q,) = decompose([M])
+        except RuntimeError as err:
+            for form, fn in _eigh_forms(M):
+                try:
+                    l, Q = fn()
+                except RuntimeError:
+                    continue
+                if bool(torch.isfinite(l).all()) and bool(torch.isfinite(Q).all()):
+                    logger.warning("eigendecomposition of %s failed (%s); used the %s form", name, err, form)
+                    l, Q = l.clamp_min(0).to(M.dtype), Q.to(M.dtype)
+                    break
+            else:
+                raise RuntimeError(f"eigendecomposition of {name} failed in every form (float64, nonzero block, "
+                                   f"shifted, jittered, SVD): {err}") from err
+        evals.append(l)
+        evecs.append(Q)
+    return evals, evecs
+
+
+def on_schedule(step: int, interval: int) -> bool:
+    """Whether `step` refreshes curvature kept every `interval` steps: every multiple of the interval, and while the
+    statistics are young (step < interval) at steps 0, 1, 2, 4, 8, ...: curvature from the first batch alone, at a
+    random initialization, must not steer a long interval (1 + log2(interval) extra refreshes)."""
+    return step % interval == 0 or (step < interval and step & (step - 1) == 0)
+
 
 def keeps_cholesky_factor(n: int, m: int, interval: int) -> bool:
     """Whether a damped n x n factor that multiplies m-wide gradient matrices is kept as its Cholesky factor L (two
@@ -61,20 +146,47 @@ class DampedFactor:
         self.inv, self.chol = inv, chol
 
     @classmethod
-    def of(cls, M: torch.Tensor, lam: torch.Tensor, keep_factor: bool) -> DampedFactor:
-        """By Cholesky. A matrix whose Cholesky fails (rounding made it indefinite) is replaced first by its
-        eigendecomposition with eigenvalues clamped at 0 (fop_kernels.damped_inverse with power 1)."""
+    def of(cls, M: torch.Tensor, lam: torch.Tensor, keep_factor: bool, names: list[str] | None = None
+           ) -> DampedFactor:
+        """By Cholesky. A matrix whose Cholesky fails (rounding made it indefinite) is retried as its
+        eigendecomposition with eigenvalues clamped at 0 (fop_kernels.damped_inverse with power 1), then in
+        float64, then with the damping raised to 1e-6 of the mean diagonal; only if all fail the error names the
+        matrix (`names[b]`)."""
         damped = M.clone()
         damped.diagonal(dim1=1, dim2=2).add_(lam.to(M.dtype)[:, None])
         L, info = torch.linalg.cholesky_ex(damped)
         for b in torch.nonzero(info).flatten().tolist():  # one host sync per inversion step
-            repaired = fop_kernels.damped_inverse([M[b]], lam[b].to(M.dtype), power=1.0)[0]
-            L[b] = torch.linalg.cholesky(0.5 * (repaired + repaired.mT))
+            L[b] = cls._repaired_cholesky(M[b], lam[b], f"matrix {b}" if names is None else names[b])
         del damped
         if keep_factor:
             return cls(chol=L.contiguous())
         # LAPACK's inverse is exactly symmetric and column-major: its transpose is the same matrix, row-major
         return cls(inv=torch.cholesky_inverse(L).mT)
+
+    @staticmethod
+    def _repaired_cholesky(M: torch.Tensor, lam: torch.Tensor, name: str) -> torch.Tensor:
+        if not bool(torch.isfinite(M).all()):
+            raise FloatingPointError(f"{name} is non-finite (NaN or inf); nothing was changed")
+        lam = lam.to(M.dtype)
+        try:
+            repaired = fop_kernels.damped_inverse([M], lam, power=1.0)[0]
+        except RuntimeError:
+            repaired = None
+        floor = 1e-6 * M.diagonal().double().abs().mean().clamp_min(1e-30)
+        candidates = [repaired, None if repaired is None else repaired.double(),
+                      M.double() + torch.eye(M.shape[0], dtype=torch.float64, device=M.device) * (lam + floor)]
+        for C in candidates:
+            if C is None:
+                continue
+            L, info = torch.linalg.cholesky_ex(0.5 * (C + C.mT))
+            if int(info) == 0 and bool(torch.isfinite(L).all()):
+                return L.to(M.dtype)
+        raise FloatingPointError(f"the damped {name} has no Cholesky factor even in float64 with the damping "
+                                 f"raised to 1e-6 of its mean diagonal (damping {float(lam):.3g}); nothing was "
+                                 "changed")
+
+    def subset(self, keep: list[int]) -> DampedFactor:
+        return DampedFactor(**{k: v[keep] for k, v in self.state.items()})
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -111,14 +223,19 @@ class InverseBucket:
         """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack."""
         return self.Ginv.left(self.Ainv.right(M))
 
+    def subset(self, keep: list[int]) -> InverseBucket:
+        return InverseBucket([self.index[j] for j in keep], self.G[keep], self.A[keep], self.Ginv.subset(keep),
+                             self.Ainv.subset(keep))
+
 
 class KFAC(CurvatureOptimizer):
-    r"""K-FAC with eigenbasis preconditioning (DESIGN.md, "K-FAC").
+    r"""K-FAC with eigenbasis preconditioning (docs/design.md, "K-FAC").
 
     Per preconditioned layer with gradient matrix V = [dW | db] (out x in):
 
     - every `factor_interval` steps: A <- (1-rho) A + rho a^T a / rows,  G <- (1-rho) G + rho g^T g / N
-      (rho = `factor_decay`; the first update sets A, G to the batch statistics);
+      (rho = `factor_decay`; the first update sets A, G to the batch statistics); before the first interval has
+      passed also at steps 1, 2, 4, 8, ... (`on_schedule`), and the same for the decompositions;
     - every `inverse_interval` steps: A = Q_A diag(l_A) Q_A^T, G = Q_G diag(l_G) Q_G^T (eigenvalues clamped at 0),
       batched over all layers by `fop_kernels.eigh`;
     - every step: V~ = Q_G^T V Q_A,  U = Q_G (V~ / w) Q_A^T, with
@@ -174,7 +291,7 @@ class KFAC(CurvatureOptimizer):
                  inverse_method: str = "eigh", max_update_norm: float | None = None, model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
-        self.damping = check_schedule("damping", damping)
+        self.damping = check_schedule("damping", damping, low_open=True)
         self.damping_mode = check_choice("damping_mode", damping_mode, DAMPING_MODES)
         self.factor_decay = check_float("factor_decay", factor_decay, low=0.0, high=1.0, low_open=True)
         self.factor_interval = check_int("factor_interval", factor_interval)
@@ -208,7 +325,7 @@ class KFAC(CurvatureOptimizer):
     def is_factor_step(self, step: int | None = None) -> bool:
         """Whether step `step` (default: the next one) updates the factors."""
         step = self.steps if step is None else step
-        return bool(self.layers) and (step % self.factor_interval == 0 or self.factor_updates == 0)
+        return bool(self.layers) and (on_schedule(step, self.factor_interval) or self.factor_updates == 0)
 
     def _needs_half_batch(self, step: int) -> bool:
         return False
@@ -250,72 +367,113 @@ class KFAC(CurvatureOptimizer):
                 self.capture.mc_active = False
         self.capture.drop_outputs()
 
+    def _has_grad(self, i: int) -> bool:
+        """Whether every parameter of layer i has a gradient this step (a layer without is skipped, as torch's
+        optimizers skip such parameters: no direction, no factor update)."""
+        return all(p.grad is not None for p in self.layers[i].params)
+
     def _validate_before_step(self) -> None:
-        missing = self.capture.layers_without_records() if self.capture.armed else []
-        if missing:
-            raise RuntimeError(f"layers {missing} took no part in the forward/backward pass of this step; leave them "
-                               "out with exclude=[...] (their parameters then get the plain update)")
+        missing = [self.layers[i].name for i in range(len(self.layers))
+                   if self._has_grad(i) and not self.capture.done(i)] if self.capture.armed else []
+        if missing and len(missing) < len(self.layers):
+            raise RuntimeError(f"layers {missing} have gradients but took no part in the forward/backward pass of "
+                               "this step as the hooks saw it (called with a keyword argument, or outside the model?); "
+                               "leave them out with exclude=[...] (their parameters then get the plain update)")
         if (self.fisher == "mc" and self.is_factor_step() and self.capture.has_factor_data()
                 and not self.capture.has_factor_data(mc=True)):
             raise RuntimeError("fisher='mc': this step updates the factors but optimizer.fisher_backward(logits) "
                                "was not called after the forward pass")
 
-    # -- curvature -------------------------------------------------------------------------------------------------
+    # -- curvature: computed into new tensors, committed by step() (see CurvatureOptimizer.step) -------------------
+    _step_attrs = ("factors_A", "factors_G", "factor_updates", "buckets", "decomposed_at")
+
     def _update_factors(self, inv_scale) -> bool:
-        """One factor update of every layer from the captured records; False if nothing was captured."""
-        if not self.capture.has_factor_data(mc=self.fisher == "mc"):
+        """One factor update of every layer with a gradient from the captured records, into new tensors; False if
+        nothing was captured."""
+        mc = self.fisher == "mc"
+        active = [i for i in range(len(self.layers)) if self._has_grad(i)]
+        if not active or not all(self.capture.has_layer_factor_data(i, mc=mc) for i in active):
             return False
-        first = self.factor_updates == 0
-        decay = 1.0 if first else self.factor_decay
-        for i, layer in enumerate(self.layers):
-            if self.factors_A[i] is None:
-                dev = layer.weight.device
-                self.factors_A[i] = torch.zeros(layer.in_dim, layer.in_dim, dtype=self.factor_dtype, device=dev)
-                self.factors_G[i] = torch.zeros(layer.out_dim, layer.out_dim, dtype=self.factor_dtype, device=dev)
-            self.capture.update_input_factor(i, self.factors_A[i], decay)
-            self.capture.update_output_factor(i, self.factors_G[i], decay, mc=self.fisher == "mc", dy_scale=inv_scale)
-            for M in (self.factors_A[i], self.factors_G[i]):  # fp32 GEMMs leave rounding-level asymmetry
-                M.copy_(0.5 * (M + M.mT))
-        self.comm.all_reduce_factors(self.factors_A, self.factors_G)  # distributed: average over ranks
+        new_A, new_G = list(self.factors_A), list(self.factors_G)
+        with self.comm.agree():  # distributed: a rank that fails here must not leave the others in the all-reduce
+            if self.comm.active and len(active) < len(self.layers):
+                raise RuntimeError(f"layers {[self.layers[i].name for i in range(len(self.layers)) if i not in active]}"
+                                   " have no gradient on this factor step; distributed K-FAC/FOP needs every layer")
+            for i in active:
+                layer = self.layers[i]
+                if self.factors_A[i] is None:
+                    decay, dev = 1.0, layer.weight.device
+                    A = torch.zeros(layer.in_dim, layer.in_dim, dtype=self.factor_dtype, device=dev)
+                    G = torch.zeros(layer.out_dim, layer.out_dim, dtype=self.factor_dtype, device=dev)
+                else:
+                    decay, A, G = self.factor_decay, self.factors_A[i].clone(), self.factors_G[i].clone()
+                self.capture.update_input_factor(i, A, decay)
+                self.capture.update_output_factor(i, G, decay, mc=mc, dy_scale=inv_scale)
+                for M in (A, G):  # fp32 GEMMs leave rounding-level asymmetry
+                    M.copy_(0.5 * (M + M.mT))
+                new_A[i], new_G[i] = A, G
+        self.comm.all_reduce_factors(new_A, new_G)  # distributed: average over ranks
+        for i in active:
+            name = self.layers[i].name
+            self._to_check += [(f"factor A of layer {name}", new_A[i]), (f"factor G of layer {name}", new_G[i])]
+        self.factors_A, self.factors_G = new_A, new_G
         self.factor_updates += 1
         return True
+
+    def _ready(self) -> list[int]:
+        """Layers that have factors (every layer once each has had a gradient on a factor step)."""
+        return [i for i, A in enumerate(self.factors_A) if A is not None]
 
     def _decompose(self) -> None:
         """Eigendecompose every A and G in one batched call and stack them by layer shape (or invert them)."""
         if self.inverse_method == "cholesky":
             self._invert()
             return
-        mats = self.factors_A + self.factors_G
-        if self.eigh_refresh_iters and self.buckets and not self.comm.active:
-            n = len(self.layers)
-            prev = [None] * (2 * n)
-            for b in self.buckets:
-                for j, i in enumerate(b.index):
-                    prev[i], prev[n + i] = b.QA[j], b.QG[j]
-            evals, evecs = fop_kernels.eigh_refresh(mats, prev, iters=self.eigh_refresh_iters, clamp=True)
+        ready = self._ready()
+        mats = [self.factors_A[i] for i in ready] + [self.factors_G[i] for i in ready]
+        names = ([f"factor A of layer {self.layers[i].name}" for i in ready]
+                 + [f"factor G of layer {self.layers[i].name}" for i in ready])
+        prev = {i: (b.QA[j], b.QG[j]) for b in self.buckets if isinstance(b, Bucket) for j, i in enumerate(b.index)}
+        if self.eigh_refresh_iters and all(i in prev for i in ready) and prev and not self.comm.active:
+            previous = [prev[i][0] for i in ready] + [prev[i][1] for i in ready]
+            try:
+                evals, evecs = fop_kernels.eigh_refresh(mats, previous, iters=self.eigh_refresh_iters, clamp=True)
+            except RuntimeError as err:
+                logger.warning("eigenbasis refresh failed (%s); decomposing in full", err)
+                evals, evecs = robust_eigh(mats, names)
         else:
-            evals, evecs = self.comm.eigh(mats)  # fop_kernels.eigh(mats, clamp=True); distributed: sharded by owner
-        n = len(self.layers)
-        self._set_buckets(evals[:n], evecs[:n], evals[n:], evecs[n:])
+            evals, evecs = self.comm.eigh(mats, names)  # robust_eigh; distributed: sharded by owner
+        n = len(ready)
+        as_layers = [[None] * len(self.layers) for _ in range(4)]
+        for k, i in enumerate(ready):
+            for j, values in enumerate((evals[:n], evecs[:n], evals[n:], evecs[n:])):
+                as_layers[j][i] = values[k]
+        self._set_buckets(*as_layers)
         self.decomposed_at = self.steps
 
-    def _by_shape(self, like: list[torch.Tensor]) -> list[list[int]]:
-        """Layer indices grouped by (gradient shape, device, dtype of `like[i]`), in layer order."""
+    def _by_shape(self, like: list[torch.Tensor | None]) -> list[list[int]]:
+        """Indices of the layers with `like[i]` grouped by (gradient shape, device, dtype of `like[i]`), in layer
+        order."""
         by_shape: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers):
-            by_shape.setdefault((layer.shape, like[i].device, like[i].dtype), []).append(i)
+            if like[i] is not None:
+                by_shape.setdefault((layer.shape, like[i].device, like[i].dtype), []).append(i)
         return list(by_shape.values())
 
+    def _make_buckets(self, lA, QA, lG, QG) -> list[Bucket]:
+        """Buckets of the layers i with QA[i] (lists indexed by layer, None where a layer has none)."""
+        return [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
+                       torch.stack([QA[i] for i in idx]), torch.stack([lA[i] for i in idx]))
+                for idx in self._by_shape(QA)]
+
     def _set_buckets(self, lA, QA, lG, QG) -> None:
-        self.buckets = [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
-                               torch.stack([QA[i] for i in idx]), torch.stack([lA[i] for i in idx]))
-                        for idx in self._by_shape(QA)]
+        self.buckets = self._make_buckets(lA, QA, lG, QG)
 
     def _invert(self) -> None:
         """inverse_method="cholesky": per layer shape, stack A and G and invert A + sqrt(lambda) pi I and
         G + sqrt(lambda)/pi I, pi = sqrt((tr A/dim A)/(tr G/dim G)) (means clamped at 1e-30, as the factored
         damping of the eigenbasis path). Factors are averaged over ranks already, so every rank inverts alike."""
-        root = math.sqrt(eval_schedule("damping", self.damping, self.steps))
+        root = math.sqrt(eval_schedule("damping", self.damping, self.steps, low_open=True))
         buckets = []
         for idx in self._by_shape(self.factors_A):
             A = torch.stack([self.factors_A[i] for i in idx])
@@ -325,10 +483,24 @@ class KFAC(CurvatureOptimizer):
             pi = torch.sqrt(mean_A / mean_G)
             o, i = self.layers[idx[0]].shape
             keep_G, keep_A = (keeps_cholesky_factor(n, m, self.inverse_interval) for n, m in ((o, i), (i, o)))
-            buckets.append(InverseBucket(idx, G, A, DampedFactor.of(G, root / pi, keep_G),
-                                         DampedFactor.of(A, root * pi, keep_A)))
+            names = [self.layers[j].name for j in idx]
+            buckets.append(InverseBucket(idx, G, A, DampedFactor.of(G, root / pi, keep_G,
+                                                                    [f"factor G of layer {n}" for n in names]),
+                                         DampedFactor.of(A, root * pi, keep_A,
+                                                         [f"factor A of layer {n}" for n in names])))
         self.buckets = buckets
         self.decomposed_at = self.steps
+
+    def _active_buckets(self) -> list:
+        """The buckets restricted to the layers with a gradient this step (the buckets themselves when all have)."""
+        out = []
+        for b in self.buckets:
+            keep = [j for j, i in enumerate(b.index) if self._has_grad(i)]
+            if len(keep) == len(b.index):
+                out.append(b)
+            elif keep:
+                out.append(b.subset(keep))
+        return out
 
     def _curvature_step(self, inv_scale):
         if not self.layers:
@@ -336,14 +508,16 @@ class KFAC(CurvatureOptimizer):
         step = self.steps
         if self.is_factor_step(step):
             updated = self._update_factors(inv_scale)
-            if updated and (step % self.inverse_interval == 0 or self.decomposed_at < 0):
+            if updated and (on_schedule(step, self.inverse_interval) or self.decomposed_at < 0
+                            or len(self._ready()) > sum(len(b.index) for b in self.buckets)):
                 self._decompose()
-        elif step % self.inverse_interval == 0 and self.factor_updates > 0:
+        elif on_schedule(step, self.inverse_interval) and self.factor_updates > 0:
             self._decompose()
-        if not self.buckets:
+        buckets = self._active_buckets()
+        if not buckets:
             return {}
-        damping = eval_schedule("damping", self.damping, step)
-        return self._precondition(damping, inv_scale)
+        damping = eval_schedule("damping", self.damping, step, low_open=True)
+        return self._precondition(buckets, damping, inv_scale)
 
     def _bucket_gradients(self, bucket: Bucket, inv_scale) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(V stack, difference stack or None) for a bucket: K-FAC has no second gradient."""
@@ -360,17 +534,18 @@ class KFAC(CurvatureOptimizer):
         """inverse_method="cholesky": the update stack of a bucket; K-FAC: G_d^-1 V A_d^-1."""
         return bucket.precondition(V)
 
-    def _precondition(self, damping: float, inv_scale) -> dict[int, torch.Tensor]:
+    def _precondition(self, buckets: list, damping: float, inv_scale) -> dict[int, torch.Tensor]:
+        """{id(param): direction} of the layers in `buckets` (and, under the KL clip, of every other parameter)."""
         V_stacks, D_stacks, updates = [], [], []
         if self.inverse_method == "cholesky":
-            for b in self.buckets:
+            for b in buckets:
                 V, D = self._bucket_gradients(b, inv_scale)
                 V_stacks.append(V)
                 D_stacks.append(D)
                 updates.append(self._inverse_update(b, V, D))
         else:
             A_rot, D_rot, lG, lA = [], [], [], []
-            for b in self.buckets:
+            for b in buckets:
                 V, D = self._bucket_gradients(b, inv_scale)
                 V_stacks.append(V)
                 D_stacks.append(D)
@@ -382,15 +557,15 @@ class KFAC(CurvatureOptimizer):
             have_diff = all(D is not None for D in D_stacks)
             U_rot = self._combine(A_rot, D_rot if have_diff else None, lG, lA, damping)
             start = 0
-            for b in self.buckets:
+            for b in buckets:
                 updates.append(b.unrotate(torch.stack(U_rot[start:start + len(b.index)])))
                 start += len(b.index)
-        scale, nu = self._update_scale(updates, V_stacks, D_stacks)
+        scale, nu = self._update_scale(buckets, updates, V_stacks, D_stacks)
         if scale is not None:
             for U in updates:
                 U.mul_(scale.to(U.dtype))
         directions = {}
-        for b, U in zip(self.buckets, updates):
+        for b, U in zip(buckets, updates):
             for j, i in enumerate(b.index):
                 layer = self.layers[i]
                 for p, d in zip(layer.params, layer.split(U[j])):
@@ -415,22 +590,23 @@ class KFAC(CurvatureOptimizer):
         for p, d in zip(params, every):
             directions[id(p)] = d * factor.to(d.dtype)
 
-    def _update_scale(self, updates: list[torch.Tensor], V_stacks: list[torch.Tensor],
+    def _update_scale(self, buckets: list, updates: list[torch.Tensor], V_stacks: list[torch.Tensor],
                       D_stacks: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(the factor every update is multiplied by, the KL clip's nu for every other parameter): 0-d device tensors,
         None for 1. K-FAC: both are the KL clip's nu."""
         if self.kl_clip is None:
             return None, None
-        nu = self._kl_factor([torch.linalg.vecdot(U.flatten(1), V.flatten(1)) for U, V in zip(updates, V_stacks)])
+        nu = self._kl_factor(buckets, [torch.linalg.vecdot(U.flatten(1), V.flatten(1))
+                                       for U, V in zip(updates, V_stacks)])
         return nu, nu
 
-    def _kl_factor(self, quadratic: list[torch.Tensor]) -> torch.Tensor:
+    def _kl_factor(self, buckets: list, quadratic: list[torch.Tensor]) -> torch.Tensor:
         """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 q_l)) from q_l = <U_l, F_w U_l> per layer (a tensor per bucket;
         K-FAC's U = F_w^-1 V gives q = <U, V>): scaled by nu, the step's predicted KL divergence (its squared
         F_w-norm) is at most kl_clip. On the device."""
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
         total = None
-        for b, q in zip(self.buckets, quadratic):
+        for b, q in zip(buckets, quadratic):
             lrs = torch.tensor([lr_of[id(self.layers[i].weight)] ** 2 for i in b.index], dtype=q.dtype)
             part = (q * lrs.to(q.device)).sum()
             total = part if total is None else total + part
@@ -449,29 +625,75 @@ class KFAC(CurvatureOptimizer):
                     inverse[i].update({f"G{k}": v[j] for k, v in b.Ginv.state.items()})
                 else:
                     eig[i] = {"QA": b.QA[j], "lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
-        extra.update(factor_updates=self.factor_updates, decomposed_at=self.decomposed_at,
+        extra.update(inverse_method=self.inverse_method, factor_updates=self.factor_updates,
+                     decomposed_at=self.decomposed_at,
                      factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
                      eigen=eig, inverse=inverse)
         return extra
 
-    def _load_extra_state(self, extra: dict) -> None:
-        super()._load_extra_state(extra)
-        self.factor_updates = int(extra["factor_updates"])
-        self.decomposed_at = int(extra["decomposed_at"])
-        for i, (layer, f) in enumerate(zip(self.layers, extra["factors"])):
-            self.factors_A[i] = None if f is None else layer_device_tensor(f["A"], layer.weight)
-            self.factors_G[i] = None if f is None else layer_device_tensor(f["G"], layer.weight)
-        self.buckets = []
-        key = "inverse" if self.inverse_method == "cholesky" else "eigen"
+    def _loaded(self, entry: dict, key: str, shape: tuple, layer, what: str) -> torch.Tensor:
+        """entry[key] checked (a tensor of `shape` in the factor dtype, finite) and moved to the layer's device."""
+        t = entry[key]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape) or t.dtype != self.factor_dtype:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"state_dict {what} of layer {layer.name} is {got}, expected {self.factor_dtype} "
+                             f"{tuple(shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"state_dict {what} of layer {layer.name} contains non-finite values")
+        return layer_device_tensor(t, layer.weight)
+
+    def _load_extra_state(self, extra: dict) -> dict:
+        new = super()._load_extra_state(extra)
+        n = len(self.layers)
+        method = extra.get("inverse_method")
+        if method is not None and method != self.inverse_method:
+            raise ValueError(f"state_dict was saved with inverse_method={method!r}, this optimizer uses "
+                             f"{self.inverse_method!r}")
+        new["factor_updates"] = state_counter(extra, "factor_updates")
+        new["decomposed_at"] = state_counter(extra, "decomposed_at", low=-1)
+        factors = extra["factors"]
+        if not isinstance(factors, list) or len(factors) != n:
+            raise ValueError(f"state_dict holds factors of {len(factors) if isinstance(factors, list) else '?'} "
+                             f"layers, this optimizer preconditions {n}")
+        new["factors_A"], new["factors_G"] = [None] * n, [None] * n
+        for i, (layer, f) in enumerate(zip(self.layers, factors)):
+            if f is not None:
+                new["factors_A"][i] = self._loaded(f, "A", (layer.in_dim,) * 2, layer, "factor A")
+                new["factors_G"][i] = self._loaded(f, "G", (layer.out_dim,) * 2, layer, "factor G")
+        key, other = ("inverse", "eigen") if self.inverse_method == "cholesky" else ("eigen", "inverse")
         saved = extra.get(key) or []
-        if not saved or any(e is None for e in saved):
-            return
-        moved = [{k: layer_device_tensor(v, layer.weight) for k, v in e.items()}
-                 for e, layer in zip(saved, self.layers)]
+        if not any(e is not None for e in saved) and any(e is not None for e in extra.get(other) or []):
+            raise ValueError(f"state_dict holds {other} decompositions (inverse_method="
+                             f"{'eigh' if other == 'eigen' else 'cholesky'!r}), this optimizer uses "
+                             f"inverse_method={self.inverse_method!r}")
+        if saved and len(saved) != n:
+            raise ValueError(f"state_dict holds {len(saved)} {key} entries for {n} layers")
+        moved: list[dict | None] = [None] * n
+        for i, (layer, e) in enumerate(zip(self.layers, saved)):
+            if e is None:
+                continue
+            if new["factors_A"][i] is None:
+                raise ValueError(f"state_dict has a decomposition but no factors for layer {layer.name}")
+            o, d = layer.out_dim, layer.in_dim
+            if key == "eigen":
+                shapes = {"QA": (d, d), "lA": (d,), "QG": (o, o), "lG": (o,)}
+            else:
+                shapes = {"A": (d, d), "G": (o, o)}
+                for side, dim in (("A", d), ("G", o)):
+                    forms = [f for f in ("inv", "chol") if side + f in e]
+                    if len(forms) != 1:
+                        raise ValueError(f"state_dict inverse of layer {layer.name} needs one of {side}inv, "
+                                         f"{side}chol")
+                    shapes[side + forms[0]] = (dim, dim)
+            moved[i] = {k: self._loaded(e, k, shape, layer, f"{key} {k}") for k, shape in shapes.items()}
+        if new["decomposed_at"] >= 0 and any(A is not None for A in new["factors_A"]) and not any(moved):
+            raise ValueError(f"state_dict says a decomposition was made at step {new['decomposed_at']} but holds "
+                             f"no {key} entries")
         if key == "eigen":
-            self._set_buckets([e["lA"] for e in moved], [e["QA"] for e in moved], [e["lG"] for e in moved],
-                              [e["QG"] for e in moved])
-            return
+            new["buckets"] = self._make_buckets(*([None if e is None else e[k] for e in moved]
+                                                  for k in ("lA", "QA", "lG", "QG")))
+            return new
+
         def stacked(idx, key):
             return torch.stack([moved[i][key] for i in idx])
 
@@ -479,5 +701,6 @@ class KFAC(CurvatureOptimizer):
             form = "inv" if side + "inv" in moved[idx[0]] else "chol"
             return DampedFactor(**{form: stacked(idx, side + form)})
 
-        self.buckets = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"))
-                        for idx in self._by_shape([e["A"] for e in moved])]
+        new["buckets"] = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"))
+                          for idx in self._by_shape([None if e is None else e["A"] for e in moved])]
+        return new

@@ -183,11 +183,10 @@ class KFROG(FROGBase):
             return y
         state = self.state[W]
         v = state.get("y_ema")
-        if v is None:
-            state["y_ema"] = v = torch.zeros_like(y)
         t = state.get("y_updates", 0) + 1
+        # new tensors, never in place: a step that fails later restores the old state (CurvatureOptimizer.step)
+        state["y_ema"] = v = y.mul(1.0 - beta) if v is None else v.mul(beta).add_(y, alpha=1.0 - beta)
         state["y_updates"] = t
-        v.mul_(beta).add_(y, alpha=1.0 - beta)
         return v / (1.0 - beta**t)
 
     def _sampled_inputs(self, recs, dtype: torch.dtype) -> torch.Tensor:

@@ -190,7 +190,8 @@ def run_one(data: ImageDataset, optimizer_name: str, batch_size: int, seed: int,
     """Train one model; returns the run record (see fop.report). `on_epoch` is called with each epoch's point.
 
     A run stops early when the test accuracy reaches `config.target` (if `stop_at_target`) or when the
-    training loss becomes non-finite (recorded as diverged)."""
+    training loss becomes non-finite or the optimizer refuses a non-finite gradient or update (FloatingPointError):
+    recorded as diverged, with the step."""
     device = torch.device(config.device)
     n_train = len(data.train_y)
     if batch_size > n_train:
@@ -229,10 +230,8 @@ def run_one(data: ImageDataset, optimizer_name: str, batch_size: int, seed: int,
                 break
             try:
                 optimizer.step()
-            except (ArithmeticError, RuntimeError, ValueError):
-                if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters()):
-                    raise
-                record["diverged"], record["diverged_step"] = True, global_step  # refused a non-finite gradient
+            except FloatingPointError:  # the optimizer refused a non-finite gradient or update; nothing changed
+                record["diverged"], record["diverged_step"] = True, global_step
                 break
             global_step += 1
             scheduler.step()

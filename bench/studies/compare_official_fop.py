@@ -17,7 +17,7 @@ copied here. Without the folder the script prints why and exits 0.
    (MC Fisher, pi-split damping); the same factors are loaded into our FOP (damping_mode="factored"), and both
    precondition the same batch. Reported: relative difference per layer.
 
-    flock /tmp/fop_bench.lock .venv/bin/python bench/compare_official_fop.py \\
+    flock /tmp/fop_bench.lock .venv/bin/python bench/studies/compare_official_fop.py \\
         --official-dir /work/ext/hyperfisher/fop --asdl-dir /work/ext/asdl
 """
 
@@ -200,7 +200,7 @@ def compare_directions(args, official, asdl, data):
     """Same batch, same Kronecker factors (taken from the official step), factored damping: compare updates.
 
     Without biases: ASDL's Kronecker factor A leaves the bias out and preconditions a bias by (G + lambda_G)^-1
-    alone, where we treat the bias as a column of ones in A (DESIGN.md), so the weights alone match exactly."""
+    alone, where we treat the bias as a column of ones in A (docs/design.md), so the weights alone match exactly."""
     torch.manual_seed(1)
     model_o = MnistCNN(bias=False).double()
     model_u = copy.deepcopy(model_o)

@@ -9,7 +9,7 @@ gradients (stacking; FOP: the half-batch GEMM), rotate (the four bmm), sums+comb
 `--memory` runs each optimizer in a fresh subprocess and reports its peak memory (CUDA: max allocated;
 CPU: peak RSS growth over the process's RSS after building the model and data).
 
-    flock /tmp/fop_bench.lock .venv/bin/python bench/bench_step.py --width 16 --batch 128 --steps 30
+    flock /tmp/fop_bench.lock .venv/bin/python bench/studies/bench_step.py --width 16 --batch 128 --steps 30
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Distributed step time and communication: FOP, K-FAC, FROG, K-FROG, AdaFisher against SGD under DDP, W gloo ranks.
 
 Run (a script, not a pytest benchmark: it starts its own rank processes on 127.0.0.1):
-    flock /tmp/fop_bench.lock .venv/bin/python bench/bench_distributed.py --world 2 --out bench/results/distributed.json
+    flock /tmp/fop_bench.lock .venv/bin/python bench/studies/bench_distributed.py --world 2 \\
+        --out bench/results/distributed.json
 
 `--optimizers` picks the runs (default sgd,kfac,fop; FROG and AdaFisher: sgd,frog,kfrog,adafisher). For FROG the
 table also gives what gathering the sampled samples' inputs and output gradients would cost instead (the

@@ -2,7 +2,7 @@
 
 Run (one process, everything interleaved; the public code is imported at run time and never copied here):
 
-    flock /tmp/fop_bench.lock .venv/bin/python bench/bench_frog_adafisher.py \
+    flock /tmp/fop_bench.lock .venv/bin/python bench/studies/bench_frog_adafisher.py \
         --frog-dir /path/to/Fullfix/frog-optimizer --adafisher-dir /path/to/AtlasAnalyticsLab/AdaFisher
 
 `--frog-dir` (env FROG_DIR) holds the public `frog.py`; `--adafisher-dir` (env ADAFISHER_DIR) holds

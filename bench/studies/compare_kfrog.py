@@ -1,6 +1,6 @@
 """K-FROG side by side with the public kfrog.py (Fullfix/frog-optimizer), imported at run time from a path.
 
-    flock /tmp/fop_bench.lock .venv/bin/python bench/compare_kfrog.py --public /path/to/frog-optimizer/kfrog.py
+    flock /tmp/fop_bench.lock .venv/bin/python bench/studies/compare_kfrog.py --public /path/to/frog-optimizer/kfrog.py
 
 Same model (the ResNet-18-shaped CNN of fop.models.resnet18, 3x32x32 inputs, 10 classes) and batch for everyone.
 
