@@ -250,9 +250,12 @@ def test_a_raising_rank_makes_every_rank_raise(tmp_path):
     results = launch("fail", 2, tmp_path)
     r0, r1 = (r["errors"] for r in results)
     assert r0[1::2] == [True] * 4 and r1[1::2] == [True] * 4  # afterwards: a normal step, identical parameters
-    for e0, e1 in zip(r0[0::2], r1[0::2]):
-        assert e0.startswith("DistributedStepError") and "rank 1" in e0
+    for how, e0, e1 in zip(("nan", "trace", "nan", "diagonals"), r0[0::2], r1[0::2]):
         assert not e1.startswith("DistributedStepError") and e1 != "no error"
+        if how == "nan":  # rank 1's NaN gradient reaches rank 0's CG through the summed rounds: both updates are NaN
+            assert e0.startswith(("DistributedStepError", "FloatingPointError")), e0
+        else:
+            assert e0.startswith("DistributedStepError") and "rank 1" in e0
     assert r1[0].startswith("FloatingPointError") and r1[2].startswith("RuntimeError: injected failure")
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,8 @@ def make_rows_comm(optimizer, model: nn.Module, distributed) -> NullComm | RowsC
         return NullComm()
     group = options.process_group
     if group is None:
-        group = dist.new_group(ranks=dist.get_process_group_ranks(base))
+        timeout = None if options.timeout is None else timedelta(seconds=options.timeout)
+        group = dist.new_group(ranks=dist.get_process_group_ranks(base), timeout=timeout)
     return RowsComm(optimizer, group, options)
 
 
@@ -123,21 +125,42 @@ class RowsComm:
         per_rank = total[1:].reshape(self.world_size, L).round().long()
         self.counts = per_rank.T.tolist()
 
-    def _raise_together(self, error: Exception | None):
-        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error."""
+    @contextlib.contextmanager
+    def agree(self):
+        """Run the body (the step's work, with its summed rounds); then one all-reduce of an error flag, so that an
+        error raised on one rank outside a round raises on every rank. An error a round already raised on every
+        rank passes through without another collective."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # re-raised below, after the other ranks have been told
+            if getattr(err, "_fop_agreed", False):
+                raise
+            error = err
+        vec = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec, group=self.group)
+        self.bytes["control"] += vec.numel() * vec.element_size()
+        if vec.item() > 0:
+            self._raise_together(error, finish=False)
+
+    def _raise_together(self, error: Exception | None, finish: bool = True):
+        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error. `finish`: end
+        the step here (the agreement before the step's work); step() ends it after a failure in its work."""
         message = "" if error is None else f"{type(error).__name__}: {error}"
         messages = [None] * self.world_size
         dist.all_gather_object(messages, message, group=self.group)
-        self.end_step()  # the step is abandoned: its captures are dropped; run forward and backward again
-        self.opt._after_skipped_step()
+        if finish:
+            self.end_step()  # the step is abandoned: its captures are dropped; run forward and backward again
+            self.opt._after_skipped_step()
         failed = {r: m for r, m in enumerate(messages) if m}
         summary = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-        if error is not None:
-            if len(failed) > 1 and hasattr(error, "add_note"):
-                error.add_note(f"step() failed on {len(failed)} ranks: {summary}")
-            raise error
-        raise DistributedStepError(f"optimizer step() failed on another rank ({summary}); this rank (rank "
-                                   f"{self.rank}) stops as well instead of waiting for it")
+        if error is None:
+            error = DistributedStepError(f"optimizer step() failed on another rank ({summary}); this rank (rank "
+                                         f"{self.rank}) stops as well instead of waiting for it")
+        elif len(failed) > 1 and hasattr(error, "add_note"):
+            error.add_note(f"step() failed on {len(failed)} ranks: {summary}")
+        error._fop_agreed = True
+        raise error
 
     def offset(self, i: int) -> int:
         """Where this rank's samples of layer i start in the global batch."""
@@ -178,7 +201,7 @@ class RowsComm:
             work.wait()
         self.bytes[kind] += flat.numel() * flat.element_size()
         if float(flat[-1]) > 0:  # one host sync per round: the flag
-            self._raise_together(error)
+            self._raise_together(error, finish=False)
         out, start = [], 0
         home = parts[0].device if parts else self.device
         for s, k in zip(shapes, numel):
@@ -187,7 +210,10 @@ class RowsComm:
         return out
 
     # -- end of step ---------------------------------------------------------------------------------------------------
-    def end_step(self) -> None:
+    def remove(self) -> None:
+        """No hooks of its own."""
+
+    def end_step(self, failed: bool = False) -> None:
         """After a step (taken, skipped or abandoned): record the bytes, reset the per-step state."""
         self.last_step_bytes = dict(self.bytes)
         self.last_step_bytes["total"] = sum(self.bytes.values())
@@ -259,12 +285,12 @@ def cost_model(kind: str, layers, world: int, *, cg_iters: int = 4, warm_start: 
     """Payload bytes one rank hands to the collectives of one step (what `RowsComm.last_step_bytes` reports), for
     `kind` "frog", "kfrog" or "adafisher"; every summed round's buffer carries a one-entry flag.
 
-    control: the agreement vector, 8 (1 + W L). FROG: the traces (R per layer), (cg_iters - 1 [+ 1 warm_start])
+    control: the agreement vector before the step's work, 8 (1 + W L), and the error flag after it, 8. FROG: the traces (R per layer), (cg_iters - 1 [+ 1 warm_start])
     rounds of the R x D matvec parts, the last iteration's R quadratic forms. K-FROG: y_r (R) and the input
     diagonal's data (C_in kh kw + 1 for a conv, D for a Linear) per layer in one round, then the same CG rounds
     without a warm start. AdaFisher: on refresh steps only, H and S of every layer in one round."""
     L = len(layers)
-    out = {"control": 8 * (1 + world * L)}
+    out = {"control": 8 * (1 + world * L) + 8}
     if kind == "adafisher":
         if refresh:
             from fop.adafisher import additive_sizes  # fop.adafisher imports this module
