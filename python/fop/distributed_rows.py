@@ -285,10 +285,11 @@ def cost_model(kind: str, layers, world: int, *, cg_iters: int = 4, warm_start: 
     """Payload bytes one rank hands to the collectives of one step (what `RowsComm.last_step_bytes` reports), for
     `kind` "frog", "kfrog" or "adafisher"; every summed round's buffer carries a one-entry flag.
 
-    control: the agreement vector before the step's work, 8 (1 + W L), and the error flag after it, 8. FROG: the traces (R per layer), (cg_iters - 1 [+ 1 warm_start])
-    rounds of the R x D matvec parts, the last iteration's R quadratic forms. K-FROG: y_r (R) and the input
-    diagonal's data (C_in kh kw + 1 for a conv, D for a Linear) per layer in one round, then the same CG rounds
-    without a warm start. AdaFisher: on refresh steps only, H and S of every layer in one round."""
+    control: the agreement vector before the step's work, 8 (1 + W L), and the error flag after it, 8. FROG: the
+    traces (R per layer), (cg_iters - 1 [+ 1 warm_start]) rounds of the R x D matvec parts, the last iteration's R
+    quadratic forms. K-FROG: y_r (R) and the input diagonal's data (C_in kh kw + 1 for a conv, D for a Linear) per
+    layer in one round, then the same CG rounds without a warm start. AdaFisher: on refresh steps only, H and S of
+    every layer in one round."""
     L = len(layers)
     out = {"control": 8 * (1 + world * L) + 8}
     if kind == "adafisher":
