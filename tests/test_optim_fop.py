@@ -143,7 +143,7 @@ def test_fop_matches_literal_paper_equations(damping_mode, inverse, batch, eta_n
     # wide clips so that the adaptive values themselves are compared (the defaults are checked below)
     clips = dict(beta_clip=(-50.0, 50.0), eta_clip=(-50.0, 50.0))
     expected = literal_fop_update(m, x, y, damping, damping_mode, eta_norm=eta_norm, **clips)
-    got, opt = _one_step_direction(FOP, m, x, y, damping=damping, kl_clip=None, eta_norm=eta_norm,
+    got, opt = _one_step_direction(FOP, m, x, y, damping=damping, kl_clip=None, eta="adaptive", eta_norm=eta_norm,
                                    **{"damping_mode": damping_mode, **inverse_kwargs(inverse, monkeypatch)}, **clips)
     stats = opt.last_stats()
     assert set(stats) == set(expected)
@@ -156,15 +156,16 @@ def test_fop_matches_literal_paper_equations(damping_mode, inverse, batch, eta_n
 
 @pytest.mark.parametrize("inverse", INVERSES)
 def test_fop_defaults_and_fixed_values_match_literal(inverse, monkeypatch):
-    """The defaults (normalized eta clipped to (0, 1), beta clipped to (-0.5, 0.5), KL clip 1e-3) and fixed beta/eta
-    against the literal equations; at lr 1 the KL clip is active."""
+    """The defaults (adaptive beta clipped to (-0.5, 0.5), eta 1, KL clip 1e-3), the normalized adaptive eta (clipped to
+    (0, 1)) and fixed beta/eta against the literal equations; at lr 1 the KL clip is active."""
     torch.manual_seed(11)
     m = tiny_net().double()
     x, y = torch.randn(12, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (12,))
     damping_mode = "eigen" if inverse == "eigh" else "factored"
     inv = {"damping_mode": damping_mode, **inverse_kwargs(inverse, monkeypatch)}
-    for kwargs in (dict(), dict(beta=0.3, eta=0.7)):
-        lit = dict(fixed_beta=kwargs.get("beta"), fixed_eta=kwargs.get("eta"), eta_norm=True, kl_clip=1e-3)
+    for kwargs in (dict(), dict(eta="adaptive"), dict(beta=0.3, eta=0.7)):
+        fixed_eta = 1.0 if not kwargs else kwargs.get("eta") if kwargs.get("eta") != "adaptive" else None
+        lit = dict(fixed_beta=kwargs.get("beta"), fixed_eta=fixed_eta, eta_norm=True, kl_clip=1e-3)
         expected = literal_fop_update(m, x, y, 1e-3, damping_mode, **lit)
         unclipped = literal_fop_update(m, x, y, 1e-3, damping_mode, **{**lit, "kl_clip": None})
         got, opt = _one_step_direction(FOP, m, x, y, damping=1e-3, **inv, **kwargs)
@@ -185,7 +186,7 @@ def test_fop_normalized_eta_at_beta0_equals_kfac(inverse, monkeypatch):
     x, y = torch.randn(10, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (10,))
     kwargs = {"damping": 1e-2, "damping_mode": "factored" if inverse != "eigh" else "eigen",
               **inverse_kwargs(inverse, monkeypatch)}
-    got, opt = _one_step_direction(FOP, m, x, y, beta=0.0, **kwargs)
+    got, opt = _one_step_direction(FOP, m, x, y, beta=0.0, eta="adaptive", **kwargs)
     kfac, _ = _one_step_direction(KFAC, m, x, y, **kwargs)
     for name in kfac:
         torch.testing.assert_close(got[name], kfac[name], rtol=1e-9, atol=1e-12)
