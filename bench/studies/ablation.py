@@ -26,23 +26,24 @@ OFFICIAL = {"damping_mode": "factored", "inverse_method": "cholesky", "fisher": 
 
 # name: (optimizer, constructor overrides, label smoothing)
 VARIANTS = {
-    "kfac": ("kfac", {}, 0.0),
-    "fop (defaults: adaptive beta, normalized eta)": ("fop", {}, 0.0),
-    "fop beta=0 (normalized eta: K-FAC)": ("fop", {"beta": 0.0}, 0.0),
-    "fop eta=1 fixed, adaptive beta": ("fop", {"eta": 1.0}, 0.0),
-    "fop paper eta (eta_norm=False)": ("fop", {"eta_norm": False}, 0.0),
-    "fop beta=0, paper eta (2x K-FAC before the clip)": ("fop", {"beta": 0.0, "eta_norm": False}, 0.0),
+    "kfac (defaults)": ("kfac", {}, 0.0),
+    "kfac former defaults (eigen damping, no KL clip)": ("kfac", {"damping_mode": "eigen", "kl_clip": None}, 0.0),
+    "fop (defaults: adaptive beta, eta=1)": ("fop", {}, 0.0),
+    "fop beta=0 (K-FAC)": ("fop", {"beta": 0.0}, 0.0),
+    "fop adaptive eta, normalized": ("fop", {"eta": "adaptive"}, 0.0),
+    "fop adaptive eta, paper form (eta_norm=False)": ("fop", {"eta": "adaptive", "eta_norm": False}, 0.0),
+    "fop beta=0, adaptive paper eta (2x K-FAC before the clip)": ("fop", {"beta": 0.0, "eta": "adaptive",
+                                                                         "eta_norm": False}, 0.0),
     "fop beta=0.1 fixed": ("fop", {"beta": 0.1}, 0.0),
-    "fop eta=1 fixed, adaptive beta, mc Fisher": ("fop", {"eta": 1.0, "fisher": "mc"}, 0.0),
     "kfac eigen damping": ("kfac", {"damping_mode": "eigen"}, 0.0),
     "fop eigen damping": ("fop", {"damping_mode": "eigen"}, 0.0),
     "kfac mc Fisher": ("kfac", {"fisher": "mc"}, 0.0),
     "fop mc Fisher": ("fop", {"fisher": "mc"}, 0.0),
     "fop split=backward (two half-batch passes)": ("fop", {"split": "backward"}, 0.0),
     "kfac official recipe": ("kfac", OFFICIAL, 0.1),
-    "fop official recipe (+ split=backward, paper eta)": ("fop", {**OFFICIAL, "split": "backward",
-                                                                  "eta_norm": False}, 0.1),
-    "fop official recipe, normalized eta": ("fop", {**OFFICIAL, "split": "backward"}, 0.1),
+    "fop official recipe (split=backward, paper eta)": ("fop", {**OFFICIAL, "split": "backward", "eta": "adaptive",
+                                                                "eta_norm": False}, 0.1),
+    "fop official recipe with eta=1": ("fop", {**OFFICIAL, "split": "backward"}, 0.1),
 }
 
 
