@@ -56,7 +56,7 @@ def test_the_kl_clip_catches_what_diverges_without_it(optimizer):
                              overrides={"kl_clip": None, "damping_mode": "eigen"})
     assert unsafe["diverged"] or unsafe["history"][-1]["train_loss"] > 10.0
     safe = constant_lr_run(optimizer, "cnn", 256, 0.1, epochs=2, target=101.0)
-    assert not safe["diverged"] and safe["history"][-1]["train_loss"] < 1.0
+    assert not safe["diverged"] and safe["history"][-1]["train_loss"] < 0.6 * 2.3026  # well below ln 10
 
 
 @pytest.mark.parametrize("optimizer", ["kfac", "fop"])

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=95.0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="out/robustness")
+    p.add_argument("--merge", nargs="+", default=None, metavar="ROBUSTNESS_JSON",
+                   help="run nothing: merge the records of these robustness.json files (runs split over processes) "
+                        "and write the table, JSON and heat map into --out")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,9 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     lrs = [float(v) for v in args.lrs.split(",")]
     batches = args.batch_sizes.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        records = []
+        for path in args.merge:
+            with open(path) as f:
+                records += json.load(f)["records"]
+        return write_outputs(args, argv, args.data, records, models, optimizers, lrs, batches)
     data = load_dataset(args.data, args.data_dir, None, args.train_limit)
     n_train = len(data.train_y)
-    os.makedirs(args.out, exist_ok=True)
     records = []
     start = time.time()
     for model in models:
@@ -150,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                         records.append(r)
                         print(f"[{time.time() - start:7.0f}s] {model} {opt} lr={lr:g} b={b} seed={seed}: "
                               f"{cell_text(r)}", file=sys.stderr, flush=True)
+    return write_outputs(args, argv, data.name, records, models, optimizers, lrs, batches)
+
+
+def write_outputs(args, argv, data_name: str, records: list[dict], models, optimizers, lrs, batches) -> int:
     md = markdown(records, models, optimizers, lrs, batches, args.target, args.epochs)
-    header = (f"# Robustness matrix: {data.name}, only lr set, constant lr\n\nCommand: "
+    header = (f"# Robustness matrix: {data_name}, only lr set, constant lr\n\nCommand: "
               f"`python bench/studies/robustness.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n")
     with open(os.path.join(args.out, "robustness.md"), "w") as f:
         f.write(header + md)
