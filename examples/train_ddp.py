@@ -72,7 +72,7 @@ def main() -> None:
     elif args.optimizer == "adafisher":
         opt = AdaFisher(ddp, lr=lr, factor_interval=10)
     else:
-        kwargs = dict(lr=lr, damping=1e-2, factor_interval=10, inverse_interval=10, kl_clip=1e-2)
+        kwargs = dict(lr=lr)  # every other hyperparameter at its default
         if args.optimizer == "fop":
             opt = FOP(ddp, distributed=DistributedOptions(split=args.split), **kwargs)
         else:
