@@ -215,7 +215,52 @@ def cost_model(layers, world: int, *, half_batch: bool, factor_step: bool, inver
 
 
 # -- the communicator ------------------------------------------------------------------------------------------------
-class Comm:
+class RankAgreement:
+    """Failure agreement of a communicator (`group`, `rank`, `world_size`, `device`, `bytes`): whatever raises on one
+    rank raises on every rank, the failing ranks with their own error, the others with DistributedStepError naming
+    it. Subclasses say in `_abandon` how a step given up before its work ends."""
+
+    def _abandon(self) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def agree(self):
+        """Run the body (the local work of step()); then one all-reduce of an error flag: if the body raised on any
+        rank, every rank raises, so that no rank enters the next collective alone. An error already raised on every
+        rank (`_raise_together` inside the body) passes through without another collective."""
+        error = None
+        try:
+            yield
+        except Exception as err:  # re-raised below, after the other ranks have been told
+            if getattr(err, "_fop_agreed", False):
+                raise
+            error = err
+        vec = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(vec, group=self.group)
+        self.bytes["control"] += vec.numel() * vec.element_size()
+        if vec.item() > 0:
+            self._raise_together(error, finish=False)
+
+    def _raise_together(self, error: Exception | None, finish: bool = True):
+        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error. `finish`: end
+        the step here (the agreement before the step's work); step() ends it after a failure in its work."""
+        message = "" if error is None else f"{type(error).__name__}: {error}"
+        messages = [None] * self.world_size
+        dist.all_gather_object(messages, message, group=self.group)
+        if finish:
+            self._abandon()
+        failed = {r: m for r, m in enumerate(messages) if m}
+        summary = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
+        if error is None:
+            error = DistributedStepError(f"optimizer step() failed on another rank ({summary}); this rank (rank "
+                                         f"{self.rank}) stops as well instead of waiting for it")
+        elif len(failed) > 1 and hasattr(error, "add_note"):
+            error.add_note(f"step() failed on {len(failed)} ranks: {summary}")
+        error._fop_agreed = True
+        raise error
+
+
+class Comm(RankAgreement):
     """The distributed hooks of one KFAC/FOP optimizer on `group` (see the module docstring)."""
 
     active = True
@@ -380,38 +425,8 @@ class Comm:
             self.fallback_reason = (f"no rank has samples in one of the two sub-batches of {', '.join(empty)}"
                                     if empty else None)
 
-    @contextlib.contextmanager
-    def agree(self):
-        """Run the body (local work of step(), no collective inside); then one all-reduce of an error flag: if the
-        body raised on any rank, every rank raises (the failing ones their own error, the others
-        DistributedStepError naming it), so that no rank enters the next collective alone."""
-        error = None
-        try:
-            yield
-        except Exception as err:  # re-raised below, after the other ranks have been told
-            error = err
-        vec = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
-        dist.all_reduce(vec, group=self.group)
-        self.bytes["control"] += vec.numel() * vec.element_size()
-        if vec.item() > 0:
-            self._raise_together(error, finish=False)
-
-    def _raise_together(self, error: Exception | None, finish: bool = True):
-        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error. `finish`: end
-        the step here (the agreement before the step's work); step() ends it after a failure in its work."""
-        message = "" if error is None else f"{type(error).__name__}: {error}"
-        messages = [None] * self.world_size
-        dist.all_gather_object(messages, message, group=self.group)
-        if finish:
-            self.end_step(failed=True)  # the step is abandoned: run forward and backward again before the next step()
-        failed = {r: m for r, m in enumerate(messages) if m}
-        summary = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-        if error is not None:
-            if len(failed) > 1 and hasattr(error, "add_note"):
-                error.add_note(f"step() failed on {len(failed)} ranks: {summary}")
-            raise error
-        raise DistributedStepError(f"optimizer step() failed on another rank ({summary}); this rank (rank "
-                                   f"{self.rank}) stops as well instead of waiting for it")
+    def _abandon(self) -> None:
+        self.end_step(failed=True)  # the step is abandoned: run forward and backward again before the next step()
 
     # -- what FOP reads ---------------------------------------------------------------------------------------------
     def _wait(self) -> dict[int, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fop.distributed import DistributedOptions, DistributedStepError, NullComm
+from fop.distributed import DistributedOptions, NullComm, RankAgreement
 from fop.frog import _rowdot, cg_schedule, row_cg_requests
 
 __all__ = ["RowsComm", "cost_model", "gather_cost_model", "lockstep_row_cg", "make_rows_comm"]
@@ -78,7 +78,7 @@ class _RoundFailed(Exception):
     """Raised by RowsComm.round on a rank whose local work raised (carries that error)."""
 
 
-class RowsComm:
+class RowsComm(RankAgreement):
     """Agreement and summed rounds of one FROG / K-FROG / AdaFisher optimizer on `group` (module docstring)."""
 
     active = True
@@ -125,42 +125,9 @@ class RowsComm:
         per_rank = total[1:].reshape(self.world_size, L).round().long()
         self.counts = per_rank.T.tolist()
 
-    @contextlib.contextmanager
-    def agree(self):
-        """Run the body (the step's work, with its summed rounds); then one all-reduce of an error flag, so that an
-        error raised on one rank outside a round raises on every rank. An error a round already raised on every
-        rank passes through without another collective."""
-        error = None
-        try:
-            yield
-        except Exception as err:  # re-raised below, after the other ranks have been told
-            if getattr(err, "_fop_agreed", False):
-                raise
-            error = err
-        vec = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=self.device)
-        dist.all_reduce(vec, group=self.group)
-        self.bytes["control"] += vec.numel() * vec.element_size()
-        if vec.item() > 0:
-            self._raise_together(error, finish=False)
-
-    def _raise_together(self, error: Exception | None, finish: bool = True):
-        """Every rank learns which ranks failed and why; the failing ranks re-raise their own error. `finish`: end
-        the step here (the agreement before the step's work); step() ends it after a failure in its work."""
-        message = "" if error is None else f"{type(error).__name__}: {error}"
-        messages = [None] * self.world_size
-        dist.all_gather_object(messages, message, group=self.group)
-        if finish:
-            self.end_step()  # the step is abandoned: its captures are dropped; run forward and backward again
-            self.opt._after_skipped_step()
-        failed = {r: m for r, m in enumerate(messages) if m}
-        summary = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-        if error is None:
-            error = DistributedStepError(f"optimizer step() failed on another rank ({summary}); this rank (rank "
-                                         f"{self.rank}) stops as well instead of waiting for it")
-        elif len(failed) > 1 and hasattr(error, "add_note"):
-            error.add_note(f"step() failed on {len(failed)} ranks: {summary}")
-        error._fop_agreed = True
-        raise error
+    def _abandon(self) -> None:
+        self.end_step()  # the step is abandoned: its captures are dropped; run forward and backward again
+        self.opt._after_skipped_step()
 
     def offset(self, i: int) -> int:
         """Where this rank's samples of layer i start in the global batch."""
