@@ -2,7 +2,7 @@
 
 The official code is imported at run time from `--official-dir` (or FOP_OFFICIAL_DIR): the folder holding its
 `fop.py`. It needs ASDL (`asdfghjkl==0.1a5`, pure Python): importable, or installed into a folder given by
-`--asdl-dir` (or ASDL_DIR), e.g. `pip install --no-deps --target /work/ext/asdl asdfghjkl==0.1a5`. Nothing of it is
+`--asdl-dir` (or ASDL_DIR), e.g. `pip install --no-deps --target PATH/TO/asdl asdfghjkl==0.1a5`. Nothing of it is
 copied here. Without the folder the script prints why and exits 0.
 
 1. Timing on a 225k-parameter MNIST CNN (no batch-coupled layers) at batch 2048 from the real MNIST IDX files:
@@ -18,7 +18,7 @@ copied here. Without the folder the script prints why and exits 0.
    precondition the same batch. Reported: relative difference per layer.
 
     flock /tmp/fop_bench.lock .venv/bin/python bench/studies/compare_official_fop.py \\
-        --official-dir /work/ext/hyperfisher/fop --asdl-dir /work/ext/asdl
+        --official-dir PATH/TO/hyperfisher/fop --asdl-dir PATH/TO/asdl
 """
 
 from __future__ import annotations
@@ -250,7 +250,8 @@ def main():
     p.add_argument("--official-dir", default=os.environ.get("FOP_OFFICIAL_DIR"),
                    help="folder with the official fop.py (Kelares/HyperFisher @ bbf208e, fop/)")
     p.add_argument("--asdl-dir", default=os.environ.get("ASDL_DIR"), help="folder where asdfghjkl==0.1a5 is installed")
-    p.add_argument("--data-dir", default=os.environ.get("MNIST_DIR", "/work/shared/data/mnist"))
+    p.add_argument("--data-dir", default=os.environ.get("MNIST_DIR"),
+                   help="the folder with the MNIST IDX files (default: $MNIST_DIR)")
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--interval", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
@@ -274,6 +275,8 @@ def main():
     except ImportError as e:
         print(f"skipped: the official FOP code needs ASDL (asdfghjkl==0.1a5): {e}; pass --asdl-dir")
         return
+    if not args.data_dir:
+        p.error("--data-dir (or MNIST_DIR): the folder with the MNIST IDX files is needed")
     data = load_mnist(args.data_dir)
     if not args.skip_directions:
         print(compare_directions(args, official, asdl, data))
