@@ -123,11 +123,12 @@ class NullComm:
         return {"total": 0}
 
 
-def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
-    """The communicator of `optimizer`. `distributed`: None (on when a process group with more than one rank is
-    initialized), False (off: each rank keeps its own curvature state), True, or a DistributedOptions."""
+def resolve_distributed(model: nn.Module, distributed):
+    """(options, ddp, base group) for `distributed` (None: on when a process group is initialized; True; a
+    DistributedOptions), or None when there is nothing to synchronize: distributed=False, or None without an
+    initialized process group. The base group is the given process_group, else DDP's, else WORLD."""
     if distributed is False:
-        return NullComm()
+        return None
     if distributed is None or distributed is True:
         options = DistributedOptions()
     elif isinstance(distributed, DistributedOptions):
@@ -135,16 +136,33 @@ def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
     else:
         raise TypeError(f"distributed must be None, True, False or a fop.distributed.DistributedOptions, "
                         f"got {type(distributed).__name__}")
-    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-    initialized = dist.is_available() and dist.is_initialized()
-    if not initialized:
+    if not (dist.is_available() and dist.is_initialized()):
         if distributed is None:
-            return NullComm()
+            return None
         raise RuntimeError("distributed=... was given but torch.distributed is not initialized: call "
                            "torch.distributed.init_process_group first (torchrun sets the environment it reads)")
+    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
     base = options.process_group
     if base is None:
         base = ddp.process_group if ddp is not None else dist.group.WORLD
+    return options, ddp, base
+
+
+def own_group(options: DistributedOptions, base):
+    """The optimizer's own process group over the ranks of `base` (with options.timeout), or the given one."""
+    if options.process_group is not None:
+        return options.process_group
+    timeout = None if options.timeout is None else timedelta(seconds=options.timeout)
+    return dist.new_group(ranks=dist.get_process_group_ranks(base), timeout=timeout)
+
+
+def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
+    """The communicator of `optimizer`. `distributed`: None (on when a process group with more than one rank is
+    initialized), False (off: each rank keeps its own curvature state), True, or a DistributedOptions."""
+    resolved = resolve_distributed(model, distributed)
+    if resolved is None:
+        return NullComm()
+    options, ddp, base = resolved
     world = dist.get_world_size(base)
     if options.split == "ranks" and world % 2:
         raise ValueError(f"split='ranks' (primary/secondary: even ranks form g1, odd ranks g2) needs an even world "
@@ -159,14 +177,9 @@ def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
             f"apart under DDP; pass distributed=False to train each rank's curvature separately anyway")
     if options.split == "ranks" and not optimizer._needs_half_batch(optimizer.steps):
         raise ValueError(f"split='ranks' chooses FOP's two sub-batches; {type(optimizer).__name__} has none")
-    group = options.process_group
-    if group is None:
-        timeout = None if options.timeout is None else timedelta(seconds=options.timeout)
-        group = dist.new_group(ranks=dist.get_process_group_ranks(base), timeout=timeout)
-    return Comm(optimizer, ddp, group, options)
+    return Comm(optimizer, ddp, own_group(options, base), options)
 
 
-# -- helpers ----------------------------------------------------------------------------------------------------------
 def _chunks(sizes: list[int], cap: int) -> list[list[int]]:
     """Consecutive groups of item indices whose sizes sum to at most `cap` (an item larger than cap goes alone)."""
     groups, current, total = [], [], 0

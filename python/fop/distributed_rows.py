@@ -29,13 +29,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fop.distributed import DistributedOptions, NullComm, RankAgreement
+from fop.distributed import DistributedOptions, NullComm, RankAgreement, own_group, resolve_distributed
 from fop.frog import _rowdot, cg_schedule, row_cg_requests
 
 __all__ = ["RowsComm", "cost_model", "gather_cost_model", "lockstep_row_cg", "make_rows_comm"]
@@ -45,33 +44,16 @@ def make_rows_comm(optimizer, model: nn.Module, distributed) -> NullComm | RowsC
     """The communicator of a FROG / K-FROG / AdaFisher optimizer. `distributed`: None (on when a process group of
     more than one rank is initialized), False (off: each rank keeps its own curvature), True, or a
     fop.distributed.DistributedOptions (process_group and bucket_cap_mb are used; split and overlap are FOP's)."""
-    if distributed is False:
+    if isinstance(distributed, DistributedOptions) and distributed.split != "halves":
+        raise ValueError(f"split={distributed.split!r} chooses FOP's two sub-batches; {type(optimizer).__name__} has "
+                         "none")
+    resolved = resolve_distributed(model, distributed)
+    if resolved is None:
         return NullComm()
-    if distributed is None or distributed is True:
-        options = DistributedOptions()
-    elif isinstance(distributed, DistributedOptions):
-        options = distributed
-    else:
-        raise TypeError(f"distributed must be None, True, False or a fop.distributed.DistributedOptions, "
-                        f"got {type(distributed).__name__}")
-    if options.split != "halves":
-        raise ValueError(f"split={options.split!r} chooses FOP's two sub-batches; {type(optimizer).__name__} has none")
-    if not (dist.is_available() and dist.is_initialized()):
-        if distributed is None:
-            return NullComm()
-        raise RuntimeError("distributed=... was given but torch.distributed is not initialized: call "
-                           "torch.distributed.init_process_group first (torchrun sets the environment it reads)")
-    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-    base = options.process_group
-    if base is None:
-        base = ddp.process_group if ddp is not None else dist.group.WORLD
+    options, _, base = resolved
     if dist.get_world_size(base) == 1:
         return NullComm()
-    group = options.process_group
-    if group is None:
-        timeout = None if options.timeout is None else timedelta(seconds=options.timeout)
-        group = dist.new_group(ranks=dist.get_process_group_ranks(base), timeout=timeout)
-    return RowsComm(optimizer, group, options)
+    return RowsComm(optimizer, own_group(options, base), options)
 
 
 class _RoundFailed(Exception):
