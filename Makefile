@@ -34,7 +34,7 @@ $(STAMPS)/install: $(STAMPS)/deps $(NATIVE_SOURCES)
 # writes out/demo/table.md, results.json and accuracy.png (a few minutes on 2 CPU cores).
 demo: install
 	$(VPY) -m fop_kernels
-	$(VPY) -m fop.train --data digits --model cnn --batch-sizes 1024,full --seeds 0,1,2 --epochs 40 \
+	$(VPY) -m fop_train --data digits --model cnn --batch-sizes 1024,full --seeds 0,1,2 --epochs 40 \
 		--target 95 --curvature-interval 1 --out out/demo
 
 test: install

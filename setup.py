@@ -120,7 +120,7 @@ local = os.environ.get("FOP_KERNELS_LOCAL_VERSION", target)
 setup(
     version=f"{_base_version()}+{local}" if local else _base_version(),
     packages=find_packages(include=["fop_kernels", "fop_kernels.*"])
-    + find_packages("python", include=["fop", "fop.*"]),
+    + find_packages("python", include=["fop", "fop.*", "fop_train", "fop_train.*"]),
     ext_modules=[ext],
     # one build per command line: `setup.py build --build-base X bdist_wheel` would compile twice, because
     # BuildExtension appends its flags to the extension on every run and ninja then sees new commands

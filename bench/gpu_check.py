@@ -267,7 +267,7 @@ def part_tests(budget: Budget, part: dict) -> None:
 
 
 def resnet18_weight_shapes(num_classes: int = 10) -> list[tuple[int, int]]:
-    """(out, in*kh*kw) of the Conv2d/Linear weights of the CIFAR ResNet-18 (fop.models.resnet18, width 64)."""
+    """(out, in*kh*kw) of the Conv2d/Linear weights of the CIFAR ResNet-18 (fop_train.models.resnet18, width 64)."""
     shapes = [(64, 27)] + [(64, 576)] * 4
     for c_in, c_out in ((64, 128), (128, 256), (256, 512)):
         shapes += [(c_out, c_in * 9), (c_out, c_out * 9), (c_out, c_in), (c_out, c_out * 9), (c_out, c_out * 9)]
@@ -502,7 +502,7 @@ def _sync_config(part: dict, name: str, cls, extra: dict, check_finite: bool, de
     capture and step() on a plain and on a curvature step."""
     import torch
     import torch.nn.functional as F
-    from fop.models import resnet18
+    from fop_train.models import resnet18
 
     torch.manual_seed(0)
     batch, width, image = size
@@ -760,9 +760,9 @@ def part_kernels(budget: Budget, part: dict, report: dict) -> None:
 
 
 def gpt2_stack(layers: int = 12, dim: int = 768, heads: int = 12, classes: int = 1024):
-    """A GPT-2-small-sized stack: `layers` pre-norm blocks (fop.models' transformer block: Linear qkv, proj,
+    """A GPT-2-small-sized stack: `layers` pre-norm blocks (fop_train.models' transformer block: Linear qkv, proj,
     fc1, fc2) on (batch, tokens, dim) inputs, a LayerNorm and a Linear head per token."""
-    from fop.models import _Block
+    from fop_train.models import _Block
     from torch import nn
 
     return nn.Sequential(*[_Block(dim, heads, 4) for _ in range(layers)], nn.LayerNorm(dim), nn.Linear(dim, classes))
@@ -815,7 +815,7 @@ def _time_optimizer(name: str, base, x, y) -> dict:
 
 def _step_inputs(model_name: str, batch: int):
     import torch
-    from fop.models import resnet18
+    from fop_train.models import resnet18
 
     torch.manual_seed(0)
     if model_name == "resnet18":

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fop import FOP, FROG, KFAC, KFROG, AdaFisher
-from fop.data import load_digits, load_mnist
 from fop.distributed import DistributedOptions
-from fop.models import SmallCNN
+from fop_train.data import load_digits, load_mnist
+from fop_train.models import SmallCNN
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 

@@ -1,7 +1,7 @@
 """What a user gets with only `lr` set: K-FAC and FOP train at their defaults for any lr a user brings from SGD, the
 safeguard catches a configuration that diverges without it, and the seeds' recommended configuration trains.
 
-Every run is a constant-lr run of fop-train's training loop (fop.train.run_one) on sklearn's digits, so the defaults
+Every run is a constant-lr run of fop-train's training loop (fop_train.cli.run_one) on sklearn's digits, so the defaults
 are what is tested: nothing but lr (and the configuration under test) is passed."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 
 import pytest
-from fop.data import load_digits
-from fop.train import RunConfig, run_one
+from fop_train.cli import RunConfig, run_one
+from fop_train.data import load_digits
 
 
 @functools.lru_cache(maxsize=1)

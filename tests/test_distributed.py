@@ -234,7 +234,6 @@ def _faults_scenario(rank: int, world: int) -> dict:
     with Cholesky inverses: an exception in each phase of step(), a damping schedule returning NaN, an empty
     batch. Every rank must raise and change nothing; then the ranks train on identically."""
     import torch.distributed as dist
-    from fop import kfac as kfac_module
     from test_faults import same, snapshot
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -259,7 +258,7 @@ def _faults_scenario(rank: int, world: int) -> dict:
                 if fault == "factor statistics":
                     patch = (fop_kernels, "accumulate_factor")
                 elif fault == "decomposition":
-                    patch = (torch.linalg, "cholesky_ex") if name == "fop_cholesky" else (kfac_module, "robust_eigh")
+                    patch = (torch.linalg, "cholesky_ex") if name == "fop_cholesky" else (opt.comm.view, "decompose")
                 elif fault == "preconditioning":
                     patch = (fop_kernels, {"fop": "fisher_inner_products", "kfac": "project_combine",
                                            "fop_cholesky": "combine_scalars"}[name])

@@ -226,6 +226,7 @@ def test_two_ranks_differ_from_each_rank_alone(two_ranks):
 
 
 def test_bytes_follow_the_cost_model(two_ranks):
+    from fop.adafisher import additive_sizes
     from fop.distributed_rows import cost_model
 
     for name, kind in (("frog", "frog"), ("frog_warm", "frog"), ("kfrog", "kfrog"), ("adafisher", "adafisher")):
@@ -233,7 +234,8 @@ def test_bytes_follow_the_cost_model(two_ranks):
         hyper = RUNS[name][1]
         for step, got in enumerate(two_ranks[0][name]["bytes"]):
             want = cost_model(kind, opt.layers, 2, warm_start=hyper.get("warm_start", False) and step > 0,
-                              fold_bias=getattr(opt, "fold_bias", True), refresh=step % 2 == 0, value_bytes=8)
+                              fold_bias=getattr(opt, "fold_bias", True), refresh=step % 2 == 0, value_bytes=8,
+                              diagonal_sizes=[additive_sizes(layer) for layer in opt.layers])
             assert got == want, (name, step)
 
 

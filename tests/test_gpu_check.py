@@ -123,7 +123,7 @@ def test_step_configs_build_and_step_on_cpu(gpu_check, name):
     """The optimizers and models of the steps part (shrunk) take one finite step: a wrong argument fails here,
     not during a GPU lease."""
     import torch.nn.functional as F
-    from fop.models import resnet18
+    from fop_train.models import resnet18
 
     cases = [(resnet18(width=4), torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))),
              (gpt2_small := gpu_check.gpt2_stack(layers=1, dim=16, heads=2, classes=5), torch.randn(2, 6, 16),

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fop import KFROG
-from fop.data import load_digits
 from fop.kfrog import conv_input_diag, kfrog_conv_solve, kfrog_linear_solve, linear_input_diag
-from fop.models import SmallCNN
+from fop_train.data import load_digits
+from fop_train.models import SmallCNN
 from helpers import assert_close, train_steps
 from torch import nn
 
@@ -314,7 +314,7 @@ def test_kfrog_trains_digits_to_95_percent_at_its_defaults():
 
 
 def test_fop_train_builds_kfrog():
-    from fop import train
+    from fop_train import cli as train
 
     opt = train.make_optimizer("kfrog", SmallCNN(1, 8, 10), lr=train.OPTIMIZERS["kfrog"].base_lr * 64 / 256)
     assert isinstance(opt, KFROG) and opt.defaults["lr"] == KFROG(SmallCNN(1, 8, 10)).defaults["lr"]

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 import torch
-from fop import train
-from fop.data import (
+from fop_train import cli as train
+from fop_train.data import (
     MNIST_FILES,
     ImageDataset,
     load_dataset,
@@ -21,8 +21,8 @@ from fop.data import (
     read_idx,
     write_idx,
 )
-from fop.models import MODELS, build_model
-from fop.report import PLOT_DPI, PLOT_PANEL_INCHES, markdown_table, summarize
+from fop_train.models import MODELS, build_model
+from fop_train.report import PLOT_DPI, PLOT_PANEL_INCHES, markdown_table, summarize
 
 MNIST_DIR = os.environ.get("FOP_MNIST_DIR", "")  # a folder with the four MNIST IDX files, to test the real data
 

@@ -19,8 +19,8 @@ import sys
 import time
 
 import torch
-from fop.data import load_dataset
-from fop.train import OPTIMIZERS, RunConfig, run_one, scaled_lr
+from fop_train.cli import OPTIMIZERS, RunConfig, run_one, scaled_lr
+from fop_train.data import load_dataset
 
 OFFICIAL = {"damping_mode": "factored", "inverse_method": "cholesky", "fisher": "mc", "max_update_norm": 10.0}
 

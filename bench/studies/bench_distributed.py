@@ -55,10 +55,11 @@ def _counting_allreduce_hook(counter: dict):
 
 def _rank_main(args) -> None:
     from fop import FOP, FROG, KFAC, KFROG, AdaFisher
+    from fop.adafisher import additive_sizes
     from fop.distributed import cost_model
     from fop.distributed_rows import cost_model as rows_cost_model
     from fop.distributed_rows import gather_cost_model
-    from fop.models import SmallCNN
+    from fop_train.models import SmallCNN
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
@@ -146,8 +147,9 @@ def _rank_main(args) -> None:
                 res["opt_bytes_per_step"]["total"] = sum(res["opt_bytes_per_step"].values())
                 kind = "adafisher" if name == "adafisher" else name
                 fold = getattr(opt, "fold_bias", True)
-                plain = rows_cost_model(kind, opt.layers, world, fold_bias=fold, refresh=False)
-                refresh = rows_cost_model(kind, opt.layers, world, fold_bias=fold, refresh=True)
+                sizes = [additive_sizes(layer) for layer in opt.layers]
+                plain = rows_cost_model(kind, opt.layers, world, fold_bias=fold, refresh=False, diagonal_sizes=sizes)
+                refresh = rows_cost_model(kind, opt.layers, world, fold_bias=fold, refresh=True, diagonal_sizes=sizes)
                 k = args.interval if name == "adafisher" else 1
                 res["model_bytes_per_step"] = ((k - 1) * plain["total"] + refresh["total"]) / k
                 res["model_parts"] = {"ordinary_step": plain, "refresh_step": refresh}

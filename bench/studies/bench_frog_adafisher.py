@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from fop import FROG, AdaFisher
 from fop.frog import ConvRowSystems, row_cg
-from fop.models import resnet18
+from fop_train.models import resnet18
 from torch import nn
 
 import fop_kernels

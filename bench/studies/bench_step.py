@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
-from fop.models import resnet18
+from fop_train.models import resnet18
 
 OPTIMIZERS = ("sgd", "adamw", "kfac", "fop")
 

@@ -2,7 +2,7 @@
 
     flock /tmp/fop_bench.lock .venv/bin/python bench/studies/compare_kfrog.py --public /path/to/frog-optimizer/kfrog.py
 
-Same model (the ResNet-18-shaped CNN of fop.models.resnet18, 3x32x32 inputs, 10 classes) and batch for everyone.
+Same model (the ResNet-18-shaped CNN of fop_train.models.resnet18, 3x32x32 inputs, 10 classes) and batch for everyone.
 
 - Update agreement (float64): one step from identical states, ours configured as the public code computes (Conv2d
   preconditioned, biases and the Linear head on the SGD path at lr, every sample in the input factor); reported
@@ -12,7 +12,7 @@ Same model (the ResNet-18-shaped CNN of fop.models.resnet18, 3x32x32 inputs, 10 
 - Step time (float32): full training steps (zero_grad, forward, backward, step) of SGD (momentum 0.9), ours and the
   public K-FROG at the same sample size and CG iterations, interleaved over rounds; medians and ratios.
 - `--digits CONFIGS` (ours only, no public code needed with `--only digits`): the learning-rate study behind
-  KFROG's default lr: fop.models.SmallCNN(1, 8, 10) on fop.data.load_digits(), batch 64 (`--digits-batch`),
+  KFROG's default lr: fop_train.models.SmallCNN(1, 8, 10) on fop_train.data.load_digits(), batch 64 (`--digits-batch`),
   8 epochs, cosine schedule, seeds 0-2, 1 thread; CONFIGS is a ';'-list of `lr[:key=value key=value ...]`
   (values are Python literals).
 """
@@ -32,8 +32,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from fop import KFROG
-from fop.data import load_digits
-from fop.models import SmallCNN, resnet18
+from fop_train.data import load_digits
+from fop_train.models import SmallCNN, resnet18
 from torch import nn
 
 

@@ -35,7 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 from fop import FOP
-from fop.data import load_mnist
+from fop_train.data import load_mnist
 from torch import nn
 
 

@@ -7,7 +7,7 @@ sizes and models. Each cell is "epochs to the target", "best accuracy" (target n
         --out out/robustness
 
 The learning rate is constant (no warm-up, no schedule, no scaling by batch): the harshest setting for stability, and
-what "only lr set" means. Each optimizer is built as `fop-train` builds it (fop.train.OPTIMIZERS): the constructor's
+what "only lr set" means. Each optimizer is built as `fop-train` builds it (fop_train.cli.OPTIMIZERS): the constructor's
 defaults for K-FAC, FOP, AdaFisher and AdamW; momentum 0.9 for SGD and FROG. Writes `robustness.md`,
 `robustness.json` and `robustness.png` (one heat map per model) to --out.
 """
@@ -21,9 +21,9 @@ import sys
 import time
 
 import torch
-from fop.data import DATASETS, load_dataset
-from fop.models import MODELS
-from fop.train import OPTIMIZERS, RunConfig, run_one
+from fop_train.cli import OPTIMIZERS, RunConfig, run_one
+from fop_train.data import DATASETS, load_dataset
+from fop_train.models import MODELS
 
 
 def cell_text(record: dict) -> str:

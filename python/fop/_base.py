@@ -32,7 +32,7 @@ from torch import nn
 
 from fop._capture import Capture
 from fop._layers import Layer, discover_layers, parameter_map, unsupported_reason, unwrap_model
-from fop.distributed import make_comm
+from fop.distributed import NullComm
 
 logger = logging.getLogger("fop")
 
@@ -104,9 +104,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     groups, in which case `model=` must be given. `exclude`: modules or module names (with everything under
     them) left unpreconditioned. `loss_reduction`: "mean" or "sum", how the loss was reduced over samples
     (sets the scale of the output gradients, see fop._capture). `check_finite`: raise on a non-finite gradient
-    (one host sync per step); with a GradScaler such steps are skipped instead. `distributed`: None (synchronize
-    across ranks when a torch.distributed group of more than one rank is initialized), False, True or a
-    fop.distributed.DistributedOptions; see fop.distributed."""
+    (one host sync per step); with a GradScaler such steps are skipped instead. The base runs in one process
+    (`NullComm`); each subclass builds its communicator from its `distributed` argument (fop.distributed,
+    fop.distributed_rows)."""
 
     _step_supports_amp_scaling = True
     # param-group hyperparameters checked before every step (check_float limits); subclasses replace it
@@ -116,7 +116,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     layer_support = staticmethod(unsupported_reason)  # module -> None if preconditioned, else why not
 
     def __init__(self, params_or_model, defaults: dict, *, model: nn.Module | None = None, exclude=None,
-                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None):
         if isinstance(params_or_model, nn.Module):
             if model is not None and model is not params_or_model:
                 raise ValueError("pass the model either first or as model=, not two different models")
@@ -147,7 +147,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.hooks_removed = False
         self._grad_norms: torch.Tensor | None = None  # queued by _prepare_gradients, read by _check_update
         self._to_check: list[tuple[str, torch.Tensor]] = []  # new curvature of the step in progress
-        self.comm = make_comm(self, model, distributed)  # fop.distributed; a no-op NullComm in one process
+        self.comm = NullComm()  # one process; a subclass builds its own (KFAC: fop.distributed.make_comm)
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def remove_hooks(self) -> None:

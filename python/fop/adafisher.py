@@ -191,7 +191,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         self.ema = check_choice("ema", ema, EMA_MODES)
         defaults = dict(lr=lr, beta=beta, damping=damping, weight_decay=weight_decay)
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, check_finite=check_finite,
-                         grad_scaler=grad_scaler, distributed=False)
+                         grad_scaler=grad_scaler)
         self.comm = make_rows_comm(self, params_or_model if isinstance(params_or_model, nn.Module) else model,
                                    distributed)
         self._arm()

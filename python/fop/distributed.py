@@ -40,7 +40,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -106,12 +106,6 @@ class NullComm:
     def all_reduce_factors(self, factors_A: list, factors_G: list) -> None:
         """Nothing to average."""
 
-    def eigh(self, mats: list[torch.Tensor], names: list[str]):
-        """All decompositions here: `fop.kfac.robust_eigh` (`fop_kernels.eigh(mats, clamp=True)`, with retries)."""
-        from fop.kfac import robust_eigh
-
-        return robust_eigh(mats, names)
-
     def end_step(self, failed: bool = False) -> None:
         """Nothing pending."""
 
@@ -156,9 +150,10 @@ def own_group(options: DistributedOptions, base):
     return dist.new_group(ranks=dist.get_process_group_ranks(base), timeout=timeout)
 
 
-def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
-    """The communicator of `optimizer`. `distributed`: None (on when a process group with more than one rank is
-    initialized), False (off: each rank keeps its own curvature state), True, or a DistributedOptions."""
+def make_comm(view: CommView, model: nn.Module, distributed, has_sub_batches: bool) -> NullComm | Comm:
+    """The communicator of a KFAC/FOP optimizer (`view`: what it reads of it; `has_sub_batches`: FOP).
+    `distributed`: None (on when a process group with more than one rank is initialized), False (off: each rank
+    keeps its own curvature state), True, or a DistributedOptions."""
     resolved = resolve_distributed(model, distributed)
     if resolved is None:
         return NullComm()
@@ -169,15 +164,9 @@ def make_comm(optimizer, model: nn.Module, distributed) -> NullComm | Comm:
                          f"size, got {world}; use split='halves'")
     if world == 1:
         return NullComm()
-    from fop.kfac import KFAC  # fop.kfac imports fop._base, which imports this module
-
-    if not isinstance(optimizer, KFAC):
-        raise NotImplementedError(
-            f"{type(optimizer).__name__} does not synchronize its curvature across ranks, so parameters would drift "
-            f"apart under DDP; pass distributed=False to train each rank's curvature separately anyway")
-    if options.split == "ranks" and not optimizer._needs_half_batch(optimizer.steps):
-        raise ValueError(f"split='ranks' chooses FOP's two sub-batches; {type(optimizer).__name__} has none")
-    return Comm(optimizer, ddp, own_group(options, base), options)
+    if options.split == "ranks" and not has_sub_batches:
+        raise ValueError("split='ranks' chooses FOP's two sub-batches; KFAC has none")
+    return Comm(view, ddp, own_group(options, base), options)
 
 
 def _chunks(sizes: list[int], cap: int) -> list[list[int]]:
@@ -273,13 +262,29 @@ class RankAgreement:
         raise error
 
 
+@dataclass
+class CommView:
+    """What a `Comm` reads of its KFAC/FOP optimizer, and nothing more: the layers, the factor dtype, the capture's
+    MC flag and the step's schedule (callables, asked when needed), the local decomposition."""
+
+    layers: list
+    dtype: torch.dtype
+    device: torch.device  # of the parameters
+    capture: Any  # fop._capture.Capture: mc_active and has_factor_data
+    fisher: str  # "empirical" or "mc"
+    half_batch_now: Callable[[], bool]  # does this step use FOP's sub-batches
+    factor_step_now: Callable[[], bool]  # does this step update the factors
+    decompose: Callable  # (mats, names) -> (evals, evecs): fop.kfac.robust_eigh
+
+
 class Comm(RankAgreement):
     """The distributed hooks of one KFAC/FOP optimizer on `group` (see the module docstring)."""
 
     active = True
 
-    def __init__(self, optimizer, ddp: nn.parallel.DistributedDataParallel | None, group, options: DistributedOptions):
-        self.opt = optimizer
+    def __init__(self, view: CommView, ddp: nn.parallel.DistributedDataParallel | None, group,
+                 options: DistributedOptions):
+        self.view = view
         self.ddp = ddp
         self.group = group
         self.options = options
@@ -287,11 +292,10 @@ class Comm(RankAgreement):
         self.world_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
         self.cap = int(options.bucket_cap_mb * 2**20)
-        layers = optimizer.layers
-        first = layers[0].weight if layers else next(iter(p for g in optimizer.param_groups for p in g["params"]))
-        self.device = first.device if "nccl" in str(self.backend) else torch.device("cpu")
-        self.dtype = getattr(optimizer, "factor_dtype", torch.float32)
-        self.uses_half_batch = bool(optimizer._needs_half_batch(optimizer.steps)) and bool(layers)
+        layers = view.layers
+        self.device = view.device if "nccl" in str(self.backend) else torch.device("cpu")
+        self.dtype = view.dtype
+        self.uses_half_batch = bool(view.half_batch_now()) and bool(layers)
         self.split = options.split
         self.owners = assign_owners([layer.in_dim for layer in layers] + [layer.out_dim for layer in layers],
                                     self.world_size)
@@ -318,7 +322,7 @@ class Comm(RankAgreement):
         self._finalizer()
 
     def _reset(self) -> None:
-        n = len(self.opt.layers)
+        n = len(self.view.layers)
         self._acc: list[torch.Tensor | None] = [None] * n  # local sum dy a^T over the rank's first sub-batch
         self._n = [0] * n  # samples whose output gradient arrived
         self._n1 = [0] * n  # of which in the rank's first sub-batch
@@ -345,7 +349,7 @@ class Comm(RankAgreement):
             if not output.requires_grad:
                 return
             x = layer_input(inputs, kwargs)
-            if x is None or x.dim() < 2 or not self.opt._needs_half_batch(self.opt.steps):
+            if x is None or x.dim() < 2 or not self.view.half_batch_now():
                 return  # an unbatched input: the capture's record makes step() raise
             x = x.detach()
             n = x.shape[0]
@@ -360,12 +364,12 @@ class Comm(RankAgreement):
         return hook
 
     def _on_grad(self, i: int, a: torch.Tensor, n: int, m: int, sync: bool, grad: torch.Tensor) -> None:
-        if self.opt.capture.mc_active:  # the sampled-label backward of fisher="mc" is not a training gradient
+        if self.view.capture.mc_active:  # the sampled-label backward of fisher="mc" is not a training gradient
             return
         self._n[i] += n
         self._n1[i] += m
         if m > 0:
-            part = sub_batch_grad(self.opt.layers[i], a, grad.detach()[:m], self.dtype)
+            part = sub_batch_grad(self.view.layers[i], a, grad.detach()[:m], self.dtype)
             self._acc[i] = part if self._acc[i] is None else self._acc[i] + part
         if sync:
             self._pending[i] -= 1
@@ -378,7 +382,7 @@ class Comm(RankAgreement):
             self._launch(self._next_bucket, in_backward=True)
 
     def _launch(self, b: int, in_backward: bool = False) -> None:
-        layers = self.opt.layers
+        layers = self.view.layers
         parts = []
         for i in self.buckets[b]:
             acc = self._acc[i]
@@ -403,13 +407,13 @@ class Comm(RankAgreement):
             yield
         except Exception as err:  # re-raised below, after the other ranks have been told
             error = err
-        half = self.uses_half_batch and self.opt._needs_half_batch(self.opt.steps)
+        half = self.uses_half_batch and self.view.half_batch_now()
         if half:
             while self._next_bucket < len(self.buckets):  # whatever backward did not start (the same on all ranks)
                 self._launch(self._next_bucket)
-        opt = self.opt
+        opt = self.view
         have = missing = 0.0
-        if error is None and opt.layers and opt.is_factor_step():
+        if error is None and opt.layers and opt.factor_step_now():
             ok = opt.capture.has_factor_data(mc=opt.fisher == "mc")
             have, missing = float(ok), float(not ok)
         flags = [1.0 if error is not None else 0.0, missing, have]
@@ -449,8 +453,8 @@ class Comm(RankAgreement):
                 work.wait()
                 start = 0
                 for i in index:
-                    size = self.opt.layers[i].out_dim * self.opt.layers[i].in_dim
-                    self._reduced[i] = flat[start:start + size].view(self.opt.layers[i].shape)
+                    size = self.view.layers[i].out_dim * self.view.layers[i].in_dim
+                    self._reduced[i] = flat[start:start + size].view(self.view.layers[i].shape)
                     start += size
             self._works = []
         return self._reduced
@@ -493,17 +497,15 @@ class Comm(RankAgreement):
                 start += rows.numel()
 
     def eigh(self, mats: list[torch.Tensor], names: list[str]):
-        """([l_i], [Q_i]) of every matrix like `fop.kfac.robust_eigh(mats, names)`: each rank decomposes the
-        matrices it owns (an owner that fails makes every rank raise before the broadcasts), then every owner
+        """([l_i], [Q_i]) of every matrix like the local decomposition (`CommView.decompose`): each rank decomposes
+        the matrices it owns (an owner that fails makes every rank raise before the broadcasts), then every owner
         broadcasts its eigenpairs in flat buffers."""
-        from fop.kfac import robust_eigh
-
         mine = [j for j, r in enumerate(self.owners) if r == self.rank]
         evals: list[torch.Tensor | None] = [None] * len(mats)
         evecs: list[torch.Tensor | None] = [None] * len(mats)
         with self.agree():
             if mine:
-                lv, qv = robust_eigh([mats[j] for j in mine], [names[j] for j in mine])
+                lv, qv = self.view.decompose([mats[j] for j in mine], [names[j] for j in mine])
                 for j, lam, q in zip(mine, lv, qv):
                     evals[j], evecs[j] = lam, q
         pending = []
@@ -565,5 +567,5 @@ class Comm(RankAgreement):
                 "mean_per_step": {k: v / max(self.steps, 1) for k, v in total.items()}}
 
 
-__all__ = ["Comm", "DistributedOptions", "DistributedStepError", "NullComm", "assign_owners", "cost_model",
+__all__ = ["Comm", "CommView", "DistributedOptions", "DistributedStepError", "NullComm", "assign_owners", "cost_model",
            "make_comm"]

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fop.distributed import DistributedOptions, NullComm, RankAgreement, own_group, resolve_distributed
-from fop.frog import _rowdot, cg_schedule, row_cg_requests
+from fop.row_cg import cg_schedule, row_cg_requests, rowdot
 
 __all__ = ["RowsComm", "cost_model", "gather_cost_model", "lockstep_row_cg", "make_rows_comm"]
 
@@ -214,7 +214,7 @@ def lockstep_row_cg(comm: RowsComm, shapes: list[tuple[int, int]], iters: list[i
             kind, P = state["requests"][j]
             total = total.to(P.dtype)  # the round's dtype is the widest of the layers'
             damping = state["systems"][j].damping
-            results[j] = total.add_(P, alpha=damping) if kind == "matvec" else total + damping * _rowdot(P, P)
+            results[j] = total.add_(P, alpha=damping) if kind == "matvec" else total + damping * rowdot(P, P)
     out = []
     for j, solve in enumerate(state["solves"]):
         try:
@@ -230,7 +230,8 @@ def _rows_dims(layers, fold_bias: bool) -> tuple[list[int], list[int]]:
 
 
 def cost_model(kind: str, layers, world: int, *, cg_iters: int = 4, warm_start: bool = False,
-               fold_bias: bool = True, refresh: bool = True, value_bytes: int = 4) -> dict[str, int]:
+               fold_bias: bool = True, refresh: bool = True, value_bytes: int = 4,
+               diagonal_sizes: list[tuple[int, int]] | None = None) -> dict[str, int]:
     """Payload bytes one rank hands to the collectives of one step (what `RowsComm.last_step_bytes` reports), for
     `kind` "frog", "kfrog" or "adafisher"; every summed round's buffer carries a one-entry flag.
 
@@ -238,14 +239,15 @@ def cost_model(kind: str, layers, world: int, *, cg_iters: int = 4, warm_start: 
     traces (R per layer), (cg_iters - 1 [+ 1 warm_start]) rounds of the R x D matvec parts, the last iteration's R
     quadratic forms. K-FROG: y_r (R) and the input diagonal's data (C_in kh kw + 1 for a conv, D for a Linear) per
     layer in one round, then the same CG rounds without a warm start. AdaFisher: on refresh steps only, H and S of
-    every layer in one round."""
+    every layer in one round (`diagonal_sizes`: the lengths of each layer's H and S, fop.adafisher.additive_sizes,
+    required for "adafisher")."""
     L = len(layers)
     out = {"control": 8 * (1 + world * L) + 8}
     if kind == "adafisher":
+        if diagonal_sizes is None or len(diagonal_sizes) != L:
+            raise ValueError("cost_model('adafisher', ...) needs diagonal_sizes: (len H, len S) of every layer")
         if refresh:
-            from fop.adafisher import additive_sizes  # fop.adafisher imports this module
-
-            out["diagonals"] = value_bytes * (sum(sum(additive_sizes(layer)) for layer in layers) + 1)
+            out["diagonals"] = value_bytes * (sum(h + s for h, s in diagonal_sizes) + 1)
     else:
         rows, dims = _rows_dims(layers, fold_bias)
         matvec_rounds = cg_iters - 1 + int(warm_start and kind == "frog")

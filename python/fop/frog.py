@@ -34,6 +34,8 @@ from fop._base import (
 )
 from fop._capture import _rows
 from fop._layers import unsupported_reason
+from fop.distributed_rows import lockstep_row_cg, make_rows_comm
+from fop.row_cg import cg_schedule, row_cg, row_cg_requests, rowdot
 
 TRACE_EPS = 1e-10
 NORM_EPS = 1e-10
@@ -43,73 +45,12 @@ __all__ = ["FROG", "FROGBase", "ConvRowSystems", "ConvSystems", "LinearSystems",
            "linear_row_trace", "row_cg", "row_cg_requests", "row_normalized_step"]
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a_r, b_r> for every row r of two R x D matrices."""
-    return torch.linalg.vecdot(a, b, dim=1)
-
-
-def cg_schedule(iters: int, warm: bool) -> list[str]:
-    """The requests `row_cg_requests` makes, in order: a matvec for the warm start's residual, iters - 1 matvecs,
-    and a quad for the last iteration."""
-    return ["matvec"] * (int(warm) + iters - 1) + ["quad"]
-
-
-def row_cg_requests(B: torch.Tensor, iters: int, x0: torch.Tensor | None = None):
-    """The CG of `row_cg` as a generator: yields ("matvec", P) or ("quad", P), receives F^ P (R x D) or p^T F^ p
-    (R), and returns z. Several layers' solves can then advance in lockstep (one collective per round across ranks,
-    fop.distributed_rows); the requests follow `cg_schedule(iters, x0 is not None)`."""
-    if x0 is None:
-        x = torch.zeros_like(B)
-        r = B.clone()
-    else:
-        x = x0.clone()
-        r = B - (yield "matvec", x0)
-    p = r.clone()
-    rs = _rowdot(r, r)
-    for k in range(iters):
-        last = k == iters - 1
-        if last:
-            pAp = yield "quad", p
-        else:
-            Ap = yield "matvec", p
-            pAp = _rowdot(p, Ap)
-        positive = pAp > 0
-        alpha = torch.where(positive, rs / torch.where(positive, pAp, 1.0), 0.0)
-        x.addcmul_(p, alpha[:, None])
-        if last:
-            break
-        r.addcmul_(Ap, alpha[:, None], value=-1.0)
-        rs_new = _rowdot(r, r)
-        nonzero = rs > 0
-        beta = torch.where(nonzero, rs_new / torch.where(nonzero, rs, 1.0), 0.0)
-        p.mul_(beta[:, None]).add_(r)
-        rs = rs_new
-    return x
-
-
-def row_cg(matvec, quad, B: torch.Tensor, iters: int, x0: torch.Tensor | None = None) -> torch.Tensor:
-    """Conjugate gradient on every row of B (R x D) at once: solve F^_r z_r = b_r, `iters` iterations.
-
-    `matvec(P)` returns the rows F^_r p_r (R x D); `quad(P)` the scalars p_r^T F^_r p_r (R). From z = 0 (or x0).
-    The last iteration only needs p^T F^ p (its residual is never used), so it calls `quad`, which costs half a
-    matvec for a conv layer (the forward conv without the weight-gradient conv). Rows whose residual vanished
-    stop moving (alpha = beta = 0). No host synchronization."""
-    ops = {"matvec": matvec, "quad": quad}
-    solve = row_cg_requests(B, iters, x0)
-    kind, P = next(solve)
-    try:
-        while True:
-            kind, P = solve.send(ops[kind](P))
-    except StopIteration as done:
-        return done.value
-
-
 def row_normalized_step(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """z_r / sqrt(<z_r, m_r> + 1e-10): each row of the step has F^-norm 1 when z_r = F^_r^-1 m_r.
 
     (CG from zero keeps z_r^T F^_r z_r = z_r^T m_r after any number of iterations, so this holds for inexact
     solves too.) A row with <z_r, m_r> < 0 (impossible in exact arithmetic) is treated as 0."""
-    return z * (_rowdot(z, m).clamp_min(0.0) + NORM_EPS).rsqrt()[:, None]
+    return z * (rowdot(z, m).clamp_min(0.0) + NORM_EPS).rsqrt()[:, None]
 
 
 def conv_row_trace(x_s: torch.Tensor, y2: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
@@ -181,7 +122,7 @@ class ConvSystems:
         return self.matvec_data(P).add_(P, alpha=self.damping)
 
     def quad(self, P: torch.Tensor) -> torch.Tensor:
-        return self.quad_data(P) + self.damping * _rowdot(P, P)
+        return self.quad_data(P) + self.damping * rowdot(P, P)
 
 
 class ConvRowSystems(ConvSystems):
@@ -222,7 +163,7 @@ class LinearSystems:
         return self.matvec_data(P).add_(P, alpha=self.damping)
 
     def quad(self, P: torch.Tensor) -> torch.Tensor:
-        return self.quad_data(P) + self.damping * _rowdot(P, P)
+        return self.quad_data(P) + self.damping * rowdot(P, P)
 
 
 def _covering(conv: dict) -> tuple[int, int]:
@@ -257,9 +198,7 @@ class FROGBase(CurvatureOptimizer):
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
-        super().__init__(params_or_model, defaults, distributed=False, **kwargs)
-        from fop.distributed_rows import make_rows_comm  # fop.distributed_rows imports this module
-
+        super().__init__(params_or_model, defaults, **kwargs)
         model = params_or_model if isinstance(params_or_model, nn.Module) else kwargs.get("model")
         self.comm = make_rows_comm(self, model, distributed)
         if self.comm.active:  # every rank draws the same global samples: rank 0's generator state
@@ -485,8 +424,6 @@ class FROG(FROGBase):
     def _curvature_step_distributed(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """The same across ranks (fop.distributed_rows): each rank's sampled samples' parts of the traces and of
         every CG matvec, summed over ranks in one round per CG iteration, all layers in lockstep."""
-        from fop.distributed_rows import lockstep_row_cg
-
         comm = self.comm
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         jobs = self._distributed_jobs()

@@ -6,6 +6,7 @@ import logging
 import math
 
 import torch
+from torch import nn
 
 import fop_kernels
 from fop._base import (
@@ -19,6 +20,7 @@ from fop._base import (
     layer_device_tensor,
     state_counter,
 )
+from fop.distributed import CommView, make_comm
 
 logger = logging.getLogger("fop")
 
@@ -311,7 +313,7 @@ class KFAC(CurvatureOptimizer):
                              "inverse_method='cholesky'")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled=bool(decoupled))
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, loss_reduction=loss_reduction,
-                         check_finite=check_finite, grad_scaler=grad_scaler, distributed=distributed)
+                         check_finite=check_finite, grad_scaler=grad_scaler)
         n = len(self.layers)
         self.factors_A: list[torch.Tensor | None] = [None] * n
         self.factors_G: list[torch.Tensor | None] = [None] * n
@@ -319,6 +321,12 @@ class KFAC(CurvatureOptimizer):
         self.buckets: list[Bucket] | list[InverseBucket] = []
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
         self.capture.stat_dtype = self.factor_dtype
+        first = self.layers[0].weight if self.layers else next(p for g in self.param_groups for p in g["params"])
+        view = CommView(self.layers, self.factor_dtype, first.device, self.capture, self.fisher,
+                        half_batch_now=lambda: self._needs_half_batch(self.steps), factor_step_now=self.is_factor_step,
+                        decompose=robust_eigh)
+        given = params_or_model if isinstance(params_or_model, nn.Module) else model  # DDP-wrapped or not
+        self.comm = make_comm(view, given, distributed, self._needs_half_batch(0))
         self._arm()
 
     # -- when to capture, update, decompose ----------------------------------------------------------------------
@@ -442,7 +450,7 @@ class KFAC(CurvatureOptimizer):
                 logger.warning("eigenbasis refresh failed (%s); decomposing in full", err)
                 evals, evecs = robust_eigh(mats, names)
         else:
-            evals, evecs = self.comm.eigh(mats, names)  # robust_eigh; distributed: sharded by owner
+            evals, evecs = self.comm.eigh(mats, names) if self.comm.active else robust_eigh(mats, names)
         n = len(ready)
         as_layers = [[None] * len(self.layers) for _ in range(4)]
         for k, i in enumerate(ready):

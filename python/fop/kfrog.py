@@ -29,6 +29,7 @@ from torch import nn
 import fop_kernels
 from fop._base import check_float, check_int, check_outer_hyperparameters
 from fop._capture import _rows
+from fop.distributed_rows import lockstep_row_cg
 from fop.frog import (
     TRACE_EPS,
     ConvSystems,
@@ -229,8 +230,6 @@ class KFROG(FROGBase):
     def _curvature_step_distributed(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """The same across ranks (fop.distributed_rows): every rank's part of y_r (all its samples) and of diag(A)
         (its sampled ones) summed in one round, then the CG rounds of all layers in lockstep."""
-        from fop.distributed_rows import lockstep_row_cg
-
         comm = self.comm
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         jobs = self._distributed_jobs()

@@ -1,4 +1,4 @@
-"""`fop-train` (also `python -m fop.train`): time-to-accuracy studies of optimizers, like the FOP paper's Table 1.
+"""`fop-train` (also `python -m fop_train`): time-to-accuracy studies of optimizers, like the FOP paper's Table 1.
 
 For every seed, batch size and optimizer: build the model from the seed, train with the learning rate
 `lr = base_lr * (batch / base_batch)` (linear scaling; `--lr-scaling sqrt|none` to change), a linear
@@ -6,7 +6,7 @@ warm-up over `--warmup-epochs` and a cosine or step schedule over the epoch budg
 the test accuracy after every epoch, and stop at `--target` % or at the budget. Writes `table.md`,
 `results.json` and `accuracy.png` into `--out`. See docs/train.md.
 
-This module is the only place in `fop` that prints or draws progress bars; `run_one` itself reports
+This module is the only place in `fop_train` that prints or draws progress bars; `run_one` itself reports
 through a callback and `logging`.
 """
 
@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fop.data import DATASETS, ImageDataset, load_dataset
-from fop.models import MODELS, build_model
-from fop.report import markdown_table, plot_curves, summarize, write_json
+from fop_train.data import DATASETS, ImageDataset, load_dataset
+from fop_train.models import MODELS, build_model
+from fop_train.report import markdown_table, plot_curves, summarize, write_json
 
 __all__ = ["OPTIMIZERS", "OptimizerSpec", "RunConfig", "available_optimizers", "main", "make_optimizer", "run_one"]
 
@@ -187,7 +187,7 @@ def _forward_backward(model, optimizer, x: torch.Tensor, y: torch.Tensor, label_
 def run_one(data: ImageDataset, optimizer_name: str, batch_size: int, seed: int, config: RunConfig,
             lr: float, overrides: dict | None = None,
             on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train one model; returns the run record (see fop.report). `on_epoch` is called with each epoch's point.
+    """Train one model; returns the run record (see fop_train.report). `on_epoch` is called with each epoch's point.
 
     A run stops early when the test accuracy reaches `config.target` (if `stop_at_target`) or when the
     training loss becomes non-finite or the optimizer refuses a non-finite gradient or update (FloatingPointError):
@@ -397,16 +397,8 @@ def _merge(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.list:
-        print(_listing())
-        return 0
-    if args.merge:
-        return _merge(parser, args)
-
+def _checked_optimizers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The optimizers to run (all available ones by default); an unknown or unavailable name is a usage error."""
     valid = available_optimizers()
     names = _parse_list(args.optimizers) if args.optimizers else valid
     for name in names:
@@ -415,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         if name not in valid:
             parser.error(f"optimizer {name!r} is not available in this installation ({_import_error(name)}); "
                          f"valid: {', '.join(valid)}")
+    return names
+
+
+def _checked_options(parser: argparse.ArgumentParser, args: argparse.Namespace, names: list[str]
+                     ) -> tuple[list[int], dict[str, float], dict[str, dict]]:
+    """(seeds, per-optimizer lr overrides, per-optimizer constructor arguments), after checking every scalar."""
     if args.model not in MODELS:
         parser.error(f"unknown model {args.model!r}; valid: {', '.join(MODELS)}")
     if args.data not in DATASETS:
@@ -446,15 +444,15 @@ def main(argv: list[str] | None = None) -> int:
                 opt_args.setdefault(n, {}).setdefault(key, args.curvature_interval)
     for n in list(lr_overrides) + list(opt_args):
         if n not in OPTIMIZERS:
-            parser.error(f"unknown optimizer {n!r} in --lr/--opt-arg; valid: {', '.join(valid)}")
+            parser.error(f"unknown optimizer {n!r} in --lr/--opt-arg; valid: {', '.join(available_optimizers())}")
+    return seeds, lr_overrides, opt_args
 
-    try:
-        data = load_dataset(args.data, args.data_dir, args.imbalance, args.train_limit)
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
+
+def _batch_sizes(parser: argparse.ArgumentParser, text: str, data: ImageDataset) -> list[int]:
+    """--batch-sizes as integers ('full': the whole training set); each in [1, training set size]."""
     n_train = len(data.train_y)
     batch_sizes = []
-    for tok in _parse_list(args.batch_sizes):
+    for tok in _parse_list(text):
         if tok == "full":
             batch_sizes.append(n_train)
             continue
@@ -470,18 +468,23 @@ def main(argv: list[str] | None = None) -> int:
         batch_sizes.append(b)
     if not batch_sizes:
         parser.error("--batch-sizes is empty")
+    return batch_sizes
 
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    config = RunConfig(model=args.model, width=args.width, epochs=args.epochs, target=args.target,
-                       base_batch=args.base_batch, lr_scaling=args.lr_scaling, warmup_epochs=args.warmup_epochs,
-                       schedule=args.schedule, weight_decay=args.weight_decay,
-                       label_smoothing=args.label_smoothing, drop_last=args.drop_last,
-                       stop_at_target=not args.no_stop, eval_batch_size=args.eval_batch_size, device=device)
+    return RunConfig(model=args.model, width=args.width, epochs=args.epochs, target=args.target,
+                     base_batch=args.base_batch, lr_scaling=args.lr_scaling, warmup_epochs=args.warmup_epochs,
+                     schedule=args.schedule, weight_decay=args.weight_decay,
+                     label_smoothing=args.label_smoothing, drop_last=args.drop_last,
+                     stop_at_target=not args.no_stop, eval_batch_size=args.eval_batch_size, device=device)
 
+
+def _hyperparameters(args: argparse.Namespace, names: list[str], lr_overrides: dict, opt_args: dict,
+                     batch_sizes: list[int]) -> dict[str, dict]:
+    """Per optimizer: its class, base lr, the lr used at each batch size and the keyword arguments it gets."""
     hyper = {}
     for n in names:
         spec = OPTIMIZERS[n]
@@ -492,10 +495,18 @@ def main(argv: list[str] | None = None) -> int:
             "kwargs": {**spec.defaults, "weight_decay": args.weight_decay, **opt_args.get(n, {})},
             "constructor_defaults": _constructor_defaults(n),
         }
-    meta = {
+    return hyper
+
+
+def _study_meta(argv: list[str] | None, data: ImageDataset, config: RunConfig, hyper: dict, batch_sizes: list[int],
+                seeds: list[int]) -> dict:
+    """What results.json records about the study: command, dataset, configuration, versions, start time."""
+    device = config.device
+    return {
         "command": " ".join(["fop-train"] + (sys.argv[1:] if argv is None else list(argv))),
-        "dataset": {"name": data.name, "train": n_train, "test": len(data.test_y), "image_shape": data.image_shape,
-                    "classes": data.num_classes, "train_class_counts": data.class_counts()},
+        "dataset": {"name": data.name, "train": len(data.train_y), "test": len(data.test_y),
+                    "image_shape": data.image_shape, "classes": data.num_classes,
+                    "train_class_counts": data.class_counts()},
         "config": dataclasses.asdict(config),
         "optimizers": hyper,
         "batch_sizes": batch_sizes,
@@ -508,19 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         "fop_kernels": _backend_report(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    # construct every optimizer once before training, so a bad keyword or value fails before any run
-    for n in names:
-        try:
-            probe = build_model(config.model, data.image_shape, data.num_classes, width=config.width)
-            make_optimizer(n, probe, hyper[n]["lr_by_batch"][str(batch_sizes[0])], config.weight_decay,
-                           opt_args.get(n))
-        except (TypeError, ValueError) as exc:
-            parser.error(f"{n}: {exc}")
-    os.makedirs(args.out, exist_ok=True)
-    table_path = os.path.join(args.out, "table.md")
-    json_path = os.path.join(args.out, "results.json")
-    plot_path = os.path.join(args.out, "accuracy.png")
 
+
+def _train_all(data: ImageDataset, config: RunConfig, names: list[str], hyper: dict, opt_args: dict,
+               batch_sizes: list[int], seeds: list[int], meta: dict, json_path: str, quiet: bool) -> list[dict]:
+    """Every (seed, batch, optimizer) run in turn with a progress bar each; results.json rewritten after each."""
     from tqdm import tqdm
 
     runs: list[dict] = []
@@ -530,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in names:
                 lr = hyper[n]["lr_by_batch"][str(batch)]
                 desc = f"[{len(runs) + 1}/{total}] {n} b={batch} seed={seed}"
-                with tqdm(total=config.epochs, desc=desc, unit="ep", disable=args.quiet, leave=True,
+                with tqdm(total=config.epochs, desc=desc, unit="ep", disable=quiet, leave=True,
                           file=sys.stderr, dynamic_ncols=True) as bar:
                     def on_epoch(point, bar=bar):
                         bar.set_postfix(acc=f"{point['test_acc']:.2f}", loss=f"{point['train_loss']:.3f}",
@@ -540,13 +543,48 @@ def main(argv: list[str] | None = None) -> int:
                     record = run_one(data, n, batch, seed, config, lr, opt_args.get(n), on_epoch)
                 runs.append(record)
                 meta["finished_runs"] = len(runs)
-                rows = summarize(runs)
-                write_json(json_path, meta, runs, rows)
+                write_json(json_path, meta, runs, summarize(runs))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.list:
+        print(_listing())
+        return 0
+    if args.merge:
+        return _merge(parser, args)
+
+    names = _checked_optimizers(parser, args)
+    seeds, lr_overrides, opt_args = _checked_options(parser, args, names)
+    try:
+        data = load_dataset(args.data, args.data_dir, args.imbalance, args.train_limit)
+    except (FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+    batch_sizes = _batch_sizes(parser, args.batch_sizes, data)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = _run_config(args)
+    hyper = _hyperparameters(args, names, lr_overrides, opt_args, batch_sizes)
+    meta = _study_meta(argv, data, config, hyper, batch_sizes, seeds)
+    # construct every optimizer once before training, so a bad keyword or value fails before any run
+    for n in names:
+        try:
+            probe = build_model(config.model, data.image_shape, data.num_classes, width=config.width)
+            make_optimizer(n, probe, hyper[n]["lr_by_batch"][str(batch_sizes[0])], config.weight_decay,
+                           opt_args.get(n))
+        except (TypeError, ValueError) as exc:
+            parser.error(f"{n}: {exc}")
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "results.json")
+    runs = _train_all(data, config, names, hyper, opt_args, batch_sizes, seeds, meta, json_path, args.quiet)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     title = f"{data.name}, {args.model}, target {args.target:g}%"
     table = _write_outputs(args.out, meta, runs, args.target, title)
     print(table)
-    print(f"wrote {table_path}, {json_path}, {plot_path}")
+    print(f"wrote {os.path.join(args.out, 'table.md')}, {json_path}, {os.path.join(args.out, 'accuracy.png')}")
     return 0
 
 
