@@ -80,3 +80,35 @@ def inverse_kwargs(name: str, monkeypatch) -> dict:
     keep = {"cholesky-inverse": False, "cholesky-factor": True}[name]
     monkeypatch.setattr(fop.kfac, "keeps_cholesky_factor", lambda n, m, interval: keep)
     return dict(damping_mode="factored", inverse_method="cholesky")
+
+
+# -- multi-process tests (gloo) ------------------------------------------------------------------------------------
+def flat_params(model) -> torch.Tensor:
+    """Every parameter of `model`, flattened into one vector (in parameters() order)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def run_ranks(script: str, scenario: str, world: int, port: int, out, timeout_s: float) -> tuple[list[int], list[str]]:
+    """Run `python script scenario rank world port out` once per rank, one thread each, the Triton interpreter on
+    unless set; (return codes, each rank's combined output). A run past `timeout_s` is killed and fails the test as
+    a hang."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("TRITON_INTERPRET", "1")
+    procs = [subprocess.Popen([sys.executable, script, scenario, str(r), str(world), str(port), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout_s)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"distributed scenario {scenario!r} did not finish within {timeout_s} s (a hang)")
+    return [p.returncode for p in procs], logs

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import flat_params, run_ranks
 from torch import nn
 
 pytestmark = pytest.mark.distributed
@@ -105,10 +105,6 @@ def scaled_step(opt, model, scaler, x, y) -> None:
     scaler.scale(F.cross_entropy(model(x), y)).backward()
     scaler.step(opt)
     scaler.update()
-
-
-def flat_params(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 # -- the rank processes ---------------------------------------------------------------------------------------------
@@ -353,20 +349,7 @@ def _killed_scenario(rank: int, world: int) -> dict:
 
 def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[dict], list[str]]:
     """Run the ranks as processes; (return codes, saved results, error texts). Fails the test on a timeout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("TRITON_INTERPRET", "1")
-    procs = [subprocess.Popen([sys.executable, __file__, scenario, str(r), str(world), str(PORTS[scenario]),
-                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed scenario {scenario!r} did not finish within {TIMEOUT_S} s (a hang)")
-    codes = [p.returncode for p in procs]
+    codes, logs = run_ranks(__file__, scenario, world, PORTS[scenario], tmp_path, TIMEOUT_S)
     results = [torch.load(tmp_path / f"rank{r}.pt") if (tmp_path / f"rank{r}.pt").exists() else {}
                for r in range(world)]
     errors = [(tmp_path / f"rank{r}.err").read_text() if (tmp_path / f"rank{r}.err").exists() else ""

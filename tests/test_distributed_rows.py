@@ -9,8 +9,6 @@ float64 (FROG and K-FROG draw the same s of the N = 6 W samples; AdaFisher refre
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import flat_params, run_ranks
 from torch import nn
 
 pytestmark = pytest.mark.distributed
@@ -72,10 +71,6 @@ def train_step(opt, model, x, y, scaler=None) -> None:
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
-
-
-def flat_params(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 # -- the rank processes ---------------------------------------------------------------------------------------------
@@ -164,20 +159,7 @@ def _fail_scenario(rank: int, world: int, out: Path, results: dict) -> None:
 
 
 def launch(scenario: str, world: int, tmp_path: Path) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("TRITON_INTERPRET", "1")
-    procs = [subprocess.Popen([sys.executable, __file__, scenario, str(r), str(world), str(PORTS[scenario]),
-                               str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed scenario {scenario!r} did not finish within {TIMEOUT_S} s (a hang)")
-    codes = [p.returncode for p in procs]
+    codes, logs = run_ranks(__file__, scenario, world, PORTS[scenario], tmp_path, TIMEOUT_S)
     if any(codes):
         errors = [(tmp_path / f"rank{r}.err").read_text() if (tmp_path / f"rank{r}.err").exists() else ""
                   for r in range(world)]

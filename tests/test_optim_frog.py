@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from fop.frog import CHANNELS_LAST_MIN_PIXELS, FROG, ConvRowSystems, row_cg
 from helpers import assert_close, train_steps
+from models import ConvBNLinear, record_layer_io
 from torch import nn
 
 import fop_kernels
@@ -101,38 +102,13 @@ def test_conv_path_equals_batched_cg_on_patches(dtype):
 
 
 # -- the optimizer step against the explicit systems ------------------------------------------------------------------
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.bn = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3 * 5 * 5, 4)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
-
-
-def _record_layer_io(model):
-    """Hooks of the test's own: the input and output gradient of conv and fc."""
-    io = {}
-
-    def fwd(name):
-        def hook(module, inputs, output):
-            io[name + ".x"] = inputs[0].detach()
-            output.register_hook(lambda g: io.__setitem__(name + ".dy", g.detach()))
-        return hook
-
-    handles = [model.conv.register_forward_hook(fwd("conv")), model.fc.register_forward_hook(fwd("fc"))]
-    return io, handles
-
-
 def _step_and_systems(cg_iters, momentum=0.0):
     torch.manual_seed(1)
-    model = TinyNet().double()
+    model = ConvBNLinear().double()
     x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 4, (6,))
     lr, tau, tau_lin = 0.05, 1e-3, 0.5
     opt = FROG(model, lr=lr, momentum=momentum, sample_size=None, cg_iters=cg_iters, tau=tau, tau_linear=tau_lin)
-    io, handles = _record_layer_io(model)
+    io, handles = record_layer_io(model)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     for h in handles:
@@ -182,7 +158,7 @@ def test_step_with_exact_cg_is_normalized_natural_gradient():
 def test_sgd_path_matches_torch_sgd_and_bias_unfolded():
     """Other parameters (and biases with fold_bias=False) follow torch.optim.SGD with lr * lr_other_ratio."""
     torch.manual_seed(0)
-    model = TinyNet().double()
+    model = ConvBNLinear().double()
     ref = copy.deepcopy(model)
     lr, mu, wd, ratio = 0.1, 0.9, 1e-2, 0.5
     opt = FROG(model, lr=lr, momentum=mu, nesterov=True, weight_decay=wd, lr_other_ratio=ratio, fold_bias=False)
@@ -228,7 +204,7 @@ def test_grouped_conv_and_warm_start_and_tau_schedule():
 
 def test_samples_are_drawn_per_layer_and_step():
     torch.manual_seed(0)
-    model = TinyNet()
+    model = ConvBNLinear()
     opt = FROG(model, sample_size=4)
     F.cross_entropy(model(torch.randn(10, 2, 5, 5)), torch.randint(0, 4, (10,))).backward()
     recs = [opt.capture.done(i)[0] for i in range(2)]
@@ -291,14 +267,14 @@ def _batches(n, seed=3):
 
 def test_state_dict_round_trip_resumes_bit_identically():
     torch.manual_seed(0)
-    model = TinyNet()
+    model = ConvBNLinear()
     kw = dict(lr=0.02, momentum=0.9, sample_size=5, warm_start=True, weight_decay=1e-3)
     opt = FROG(model, **kw)
     batches = _batches(6)
     train_steps(model, opt, batches[:3])
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     train_steps(model, opt, batches[3:])
-    model2 = TinyNet()
+    model2 = ConvBNLinear()
     model2.load_state_dict(saved_model)
     opt2 = FROG(model2, **kw, seed=12345)
     opt2.load_state_dict(saved_opt)
@@ -309,7 +285,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
 
 def test_gradscaler_skips_overflow_and_unscales():
     torch.manual_seed(0)
-    model = TinyNet()
+    model = ConvBNLinear()
     ref = copy.deepcopy(model)
     opt = FROG(model, lr=0.02, momentum=0.9, sample_size=None)
     opt_ref = FROG(ref, lr=0.02, momentum=0.9, sample_size=None)
@@ -342,12 +318,12 @@ def test_gradscaler_skips_overflow_and_unscales():
 ])
 def test_invalid_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        FROG(TinyNet(), **kwargs)
+        FROG(ConvBNLinear(), **kwargs)
 
 
 def test_nonfinite_gradient_or_bad_tau_schedule_changes_nothing():
     torch.manual_seed(0)
-    model = TinyNet()
+    model = ConvBNLinear()
     opt = FROG(model, lr=0.02, momentum=0.9, tau=lambda step: 1e-6 if step < 1 else -1.0)
     batches = _batches(2)
     train_steps(model, opt, batches[:1])

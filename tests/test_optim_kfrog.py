@@ -14,6 +14,7 @@ from fop.kfrog import conv_input_diag, kfrog_conv_solve, kfrog_linear_solve, lin
 from fop_train.data import load_digits
 from fop_train.models import SmallCNN
 from helpers import assert_close, train_steps
+from models import ConvBNLinear, record_layer_io
 from torch import nn
 
 DT = torch.float64
@@ -139,30 +140,6 @@ def test_linear_solve_matches_explicit_factor(dtype, shape, bias):
 
 
 # -- the optimizer step against the reference ------------------------------------------------------------------------
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3, padding=1)
-        self.bn = nn.BatchNorm2d(3)
-        self.fc = nn.Linear(3 * 5 * 5, 4)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
-
-
-def _record_layer_io(model):
-    """Hooks of the test's own: the input and output gradient of conv and fc."""
-    io = {}
-
-    def fwd(name):
-        def hook(module, inputs, output):
-            io[name + ".x"] = inputs[0].detach()
-            output.register_hook(lambda g: io.__setitem__(name + ".dy", g.detach()))
-        return hook
-
-    return io, [model.conv.register_forward_hook(fwd("conv")), model.fc.register_forward_hook(fwd("fc"))]
-
-
 def _rows(tensors, bias):
     w = tensors[0].reshape(tensors[0].shape[0], -1)
     return torch.cat([w, tensors[1][:, None]], dim=1) if bias else w
@@ -174,7 +151,7 @@ def test_steps_match_reference(fold_bias, sample_size):
     """Three steps with momentum, Nesterov, a y EMA with bias correction and per-group settings; every update is
     -lr times the reference direction (sampled inputs drawn as documented: per layer in order, from the seed)."""
     torch.manual_seed(0)
-    model = TinyNet().double()
+    model = ConvBNLinear().double()
     seed, N = 7, 6
     settings = {"conv": dict(lr=0.05, eps=1e-3, y_momentum=0.9), "fc": dict(lr=0.02, eps=1e-2, y_momentum=0.0)}
     groups = [dict(params=list(model.conv.parameters()), **settings["conv"]),
@@ -187,7 +164,7 @@ def test_steps_match_reference(fold_bias, sample_size):
     bufs, y_ema = {}, {"conv": torch.zeros(3, dtype=DT)}
     for t in range(1, 4):
         x, y = torch.randn(N, 2, 5, 5, dtype=DT), torch.randint(0, 4, (N,))
-        io, handles = _record_layer_io(model)
+        io, handles = record_layer_io(model)
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         for h in handles:
@@ -270,7 +247,7 @@ def test_gradient_accumulation_equals_one_batch():
 def test_weight_decay_is_decoupled_on_preconditioned_layers():
     """Against the same step without decay: W moves by an extra -lr wd W (decoupled), the SGD path by -lr wd p."""
     torch.manual_seed(0)
-    model = TinyNet().double()
+    model = ConvBNLinear().double()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = torch.randn(5, 2, 5, 5, dtype=DT), torch.randint(0, 4, (5,))
     lr, wd = 0.05, 0.1
@@ -329,14 +306,14 @@ def _batches(n, seed=3):
 
 def test_state_dict_round_trip_resumes_bit_identically():
     torch.manual_seed(0)
-    model = TinyNet()
+    model = ConvBNLinear()
     kw = dict(lr=0.05, momentum=0.9, sample_size=5, y_momentum=0.9, weight_decay=1e-3, fold_bias=True)
     opt = KFROG(model, **kw)
     batches = _batches(6)
     train_steps(model, opt, batches[:3])
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     train_steps(model, opt, batches[3:])
-    model2 = TinyNet()
+    model2 = ConvBNLinear()
     model2.load_state_dict(saved_model)
     opt2 = KFROG(model2, **kw, seed=12345)
     opt2.load_state_dict(saved_opt)
@@ -348,7 +325,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
 
 def test_gradscaler_skips_overflow_and_unscales():
     torch.manual_seed(0)
-    model = TinyNet()
+    model = ConvBNLinear()
     ref = copy.deepcopy(model)
     opt = KFROG(model, lr=0.05, momentum=0.9, y_momentum=0.9, seed=1)
     opt_ref = KFROG(ref, lr=0.05, momentum=0.9, y_momentum=0.9, seed=1)
@@ -383,13 +360,13 @@ def test_gradscaler_skips_overflow_and_unscales():
 ])
 def test_invalid_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        KFROG(TinyNet(), **kwargs)
+        KFROG(ConvBNLinear(), **kwargs)
 
 
 @pytest.mark.parametrize("key, value", [("eps", -1.0), ("y_momentum", 1.5), ("cg_iters", 0)])
 def test_bad_group_value_or_nonfinite_gradient_changes_nothing(key, value):
     torch.manual_seed(0)
-    model = TinyNet()
+    model = ConvBNLinear()
     opt = KFROG(model, lr=0.05, momentum=0.9, y_momentum=0.5)
     batches = _batches(2)
     train_steps(model, opt, batches[:1])
