@@ -149,14 +149,14 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Test accuracy in percent."""
+    """Test accuracy in percent (sequence outputs (N, T, classes): over every position)."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for i in range(0, len(y), batch_size):
-        correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()
+        correct += (model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum()
     model.train(was_training)
-    return 100.0 * correct.item() / len(y)
+    return 100.0 * correct.item() / y.numel()
 
 
 def _sync(device: torch.device) -> None:
@@ -173,6 +173,8 @@ def _forward_backward(model, optimizer, x: torch.Tensor, y: torch.Tensor, label_
     total = 0.0
     for part_x, part_y in zip(x.tensor_split(passes), y.tensor_split(passes)):
         logits = model(part_x)
+        if logits.dim() == 3:  # a sequence model: every position is a sample of the loss and of the MC Fisher
+            logits, part_y = logits.flatten(0, 1), part_y.flatten()
         loss = F.cross_entropy(logits, part_y, label_smoothing=label_smoothing) / passes
         value = loss.item()
         total += value

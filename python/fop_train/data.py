@@ -5,6 +5,11 @@ training set's mean and standard deviation, and int64 labels. Nothing is downloa
 
 - `digits`: sklearn's bundled 8x8 digits (1797 images), split 80/20 stratified with a fixed seed.
 - `mnist`: the IDX files (gzipped or not) in a directory, 60000 train / 10000 test 28x28 images.
+- `text`: next-byte prediction on the source text of a fixed list of Python standard-library modules
+  (`TEXT_MODULES`, read with `inspect.getsource` from the running interpreter, so nothing is downloaded; the
+  corpus therefore depends on the Python version, which results.json records). Bytes are the tokens (vocabulary
+  256); the first 90% of the stream trains, the last 10% tests; each sample is a window of `TEXT_CONTEXT` bytes
+  (x) and the same window shifted by one (y), windows taken every `TEXT_CONTEXT` bytes.
 - `long_tailed(...)`: the CIFAR-LT protocol (Cao et al. 2019, used by the FOP paper): class c keeps
   `n_c = floor(n_max * imbalance ** (-c / (C - 1)))` training samples, so the first class keeps
   `n_max` and the last `n_max / imbalance`; the test set stays balanced.
@@ -13,6 +18,8 @@ training set's mean and standard deviation, and int64 labels. Nothing is downloa
 from __future__ import annotations
 
 import gzip
+import importlib
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -26,6 +33,7 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_mnist",
+    "load_text",
     "long_tailed",
     "long_tailed_counts",
     "read_idx",
@@ -54,7 +62,8 @@ MNIST_FILES = {
 
 @dataclass
 class ImageDataset:
-    """An in-memory classification dataset: images (N, C, H, W) float32 and labels (N,) int64."""
+    """An in-memory classification dataset: images (N, C, H, W) float32 and labels (N,) int64; for `text`, token
+    windows (N, T) int64 and their next tokens (N, T) int64 (every position is a classification)."""
 
     name: str
     train_x: torch.Tensor
@@ -68,7 +77,7 @@ class ImageDataset:
         return tuple(self.train_x.shape[1:])
 
     def class_counts(self) -> list[int]:
-        return torch.bincount(self.train_y, minlength=self.num_classes).tolist()
+        return torch.bincount(self.train_y.reshape(-1), minlength=self.num_classes).tolist()
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -214,7 +223,32 @@ def long_tailed(data: ImageDataset, imbalance: float, seed: int = 0, n_max: int 
     )
 
 
-DATASETS = ("digits", "mnist")
+# Modules whose source is the `text` corpus: pure-Python modules present in every CPython since 3.10.
+TEXT_MODULES = ("argparse", "textwrap", "string", "json.decoder", "json.encoder", "dataclasses", "functools",
+                "heapq", "bisect", "calendar", "fractions", "shlex", "difflib", "pprint", "configparser")
+TEXT_CONTEXT = 32
+
+
+def load_text(context: int = TEXT_CONTEXT, modules: tuple[str, ...] = TEXT_MODULES) -> ImageDataset:
+    """Next-byte prediction on the concatenated source of `modules` (see the module docstring)."""
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    stream = "\n".join(inspect.getsource(importlib.import_module(m)) for m in modules).encode("utf-8")
+    tokens = torch.frombuffer(bytearray(stream), dtype=torch.uint8).long()
+    split = int(0.9 * len(tokens))
+
+    def windows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = (len(t) - 1) // context
+        x = t[: n * context].view(n, context)
+        y = t[1: n * context + 1].view(n, context)
+        return x.clone(), y.clone()
+
+    train_x, train_y = windows(tokens[:split])
+    test_x, test_y = windows(tokens[split:])
+    return ImageDataset("text", train_x, train_y, test_x, test_y, 256)
+
+
+DATASETS = ("digits", "mnist", "text")
 
 
 def load_dataset(
@@ -224,7 +258,7 @@ def load_dataset(
     train_limit: int | None = None,
     seed: int = 0,
 ) -> ImageDataset:
-    """Load a dataset by name ('digits' or 'mnist'), optionally long-tailed and/or limited to
+    """Load a dataset by name ('digits', 'mnist' or 'text'), optionally long-tailed and/or limited to
     `train_limit` training samples (a stratified-by-chance random subset drawn with `seed`)."""
     if name == "digits":
         data = load_digits()
@@ -235,6 +269,10 @@ def load_dataset(
                 + ", ".join(f"{s}[.gz]" for s in MNIST_FILES.values())
             )
         data = load_mnist(data_dir)
+    elif name == "text":
+        if imbalance is not None:
+            raise ValueError("--imbalance applies to the image datasets, not to 'text'")
+        data = load_text()
     else:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     if train_limit is not None:

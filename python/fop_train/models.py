@@ -118,28 +118,30 @@ def resnet18(width: int = 64, num_classes: int = 10, in_channels: int = 3) -> Re
 
 
 class _Attention(nn.Module):
-    """Multi-head self-attention softmax(Q K^T / sqrt(d_head)) V with explicit Linear q/k/v and output projections."""
+    """Multi-head self-attention softmax(Q K^T / sqrt(d_head)) V with explicit Linear q/k/v and output projections
+    (`causal`: each position attends to itself and earlier ones)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, causal: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = _Attention(dim, heads)
+        self.attn = _Attention(dim, heads, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
@@ -174,13 +176,38 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
-MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet": ResNetSmall, "transformer": TinyViT}
+class TinyGPT(nn.Module):
+    """A decoder-only language model: token embedding + learned positional embedding, `depth` pre-norm causal
+    transformer blocks, LayerNorm, a Linear head (untied from the embedding) giving (N, T, vocab) logits."""
+
+    def __init__(self, context: int, vocab: int, width: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: int = 4):
+        super().__init__()
+        self.tok_embed = nn.Embedding(vocab, width)
+        self.pos_embed = nn.Parameter(torch.randn(1, context, width) / math.sqrt(width))
+        self.blocks = nn.Sequential(*[_Block(width, heads, mlp_ratio, causal=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
+        return self.head(self.norm(self.blocks(x)))
 
 
-def build_model(name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None = None) -> nn.Module:
-    """Build model `name` for images of shape (C, H, W) with H == W; `width` overrides its default width."""
+MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet": ResNetSmall, "transformer": TinyViT, "gpt": TinyGPT}
+SEQUENCE_MODELS = ("gpt",)  # models of token windows (N, T): the `text` dataset
+
+
+def build_model(name: str, image_shape: tuple[int, ...], num_classes: int, width: int | None = None) -> nn.Module:
+    """Build model `name` for images of shape (C, H, W) with H == W (or, for a sequence model, windows of shape
+    (T,) over `num_classes` tokens); `width` overrides its default width."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    kwargs = {} if width is None else {"width": width}
+    if (name in SEQUENCE_MODELS) != (len(image_shape) == 1):
+        raise ValueError(f"model {name!r} does not fit inputs of shape {tuple(image_shape)}: "
+                         f"{', '.join(SEQUENCE_MODELS)} take the 'text' dataset, the others images")
+    if name in SEQUENCE_MODELS:
+        return MODELS[name](image_shape[0], num_classes, **kwargs)
     c, h, w = image_shape
     if h != w:
         raise ValueError(f"models expect square images, got {h}x{w}")
