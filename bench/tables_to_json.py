@@ -42,8 +42,11 @@ def tables(markdown: str) -> dict[str, dict]:
     lines = markdown.splitlines()
     out: dict[str, dict] = {}
     section: list[str] = []
+    fenced = False
     for i, line in enumerate(lines):
-        heading = re.match(r"^(#{2,4}) (.*)$", line)
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"^(#{2,4}) (.*)$", line)
         if heading:
             level = len(heading.group(1)) - 2
             section = section[:level] + [heading.group(2)]

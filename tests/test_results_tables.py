@@ -34,8 +34,9 @@ MARK = '<!-- json {"file": "x.json", "command": "run it", "date": "2026-12-02", 
 
 
 def test_cells_kept_as_printed(t2j):
-    md = "\n".join(["## Top", "### Sub", "", MARK, "| a | ratio | ratio |", "| --- | --- | --- |",
-                    "| s \\| t | **1.50x** (1.2-1.6) | 0.9x |", "", "after"])
+    md = "\n".join(["## Top", "### Sub", "```", "## a shell comment, not a heading", "```", "", MARK,
+                    "| a | ratio | ratio |", "| --- | --- | --- |", "| s \\| t | **1.50x** (1.2-1.6) | 0.9x |",
+                    "", "after"])
     data = t2j.tables(md)["x.json"]
     assert data["section"] == "Top / Sub"
     assert (data["command"], data["date"], data["load"]) == ("run it", "2026-12-02", "1.0")
