@@ -345,7 +345,8 @@ class Comm(RankAgreement):
             if not output.requires_grad:
                 return
             x = layer_input(inputs, kwargs)
-            if x is None or x.dim() < 2 or not self.opt._needs_half_batch(self.opt.steps):
+            layer = self.opt.layers[i]
+            if x is None or x.dim() < layer.type.unbatched_dim or not self.opt._needs_half_batch(self.opt.steps):
                 return  # an unbatched input: the capture's record makes step() raise
             x = x.detach()
             n = x.shape[0]
