@@ -10,9 +10,10 @@ the rank below which an input has no batch dimension. Adding a type is one subcl
 
 Built in: nn.Linear (any leading dims), transformers' `Conv1D` (a Linear with an in x out weight, matched by class
 name), nn.Conv2d and nn.Conv1d (groups=1 for K-FAC/FOP; any groups for AdaFisher), and for AdaFisher also
-nn.BatchNorm2d and nn.LayerNorm (and their subclasses). Everything else (embeddings, grouped or depthwise convs
-under K-FAC, circular padding, nn.MultiheadAttention) is not preconditioned: its parameters get the optimizer's
-outer update on the plain gradient, and `CurvatureOptimizer.coverage()` says how much that is.
+nn.BatchNorm2d and nn.LayerNorm (subclasses included; timm's channels-first `LayerNorm2d` by class name).
+Everything else (embeddings, grouped or depthwise convs under K-FAC, circular padding, nn.MultiheadAttention) is
+not preconditioned: its parameters get the optimizer's outer update on the plain gradient, and
+`CurvatureOptimizer.coverage()` says how much that is.
 """
 
 from __future__ import annotations
@@ -384,6 +385,22 @@ class LayerNormType(NormType):
     modules = (nn.LayerNorm,)
 
 
+class ChannelsFirstLayerNormType(LayerNormType):
+    """A LayerNorm subclass over the channels of N x C x H x W inputs (timm's `LayerNorm2d`, matched by class name):
+    its statistics read the input and output gradient channels-last."""
+
+    name = "layernorm2d"
+
+    def matches(self, module):
+        return isinstance(module, nn.LayerNorm) and type(module).__name__ == "LayerNorm2d"
+
+    def input(self, layer, x):
+        return x.movedim(1, -1)
+
+    def output_grad(self, layer, g):
+        return g.movedim(1, -1)
+
+
 class BatchNorm2dType(NormType):
     name = "batchnorm2d"
     modules = (nn.BatchNorm2d,)
@@ -393,7 +410,7 @@ class BatchNorm2dType(NormType):
 
 
 BUILTIN_TYPES: tuple[LayerType, ...] = (TransposedLinearType(), LinearType(), Conv2dType(), Conv1dType(),
-                                        BatchNorm2dType(), LayerNormType())
+                                        BatchNorm2dType(), ChannelsFirstLayerNormType(), LayerNormType())
 _registered: list[LayerType] = []  # the user's, newest first: they take precedence over the built-in ones
 
 

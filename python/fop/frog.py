@@ -264,6 +264,10 @@ class FROGBase(CurvatureOptimizer):
             dist.broadcast(state, src=dist.get_global_rank(self.comm.group, 0), group=self.comm.group)
             self.generator.set_state(state)
 
+    def _preconditioned_ids(self) -> set[int]:
+        """The weights, and the biases when they are folded into the rows (fold_bias)."""
+        return {id(p) for layer in self.layers for p in (layer.params if self.fold_bias else [layer.weight])}
+
     def _records(self, i: int) -> list:
         """Layer i's records of this step that are shaped like its first one (the ones whose samples are used)."""
         recs = self.capture.done(i)

@@ -19,6 +19,7 @@ from fop._base import (
     layer_device_tensor,
     state_counter,
 )
+from fop._layers import TOKEN_MODES
 
 logger = logging.getLogger("fop")
 
@@ -279,6 +280,10 @@ class KFAC(CurvatureOptimizer):
             fifth of an eigendecomposition on CPU (bench/RESULTS.md); distributed runs invert on every rank.
         max_update_norm: None (default) or a positive float: the global norm of the step's directions (before lr and
             momentum) clipped to it, as the official FOP training script's clip at 10.
+        linear_tokens: how a Linear applied over leading (token) dims (N, T, ..., d) forms its factors (Eschenhagen et
+            al. 2023): "expand" (default) makes every token a row, A = sum a a^T / (N T), G = sum g g^T / N;
+            "reduce" averages a and sums g over each sample's tokens first, A = sum_n a_n a_n^T / N,
+            G = sum_n g_n g_n^T / N (cheaper: N rows instead of N T). docs/layers.md has the measurement.
         exclude, loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
         distributed: None (on when torch.distributed runs more than one rank), False, True or a
             fop.distributed.DistributedOptions: factors averaged over ranks, eigendecompositions sharded.
@@ -288,7 +293,8 @@ class KFAC(CurvatureOptimizer):
                  decoupled: bool = False, damping=1e-3, damping_mode: str = "factored", factor_decay: float = 0.05,
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = 1e-3,
                  fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, eigh_refresh_iters: int = 0,
-                 inverse_method: str = "eigh", max_update_norm: float | None = None, model=None, exclude=None,
+                 inverse_method: str = "eigh", max_update_norm: float | None = None, linear_tokens: str = "expand",
+                 model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         self.damping = check_schedule("damping", damping, low_open=True)
@@ -303,6 +309,7 @@ class KFAC(CurvatureOptimizer):
         self.factor_dtype = check_choice("factor_dtype", factor_dtype, (torch.float32, torch.float64))
         self.eigh_refresh_iters = check_int("eigh_refresh_iters", eigh_refresh_iters, low=0)
         self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
+        self.linear_tokens = check_choice("linear_tokens", linear_tokens, TOKEN_MODES)
         if self.inverse_method == "cholesky" and self.damping_mode != "factored":
             raise ValueError("inverse_method='cholesky' needs damping_mode='factored': the exact Tikhonov damping of "
                              "A kron G ('eigen') has no Kronecker-factored inverse")
@@ -319,6 +326,7 @@ class KFAC(CurvatureOptimizer):
         self.buckets: list[Bucket] | list[InverseBucket] = []
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
         self.capture.stat_dtype = self.factor_dtype
+        self.capture.tokens = self.linear_tokens
         self._arm()
 
     # -- when to capture, update, decompose ----------------------------------------------------------------------
