@@ -119,10 +119,10 @@ class Capture:
             self = ref()
             if self is None or not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return
-            x = layer_input(inputs, kwargs)
+            layer = self.layers[i]
+            x = layer.type.read_input(layer, inputs, kwargs)
             if not output.requires_grad or x is None:
                 return
-            layer = self.layers[i]
             if x.dim() < layer.type.unbatched_dim:
                 self.unbatched[i] = tuple(x.shape)  # no batch dimension: step() raises naming the layer
                 return
@@ -258,12 +258,6 @@ def remove_handles(handles: list) -> None:
     for h in handles:
         h.remove()
     handles.clear()
-
-
-def layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The input tensor of a Linear/Conv2d call, positional or as `input=` (nn.Linear and nn.Conv2d's name)."""
-    x = inputs[0] if inputs else kwargs.get("input")
-    return x if isinstance(x, torch.Tensor) else None
 
 
 def _summed(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -127,6 +127,15 @@ class LayerType:
         return m.reshape(layer.weight.shape)
 
     # -- what the hooks read (K-FAC/FOP) ----------------------------------------------------------------------------
+    def read_input(self, layer: Layer, inputs: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The input tensor of a call, positional or as `input=` (nn.Linear's and nn.Conv2d's name), or None."""
+        x = inputs[0] if inputs else kwargs.get("input")
+        return x if isinstance(x, torch.Tensor) else None
+
+    def input_factor_shape(self, layer: Layer) -> tuple[int, ...]:
+        """The shape of the stored factor A: in x in (a diagonal type: (in,), the diagonal alone)."""
+        return (layer.in_dim, layer.in_dim)
+
     def input(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """The layer input in the form the statistics read (conv1d: as a 2-D conv's N x C x 1 x L)."""
         return x
@@ -362,6 +371,122 @@ class Conv1dType(Conv2dType):
         return g.unsqueeze(-2) if g.dim() == 3 else g
 
 
+class EmbeddingType(LayerType):
+    """nn.Embedding and nn.EmbeddingBag (mode "sum" or "mean", dense gradients): a Linear over one-hot (bag:
+    count) input rows c, with the weight (vocab x dim) transposed: the gradient matrix is dim x vocab. A is the
+    diagonal of sum_rows c c^T / rows, stored as a vector (token counts; a bag's c_v is the count of token v in it,
+    divided by the bag's size for "mean"; padding_idx counts 0), G = sum g g^T / N from the output gradients, so
+    the update is G^-1 dW^T diag(A + damping)^-1. Rows: every token of an Embedding input (K-FAC-expand; the
+    token treatment does not apply), every bag of an EmbeddingBag. K-FAC/FOP (inverse_method="eigh", one process)
+    and AdaFisher."""
+
+    name = "embedding"
+    modules = (nn.Embedding, nn.EmbeddingBag)
+    forms = frozenset({"kfac", "adafisher"})
+
+    def reason(self, module, family):
+        if family not in self.forms:
+            return NOT_SUPPORTED
+        if module.sparse:
+            return "sparse gradients (sparse=True)"
+        if isinstance(module, nn.EmbeddingBag) and module.mode not in ("sum", "mean"):
+            return f"EmbeddingBag mode={module.mode!r} (the max has no Kronecker form)"
+        return None
+
+    def input_factor_shape(self, layer):
+        return (layer.in_dim,)
+
+    def out_dim(self, layer):
+        return layer.weight.shape[1]
+
+    def weight_columns(self, layer):
+        return layer.weight.shape[0]
+
+    def weight_matrix(self, layer, w):
+        return w.mT
+
+    def weight_from_matrix(self, layer, m):
+        return m.mT
+
+    def read_input(self, layer, inputs, kwargs):
+        """The token ids, one row per sample: an Embedding's input as it is; an EmbeddingBag's bags as an
+        (N, longest bag) tensor padded with -1 (from a 2-D input, or a 1-D input with its offsets)."""
+        x = super().read_input(layer, inputs, kwargs)
+        if x is None or not isinstance(layer.module, nn.EmbeddingBag):
+            return x
+        offsets = inputs[1] if len(inputs) > 1 else kwargs.get("offsets")
+        weights = inputs[2] if len(inputs) > 2 else kwargs.get("per_sample_weights")
+        if weights is not None:
+            raise ValueError(f"layer {layer.name}: EmbeddingBag with per_sample_weights has no K-FAC form here; "
+                             "leave it out with exclude=[...]")
+        if x.dim() != 1 or offsets is None:
+            return x
+        if layer.module.include_last_offset:
+            ends = offsets[1:]
+        else:
+            ends = torch.cat([offsets[1:], offsets.new_tensor([x.numel()])])
+        starts = offsets[: ends.numel()]
+        sizes = ends - starts
+        width = int(sizes.max()) if sizes.numel() else 0
+        pos = torch.arange(width, device=x.device)
+        inside = pos[None, :] < sizes[:, None]
+        padded = x.new_full((sizes.numel(), width), -1)
+        padded[inside] = x[(starts[:, None] + pos[None, :])[inside]]
+        return padded
+
+    def _bags(self, layer, x: torch.Tensor):
+        """(token ids, row of each id, weight of each id, rows): the nonzero entries of the count rows c."""
+        m = layer.module
+        if isinstance(m, nn.EmbeddingBag):
+            rows = x.shape[0]
+            row = torch.arange(rows, device=x.device)[:, None].expand_as(x)
+            keep = x >= 0
+            if m.padding_idx is not None:
+                keep &= x != m.padding_idx
+            w = torch.ones(x.shape, dtype=torch.float64, device=x.device)
+            if m.mode == "mean":  # torch's mean leaves the padding_idx entries out of the bag's size
+                w = w / keep.sum(1, keepdim=True).clamp_min(1)
+            return x[keep], row[keep], w[keep], rows
+        flat = x.reshape(-1)
+        keep = flat != m.padding_idx if m.padding_idx is not None else torch.ones_like(flat, dtype=torch.bool)
+        row = torch.arange(flat.numel(), device=x.device)
+        return flat[keep], row[keep], torch.ones(int(keep.sum()), dtype=torch.float64, device=x.device), flat.numel()
+
+    def _diagonal(self, layer, xs: list[torch.Tensor], dtype) -> torch.Tensor:
+        """sum_rows c_v^2 / rows per token v over the records `xs`."""
+        V = layer.weight.shape[0]
+        total = torch.zeros(V, dtype=torch.float64, device=layer.weight.device)
+        rows = 0
+        for x in xs:
+            ids, row, w, n = self._bags(layer, x)
+            key = row * V + ids  # one entry per (row, token): the count of token v in row r, summed over repeats
+            uniq, inv = torch.unique(key, return_inverse=True)
+            c = torch.zeros(uniq.numel(), dtype=torch.float64, device=x.device).index_add_(0, inv, w)
+            total.index_add_(0, (uniq % V).to(total.device), c.square().to(total.device))
+            rows += n
+        return (total / rows).to(dtype)
+
+    def update_input_factor(self, layer, A, xs, decay, tokens="expand"):
+        diag = self._diagonal(layer, xs, A.dtype)
+        if decay == 1.0:
+            A.copy_(diag)
+        else:
+            A.mul_(1.0 - decay).add_(diag, alpha=decay)
+
+    def output_rows(self, layer, dy, tokens="expand"):
+        return dy
+
+    def sub_batch_grad(self, layer, a, dy, dtype):
+        ids, row, w, _ = self._bags(layer, a)
+        rows = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        grad = torch.zeros(layer.weight.shape, dtype=dtype, device=dy.device)
+        grad.index_add_(0, ids.to(dy.device), rows[row.to(dy.device)] * w.to(device=dy.device, dtype=dtype)[:, None])
+        return grad.mT
+
+    def input_diagonal(self, layer, h, dtype):
+        return self._diagonal(layer, [h], dtype)
+
+
 class NormType(LayerType):
     """A normalization layer's affine scale and shift (AdaFisher's EFIM blocks, its paper's Proposition 3.1)."""
 
@@ -410,7 +535,8 @@ class BatchNorm2dType(NormType):
 
 
 BUILTIN_TYPES: tuple[LayerType, ...] = (TransposedLinearType(), LinearType(), Conv2dType(), Conv1dType(),
-                                        BatchNorm2dType(), ChannelsFirstLayerNormType(), LayerNormType())
+                                        EmbeddingType(), BatchNorm2dType(), ChannelsFirstLayerNormType(),
+                                        LayerNormType())
 _registered: list[LayerType] = []  # the user's, newest first: they take precedence over the built-in ones
 
 
@@ -582,18 +708,19 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
         if reason is None and layer_type is None:
             raise ValueError(f"support() accepted module {name or type(m).__name__} ({type(m).__name__}), which "
                              "matches no registered layer type (fop.register_layer_type)")
+        bias = getattr(m, "bias", None)
         if reason is None and not m.weight.requires_grad:
             reason = "weight does not require grad"
         if reason is None and optimized is not None and id(m.weight) not in optimized:
             reason = "weight is not among the optimizer's parameters"
-        if reason is None and m.bias is not None and optimized is not None and id(m.bias) not in optimized:
+        if reason is None and bias is not None and optimized is not None and id(bias) not in optimized:
             reason = "bias is not among the optimizer's parameters"
-        if reason is None and m.bias is not None and not m.bias.requires_grad:
+        if reason is None and bias is not None and not bias.requires_grad:
             reason = "bias does not require grad"
         if reason is not None:
             skipped.append((name, reason))
             continue
-        layers.append(Layer(name or type(m).__name__, m, m.weight, m.bias, layer_type, layer_type.geometry(m)))
+        layers.append(Layer(name or type(m).__name__, m, m.weight, bias, layer_type, layer_type.geometry(m)))
     holders = parameter_holders(model)
     kept = []
     for layer in layers:

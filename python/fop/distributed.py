@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fop._capture import layer_input, remove_handles, sub_batch_grad
+from fop._capture import remove_handles, sub_batch_grad
 
 logger = logging.getLogger("fop")
 
@@ -344,8 +344,8 @@ class Comm(RankAgreement):
                 return
             if not output.requires_grad:
                 return
-            x = layer_input(inputs, kwargs)
             layer = self.opt.layers[i]
+            x = layer.type.read_input(layer, inputs, kwargs)
             if x is None or x.dim() < layer.type.unbatched_dim or not self.opt._needs_half_batch(self.opt.steps):
                 return  # an unbatched input: the capture's record makes step() raise
             x = x.detach()

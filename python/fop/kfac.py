@@ -29,27 +29,31 @@ INVERSE_METHODS = ("eigh", "cholesky")
 
 
 class Bucket:
-    """Layers whose gradient matrices have one shape (out x in): their eigenvectors stacked for bmm."""
+    """Layers whose gradient matrices have one shape (out x in): their eigenvectors stacked for bmm. QA is None for
+    layers with a diagonal input factor (embeddings): its eigenbasis is the identity and lA the diagonal itself."""
 
     def __init__(self, index: list[int], QG, lG, QA, lA):
         self.index = index  # layer indices
-        self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i), (B,i)
+        self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i) or None, (B,i)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.QA.dtype
+        return self.QG.dtype
 
     def rotate(self, M: torch.Tensor) -> torch.Tensor:
         """Q_G^T M Q_A for a (B, o, i) stack."""
-        return torch.bmm(torch.bmm(self.QG.mT, M), self.QA)
+        M = torch.bmm(self.QG.mT, M)
+        return M if self.QA is None else torch.bmm(M, self.QA)
 
     def unrotate(self, M: torch.Tensor) -> torch.Tensor:
         """Q_G M Q_A^T for a (B, o, i) stack."""
-        return torch.bmm(torch.bmm(self.QG, M), self.QA.mT)
+        M = torch.bmm(self.QG, M)
+        return M if self.QA is None else torch.bmm(M, self.QA.mT)
 
     def subset(self, keep: list[int]) -> Bucket:
         """The bucket of the layers at positions `keep` (copies; for a step where some layers have no gradient)."""
-        return Bucket([self.index[j] for j in keep], self.QG[keep], self.lG[keep], self.QA[keep], self.lA[keep])
+        return Bucket([self.index[j] for j in keep], self.QG[keep], self.lG[keep],
+                      None if self.QA is None else self.QA[keep], self.lA[keep])
 
 
 def _eigh_forms(M: torch.Tensor):
@@ -327,6 +331,10 @@ class KFAC(CurvatureOptimizer):
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
         self.capture.stat_dtype = self.factor_dtype
         self.capture.tokens = self.linear_tokens
+        diagonal = [layer.name for layer in self.layers if len(layer.type.input_factor_shape(layer)) == 1]
+        if diagonal and (self.inverse_method == "cholesky" or self.comm.active):
+            raise ValueError(f"layers {diagonal} have a diagonal input factor (embeddings), which K-FAC/FOP support "
+                             "with inverse_method='eigh' in one process; leave them out with exclude=[...]")
         self._arm()
 
     # -- when to capture, update, decompose ----------------------------------------------------------------------
@@ -411,13 +419,13 @@ class KFAC(CurvatureOptimizer):
                 layer = self.layers[i]
                 if self.factors_A[i] is None:
                     decay, dev = 1.0, layer.weight.device
-                    A = torch.zeros(layer.in_dim, layer.in_dim, dtype=self.factor_dtype, device=dev)
+                    A = torch.zeros(layer.type.input_factor_shape(layer), dtype=self.factor_dtype, device=dev)
                     G = torch.zeros(layer.out_dim, layer.out_dim, dtype=self.factor_dtype, device=dev)
                 else:
                     decay, A, G = self.factor_decay, self.factors_A[i].clone(), self.factors_G[i].clone()
                 self.capture.update_input_factor(i, A, decay)
                 self.capture.update_output_factor(i, G, decay, mc=mc, dy_scale=inv_scale)
-                for M in (A, G):  # fp32 GEMMs leave rounding-level asymmetry
+                for M in (A, G) if A.dim() == 2 else (G,):  # fp32 GEMMs leave rounding-level asymmetry
                     M.copy_(0.5 * (M + M.mT))
                 new_A[i], new_G[i] = A, G
         self.comm.all_reduce_factors(new_A, new_G)  # distributed: average over ranks
@@ -438,12 +446,14 @@ class KFAC(CurvatureOptimizer):
             self._invert()
             return
         ready = self._ready()
-        mats = [self.factors_A[i] for i in ready] + [self.factors_G[i] for i in ready]
-        names = ([f"factor A of layer {self.layers[i].name}" for i in ready]
+        dense = [i for i in ready if self.factors_A[i].dim() == 2]  # a diagonal A (embeddings) is its own eigenbasis
+        mats = [self.factors_A[i] for i in dense] + [self.factors_G[i] for i in ready]
+        names = ([f"factor A of layer {self.layers[i].name}" for i in dense]
                  + [f"factor G of layer {self.layers[i].name}" for i in ready])
-        prev = {i: (b.QA[j], b.QG[j]) for b in self.buckets if isinstance(b, Bucket) for j, i in enumerate(b.index)}
+        prev = {i: (None if b.QA is None else b.QA[j], b.QG[j]) for b in self.buckets if isinstance(b, Bucket)
+                for j, i in enumerate(b.index)}
         if self.eigh_refresh_iters and all(i in prev for i in ready) and prev and not self.comm.active:
-            previous = [prev[i][0] for i in ready] + [prev[i][1] for i in ready]
+            previous = [prev[i][0] for i in dense] + [prev[i][1] for i in ready]
             try:
                 evals, evecs = fop_kernels.eigh_refresh(mats, previous, iters=self.eigh_refresh_iters, clamp=True)
             except RuntimeError as err:
@@ -451,11 +461,14 @@ class KFAC(CurvatureOptimizer):
                 evals, evecs = robust_eigh(mats, names)
         else:
             evals, evecs = self.comm.eigh(mats, names)  # robust_eigh; distributed: sharded by owner
-        n = len(ready)
+        n = len(dense)
         as_layers = [[None] * len(self.layers) for _ in range(4)]
+        for k, i in enumerate(dense):
+            as_layers[0][i], as_layers[1][i] = evals[k], evecs[k]
         for k, i in enumerate(ready):
-            for j, values in enumerate((evals[:n], evecs[:n], evals[n:], evecs[n:])):
-                as_layers[j][i] = values[k]
+            as_layers[2][i], as_layers[3][i] = evals[n + k], evecs[n + k]
+            if self.factors_A[i].dim() == 1:
+                as_layers[0][i] = self.factors_A[i].clamp_min(0)
         self._set_buckets(*as_layers)
         self.decomposed_at = self.steps
 
@@ -465,14 +478,17 @@ class KFAC(CurvatureOptimizer):
         by_shape: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers):
             if like[i] is not None:
-                by_shape.setdefault((layer.shape, like[i].device, like[i].dtype), []).append(i)
+                by_shape.setdefault((layer.shape, like[i].device, like[i].dtype, like[i].dim()), []).append(i)
         return list(by_shape.values())
 
     def _make_buckets(self, lA, QA, lG, QG) -> list[Bucket]:
-        """Buckets of the layers i with QA[i] (lists indexed by layer, None where a layer has none)."""
+        """Buckets of the layers i with lA[i] (lists indexed by layer, None where a layer has none; QA[i] None for
+        a diagonal input factor: such layers form their own buckets)."""
+        like = [QA[i] if QA[i] is not None else lA[i] for i in range(len(self.layers))]
         return [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
-                       torch.stack([QA[i] for i in idx]), torch.stack([lA[i] for i in idx]))
-                for idx in self._by_shape(QA)]
+                       None if QA[idx[0]] is None else torch.stack([QA[i] for i in idx]),
+                       torch.stack([lA[i] for i in idx]))
+                for idx in self._by_shape(like)]
 
     def _set_buckets(self, lA, QA, lG, QG) -> None:
         self.buckets = self._make_buckets(lA, QA, lG, QG)
@@ -632,7 +648,9 @@ class KFAC(CurvatureOptimizer):
                     inverse[i].update({f"A{k}": v[j] for k, v in b.Ainv.state.items()})
                     inverse[i].update({f"G{k}": v[j] for k, v in b.Ginv.state.items()})
                 else:
-                    eig[i] = {"QA": b.QA[j], "lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
+                    eig[i] = {"lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
+                    if b.QA is not None:
+                        eig[i]["QA"] = b.QA[j]
         extra.update(inverse_method=self.inverse_method, factor_updates=self.factor_updates,
                      decomposed_at=self.decomposed_at,
                      factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
@@ -666,7 +684,7 @@ class KFAC(CurvatureOptimizer):
         new["factors_A"], new["factors_G"] = [None] * n, [None] * n
         for i, (layer, f) in enumerate(zip(self.layers, factors)):
             if f is not None:
-                new["factors_A"][i] = self._loaded(f, "A", (layer.in_dim,) * 2, layer, "factor A")
+                new["factors_A"][i] = self._loaded(f, "A", layer.type.input_factor_shape(layer), layer, "factor A")
                 new["factors_G"][i] = self._loaded(f, "G", (layer.out_dim,) * 2, layer, "factor G")
         key, other = ("inverse", "eigen") if self.inverse_method == "cholesky" else ("eigen", "inverse")
         saved = extra.get(key) or []
@@ -685,6 +703,8 @@ class KFAC(CurvatureOptimizer):
             o, d = layer.out_dim, layer.in_dim
             if key == "eigen":
                 shapes = {"QA": (d, d), "lA": (d,), "QG": (o, o), "lG": (o,)}
+                if new["factors_A"][i].dim() == 1:  # a diagonal input factor has no QA
+                    del shapes["QA"]
             else:
                 shapes = {"A": (d, d), "G": (o, o)}
                 for side, dim in (("A", d), ("G", o)):
@@ -698,7 +718,7 @@ class KFAC(CurvatureOptimizer):
             raise ValueError(f"state_dict says a decomposition was made at step {new['decomposed_at']} but holds "
                              f"no {key} entries")
         if key == "eigen":
-            new["buckets"] = self._make_buckets(*([None if e is None else e[k] for e in moved]
+            new["buckets"] = self._make_buckets(*([None if e is None else e.get(k) for e in moved]
                                                   for k in ("lA", "QA", "lG", "QG")))
             return new
 
