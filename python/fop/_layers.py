@@ -483,8 +483,8 @@ class EmbeddingType(LayerType):
         grad.index_add_(0, ids.to(dy.device), rows[row.to(dy.device)] * w.to(device=dy.device, dtype=dtype)[:, None])
         return grad.mT
 
-    def input_diagonal(self, layer, h, dtype):
-        return self._diagonal(layer, [h], dtype)
+    def input_diagonal(self, layer, h, dtype):  # h holds token ids: the dtype follows the weight's
+        return self._diagonal(layer, [h], torch.float64 if layer.weight.dtype == torch.float64 else torch.float32)
 
 
 class NormType(LayerType):
