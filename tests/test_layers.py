@@ -567,6 +567,57 @@ def test_user_maps_a_module_class_to_linear_and_steps_equal_nn_linear():
         register_layer_type(LinearType)
 
 
+class ScaledLinear(nn.Module):
+    """docs/layers.md's worked example: y = s (a W^T), no bias."""
+
+    def __init__(self, i, o, s):
+        super().__init__()
+        self.s = s
+        self.weight = nn.Parameter(torch.randn(o, i) * 0.3)
+        self.bias = None
+
+    def forward(self, x):
+        return self.s * (x @ self.weight.T)
+
+
+class ScaledLinearType(LinearType):
+    name = "scaled_linear"
+    modules = (ScaledLinear,)
+    forms = frozenset({"kfac", "adafisher"})
+
+    def output_grad(self, layer, g):
+        return g * layer.module.s
+
+
+def test_the_documented_new_layer_type_reads_its_own_output_gradient():
+    torch.manual_seed(17)
+    m = nn.Sequential(ScaledLinear(4, 5, 3.0), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=DT), torch.randint(0, 3, (6,))
+    registered = register_layer_type(ScaledLinearType())
+    try:
+        layers, _ = discover_layers(m)
+        assert [layer.kind for layer in layers] == ["scaled_linear", "linear"]
+        cap = Capture(layers)
+        cap.stat_dtype = DT
+        cap.arm(full=True, half_grads=True)
+        F.cross_entropy(m(x), y).backward()
+        ref = copy.deepcopy(m)
+        for sub in ref.modules():
+            sub._forward_hooks.clear()
+        a, dy = _explicit(ref[0], x, lambda x: F.cross_entropy(ref(x), y))
+        A, G = _capture_factors(layers, 0)
+        assert cap.update_input_factor(0, A, 1.0) and cap.update_output_factor(0, G, 1.0)
+        g = 6 * 3.0 * dy  # the weight's per-sample output gradient: s dy of the summed loss
+        assert_close(A, a.T @ a / 6, 1e-12, 1e-10, "A")
+        assert_close(G, g.T @ g / 6, 1e-12, 1e-10, "G")
+        ref.zero_grad()
+        (F.cross_entropy(ref(x[:3]), y[:3], reduction="sum") / 6).backward()
+        assert_close(cap.half_batch_grad(0, DT), ref[0].weight.grad, 1e-12, 1e-10, "S1")
+        assert FOP(m, lr=0.1).layers[0].kind == "scaled_linear"
+    finally:
+        unregister_layer_type(registered)
+
+
 def test_multihead_attention_projections_are_left_out_with_a_reason():
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     m = nn.Sequential(nn.Linear(8, 8))

@@ -155,7 +155,8 @@ class LayerType:
         fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
 
     def sub_batch_grad(self, layer: Layer, a: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """sum over the samples of dy a^T as an out x in matrix [dW | db] in `dtype`."""
+        """sum over the samples of dy a^T as an out x in matrix [dW | db] in `dtype` (a, dy as `input` and
+        `output_grad` return them)."""
         a, dy = a.to(dtype), dy.to(dtype)
         return _rows(dy, False).T @ _rows(a, layer.bias is not None)
 
@@ -311,7 +312,7 @@ class Conv2dType(LayerType):
         fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
 
     def sub_batch_grad(self, layer, a, dy, dtype):
-        a, dy = self.input(layer, a).to(dtype), self.output_grad(layer, dy).to(dtype)
+        a, dy = a.to(dtype), dy.to(dtype)
         c = layer.conv
         gw = torch.nn.grad.conv2d_weight(a, self.kernel_shape(layer), dy, stride=c["stride"], padding=c["padding"],
                                          dilation=c["dilation"], groups=c.get("groups", 1))

@@ -348,7 +348,7 @@ class Comm(RankAgreement):
             x = layer.type.read_input(layer, inputs, kwargs)
             if x is None or x.dim() < layer.type.unbatched_dim or not self.opt._needs_half_batch(self.opt.steps):
                 return  # an unbatched input: the capture's record makes step() raise
-            x = x.detach()
+            x = layer.type.input(layer, x.detach())
             n = x.shape[0]
             m = self._first_rows(n)
             sync = self.options.overlap and self.ddp is not None and bool(self.ddp.require_backward_grad_sync)
@@ -366,7 +366,8 @@ class Comm(RankAgreement):
         self._n[i] += n
         self._n1[i] += m
         if m > 0:
-            part = sub_batch_grad(self.opt.layers[i], a, grad.detach()[:m], self.dtype)
+            layer = self.opt.layers[i]
+            part = sub_batch_grad(layer, a, layer.type.output_grad(layer, grad.detach())[:m], self.dtype)
             self._acc[i] = part if self._acc[i] is None else self._acc[i] + part
         if sync:
             self._pending[i] -= 1
