@@ -1,6 +1,6 @@
 """K-FAC-expand against K-FAC-reduce (`linear_tokens`) on two tiny transformers, side by side in one run.
 
-    python bench/studies/linear_tokens.py --steps 20 --seeds 0,1,2
+    python bench/studies/linear_tokens.py --steps 20 --seeds 0,1,2 --threads 1
 
 K-FAC and FOP at their defaults with `lr` set (and `factor_interval = inverse_interval = 1`, so that the factors
 are fresh every step and the token treatment acts on each), overfitting a fixed batch: transformers' GPT-2
@@ -63,7 +63,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models, no oversubscription)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     warnings.filterwarnings("ignore")
     logging.getLogger("fop").setLevel(logging.ERROR)

@@ -2,9 +2,10 @@
 
 Per supported module two diagonals, refreshed from the batch every `factor_interval` steps (from step 0):
 
-    Linear, Conv2d (any groups): H_i = mean over rows of h_i^2 (rows: samples x positions; conv h: the im2col patch
-        entries, summed as a window over the input without im2col; a bias adds an entry of 1), S_j = mean of s_j^2
-        (s: gradient of the layer output). A grouped conv row j uses the H entries of its group's input channels.
+    Linear, Conv2d (any groups) and the other Kronecker layer types (fop._layers): H_i = mean over rows of h_i^2
+        (rows: samples x positions; conv h: the im2col patch entries, summed as a window over the input without
+        im2col; embeddings: the one-hot or bag-count rows; a bias adds an entry of 1), S_j = mean of s_j^2 (s:
+        gradient of the layer output). A grouped conv row j uses the H entries of its group's input channels.
     BatchNorm2d, LayerNorm (EFIM, paper Proposition 3.1): with u_c = sum over the reduced dims of h / T^2
         (T: positions per sample), H = [sum_c u_c^2, C] / N^2 (one entry for the scale, one for the shift) and
         S_c = (sum over the reduced dims of s_c)^2 / N.
@@ -297,7 +298,8 @@ class AdaFisher(_AdaFisherBase):
             CurvatureOptimizer. distributed: None (synchronize across ranks when a process group of more than one
             rank is initialized), False, True or a fop.distributed.DistributedOptions: the fresh diagonals are
             averaged over ranks on refresh steps (fop.distributed_rows).
-    Supported: Linear, Conv2d (any groups), BatchNorm2d, LayerNorm; every other parameter uses F~ = 1.
+    Supported (fop._layers, docs/layers.md): Linear and transformers' Conv1D, Conv2d and Conv1d (any groups),
+    Embedding and EmbeddingBag, BatchNorm2d, LayerNorm (subclasses included); every other parameter uses F~ = 1.
     """
 
 
