@@ -385,6 +385,36 @@ def test_embedding_fop_state_dict_and_limits():
     assert opt.capture.records == [[], []]
 
 
+class PositionLM(nn.Module):
+    """Token plus position embeddings, the position ids (1, T) broadcast over the batch as GPT-2's."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.wpe, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 9)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1])[None, :]
+        return self.head(torch.tanh(self.wte(ids) + self.wpe(pos)))
+
+
+def test_broadcast_position_embedding_takes_the_plain_update_and_fop_does_not_fall_back(caplog):
+    torch.manual_seed(18)
+    m = PositionLM()
+    opt = FOP(m, lr=0.1, momentum=0.0, kl_clip=None)
+    assert [layer.name for layer in opt.layers] == ["wte", "wpe", "head"]
+    ids = torch.randint(0, 9, (8, 6))
+    before = m.wpe.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="fop"):
+        opt.zero_grad()
+        F.cross_entropy(m(ids).reshape(-1, 9), ids.reshape(-1)).backward()
+        g = m.wpe.weight.grad.clone()
+        opt.step()
+    assert "layer wpe saw a batch of 1 while other layers saw more" in caplog.text
+    assert "K-FAC update" not in caplog.text  # FOP did not fall back: the other layers have two halves
+    assert set(opt.last_stats()) == {"wte", "head"} and opt.factors_A[1] is None
+    torch.testing.assert_close(m.wpe.weight, before - 0.1 * g, rtol=0, atol=1e-7)
+
+
 # -- AdaFisher diagonals -------------------------------------------------------------------------------------------
 def test_adafisher_diagonals_of_new_types_match_explicit():
     torch.manual_seed(5)
@@ -767,6 +797,8 @@ def test_gpt2_coverage_tied_head_and_training(transformers, cls, caplog):
     ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
     losses = _train(m, opt, ids, lambda m, ids: m(input_ids=ids, labels=ids).loss)
     assert losses[-1] < losses[0]
+    if cls is FOP:  # the broadcast position embedding is skipped, not a reason for the whole step to fall back
+        assert len(opt.last_stats()) == len(opt.layers) - 1 and "transformer.wpe" not in opt.last_stats()
 
 
 @pytest.mark.parametrize("cls", [KFAC, FOP, AdaFisher])

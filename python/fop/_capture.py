@@ -171,6 +171,15 @@ class Capture:
         """Records of layer i whose backward has run."""
         return [r for r in self.records[i] if r.backward_done]
 
+    def broadcast(self, i: int) -> bool:
+        """Whether layer i's completed records all hold 1 sample while another layer's hold more: its input was
+        broadcast over the batch (GPT-2's and BERT's position ids are (1, T)), so its output gradient is the sum over
+        the samples, not a per-sample gradient, and its statistics are not a Fisher's."""
+        recs = self.done(i)
+        if not recs or any(r.n != 1 for r in recs):
+            return False
+        return any(r.n > 1 for others in self.records for r in others if r.backward_done)
+
     def has_factor_data(self, mc: bool = False) -> bool:
         """True when every layer has at least one full record whose backward ran (mc: whose sampled-label Gram
         exists)."""

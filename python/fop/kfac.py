@@ -331,6 +331,7 @@ class KFAC(CurvatureOptimizer):
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
         self.capture.stat_dtype = self.factor_dtype
         self.capture.tokens = self.linear_tokens
+        self._warned_broadcast: set[str] = set()
         diagonal = [layer.name for layer in self.layers if len(layer.type.input_factor_shape(layer)) == 1]
         if diagonal and (self.inverse_method == "cholesky" or self.comm.active):
             raise ValueError(f"layers {diagonal} have a diagonal input factor (embeddings), which K-FAC/FOP support "
@@ -385,10 +386,17 @@ class KFAC(CurvatureOptimizer):
 
     def _has_grad(self, i: int) -> bool:
         """Whether every parameter of layer i has a gradient this step (a layer without is skipped, as torch's
-        optimizers skip such parameters: no direction, no factor update)."""
-        return all(p.grad is not None for p in self.layers[i].params)
+        optimizers skip such parameters: no direction, no factor update), and per-sample statistics: a layer that
+        saw a broadcast batch of 1 is skipped the same way (Capture.broadcast)."""
+        return all(p.grad is not None for p in self.layers[i].params) and not self.capture.broadcast(i)
 
     def _validate_before_step(self) -> None:
+        for i, layer in enumerate(self.layers):
+            if layer.name not in self._warned_broadcast and self.capture.broadcast(i):
+                self._warned_broadcast.add(layer.name)
+                logger.warning("layer %s saw a batch of 1 while other layers saw more: a broadcast input (a position "
+                               "embedding's (1, T) ids?) whose output gradient sums the batch; it takes the plain "
+                               "update on such steps (warned once)", layer.name)
         missing = [self.layers[i].name for i in range(len(self.layers))
                    if self._has_grad(i) and not self.capture.done(i)] if self.capture.armed else []
         if missing and len(missing) < len(self.layers):
