@@ -1,13 +1,16 @@
 """Forward/backward hooks that capture what a Kronecker-factored optimizer needs, only when it is armed.
 
 Per layer and per forward pass (a "record"), the hooks keep the layer input `a` (N x ... x d_in, or the conv input
-N x C x H x W) and the gradient of the layer output `dy` as autograd computes it. Conventions:
+N x C x H x W) and the gradient of the layer output `dy` as autograd computes it, both in the form the layer's type
+reads them (fop._layers: `read_input`, `input`, `output_grad`; the type also forms the rows of A and G and the
+sub-batch sum). Conventions:
 
 - `dy` is the gradient of whatever loss was backpropagated. With `loss_reduction="mean"` (the usual mean-reduced
   loss, with gradient accumulation dividing by the number of micro-batches) the per-sample gradient of the summed
   loss is `g = N_total dy`, N_total the number of samples captured since the last step; with `"sum"`, `g = dy`.
-- Factors (docs/design.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv rows are im2col
-  patches, computed by fop_kernels' conv-factor op), `G = g^T g / N_total` summed over positions.
+- Factors (docs/design.md, docs/layers.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv
+  rows are im2col patches, computed by fop_kernels' conv-factor op; `tokens="reduce"`: one row per sample for a
+  Linear), `G = g^T g / N_total` summed over positions.
 - FOP's half-batch gradient: the first `floor(n/2)` samples of every record, `S1 = sum_{first halves} dy a^T`
   (conv: torch's conv weight gradient of the half batch), in the same scale as `.grad`, reduced in the backward
   hook as each output gradient arrives (`arm(half_grads=True)`), so that no half-batch input or output gradient is
