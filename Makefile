@@ -23,7 +23,7 @@ $(STAMPS)/deps: $(STAMPS)/venv
 	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	$(VPY) -c "import triton" 2>/dev/null || $(PIP) install $(TRITON_SPEC)
 	$(PIP) install numpy ninja "setuptools>=69" wheel pytest pytest-benchmark hypothesis ruff \
-		scikit-learn matplotlib tqdm scipy
+		scikit-learn matplotlib tqdm scipy transformers==5.24.0
 	@touch $@
 
 $(STAMPS)/install: $(STAMPS)/deps $(NATIVE_SOURCES)

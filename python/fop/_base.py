@@ -25,6 +25,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import sys
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -148,6 +151,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._grad_norms: torch.Tensor | None = None  # queued by _prepare_gradients, read by _check_update
         self._to_check: list[tuple[str, torch.Tensor]] = []  # new curvature of the step in progress
         self.comm = NullComm()  # one process; a subclass builds its own (KFAC: fop.distributed.make_comm)
+        self._report_coverage()
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def remove_hooks(self) -> None:
@@ -171,6 +175,50 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def not_preconditioned(self) -> list[tuple[str, str]]:
         """(module name, reason) for every module with parameters that gets the plain outer update."""
         return list(self.skipped)
+
+    def _preconditioned_ids(self) -> set[int]:
+        """ids of the parameters that get a curvature preconditioner (FROG: biases only when folded)."""
+        return set(self.param_to_layer)
+
+    def coverage(self) -> dict[str, dict[str, float]]:
+        """Per module type (the class of the module holding each optimized parameter, in model order) and "total":
+        {"preconditioned": entries, "total": entries, "share": preconditioned / total}, counted in parameter
+        entries (numel) over this optimizer's parameters."""
+        holder = {}
+        for m in self.model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    holder.setdefault(id(p), type(m).__name__)
+        pre = self._preconditioned_ids()
+        rows: dict[str, list[int]] = {}
+        seen = set()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                row = rows.setdefault(holder.get(id(p), "(not in the model)"), [0, 0])
+                row[0] += p.numel() if id(p) in pre else 0
+                row[1] += p.numel()
+        done, total = sum(r[0] for r in rows.values()), sum(r[1] for r in rows.values())
+        table = {k: {"preconditioned": a, "total": b, "share": a / b if b else 0.0} for k, (a, b) in rows.items()}
+        table["total"] = {"preconditioned": done, "total": total, "share": done / total if total else 0.0}
+        return table
+
+    def _report_coverage(self) -> None:
+        """Log (INFO) the preconditioned share by module type; warn when it is under half of the parameters."""
+        table = self.coverage()
+        share = table["total"]["share"]
+        parts = ", ".join(f"{k} {v['share']:.0%} of {v['total']}" for k, v in table.items() if k != "total")
+        logger.info("%s preconditions %.1f%% of %d parameter entries: %s", type(self).__name__, 100 * share,
+                    table["total"]["total"], parts)
+        if table["total"]["total"] and share < 0.5:
+            uncovered = sorted(((v["total"] - v["preconditioned"], k) for k, v in table.items() if k != "total"),
+                               reverse=True)[:3]
+            warnings.warn(f"{type(self).__name__} preconditions only {share:.0%} of the parameters; the largest "
+                          f"parts left out: {', '.join(f'{k} ({n})' for n, k in uncovered if n)}. See "
+                          "optimizer.coverage() and optimizer.not_preconditioned(); the rest gets the plain update",
+                          stacklevel=_caller_level())
 
     # -- step ------------------------------------------------------------------------------------------------------
     def _params_with_grad(self) -> list[torch.Tensor]:
@@ -453,6 +501,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Drop any captures and arm the hooks for the next step after a load."""
         self.capture.release()
         self._arm()
+
+
+def _caller_level() -> int:
+    """The warnings stacklevel of the first frame outside the fop package (the user's line that built the
+    optimizer), counted from the function that calls warnings.warn."""
+    here, level, frame = os.path.dirname(os.path.abspath(__file__)), 2, sys._getframe(2)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def state_counter(entry: dict, key: str, what: str | None = None, low: int = 0) -> int:

@@ -1,13 +1,16 @@
 """Forward/backward hooks that capture what a Kronecker-factored optimizer needs, only when it is armed.
 
 Per layer and per forward pass (a "record"), the hooks keep the layer input `a` (N x ... x d_in, or the conv input
-N x C x H x W) and the gradient of the layer output `dy` as autograd computes it. Conventions:
+N x C x H x W) and the gradient of the layer output `dy` as autograd computes it, both in the form the layer's type
+reads them (fop._layers: `read_input`, `input`, `output_grad`; the type also forms the rows of A and G and the
+sub-batch sum). Conventions:
 
 - `dy` is the gradient of whatever loss was backpropagated. With `loss_reduction="mean"` (the usual mean-reduced
   loss, with gradient accumulation dividing by the number of micro-batches) the per-sample gradient of the summed
   loss is `g = N_total dy`, N_total the number of samples captured since the last step; with `"sum"`, `g = dy`.
-- Factors (docs/design.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv rows are im2col
-  patches, computed by fop_kernels' conv-factor op), `G = g^T g / N_total` summed over positions.
+- Factors (docs/design.md, docs/layers.md): `A = sum_rows a a^T / rows` over all rows (samples x positions; conv
+  rows are im2col patches, computed by fop_kernels' conv-factor op; `tokens="reduce"`: one row per sample for a
+  Linear), `G = g^T g / N_total` summed over positions.
 - FOP's half-batch gradient: the first `floor(n/2)` samples of every record, `S1 = sum_{first halves} dy a^T`
   (conv: torch's conv weight gradient of the half batch), in the same scale as `.grad`, reduced in the backward
   hook as each output gradient arrives (`arm(half_grads=True)`), so that no half-batch input or output gradient is
@@ -29,13 +32,11 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F_nn
 
 import fop_kernels
-from fop._layers import Layer
+from fop._layers import TOKEN_MODES, Layer
 
 LOSS_REDUCTIONS = ("mean", "sum")
-UNBATCHED_DIM = {"linear": 2, "conv2d": 4}  # an input of fewer dims has no batch dimension
 
 
 @dataclass
@@ -57,9 +58,12 @@ class Record:
 class Capture:
     """Hooks on `layers`; records when armed. `records[i]` is the list of records of layer i."""
 
-    def __init__(self, layers: list[Layer], loss_reduction: str = "mean"):
+    def __init__(self, layers: list[Layer], loss_reduction: str = "mean", tokens: str = "expand"):
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
+        self.tokens = tokens  # rows of a Linear's factors over token dims: K-FAC-expand or -reduce (LinearType)
         self.layers = layers
         self.loss_reduction = loss_reduction
         self.records: list[list[Record]] = [[] for _ in layers]
@@ -118,13 +122,14 @@ class Capture:
             self = ref()
             if self is None or not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return
-            x = layer_input(inputs, kwargs)
+            layer = self.layers[i]
+            x = layer.type.read_input(layer, inputs, kwargs)
             if not output.requires_grad or x is None:
                 return
-            x = x.detach()
-            if x.dim() < UNBATCHED_DIM.get(self.layers[i].kind, 1):
+            if x.dim() < layer.type.unbatched_dim:
                 self.unbatched[i] = tuple(x.shape)  # no batch dimension: step() raises naming the layer
                 return
+            x = layer.type.input(layer, x.detach())
             n = x.shape[0]
             rows = None if self.rows is None else self.rows(n, x.device)
             a = x.index_select(0, rows) if rows is not None else x if self.full else x[: n // 2]
@@ -141,9 +146,9 @@ class Capture:
 
     def _grad_hook(self, rec: Record, layer: Layer, a: torch.Tensor):
         def hook(grad):
-            g = grad.detach()
+            g = layer.type.output_grad(layer, grad.detach())
             if self.mc_active:  # only G needs it: reduce it now rather than hold a batch of output gradients
-                rows = g.movedim(1, -1) if layer.kind == "conv2d" else g  # conv: one row per (sample, position)
+                rows = layer.type.output_rows(layer, g, self.tokens)
                 rec.gram_mc = torch.empty(rows.shape[-1], rows.shape[-1], dtype=self.stat_dtype, device=g.device)
                 fop_kernels.accumulate_factor(rec.gram_mc, rows, 1.0, check_finite=False)
                 return
@@ -168,6 +173,15 @@ class Capture:
     def done(self, i: int) -> list[Record]:
         """Records of layer i whose backward has run."""
         return [r for r in self.records[i] if r.backward_done]
+
+    def broadcast(self, i: int) -> bool:
+        """Whether layer i's completed records all hold 1 sample while another layer's hold more: its input was
+        broadcast over the batch (GPT-2's and BERT's position ids are (1, T)), so its output gradient is the sum over
+        the samples, not a per-sample gradient, and its statistics are not a Fisher's."""
+        recs = self.done(i)
+        if not recs or any(r.n != 1 for r in recs):
+            return False
+        return any(r.n > 1 for others in self.records for r in others if r.backward_done)
 
     def has_factor_data(self, mc: bool = False) -> bool:
         """True when every layer has at least one full record whose backward ran (mc: whose sampled-label Gram
@@ -206,20 +220,7 @@ class Capture:
         recs = [r for r in self.records[i] if r.full and (r.dy is not None or r.gram_mc is not None)]
         if not recs:
             return False
-        bias = layer.bias is not None
-        if layer.kind == "conv2d":
-            c = layer.conv
-            xs = [r.a for r in recs]
-            if all(x.shape[1:] == xs[0].shape[1:] for x in xs):
-                x = xs[0] if len(xs) == 1 else torch.cat(xs)
-                fop_kernels.accumulate_conv_factor(A, x, decay, c["kernel_size"], c["stride"], c["padding"],
-                                                   c["dilation"], bias=bias, scale=1.0 / x.shape[0],
-                                                   check_finite=False)  # the op divides by positions
-                return True
-            X = torch.cat([_patches(x, c, bias) for x in xs])
-        else:
-            X = _stacked_rows([r.a for r in recs], bias)
-        fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
+        layer.type.update_input_factor(layer, A, [r.a for r in recs], decay, self.tokens)
         return True
 
     def update_output_factor(self, i: int, G: torch.Tensor, decay: float, mc: bool = False,
@@ -243,9 +244,8 @@ class Capture:
         if not recs:
             return False
         n_total = sum(r.n for r in recs)
-        rows = [r.dy for r in recs]
-        if self.layers[i].kind == "conv2d":  # rows are (sample, position) pairs: a channels-last view, no copy
-            rows = [dy.movedim(1, -1) for dy in rows]
+        layer = self.layers[i]
+        rows = [layer.type.output_rows(layer, r.dy, self.tokens) for r in recs]
         scale = 1.0 / n_total if self.loss_reduction == "sum" else float(n_total)
         if dy_scale is not None:
             rows = [dy * dy_scale.to(device=dy.device, dtype=torch.float32) for dy in rows]
@@ -272,12 +272,6 @@ def remove_handles(handles: list) -> None:
     handles.clear()
 
 
-def layer_input(inputs: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The input tensor of a Linear/Conv2d call, positional or as `input=` (nn.Linear and nn.Conv2d's name)."""
-    x = inputs[0] if inputs else kwargs.get("input")
-    return x if isinstance(x, torch.Tensor) else None
-
-
 def _summed(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The sum of the per-record statistics `parts` (in order), in `dtype`."""
     total = parts[0].to(dtype)
@@ -287,44 +281,5 @@ def _summed(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def sub_batch_grad(layer: Layer, a: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_samples dy a^T of one layer as an out x in matrix [dW | db] in `dtype` (conv: torch's weight gradient)."""
-    a, dy = a.to(dtype), dy.to(dtype)
-    if layer.kind == "conv2d":
-        c = layer.conv
-        gw = torch.nn.grad.conv2d_weight(a, layer.weight.shape, dy, stride=c["stride"], padding=c["padding"],
-                                         dilation=c["dilation"], groups=c.get("groups", 1))
-        gw = gw.reshape(layer.out_dim, -1)
-        if layer.bias is not None:
-            gw = torch.cat([gw, dy.sum(dim=(0, 2, 3)).unsqueeze(1)], dim=1)
-        return gw
-    return _rows(dy, False).T @ _rows(a, layer.bias is not None)
-
-
-def _rows(t: torch.Tensor, bias: bool) -> torch.Tensor:
-    """A rows x features matrix (N, ..., d) -> (N*..., d), with a column of ones for a bias."""
-    X = t.reshape(-1, t.shape[-1])
-    if bias:
-        X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
-    return X
-
-
-def _stacked_rows(ts: list[torch.Tensor], bias: bool) -> torch.Tensor:
-    """The rows of every record (see _rows) stacked into one matrix with a column of ones for a bias, with one copy
-    of the data (no per-record copy followed by a concatenating one)."""
-    d = ts[0].shape[-1]
-    counts = [t.numel() // d for t in ts]
-    X = ts[0].new_empty(sum(counts), d + int(bias))
-    start = 0
-    for t, n in zip(ts, counts):
-        dst = X[start:start + n, :d]
-        (dst.unflatten(0, t.shape[:-1]) if t.dim() > 1 else dst.view(d)).copy_(t)
-        start += n
-    if bias:
-        X[:, d] = 1.0
-    return X
-
-
-def _patches(x: torch.Tensor, c: dict, bias: bool) -> torch.Tensor:
-    """im2col rows of x ((N*L) x (C kh kw [+1])), for records whose spatial sizes differ (no single conv call)."""
-    cols = F_nn.unfold(x, c["kernel_size"], dilation=c["dilation"], padding=c["padding"], stride=c["stride"])
-    return _rows(cols.transpose(1, 2), bias)
+    """sum_samples dy a^T of one layer as an out x in matrix [dW | db] in `dtype` (its type's `sub_batch_grad`)."""
+    return layer.type.sub_batch_grad(layer, a, dy, dtype)

@@ -1,20 +1,39 @@
-"""Which layers of a model a Kronecker-factored optimizer preconditions, and how their gradients are laid out.
+"""Which layers of a model the curvature optimizers precondition: the layer types, registered in one place.
 
-A supported layer has a weight W (out x in) and an optional bias b. Its gradient is handled as one matrix
-`[W | b]` of shape out x (in + 1) (conv weights flattened to out x (C_in kh kw)): the bias is an extra input
-column of ones, as in docs/design.md. Supported: `nn.Linear`, and `nn.Conv2d` with groups=1 and zero padding (any
-stride, padding and dilation). Everything else (norm layers, embeddings, grouped or depthwise convs, circular
-padding) is not preconditioned: its parameters get the optimizer's outer update on the plain gradient.
+A layer type (a `LayerType` subclass, one instance in the registry) says how to recognise a module (by capability:
+`isinstance`, so a subclass of nn.LayerNorm is a LayerNorm), which optimizer families have a form for it, how its
+gradient is laid out as one matrix `[W | b]` (out x in; conv weights flattened to out x (C_in kh kw); a bias is an
+extra input column of ones, as in docs/design.md), and what its hooks read: the input rows of the factor A, the
+output-gradient rows of G, the sub-batch gradient sum dy a^T (FOP's half batch), the diagonals AdaFisher uses, and
+the rank below which an input has no batch dimension. Adding a type is one subclass and `register_layer_type`
+(docs/layers.md has a worked example and the factor formulas of every built-in type).
+
+Built in: nn.Linear (any leading dims), transformers' `Conv1D` (a Linear with an in x out weight, matched by class
+name), nn.Conv2d and nn.Conv1d (groups=1 for K-FAC/FOP; any groups for AdaFisher), and for AdaFisher also
+nn.BatchNorm2d and nn.LayerNorm (subclasses included; timm's channels-first `LayerNorm2d` by class name).
+Everything else (embeddings, grouped or depthwise convs under K-FAC, circular padding, nn.MultiheadAttention) is
+not preconditioned: its parameters get the optimizer's outer update on the plain gradient, and
+`CurvatureOptimizer.coverage()` says how much that is.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F_nn
 from torch import nn
+
+import fop_kernels
+
+logger = logging.getLogger("fop")
+
+FAMILIES = ("kfac", "frog", "adafisher")  # the optimizer families: KFAC/FOP, FROG/K-FROG, AdaFisher
+TOKEN_MODES = ("expand", "reduce")  # a Linear over leading (token) dims: K-FAC-expand or K-FAC-reduce
+NOT_SUPPORTED = "layer type not supported"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -24,42 +43,576 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def unsupported_reason(module: nn.Module) -> str | None:
-    """None when `module` can be preconditioned, else why not (for the log of what is left out)."""
-    if type(module) is nn.Linear:
-        return None
-    if type(module) is nn.Conv2d:
-        if module.groups != 1:
-            return f"grouped conv (groups={module.groups})"
+# -- row helpers ---------------------------------------------------------------------------------------------------
+def _rows(t: torch.Tensor, bias: bool) -> torch.Tensor:
+    """A rows x features matrix (N, ..., d) -> (N*..., d), with a column of ones for a bias."""
+    X = t.reshape(-1, t.shape[-1])
+    if bias:
+        X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+    return X
+
+
+def _stacked_rows(ts: list[torch.Tensor], bias: bool) -> torch.Tensor:
+    """The rows of every record (see _rows) stacked into one matrix with a column of ones for a bias, with one copy
+    of the data (no per-record copy followed by a concatenating one)."""
+    d = ts[0].shape[-1]
+    counts = [t.numel() // d for t in ts]
+    X = ts[0].new_empty(sum(counts), d + int(bias))
+    start = 0
+    for t, n in zip(ts, counts):
+        dst = X[start:start + n, :d]
+        (dst.unflatten(0, t.shape[:-1]) if t.dim() > 1 else dst.view(d)).copy_(t)
+        start += n
+    if bias:
+        X[:, d] = 1.0
+    return X
+
+
+def _patches(x: torch.Tensor, c: dict, bias: bool) -> torch.Tensor:
+    """im2col rows of x ((N*L) x (C kh kw [+1])), for records whose spatial sizes differ (no single conv call)."""
+    cols = F_nn.unfold(x, c["kernel_size"], dilation=c["dilation"], padding=c["padding"], stride=c["stride"])
+    return _rows(cols.transpose(1, 2), bias)
+
+
+# -- layer types ---------------------------------------------------------------------------------------------------
+class LayerType:
+    """A kind of layer: how to recognise it and lay out and read its statistics (see the module docstring).
+
+    Subclasses set `name` (the `Layer.kind`), `modules` (matched by isinstance, or override `matches`), `forms`
+    (the optimizer families that precondition it) and `unbatched_dim`, and implement the methods their families
+    use. The defaults are those of a layer y = W a (+ b) with W out x in and a row-per-sample input."""
+
+    name = "layer"
+    modules: tuple[type, ...] = ()
+    forms: frozenset[str] = frozenset(FAMILIES)
+    unbatched_dim = 1  # an input with fewer dims has no batch dimension
+
+    def __init__(self, modules: tuple[type, ...] | None = None):
+        if modules is not None:
+            self.modules = tuple(modules)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(m.__name__ for m in self.modules)})"
+
+    # -- matching --------------------------------------------------------------------------------------------------
+    def matches(self, module: nn.Module) -> bool:
+        return bool(self.modules) and isinstance(module, self.modules)
+
+    def reason(self, module: nn.Module, family: str) -> str | None:
+        """None when `family` (one of FAMILIES) preconditions `module`, else why not."""
+        return None if family in self.forms else NOT_SUPPORTED
+
+    def geometry(self, module: nn.Module) -> dict:
+        """Extra layout the statistics need (conv: kernel_size, stride, padding, dilation, groups)."""
+        return {}
+
+    def describe(self, layer: Layer) -> str:
+        """Geometry for `Layer.describe` (empty when there is none)."""
+        return ""
+
+    # -- gradient-matrix layout ---------------------------------------------------------------------------------------
+    def out_dim(self, layer: Layer) -> int:
+        return layer.weight.shape[0]
+
+    def weight_columns(self, layer: Layer) -> int:
+        """Columns of the weight part of the gradient matrix (the bias adds one)."""
+        return layer.weight[0].numel()
+
+    def weight_matrix(self, layer: Layer, w: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the weight as its out x columns matrix."""
+        return w.reshape(layer.out_dim, -1)
+
+    def weight_from_matrix(self, layer: Layer, m: torch.Tensor) -> torch.Tensor:
+        """The inverse of weight_matrix: an out x columns matrix shaped like the weight (a view)."""
+        return m.reshape(layer.weight.shape)
+
+    # -- what the hooks read (K-FAC/FOP) ----------------------------------------------------------------------------
+    def read_input(self, layer: Layer, inputs: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The input tensor of a call, positional or as `input=` (nn.Linear's and nn.Conv2d's name), or None."""
+        x = inputs[0] if inputs else kwargs.get("input")
+        return x if isinstance(x, torch.Tensor) else None
+
+    def input_factor_shape(self, layer: Layer) -> tuple[int, ...]:
+        """The shape of the stored factor A: in x in (a diagonal type: (in,), the diagonal alone)."""
+        return (layer.in_dim, layer.in_dim)
+
+    def input(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        """The layer input in the form the statistics read (conv1d: as a 2-D conv's N x C x 1 x L)."""
+        return x
+
+    def output_grad(self, layer: Layer, g: torch.Tensor) -> torch.Tensor:
+        """The output gradient in the form the statistics read (the same transformation as `input`)."""
+        return g
+
+    def output_rows(self, layer: Layer, dy: torch.Tensor, tokens: str = "expand") -> torch.Tensor:
+        """Rows of G: an (..., out) tensor, every leading index a row."""
+        return dy
+
+    def update_input_factor(self, layer: Layer, A: torch.Tensor, xs: list[torch.Tensor], decay: float,
+                            tokens: str = "expand") -> None:
+        """A <- (1-decay) A + decay sum_rows a a^T / rows over the inputs `xs` of the step's records."""
+        X = _stacked_rows(xs, layer.bias is not None)
+        fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
+
+    def sub_batch_grad(self, layer: Layer, a: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sum over the samples of dy a^T as an out x in matrix [dW | db] in `dtype` (a, dy as `input` and
+        `output_grad` return them)."""
+        a, dy = a.to(dtype), dy.to(dtype)
+        return _rows(dy, False).T @ _rows(a, layer.bias is not None)
+
+    # -- AdaFisher's diagonals (Kronecker layers: H = diag A, S = mean of s^2 over rows) ----------------------------
+    def input_diagonal(self, layer: Layer, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        X = h.reshape(-1, h.shape[-1])
+        bias = layer.bias is not None
+        out = torch.ones(X.shape[1] + bias, dtype=dtype, device=h.device)  # the bias entry: mean of 1^2
+        fop_kernels.accumulate_factor_diag(out[: X.shape[1]], X, 1.0, scale=1.0 / X.shape[0], check_finite=False)
+        return out
+
+    def output_diagonal(self, layer: Layer, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        Y = s.reshape(-1, s.shape[-1])
+        out = torch.empty(Y.shape[1], dtype=dtype, device=s.device)
+        return fop_kernels.accumulate_factor_diag(out, Y, 1.0, scale=1.0 / Y.shape[0], check_finite=False)
+
+    def diagonal_sizes(self, layer: Layer) -> tuple[int, int]:
+        """The lengths of H and S."""
+        return self.weight_columns(layer) + (layer.bias is not None), self.out_dim(layer)
+
+    def diagonal_fisher(self, layer: Layer, which: str, H: torch.Tensor, S: torch.Tensor, damping: float,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """F~ = S_j H_i + damping shaped like the parameter `which` ("weight" or "bias")."""
+        if which == "bias":
+            return (S * H[-1] + damping).to(dtype)
+        F = torch.outer(S, H[: self.weight_columns(layer)]).add_(damping)  # 3x faster on CPU than torch.addr
+        return self.weight_from_matrix(layer, F.to(dtype))
+
+
+class LinearType(LayerType):
+    """y = a W^T + b over any leading dims (W out x in). Leading dims beyond the batch are tokens: "expand" makes
+    every token a row of A and G (A = sum a a^T / (N T), G = sum g g^T / N); "reduce" first averages a and sums g
+    over the tokens of each sample (A = sum_n a_n a_n^T / N, G = sum_n g_n g_n^T / N), Eschenhagen et al. 2023."""
+
+    name = "linear"
+    modules = (nn.Linear,)
+    unbatched_dim = 2
+
+    @staticmethod
+    def _per_sample(t: torch.Tensor, how: str) -> torch.Tensor:
+        """(N, T..., d) -> (N, d) by the mean or sum over the token dims; 2-D tensors as they are."""
+        if t.dim() <= 2:
+            return t
+        dims = tuple(range(1, t.dim() - 1))
+        return t.mean(dim=dims) if how == "mean" else t.sum(dim=dims)
+
+    def output_rows(self, layer, dy, tokens="expand"):
+        return self._per_sample(dy, "sum") if tokens == "reduce" else dy
+
+    def update_input_factor(self, layer, A, xs, decay, tokens="expand"):
+        if tokens == "reduce":
+            xs = [self._per_sample(x, "mean") for x in xs]
+        super().update_input_factor(layer, A, xs, decay, tokens)
+
+
+class TransposedLinearType(LinearType):
+    """transformers' `Conv1D` (GPT-2): y = a W + b with W in x out (`nf` outputs); a Linear with the weight
+    transposed, matched by class name and attributes (no transformers import). FROG's rows need out x in weights:
+    not preconditioned there."""
+
+    name = "conv1d_transposed"
+    forms = frozenset({"kfac", "adafisher"})
+
+    def matches(self, module):
+        w = getattr(module, "weight", None)
+        return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor)
+                and w.dim() == 2 and w.shape[1] == module.nf)
+
+    def reason(self, module, family):
+        if family == "frog":
+            return "weight stored in x out (transformers' Conv1D): FROG's row form needs out x in"
+        return super().reason(module, family)
+
+    def out_dim(self, layer):
+        return layer.weight.shape[1]
+
+    def weight_columns(self, layer):
+        return layer.weight.shape[0]
+
+    def weight_matrix(self, layer, w):
+        return w.mT
+
+    def weight_from_matrix(self, layer, m):
+        return m.mT
+
+
+def _same_padding(module) -> tuple[int, ...] | None:
+    """Symmetric per-side padding of padding='same' (stride 1), or None when a side would need uneven padding."""
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+
+
+class Conv2dType(LayerType):
+    """nn.Conv2d: A from im2col patches (divided by the positions), G from the output gradients at every position
+    (Grosse and Martens 2016, KFC). K-FAC/FOP: groups=1 and zero padding; AdaFisher and FROG: any groups."""
+
+    name = "conv2d"
+    modules = (nn.Conv2d,)
+    unbatched_dim = 4
+
+    def reason(self, module, family):
+        if family not in self.forms:
+            return NOT_SUPPORTED
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
+        if family != "kfac":
+            return None
+        if module.groups != 1:
+            return f"grouped conv (groups={module.groups})"
         if isinstance(module.padding, str):
-            if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+            if module.padding == "same" and _same_padding(module) is None:
                 return "padding='same' with an even kernel extent (asymmetric padding)"
             return None if module.padding in ("valid", "same") else f"padding={module.padding!r}"
         return None
-    return "layer type not supported"
+
+    def _padding(self, m) -> tuple[int, ...]:
+        padding = m.padding
+        if isinstance(padding, str):  # "valid" or "same" (stride 1): resolve to explicit numbers per side
+            if padding == "valid":
+                return (0,) * len(m.kernel_size)
+            padding = _same_padding(m)
+            if padding is None:
+                total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+                raise ValueError(f"padding='same' with an even total padding {total} is asymmetric; not supported")
+        return tuple(padding)
+
+    def geometry(self, m):
+        return {"kernel_size": tuple(m.kernel_size), "stride": tuple(m.stride), "padding": self._padding(m),
+                "dilation": tuple(m.dilation), "groups": m.groups}
+
+    def describe(self, layer):
+        c = layer.conv
+        extra = f" k={c['kernel_size']} s={c['stride']} p={c['padding']} d={c['dilation']}"
+        return extra + (f" groups={c['groups']}" if c["groups"] != 1 else "")
+
+    def kernel_shape(self, layer) -> tuple[int, ...]:
+        """The weight's shape as a 2-D conv kernel (out, in/groups, kh, kw)."""
+        return tuple(layer.weight.shape)
+
+    def output_rows(self, layer, dy, tokens="expand"):
+        return dy.movedim(1, -1)  # rows are (sample, position) pairs: a channels-last view, no copy
+
+    def update_input_factor(self, layer, A, xs, decay, tokens="expand"):
+        bias = layer.bias is not None
+        c = layer.conv
+        if all(x.shape[1:] == xs[0].shape[1:] for x in xs):
+            x = xs[0] if len(xs) == 1 else torch.cat(xs)
+            fop_kernels.accumulate_conv_factor(A, x, decay, c["kernel_size"], c["stride"], c["padding"],
+                                               c["dilation"], bias=bias, scale=1.0 / x.shape[0],
+                                               check_finite=False)  # the op divides by positions
+            return
+        X = torch.cat([_patches(x, c, bias) for x in xs])
+        fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
+
+    def sub_batch_grad(self, layer, a, dy, dtype):
+        a, dy = a.to(dtype), dy.to(dtype)
+        c = layer.conv
+        gw = torch.nn.grad.conv2d_weight(a, self.kernel_shape(layer), dy, stride=c["stride"], padding=c["padding"],
+                                         dilation=c["dilation"], groups=c.get("groups", 1))
+        gw = gw.reshape(layer.out_dim, -1)
+        if layer.bias is not None:
+            gw = torch.cat([gw, dy.sum(dim=(0, 2, 3)).unsqueeze(1)], dim=1)
+        return gw
+
+    def input_diagonal(self, layer, h, dtype):
+        bias = layer.bias is not None
+        c = layer.conv
+        out = torch.zeros(h.shape[1] * c["kernel_size"][0] * c["kernel_size"][1] + bias, dtype=dtype,
+                          device=h.device)
+        return fop_kernels.accumulate_conv_factor_diag(out, h, 1.0, c["kernel_size"], c["stride"], c["padding"],
+                                                       c["dilation"], bias=bias, scale=1.0 / h.shape[0],
+                                                       check_finite=False)
+
+    def output_diagonal(self, layer, s, dtype):  # N x R x positions: mean of s^2 (vecdot: no copies)
+        s3 = s.to(dtype).reshape(s.shape[0], s.shape[1], -1)
+        return torch.linalg.vecdot(s3, s3).sum(0) / (s3.shape[0] * s3.shape[2])
+
+    def diagonal_sizes(self, layer):
+        c = layer.conv
+        return c["groups"] * self.weight_columns(layer) + (layer.bias is not None), self.out_dim(layer)
+
+    def diagonal_fisher(self, layer, which, H, S, damping, dtype):
+        groups = layer.conv["groups"]
+        if which == "bias" or groups == 1:
+            return super().diagonal_fisher(layer, which, H, S, damping, dtype)
+        W = layer.weight  # row j of group g uses the H entries of g's input channels
+        R, d_w = W.shape[0], W[0].numel()
+        F = torch.mul(S.reshape(groups, R // groups, 1), H[: groups * d_w].reshape(groups, 1, d_w)).add_(damping)
+        return F.to(dtype).reshape(W.shape)
+
+
+class Conv1dType(Conv2dType):
+    """nn.Conv1d as a 2-D conv over N x C x 1 x L (kernel 1 x k): the same factors. FROG's row systems are 2-D:
+    not preconditioned there."""
+
+    name = "conv1d"
+    modules = (nn.Conv1d,)
+    forms = frozenset({"kfac", "adafisher"})
+    unbatched_dim = 3
+
+    def geometry(self, m):
+        return {"kernel_size": (1, m.kernel_size[0]), "stride": (1, m.stride[0]), "padding": (0, self._padding(m)[0]),
+                "dilation": (1, m.dilation[0]), "groups": m.groups}
+
+    def kernel_shape(self, layer):
+        o, i, k = layer.weight.shape
+        return (o, i, 1, k)
+
+    def input(self, layer, x):
+        return x.unsqueeze(-2) if x.dim() == 3 else x
+
+    def output_grad(self, layer, g):
+        return g.unsqueeze(-2) if g.dim() == 3 else g
+
+
+class EmbeddingType(LayerType):
+    """nn.Embedding and nn.EmbeddingBag (mode "sum" or "mean", dense gradients): a Linear over one-hot (bag:
+    count) input rows c, with the weight (vocab x dim) transposed: the gradient matrix is dim x vocab. A is the
+    diagonal of sum_rows c c^T / rows, stored as a vector (token counts; a bag's c_v is the count of token v in it,
+    divided by the bag's size for "mean"; padding_idx counts 0), G = sum g g^T / N from the output gradients, so
+    the update is G^-1 dW^T diag(A + damping)^-1. Rows: every token of an Embedding input (K-FAC-expand; the
+    token treatment does not apply), every bag of an EmbeddingBag. K-FAC/FOP (inverse_method="eigh", one process)
+    and AdaFisher."""
+
+    name = "embedding"
+    modules = (nn.Embedding, nn.EmbeddingBag)
+    forms = frozenset({"kfac", "adafisher"})
+
+    def reason(self, module, family):
+        if family not in self.forms:
+            return NOT_SUPPORTED
+        if module.sparse:
+            return "sparse gradients (sparse=True)"
+        if isinstance(module, nn.EmbeddingBag) and module.mode not in ("sum", "mean"):
+            return f"EmbeddingBag mode={module.mode!r} (the max has no Kronecker form)"
+        return None
+
+    def input_factor_shape(self, layer):
+        return (layer.in_dim,)
+
+    def out_dim(self, layer):
+        return layer.weight.shape[1]
+
+    def weight_columns(self, layer):
+        return layer.weight.shape[0]
+
+    def weight_matrix(self, layer, w):
+        return w.mT
+
+    def weight_from_matrix(self, layer, m):
+        return m.mT
+
+    def read_input(self, layer, inputs, kwargs):
+        """The token ids, one row per sample: an Embedding's input as it is; an EmbeddingBag's bags as an
+        (N, longest bag) tensor padded with -1 (from a 2-D input, or a 1-D input with its offsets)."""
+        x = super().read_input(layer, inputs, kwargs)
+        if x is None or not isinstance(layer.module, nn.EmbeddingBag):
+            return x
+        offsets = inputs[1] if len(inputs) > 1 else kwargs.get("offsets")
+        weights = inputs[2] if len(inputs) > 2 else kwargs.get("per_sample_weights")
+        if weights is not None:
+            raise ValueError(f"layer {layer.name}: EmbeddingBag with per_sample_weights has no K-FAC form here; "
+                             "leave it out with exclude=[...]")
+        if x.dim() != 1 or offsets is None:
+            return x
+        if layer.module.include_last_offset:
+            ends = offsets[1:]
+        else:
+            ends = torch.cat([offsets[1:], offsets.new_tensor([x.numel()])])
+        starts = offsets[: ends.numel()]
+        sizes = ends - starts
+        width = int(sizes.max()) if sizes.numel() else 0
+        pos = torch.arange(width, device=x.device)
+        inside = pos[None, :] < sizes[:, None]
+        padded = x.new_full((sizes.numel(), width), -1)
+        padded[inside] = x[(starts[:, None] + pos[None, :])[inside]]
+        return padded
+
+    def _bags(self, layer, x: torch.Tensor):
+        """(token ids, row of each id, weight of each id, rows): the nonzero entries of the count rows c."""
+        m = layer.module
+        if isinstance(m, nn.EmbeddingBag):
+            rows = x.shape[0]
+            row = torch.arange(rows, device=x.device)[:, None].expand_as(x)
+            keep = x >= 0
+            if m.padding_idx is not None:
+                keep &= x != m.padding_idx
+            w = torch.ones(x.shape, dtype=torch.float64, device=x.device)
+            if m.mode == "mean":  # torch's mean leaves the padding_idx entries out of the bag's size
+                w = w / keep.sum(1, keepdim=True).clamp_min(1)
+            return x[keep], row[keep], w[keep], rows
+        flat = x.reshape(-1)
+        keep = flat != m.padding_idx if m.padding_idx is not None else torch.ones_like(flat, dtype=torch.bool)
+        row = torch.arange(flat.numel(), device=x.device)
+        return flat[keep], row[keep], torch.ones(int(keep.sum()), dtype=torch.float64, device=x.device), flat.numel()
+
+    def _diagonal(self, layer, xs: list[torch.Tensor], dtype) -> torch.Tensor:
+        """sum_rows c_v^2 / rows per token v over the records `xs`."""
+        V = layer.weight.shape[0]
+        total = torch.zeros(V, dtype=torch.float64, device=layer.weight.device)
+        rows = 0
+        for x in xs:
+            ids, row, w, n = self._bags(layer, x)
+            key = row * V + ids  # one entry per (row, token): the count of token v in row r, summed over repeats
+            uniq, inv = torch.unique(key, return_inverse=True)
+            c = torch.zeros(uniq.numel(), dtype=torch.float64, device=x.device).index_add_(0, inv, w)
+            total.index_add_(0, (uniq % V).to(total.device), c.square().to(total.device))
+            rows += n
+        return (total / rows).to(dtype)
+
+    def update_input_factor(self, layer, A, xs, decay, tokens="expand"):
+        diag = self._diagonal(layer, xs, A.dtype)
+        if decay == 1.0:
+            A.copy_(diag)
+        else:
+            A.mul_(1.0 - decay).add_(diag, alpha=decay)
+
+    def output_rows(self, layer, dy, tokens="expand"):
+        return dy
+
+    def sub_batch_grad(self, layer, a, dy, dtype):
+        ids, row, w, _ = self._bags(layer, a)
+        rows = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        grad = torch.zeros(layer.weight.shape, dtype=dtype, device=dy.device)
+        grad.index_add_(0, ids.to(dy.device), rows[row.to(dy.device)] * w.to(device=dy.device, dtype=dtype)[:, None])
+        return grad.mT
+
+    def input_diagonal(self, layer, h, dtype):  # h holds token ids: the dtype follows the weight's
+        return self._diagonal(layer, [h], torch.float64 if layer.weight.dtype == torch.float64 else torch.float32)
+
+
+class NormType(LayerType):
+    """A normalization layer's affine scale and shift (AdaFisher's EFIM blocks, its paper's Proposition 3.1)."""
+
+    forms = frozenset({"adafisher"})
+
+    def reduced(self, t: torch.Tensor, features: int) -> tuple[torch.Tensor, int, int]:
+        """(sum over the normalization's reduced dims per feature, N samples, T positions per sample)."""
+        rows = t.reshape(-1, features)  # (N, ..., *normalized_shape): reduce every leading dim
+        return rows.sum(0), t.shape[0], rows.shape[0] // t.shape[0]
+
+    def diagonal_sizes(self, layer):
+        return layer.weight.numel(), layer.weight.numel()
+
+    def diagonal_fisher(self, layer, which, H, S, damping, dtype):
+        F = S * H[0 if which == "weight" else 1] + damping
+        return F.to(dtype).reshape(layer.weight.shape)
+
+
+class LayerNormType(NormType):
+    name = "layernorm"
+    modules = (nn.LayerNorm,)
+
+
+class ChannelsFirstLayerNormType(LayerNormType):
+    """A LayerNorm subclass over the channels of N x C x H x W inputs (timm's `LayerNorm2d`, matched by class name):
+    its statistics read the input and output gradient channels-last."""
+
+    name = "layernorm2d"
+
+    def matches(self, module):
+        return isinstance(module, nn.LayerNorm) and type(module).__name__ == "LayerNorm2d"
+
+    def input(self, layer, x):
+        return x.movedim(1, -1)
+
+    def output_grad(self, layer, g):
+        return g.movedim(1, -1)
+
+
+class BatchNorm2dType(NormType):
+    name = "batchnorm2d"
+    modules = (nn.BatchNorm2d,)
+
+    def reduced(self, t, features):  # N x C x H x W: reduce N, H, W
+        return t.sum((0, 2, 3)), t.shape[0], t.shape[2] * t.shape[3]
+
+
+BUILTIN_TYPES: tuple[LayerType, ...] = (TransposedLinearType(), LinearType(), Conv2dType(), Conv1dType(),
+                                        EmbeddingType(), BatchNorm2dType(), ChannelsFirstLayerNormType(),
+                                        LayerNormType())
+_registered: list[LayerType] = []  # the user's, newest first: they take precedence over the built-in ones
+
+
+def register_layer_type(layer_type: LayerType) -> LayerType:
+    """Add a layer type (an instance of a LayerType subclass) to the registry; it is tried before the types
+    registered earlier and the built-in ones. Returns it. Optimizers built afterwards use it."""
+    if not isinstance(layer_type, LayerType):
+        raise TypeError(f"register_layer_type takes a LayerType instance, got {type(layer_type).__name__}")
+    _registered.insert(0, layer_type)
+    return layer_type
+
+
+def unregister_layer_type(layer_type: LayerType) -> None:
+    """Remove a type added by register_layer_type (ValueError if it is not registered)."""
+    if not any(t is layer_type for t in _registered):
+        raise ValueError(f"{layer_type!r} is not a registered layer type")
+    _registered[:] = [t for t in _registered if t is not layer_type]
+
+
+def register_as_linear(module_class: type) -> LayerType:
+    """Precondition every instance of `module_class` as an nn.Linear: it must hold `weight` (out x in) and an
+    optional `bias`, and compute y = a W^T + b on its first input. Returns the registered type."""
+    if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
+        raise TypeError(f"register_as_linear takes an nn.Module subclass, got {module_class!r}")
+    return register_layer_type(LinearType(modules=(module_class,)))
+
+
+def layer_type_of(module: nn.Module) -> LayerType | None:
+    """The registered type that matches `module` first (the user's before the built-in ones), or None."""
+    for t in (*_registered, *BUILTIN_TYPES):
+        if t.matches(module):
+            return t
+    return None
+
+
+def support_for(family: str) -> Callable[[nn.Module], str | None]:
+    """The support predicate of an optimizer family: module -> None when preconditioned, else why not."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+    def support(module: nn.Module) -> str | None:
+        t = layer_type_of(module)
+        return NOT_SUPPORTED if t is None else t.reason(module, family)
+
+    support.__doc__ = f"None when the {family} family preconditions `module`, else why not (the layer registry)."
+    return support
+
+
+unsupported_reason = support_for("kfac")
 
 
 @dataclass
 class Layer:
-    """One preconditioned layer: its module, parameters and the shape of its gradient matrix [W | b]."""
+    """One preconditioned layer: its module, parameters, type and the shape of its gradient matrix [W | b]."""
 
     name: str
     module: nn.Module
     weight: nn.Parameter
     bias: nn.Parameter | None
-    kind: str  # "linear" or "conv2d"
-    conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation for conv2d
+    type: LayerType
+    conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation, groups for convs
+
+    @property
+    def kind(self) -> str:
+        """The layer type's name ("linear", "conv2d", ...)."""
+        return self.type.name
 
     @property
     def out_dim(self) -> int:
-        return self.weight.shape[0]
+        return self.type.out_dim(self)
 
     @property
     def in_dim(self) -> int:
         """Columns of the gradient matrix: C_in kh kw (conv) or in_features (linear), plus 1 with a bias."""
-        return self.weight[0].numel() + (self.bias is not None)
+        return self.type.weight_columns(self) + (self.bias is not None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,42 +628,22 @@ class Layer:
 
     def matrix(self, tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
         """[w | b] as an out x in matrix from tensors shaped like [weight] or [weight, bias] (grad_matrix's layout)."""
-        gw = tensors[0].reshape(self.out_dim, -1)
+        gw = self.type.weight_matrix(self, tensors[0])
         if self.bias is not None:
             gw = torch.cat([gw, tensors[1].reshape(-1, 1)], dim=1)
         return gw if dtype is None else gw.to(dtype)
 
     def split(self, matrix: torch.Tensor) -> list[torch.Tensor]:
         """The inverse of grad_matrix: views shaped like [weight] or [weight, bias]."""
-        w = matrix[:, : self.weight[0].numel()].reshape(self.weight.shape)
+        w = self.type.weight_from_matrix(self, matrix[:, : self.type.weight_columns(self)])
         if self.bias is None:
             return [w]
         return [w, matrix[:, -1]]
 
     def describe(self) -> str:
-        kind = type(self.module).__name__
-        extra = ""
-        if self.kind == "conv2d":
-            c = self.conv
-            extra = f" k={c['kernel_size']} s={c['stride']} p={c['padding']} d={c['dilation']}"
-            extra += f" groups={c['groups']}" if c["groups"] != 1 else ""
         bias = "+bias" if self.bias is not None else ""
-        return (f"{self.name}: {kind}{extra} weight{tuple(self.weight.shape)}{bias}"
-                f" -> G {self.out_dim}x{self.out_dim}, A {self.in_dim}x{self.in_dim}")
-
-
-def _conv_geometry(m: nn.Conv2d) -> dict:
-    padding = m.padding
-    if isinstance(padding, str):  # "valid" or "same" (stride 1): resolve to explicit numbers per side
-        if padding == "valid":
-            padding = (0, 0)
-        else:
-            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-            if any(t % 2 for t in total):
-                raise ValueError(f"padding='same' with an even total padding {total} is asymmetric; not supported")
-            padding = tuple(t // 2 for t in total)
-    return {"kernel_size": tuple(m.kernel_size), "stride": tuple(m.stride), "padding": tuple(padding),
-            "dilation": tuple(m.dilation), "groups": m.groups}
+        return (f"{self.name}: {type(self.module).__name__}{self.type.describe(self)} weight{tuple(self.weight.shape)}"
+                f"{bias} -> G {self.out_dim}x{self.out_dim}, A {self.in_dim}x{self.in_dim}")
 
 
 def _resolve_exclude(model: nn.Module, exclude) -> set[int]:
@@ -135,8 +668,14 @@ def _resolve_exclude(model: nn.Module, exclude) -> set[int]:
     return {id(m) for root in roots for m in root.modules()}
 
 
-# Layer.kind of each module type a support predicate may accept (AdaFisher also takes the norm layers).
-LAYER_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.BatchNorm2d: "batchnorm2d", nn.LayerNorm: "layernorm"}
+def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> names of every module that holds it directly (more than one: a tied weight)."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    for name, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(p)].append(name or type(m).__name__)
+    return holders
 
 
 def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = None, exclude=None,
@@ -147,11 +686,15 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
     `params`: the optimizer's parameters; a layer whose weight is not among them is skipped. Returns the layers
     (in module order) and a list of (name, reason) for the modules with parameters that are not preconditioned.
     `support(module)`: None when the optimizer supports the module, else why not (default: K-FAC's
-    `unsupported_reason`); the module's type must be in LAYER_KINDS.
-    A weight shared by two modules is preconditioned by neither (its gradient mixes two layers' statistics)."""
+    `unsupported_reason`); the module must match a registered layer type.
+    A parameter that two modules hold (a tied weight: GPT-2's lm_head and its token embedding), whether or not the
+    other module is supported, is preconditioned by neither (its gradient mixes two uses' statistics); a warning
+    names the modules. The projections inside nn.MultiheadAttention are applied functionally, never called as
+    modules, so their hooks would never run: they are left out."""
     model = unwrap_model(model)
     excluded = _resolve_exclude(model, exclude)
     optimized = None if params is None else {id(p) for p in params}
+    functional = {id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.children()}
     layers, skipped = [], []
     for name, m in model.named_modules():
         direct = list(m.parameters(recurse=False))
@@ -160,29 +703,36 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
         if id(m) in excluded:
             skipped.append((name, "excluded"))
             continue
-        reason = support(m)
+        reason = "applied functionally by nn.MultiheadAttention (never called as a module)" \
+            if id(m) in functional else support(m)
+        layer_type = layer_type_of(m) if reason is None else None
+        if reason is None and layer_type is None:
+            raise ValueError(f"support() accepted module {name or type(m).__name__} ({type(m).__name__}), which "
+                             "matches no registered layer type (fop.register_layer_type)")
+        bias = getattr(m, "bias", None)
         if reason is None and not m.weight.requires_grad:
             reason = "weight does not require grad"
         if reason is None and optimized is not None and id(m.weight) not in optimized:
             reason = "weight is not among the optimizer's parameters"
-        if reason is None and m.bias is not None and optimized is not None and id(m.bias) not in optimized:
+        if reason is None and bias is not None and optimized is not None and id(bias) not in optimized:
             reason = "bias is not among the optimizer's parameters"
-        if reason is None and m.bias is not None and not m.bias.requires_grad:
+        if reason is None and bias is not None and not bias.requires_grad:
             reason = "bias does not require grad"
         if reason is not None:
             skipped.append((name, reason))
             continue
-        conv = _conv_geometry(m) if isinstance(m, nn.Conv2d) else {}
-        layers.append(Layer(name or type(m).__name__, m, m.weight, m.bias, LAYER_KINDS[type(m)], conv))
-    uses = Counter(id(p) for layer in layers for p in layer.params)
+        layers.append(Layer(name or type(m).__name__, m, m.weight, bias, layer_type, layer_type.geometry(m)))
+    holders = parameter_holders(model)
     kept = []
     for layer in layers:
-        if any(uses[id(p)] > 1 for p in layer.params):
+        shared = sorted({h for p in layer.params if len(holders[id(p)]) > 1 for h in holders[id(p)]})
+        if shared:
+            logger.warning("tied weight: a parameter of %s is held by modules %s; it is not preconditioned (its "
+                           "gradient mixes their statistics)", layer.name, ", ".join(shared))
             skipped.append((layer.name, "parameter shared with another layer"))
         else:
             kept.append(layer)
-    layers = kept
-    return layers, skipped
+    return kept, skipped
 
 
 def parameter_map(layers: list[Layer]) -> dict[int, tuple[int, str]]:

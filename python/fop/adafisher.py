@@ -2,9 +2,10 @@
 
 Per supported module two diagonals, refreshed from the batch every `factor_interval` steps (from step 0):
 
-    Linear, Conv2d (any groups): H_i = mean over rows of h_i^2 (rows: samples x positions; conv h: the im2col patch
-        entries, summed as a window over the input without im2col; a bias adds an entry of 1), S_j = mean of s_j^2
-        (s: gradient of the layer output). A grouped conv row j uses the H entries of its group's input channels.
+    Linear, Conv2d (any groups) and the other Kronecker layer types (fop._layers): H_i = mean over rows of h_i^2
+        (rows: samples x positions; conv h: the im2col patch entries, summed as a window over the input without
+        im2col; embeddings: the one-hot or bag-count rows; a bias adds an entry of 1), S_j = mean of s_j^2 (s:
+        gradient of the layer output). A grouped conv row j uses the H entries of its group's input channels.
     BatchNorm2d, LayerNorm (EFIM, paper Proposition 3.1): with u_c = sum over the reduced dims of h / T^2
         (T: positions per sample), H = [sum_c u_c^2, C] / N^2 (one entry for the scale, one for the shift) and
         S_c = (sum over the reduced dims of s_c)^2 / N.
@@ -31,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import fop_kernels
 from fop._base import CurvatureOptimizer, check_choice, check_float, check_int
+from fop._layers import NormType, support_for
 from fop.distributed_rows import make_rows_comm
 
 EMA_MODES = ("public", "average")
@@ -42,42 +43,23 @@ __all__ = ["AdaFisher", "AdaFisherW", "adafisher_layer_support", "input_diagonal
            "output_diagonal", "running_update_"]
 
 
-def adafisher_layer_support(module: nn.Module) -> str | None:
-    """Linear, Conv2d (any groups, zero padding mode), affine BatchNorm2d and LayerNorm; None when supported."""
-    kind = type(module)
-    if kind in (nn.Linear, nn.BatchNorm2d, nn.LayerNorm):
-        return None
-    if kind is nn.Conv2d:
-        return None if module.padding_mode == "zeros" else f"padding_mode={module.padding_mode!r}"
-    return "layer type not supported"
+adafisher_layer_support = support_for("adafisher")
+adafisher_layer_support.__doc__ = ("Linear (and transformers' Conv1D), Conv2d and Conv1d (any groups, zero padding "
+                                   "mode), affine BatchNorm2d and LayerNorm, subclasses included (fop._layers); None "
+                                   "when supported.")
 
 
 # -- the diagonals ---------------------------------------------------------------------------------------------------
-def _norm_reduced(t: torch.Tensor, kind: str, features: int) -> tuple[torch.Tensor, int, int]:
-    """(sum over the normalization's reduced dims per feature, N samples, T positions per sample)."""
-    if kind == "batchnorm2d":  # N x C x H x W: reduce N, H, W
-        return t.sum((0, 2, 3)), t.shape[0], t.shape[2] * t.shape[3]
-    rows = t.reshape(-1, features)  # LayerNorm: (N, ..., *normalized_shape), reduce every leading dim
-    return rows.sum(0), t.shape[0], rows.shape[0] // t.shape[0]
+def _dtype_of(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def input_diagonal(layer, h: torch.Tensor) -> torch.Tensor:
     """The fresh H of one layer from its input h (float32; float64 for float64 inputs), see the module docstring."""
-    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    bias = layer.bias is not None
-    if layer.kind == "conv2d":
-        c = layer.conv
-        out = torch.zeros(h.shape[1] * c["kernel_size"][0] * c["kernel_size"][1] + bias, dtype=dtype,
-                          device=h.device)
-        return fop_kernels.accumulate_conv_factor_diag(out, h, 1.0, c["kernel_size"], c["stride"], c["padding"],
-                                                       c["dilation"], bias=bias, scale=1.0 / h.shape[0],
-                                                       check_finite=False)
-    if layer.kind == "linear":
-        X = h.reshape(-1, h.shape[-1])
-        out = torch.ones(X.shape[1] + bias, dtype=dtype, device=h.device)  # the bias entry: mean of 1^2
-        fop_kernels.accumulate_factor_diag(out[: X.shape[1]], X, 1.0, scale=1.0 / X.shape[0], check_finite=False)
-        return out
-    u, N, T = _norm_reduced(h.to(dtype), layer.kind, layer.weight.numel())
+    dtype = _dtype_of(h)
+    if not isinstance(layer.type, NormType):
+        return layer.type.input_diagonal(layer, h, dtype)
+    u, N, T = layer.type.reduced(h.to(dtype), layer.weight.numel())
     return _norm_input_diagonal(u.reshape(-1) / (T * T), N)
 
 
@@ -88,26 +70,16 @@ def _norm_input_diagonal(u: torch.Tensor, N: int) -> torch.Tensor:
 
 def output_diagonal(layer, s: torch.Tensor) -> torch.Tensor:
     """The fresh S of one layer from its output gradient s, see the module docstring."""
-    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    if layer.kind == "conv2d":  # N x R x Ho x Wo: mean of s^2 over samples and positions (vecdot: no copies)
-        s3 = s.to(dtype).reshape(s.shape[0], s.shape[1], -1)
-        return torch.linalg.vecdot(s3, s3).sum(0) / (s3.shape[0] * s3.shape[2])
-    if layer.kind == "linear":
-        Y = s.reshape(-1, s.shape[-1])
-        out = torch.empty(Y.shape[1], dtype=dtype, device=s.device)
-        return fop_kernels.accumulate_factor_diag(out, Y, 1.0, scale=1.0 / Y.shape[0], check_finite=False)
-    u, N, _ = _norm_reduced(s.to(dtype), layer.kind, layer.weight.numel())
+    dtype = _dtype_of(s)
+    if not isinstance(layer.type, NormType):
+        return layer.type.output_diagonal(layer, s, dtype)
+    u, N, _ = layer.type.reduced(s.to(dtype), layer.weight.numel())
     return u.reshape(-1).square() / N
 
 
 def additive_sizes(layer) -> tuple[int, int]:
     """The lengths of a layer's two `additive_diagonals` (H and S; for a norm layer the sums u, one per feature)."""
-    W, bias = layer.weight, layer.bias is not None
-    if layer.kind == "conv2d":
-        return W.shape[1] * layer.conv["groups"] * W.shape[2] * W.shape[3] + bias, W.shape[0]
-    if layer.kind == "linear":
-        return W.shape[1] + bias, W.shape[0]
-    return W.numel(), W.numel()
+    return layer.type.diagonal_sizes(layer)
 
 
 def additive_diagonals(layer, recs, N: int, rank_n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,22 +90,22 @@ def additive_diagonals(layer, recs, N: int, rank_n: int, dtype) -> tuple[torch.T
     sizes = additive_sizes(layer)
     if not recs:
         return torch.zeros(sizes[0], dtype=dtype), torch.zeros(sizes[1], dtype=dtype)
-    if layer.kind in ("conv2d", "linear"):
+    if not isinstance(layer.type, NormType):
         H = sum(input_diagonal(layer, r.a) * (r.n / rank_n) for r in recs)
         S = sum(output_diagonal(layer, r.dy) * (r.n / rank_n) for r in recs)
         return H * (rank_n / N), S * (rank_n / N) ** 3
     features = layer.weight.numel()
     u_in = u_out = 0
     for r in recs:
-        u, _, T = _norm_reduced(r.a.to(dtype), layer.kind, features)
+        u, _, T = layer.type.reduced(r.a.to(dtype), features)
         u_in = u_in + u.reshape(-1) / (T * T)
-        u_out = u_out + _norm_reduced(r.dy.to(dtype), layer.kind, features)[0].reshape(-1) * (rank_n / N)
+        u_out = u_out + layer.type.reduced(r.dy.to(dtype), features)[0].reshape(-1) * (rank_n / N)
     return u_in, u_out
 
 
 def finish_diagonals(layer, H: torch.Tensor, S: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, S) from the sums over ranks of `additive_diagonals`."""
-    if layer.kind in ("conv2d", "linear"):
+    if not isinstance(layer.type, NormType):
         return H, S
     return _norm_input_diagonal(H, N), S.square() / N
 
@@ -154,20 +126,7 @@ def running_update_(current: torch.Tensor, new: torch.Tensor, gamma: float, ema:
 
 def _fisher_tilde(layer, which: str, H: torch.Tensor, S: torch.Tensor, damping: float, dtype) -> torch.Tensor:
     """F~ shaped like the parameter `which` of `layer`: S_j H_i + damping (a temporary of the step)."""
-    W = layer.weight
-    if layer.kind in ("batchnorm2d", "layernorm"):
-        F = S * H[0 if which == "weight" else 1] + damping
-        return F.to(dtype).reshape(W.shape)
-    if which == "bias":
-        return (S * H[-1] + damping).to(dtype)
-    R = W.shape[0]
-    groups = layer.conv.get("groups", 1) if layer.kind == "conv2d" else 1
-    d_w = W[0].numel()
-    if groups == 1:  # outer + add_: 3x faster on CPU than torch.addr with a broadcast input
-        F = torch.outer(S, H[:d_w]).add_(damping)
-    else:  # row j of group g uses the H entries of g's input channels
-        F = torch.mul(S.reshape(groups, R // groups, 1), H[: groups * d_w].reshape(groups, 1, d_w)).add_(damping)
-    return F.to(dtype).reshape(W.shape)
+    return layer.type.diagonal_fisher(layer, which, H, S, damping, dtype)
 
 
 class _AdaFisherBase(CurvatureOptimizer):
@@ -339,7 +298,8 @@ class AdaFisher(_AdaFisherBase):
             CurvatureOptimizer. distributed: None (synchronize across ranks when a process group of more than one
             rank is initialized), False, True or a fop.distributed.DistributedOptions: the fresh diagonals are
             averaged over ranks on refresh steps (fop.distributed_rows).
-    Supported: Linear, Conv2d (any groups), BatchNorm2d, LayerNorm; every other parameter uses F~ = 1.
+    Supported (fop._layers, docs/layers.md): Linear and transformers' Conv1D, Conv2d and Conv1d (any groups),
+    Embedding and EmbeddingBag, BatchNorm2d, LayerNorm (subclasses included); every other parameter uses F~ = 1.
     """
 
 

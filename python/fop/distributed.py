@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fop._capture import layer_input, remove_handles, sub_batch_grad
+from fop._capture import remove_handles, sub_batch_grad
 
 logger = logging.getLogger("fop")
 
@@ -348,10 +348,11 @@ class Comm(RankAgreement):
                 return
             if not output.requires_grad:
                 return
-            x = layer_input(inputs, kwargs)
-            if x is None or x.dim() < 2 or not self.view.half_batch_now():
+            layer = self.view.layers[i]
+            x = layer.type.read_input(layer, inputs, kwargs)
+            if x is None or x.dim() < layer.type.unbatched_dim or not self.view.half_batch_now():
                 return  # an unbatched input: the capture's record makes step() raise
-            x = x.detach()
+            x = layer.type.input(layer, x.detach())
             n = x.shape[0]
             m = self._first_rows(n)
             sync = self.options.overlap and self.ddp is not None and bool(self.ddp.require_backward_grad_sync)
@@ -369,7 +370,8 @@ class Comm(RankAgreement):
         self._n[i] += n
         self._n1[i] += m
         if m > 0:
-            part = sub_batch_grad(self.view.layers[i], a, grad.detach()[:m], self.dtype)
+            layer = self.view.layers[i]
+            part = sub_batch_grad(layer, a, layer.type.output_grad(layer, grad.detach())[:m], self.dtype)
             self._acc[i] = part if self._acc[i] is None else self._acc[i] + part
         if sync:
             self._pending[i] -= 1

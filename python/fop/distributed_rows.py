@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fop._layers import Conv2dType
 from fop.distributed import DistributedOptions, NullComm, RankAgreement, own_group, resolve_distributed
 from fop.row_cg import cg_schedule, row_cg_requests, rowdot
 
@@ -256,8 +257,8 @@ def cost_model(kind: str, layers, world: int, *, cg_iters: int = 4, warm_start: 
             out["trace"] = value_bytes * (sum(rows) + 1)
         else:
             data = [layer.weight.shape[1] * layer.conv["groups"] * layer.weight[0, 0].numel() + 1
-                    if layer.kind == "conv2d" else layer.weight.shape[1] + int(fold_bias and layer.bias is not None)
-                    for layer in layers]
+                    if isinstance(layer.type, Conv2dType)
+                    else layer.weight.shape[1] + int(fold_bias and layer.bias is not None) for layer in layers]
             out["stats"] = value_bytes * (sum(rows) + sum(data) + 1)
         out["cg"] = value_bytes * cg
     out["total"] = sum(out.values())

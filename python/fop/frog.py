@@ -32,8 +32,7 @@ from fop._base import (
     check_schedule,
     eval_schedule,
 )
-from fop._capture import _rows
-from fop._layers import unsupported_reason
+from fop._layers import Conv2dType, _rows, support_for
 from fop.distributed_rows import lockstep_row_cg, make_rows_comm
 from fop.row_cg import cg_schedule, row_cg, row_cg_requests, rowdot
 
@@ -179,11 +178,9 @@ def check_nesterov(nesterov, momentum) -> None:
         raise ValueError("nesterov=True requires momentum > 0")
 
 
-def frog_layer_support(module: nn.Module) -> str | None:
-    """FROG preconditions nn.Linear and nn.Conv2d (any groups, stride, padding, dilation; zero padding mode)."""
-    if type(module) is nn.Conv2d:
-        return None if module.padding_mode == "zeros" else f"padding_mode={module.padding_mode!r}"
-    return unsupported_reason(module)
+frog_layer_support = support_for("frog")
+frog_layer_support.__doc__ = ("FROG preconditions nn.Linear and nn.Conv2d (any groups, stride, padding, dilation; zero "
+                              "padding mode), subclasses included (fop._layers); None when supported.")
 
 
 class FROGBase(CurvatureOptimizer):
@@ -205,6 +202,10 @@ class FROGBase(CurvatureOptimizer):
             state = self.generator.get_state()
             dist.broadcast(state, src=dist.get_global_rank(self.comm.group, 0), group=self.comm.group)
             self.generator.set_state(state)
+
+    def _preconditioned_ids(self) -> set[int]:
+        """The weights, and the biases when they are folded into the rows (fold_bias)."""
+        return {id(p) for layer in self.layers for p in (layer.params if self.fold_bias else [layer.weight])}
 
     def _records(self, i: int) -> list:
         """Layer i's records of this step that are shaped like its first one (the ones whose samples are used)."""
@@ -396,7 +397,7 @@ class FROG(FROGBase):
                 continue
             x_s, y2 = samples
             m = self._momentum_rows(W, b, group, dtype)
-            key = "tau" if layer.kind == "conv2d" else "tau_linear"
+            key = "tau" if isinstance(layer.type, Conv2dType) else "tau_linear"
             tau = eval_schedule(key, group[key], self.steps)
             state = self.state[W]
             x0 = state.get("cg_solution") if self.warm_start else None
@@ -409,7 +410,7 @@ class FROG(FROGBase):
     @staticmethod
     def _solve(layer, x_s, y2, m, tau, iters, bias, x0):
         """z = CG(F^, m) for the rows of one layer: convs for Conv2d, fop_kernels.batched_cg for Linear."""
-        if layer.kind == "conv2d":
+        if isinstance(layer.type, Conv2dType):
             c = layer.conv
             rows = ConvRowSystems(x_s, y2, layer.weight.shape, c["stride"], c["padding"], c["dilation"],
                                   c["groups"], bias, tau)
@@ -457,7 +458,7 @@ class FROG(FROGBase):
                 y2 = dy_s.square_().mul_(coef * coef / s)
                 if inv_scale is not None:
                     y2.mul_(inv_scale.to(device=y2.device, dtype=dtype).square())
-                if layer.kind == "conv2d":
+                if isinstance(layer.type, Conv2dType):
                     c = layer.conv
                     if not recs:  # no samples, shaped so that the convs run (on nothing)
                         x_s = W.new_zeros((0, c["groups"] * W.shape[1], *_covering(c)), dtype=dtype)
@@ -478,10 +479,10 @@ class FROG(FROGBase):
         def build():
             items = []
             for (layer, W, b, group, dtype, _), (data, y2), t in zip(info, local, summed):
-                key = "tau" if layer.kind == "conv2d" else "tau_linear"
+                key = "tau" if isinstance(layer.type, Conv2dType) else "tau_linear"
                 tau = eval_schedule(key, group[key], self.steps)
                 t = t.to(dtype)
-                if layer.kind == "conv2d":
+                if isinstance(layer.type, Conv2dType):
                     c = layer.conv
                     systems = ConvRowSystems(data, y2, W.shape, c["stride"], c["padding"], c["dilation"],
                                              c["groups"], b is not None, tau, trace=t)

@@ -20,6 +20,7 @@ from fop._base import (
     layer_device_tensor,
     state_counter,
 )
+from fop._layers import TOKEN_MODES
 from fop.distributed import CommView, make_comm
 
 logger = logging.getLogger("fop")
@@ -30,27 +31,31 @@ INVERSE_METHODS = ("eigh", "cholesky")
 
 
 class Bucket:
-    """Layers whose gradient matrices have one shape (out x in): their eigenvectors stacked for bmm."""
+    """Layers whose gradient matrices have one shape (out x in): their eigenvectors stacked for bmm. QA is None for
+    layers with a diagonal input factor (embeddings): its eigenbasis is the identity and lA the diagonal itself."""
 
     def __init__(self, index: list[int], QG, lG, QA, lA):
         self.index = index  # layer indices
-        self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i), (B,i)
+        self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i) or None, (B,i)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.QA.dtype
+        return self.QG.dtype
 
     def rotate(self, M: torch.Tensor) -> torch.Tensor:
         """Q_G^T M Q_A for a (B, o, i) stack."""
-        return torch.bmm(torch.bmm(self.QG.mT, M), self.QA)
+        M = torch.bmm(self.QG.mT, M)
+        return M if self.QA is None else torch.bmm(M, self.QA)
 
     def unrotate(self, M: torch.Tensor) -> torch.Tensor:
         """Q_G M Q_A^T for a (B, o, i) stack."""
-        return torch.bmm(torch.bmm(self.QG, M), self.QA.mT)
+        M = torch.bmm(self.QG, M)
+        return M if self.QA is None else torch.bmm(M, self.QA.mT)
 
     def subset(self, keep: list[int]) -> Bucket:
         """The bucket of the layers at positions `keep` (copies; for a step where some layers have no gradient)."""
-        return Bucket([self.index[j] for j in keep], self.QG[keep], self.lG[keep], self.QA[keep], self.lA[keep])
+        return Bucket([self.index[j] for j in keep], self.QG[keep], self.lG[keep],
+                      None if self.QA is None else self.QA[keep], self.lA[keep])
 
 
 def _eigh_forms(M: torch.Tensor):
@@ -281,6 +286,10 @@ class KFAC(CurvatureOptimizer):
             fifth of an eigendecomposition on CPU (bench/RESULTS.md); distributed runs invert on every rank.
         max_update_norm: None (default) or a positive float: the global norm of the step's directions (before lr and
             momentum) clipped to it, as the official FOP training script's clip at 10.
+        linear_tokens: how a Linear applied over leading (token) dims (N, T, ..., d) forms its factors (Eschenhagen et
+            al. 2023): "expand" (default) makes every token a row, A = sum a a^T / (N T), G = sum g g^T / N;
+            "reduce" averages a and sums g over each sample's tokens first, A = sum_n a_n a_n^T / N,
+            G = sum_n g_n g_n^T / N (cheaper: N rows instead of N T). docs/layers.md has the measurement.
         exclude, loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
         distributed: None (on when torch.distributed runs more than one rank), False, True or a
             fop.distributed.DistributedOptions: factors averaged over ranks, eigendecompositions sharded.
@@ -290,7 +299,8 @@ class KFAC(CurvatureOptimizer):
                  decoupled: bool = False, damping=1e-3, damping_mode: str = "factored", factor_decay: float = 0.05,
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = 1e-3,
                  fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, eigh_refresh_iters: int = 0,
-                 inverse_method: str = "eigh", max_update_norm: float | None = None, model=None, exclude=None,
+                 inverse_method: str = "eigh", max_update_norm: float | None = None, linear_tokens: str = "expand",
+                 model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         self.damping = check_schedule("damping", damping, low_open=True)
@@ -305,6 +315,7 @@ class KFAC(CurvatureOptimizer):
         self.factor_dtype = check_choice("factor_dtype", factor_dtype, (torch.float32, torch.float64))
         self.eigh_refresh_iters = check_int("eigh_refresh_iters", eigh_refresh_iters, low=0)
         self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
+        self.linear_tokens = check_choice("linear_tokens", linear_tokens, TOKEN_MODES)
         if self.inverse_method == "cholesky" and self.damping_mode != "factored":
             raise ValueError("inverse_method='cholesky' needs damping_mode='factored': the exact Tikhonov damping of "
                              "A kron G ('eigen') has no Kronecker-factored inverse")
@@ -327,6 +338,12 @@ class KFAC(CurvatureOptimizer):
                         decompose=robust_eigh)
         given = params_or_model if isinstance(params_or_model, nn.Module) else model  # DDP-wrapped or not
         self.comm = make_comm(view, given, distributed, self._needs_half_batch(0))
+        self.capture.tokens = self.linear_tokens
+        self._warned_broadcast: set[str] = set()
+        diagonal = [layer.name for layer in self.layers if len(layer.type.input_factor_shape(layer)) == 1]
+        if diagonal and (self.inverse_method == "cholesky" or self.comm.active):
+            raise ValueError(f"layers {diagonal} have a diagonal input factor (embeddings), which K-FAC/FOP support "
+                             "with inverse_method='eigh' in one process; leave them out with exclude=[...]")
         self._arm()
 
     # -- when to capture, update, decompose ----------------------------------------------------------------------
@@ -377,10 +394,17 @@ class KFAC(CurvatureOptimizer):
 
     def _has_grad(self, i: int) -> bool:
         """Whether every parameter of layer i has a gradient this step (a layer without is skipped, as torch's
-        optimizers skip such parameters: no direction, no factor update)."""
-        return all(p.grad is not None for p in self.layers[i].params)
+        optimizers skip such parameters: no direction, no factor update), and per-sample statistics: a layer that
+        saw a broadcast batch of 1 is skipped the same way (Capture.broadcast)."""
+        return all(p.grad is not None for p in self.layers[i].params) and not self.capture.broadcast(i)
 
     def _validate_before_step(self) -> None:
+        for i, layer in enumerate(self.layers):
+            if layer.name not in self._warned_broadcast and self.capture.broadcast(i):
+                self._warned_broadcast.add(layer.name)
+                logger.warning("layer %s saw a batch of 1 while other layers saw more: a broadcast input (a position "
+                               "embedding's (1, T) ids?) whose output gradient sums the batch; it takes the plain "
+                               "update on such steps (warned once)", layer.name)
         missing = [self.layers[i].name for i in range(len(self.layers))
                    if self._has_grad(i) and not self.capture.done(i)] if self.capture.armed else []
         if missing and len(missing) < len(self.layers):
@@ -411,13 +435,13 @@ class KFAC(CurvatureOptimizer):
                 layer = self.layers[i]
                 if self.factors_A[i] is None:
                     decay, dev = 1.0, layer.weight.device
-                    A = torch.zeros(layer.in_dim, layer.in_dim, dtype=self.factor_dtype, device=dev)
+                    A = torch.zeros(layer.type.input_factor_shape(layer), dtype=self.factor_dtype, device=dev)
                     G = torch.zeros(layer.out_dim, layer.out_dim, dtype=self.factor_dtype, device=dev)
                 else:
                     decay, A, G = self.factor_decay, self.factors_A[i].clone(), self.factors_G[i].clone()
                 self.capture.update_input_factor(i, A, decay)
                 self.capture.update_output_factor(i, G, decay, mc=mc, dy_scale=inv_scale)
-                for M in (A, G):  # fp32 GEMMs leave rounding-level asymmetry
+                for M in (A, G) if A.dim() == 2 else (G,):  # fp32 GEMMs leave rounding-level asymmetry
                     M.copy_(0.5 * (M + M.mT))
                 new_A[i], new_G[i] = A, G
         self.comm.all_reduce_factors(new_A, new_G)  # distributed: average over ranks
@@ -438,12 +462,14 @@ class KFAC(CurvatureOptimizer):
             self._invert()
             return
         ready = self._ready()
-        mats = [self.factors_A[i] for i in ready] + [self.factors_G[i] for i in ready]
-        names = ([f"factor A of layer {self.layers[i].name}" for i in ready]
+        dense = [i for i in ready if self.factors_A[i].dim() == 2]  # a diagonal A (embeddings) is its own eigenbasis
+        mats = [self.factors_A[i] for i in dense] + [self.factors_G[i] for i in ready]
+        names = ([f"factor A of layer {self.layers[i].name}" for i in dense]
                  + [f"factor G of layer {self.layers[i].name}" for i in ready])
-        prev = {i: (b.QA[j], b.QG[j]) for b in self.buckets if isinstance(b, Bucket) for j, i in enumerate(b.index)}
+        prev = {i: (None if b.QA is None else b.QA[j], b.QG[j]) for b in self.buckets if isinstance(b, Bucket)
+                for j, i in enumerate(b.index)}
         if self.eigh_refresh_iters and all(i in prev for i in ready) and prev and not self.comm.active:
-            previous = [prev[i][0] for i in ready] + [prev[i][1] for i in ready]
+            previous = [prev[i][0] for i in dense] + [prev[i][1] for i in ready]
             try:
                 evals, evecs = fop_kernels.eigh_refresh(mats, previous, iters=self.eigh_refresh_iters, clamp=True)
             except RuntimeError as err:
@@ -451,11 +477,14 @@ class KFAC(CurvatureOptimizer):
                 evals, evecs = robust_eigh(mats, names)
         else:
             evals, evecs = self.comm.eigh(mats, names) if self.comm.active else robust_eigh(mats, names)
-        n = len(ready)
+        n = len(dense)
         as_layers = [[None] * len(self.layers) for _ in range(4)]
+        for k, i in enumerate(dense):
+            as_layers[0][i], as_layers[1][i] = evals[k], evecs[k]
         for k, i in enumerate(ready):
-            for j, values in enumerate((evals[:n], evecs[:n], evals[n:], evecs[n:])):
-                as_layers[j][i] = values[k]
+            as_layers[2][i], as_layers[3][i] = evals[n + k], evecs[n + k]
+            if self.factors_A[i].dim() == 1:
+                as_layers[0][i] = self.factors_A[i].clamp_min(0)
         self._set_buckets(*as_layers)
         self.decomposed_at = self.steps
 
@@ -465,14 +494,17 @@ class KFAC(CurvatureOptimizer):
         by_shape: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers):
             if like[i] is not None:
-                by_shape.setdefault((layer.shape, like[i].device, like[i].dtype), []).append(i)
+                by_shape.setdefault((layer.shape, like[i].device, like[i].dtype, like[i].dim()), []).append(i)
         return list(by_shape.values())
 
     def _make_buckets(self, lA, QA, lG, QG) -> list[Bucket]:
-        """Buckets of the layers i with QA[i] (lists indexed by layer, None where a layer has none)."""
+        """Buckets of the layers i with lA[i] (lists indexed by layer, None where a layer has none; QA[i] None for
+        a diagonal input factor: such layers form their own buckets)."""
+        like = [QA[i] if QA[i] is not None else lA[i] for i in range(len(self.layers))]
         return [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
-                       torch.stack([QA[i] for i in idx]), torch.stack([lA[i] for i in idx]))
-                for idx in self._by_shape(QA)]
+                       None if QA[idx[0]] is None else torch.stack([QA[i] for i in idx]),
+                       torch.stack([lA[i] for i in idx]))
+                for idx in self._by_shape(like)]
 
     def _set_buckets(self, lA, QA, lG, QG) -> None:
         self.buckets = self._make_buckets(lA, QA, lG, QG)
@@ -632,7 +664,9 @@ class KFAC(CurvatureOptimizer):
                     inverse[i].update({f"A{k}": v[j] for k, v in b.Ainv.state.items()})
                     inverse[i].update({f"G{k}": v[j] for k, v in b.Ginv.state.items()})
                 else:
-                    eig[i] = {"QA": b.QA[j], "lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
+                    eig[i] = {"lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
+                    if b.QA is not None:
+                        eig[i]["QA"] = b.QA[j]
         extra.update(inverse_method=self.inverse_method, factor_updates=self.factor_updates,
                      decomposed_at=self.decomposed_at,
                      factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
@@ -666,7 +700,7 @@ class KFAC(CurvatureOptimizer):
         new["factors_A"], new["factors_G"] = [None] * n, [None] * n
         for i, (layer, f) in enumerate(zip(self.layers, factors)):
             if f is not None:
-                new["factors_A"][i] = self._loaded(f, "A", (layer.in_dim,) * 2, layer, "factor A")
+                new["factors_A"][i] = self._loaded(f, "A", layer.type.input_factor_shape(layer), layer, "factor A")
                 new["factors_G"][i] = self._loaded(f, "G", (layer.out_dim,) * 2, layer, "factor G")
         key, other = ("inverse", "eigen") if self.inverse_method == "cholesky" else ("eigen", "inverse")
         saved = extra.get(key) or []
@@ -685,6 +719,8 @@ class KFAC(CurvatureOptimizer):
             o, d = layer.out_dim, layer.in_dim
             if key == "eigen":
                 shapes = {"QA": (d, d), "lA": (d,), "QG": (o, o), "lG": (o,)}
+                if new["factors_A"][i].dim() == 1:  # a diagonal input factor has no QA
+                    del shapes["QA"]
             else:
                 shapes = {"A": (d, d), "G": (o, o)}
                 for side, dim in (("A", d), ("G", o)):
@@ -698,7 +734,7 @@ class KFAC(CurvatureOptimizer):
             raise ValueError(f"state_dict says a decomposition was made at step {new['decomposed_at']} but holds "
                              f"no {key} entries")
         if key == "eigen":
-            new["buckets"] = self._make_buckets(*([None if e is None else e[k] for e in moved]
+            new["buckets"] = self._make_buckets(*([None if e is None else e.get(k) for e in moved]
                                                   for k in ("lA", "QA", "lG", "QG")))
             return new
 

@@ -28,7 +28,7 @@ from torch import nn
 
 import fop_kernels
 from fop._base import check_float, check_int, check_outer_hyperparameters
-from fop._capture import _rows
+from fop._layers import Conv2dType, _rows
 from fop.distributed_rows import lockstep_row_cg
 from fop.frog import (
     TRACE_EPS,
@@ -171,7 +171,7 @@ class KFROG(FROGBase):
         y = None
         for r in recs:
             sq = r.dy.to(dtype).square()
-            part = sq.sum((0, 2, 3)) if layer.kind == "conv2d" else sq.reshape(-1, sq.shape[-1]).sum(0)
+            part = sq.sum((0, 2, 3)) if isinstance(layer.type, Conv2dType) else sq.reshape(-1, sq.shape[-1]).sum(0)
             y = part if y is None else y.add_(part)
         y.mul_(coef * coef / n_total)
         if inv_scale is not None:
@@ -215,7 +215,7 @@ class KFROG(FROGBase):
             x_s = self._sampled_inputs(recs, dtype)
             P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]  # never in place: m may be .grad
             bias = b is not None
-            if layer.kind == "conv2d":
+            if isinstance(layer.type, Conv2dType):
                 c = layer.conv
                 geometry = (c["stride"], c["padding"], c["dilation"], c["groups"])
                 Z = kfrog_conv_solve(x_s, P1, W.shape, *geometry, bias, eps, iters)
@@ -240,8 +240,9 @@ class KFROG(FROGBase):
             layer = self.layers[i]
             W, b = layer.weight, layer.bias if self.fold_bias else None
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-            d_data = W.shape[1] * layer.conv["groups"] * W.shape[2] * W.shape[3] + 1 if layer.kind == "conv2d" \
-                else W.shape[1] + int(b is not None)
+            conv = isinstance(layer.type, Conv2dType)
+            d_data = (W.shape[1] * layer.conv["groups"] * W.shape[2] * W.shape[3] + 1 if conv
+                      else W.shape[1] + int(b is not None))
             info.append((layer, W, b, group_of[id(W)], dtype, (W.shape[0], W[0].numel() + int(b is not None)),
                          d_data))
         round_dtype = torch.float64 if any(it[4] == torch.float64 for it in info) else torch.float32
@@ -257,12 +258,13 @@ class KFROG(FROGBase):
                 y = W.new_zeros(R, dtype=dtype)
                 for r in recs:
                     sq = r.dy.to(dtype).square()
-                    y += sq.sum((0, 2, 3)) if layer.kind == "conv2d" else sq.reshape(-1, sq.shape[-1]).sum(0)
+                    conv = isinstance(layer.type, Conv2dType)
+                    y += sq.sum((0, 2, 3)) if conv else sq.reshape(-1, sq.shape[-1]).sum(0)
                 y.mul_(coef * coef / N)
                 if inv_scale is not None:
                     y.mul_(inv_scale.to(device=y.device, dtype=dtype).square())
                 idx = comm.local_indices(draw, i)
-                if layer.kind == "conv2d":
+                if isinstance(layer.type, Conv2dType):
                     c = layer.conv
                     x = torch.cat([r.a for r in recs]) if recs else \
                         W.new_zeros((0, c["groups"] * W.shape[1], *_covering(c)), dtype=dtype)
@@ -289,7 +291,7 @@ class KFROG(FROGBase):
                 eps = group["eps"]
                 y = self._smoothed(W, y.to(dtype), group["y_momentum"])
                 P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]
-                if layer.kind == "conv2d":
+                if isinstance(layer.type, Conv2dType):
                     c = layer.conv
                     systems = ConvSystems(data, 1.0 / s, W.shape, c["stride"], c["padding"], c["dilation"],
                                           c["groups"], b is not None, eps)
@@ -304,7 +306,7 @@ class KFROG(FROGBase):
         directions: dict[int, torch.Tensor] = {}
         for (layer, W, b, _, dtype, _, _), Z, sq, s in zip(info, Zs, sqs, sizes):
             sq = sq.to(dtype)
-            if layer.kind == "conv2d":
+            if isinstance(layer.type, Conv2dType):
                 diag = expand_input_diag(sq[:-1], s, W.shape[0], layer.conv["groups"], b is not None, sq[-1] / s)
             else:
                 diag = (sq / s).expand(W.shape[0], -1)
