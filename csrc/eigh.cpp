@@ -130,8 +130,28 @@ at::Tensor gather(at::TensorList ts, const WorkItem& w) {
   return parts.size() == 1 ? parts[0].unsqueeze(0) : at::stack(parts);
 }
 
-// LAPACK through ATen on a (k, n, n) batch; a failure is re-raised naming the matrices.
+// eigh_small on each matrix of a contiguous (k, n, n) batch, n <= kSmallMaxN.
+std::tuple<at::Tensor, at::Tensor> eigh_small_batch(const at::Tensor& a, const WorkItem& w, const char* op) {
+  const int64_t k = a.size(0), n = a.size(1);
+  at::Tensor l = at::empty({k, n}, a.options());
+  at::Tensor q = at::empty({k, n, n}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fop_kernels_eigh_small", [&] {
+    std::vector<scalar_t> work(eigh_small_work(n));
+    const scalar_t* in = a.const_data_ptr<scalar_t>();
+    scalar_t* lp = l.mutable_data_ptr<scalar_t>();
+    scalar_t* qp = q.mutable_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < k; ++j) {
+      const bool ok = eigh_small_matrix(in + j * n * n, n, lp + j * n, qp + j * n * n, work.data());
+      TORCH_CHECK(ok, op, ": eigendecomposition of mats[", w.idx[j], "] failed: the QL iteration did not converge");
+    }
+  });
+  return {l, q};
+}
+
+// A (k, n, n) batch: eigh_small up to kSmallMaxN, else LAPACK through ATen (a failure re-raised naming the
+// matrices).
 std::tuple<at::Tensor, at::Tensor> eigh_batch(const at::Tensor& a, const WorkItem& w, const char* op) {
+  if (a.size(-1) <= kSmallMaxN) return eigh_small_batch(a, w, op);
   std::string error;
   try {
     return at::linalg_eigh(a);
