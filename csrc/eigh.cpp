@@ -38,6 +38,8 @@ using TensorVec = std::vector<at::Tensor>;
 constexpr int64_t kBatchMaxN = 160;
 // Equal-size groups are cut into about this many chunks per thread, so that the dynamic schedule balances.
 constexpr int64_t kChunksPerThread = 4;
+// Chunks of matrices for eigh_small_batch hold a multiple of its widest lane group (16 floats per vector).
+constexpr int64_t kSmallGroup = 16;
 
 struct WorkItem {
   std::vector<int64_t> idx;  // matrices of one size
@@ -51,8 +53,9 @@ std::vector<WorkItem> plan_work(at::TensorList mats) {
   std::vector<WorkItem> items;
   for (const auto& [n, idx] : by_size) {
     const int64_t count = static_cast<int64_t>(idx.size());
-    const int64_t chunk =
+    int64_t chunk =
         n >= kBatchMaxN ? 1 : std::max<int64_t>(1, (count + kChunksPerThread * threads - 1) / (kChunksPerThread * threads));
+    if (n <= kSmallMaxN) chunk = (chunk + kSmallGroup - 1) / kSmallGroup * kSmallGroup;  // whole lane groups
     for (int64_t s = 0; s < count; s += chunk) {
       WorkItem w;
       w.idx.assign(idx.begin() + s, idx.begin() + std::min(count, s + chunk));
@@ -130,8 +133,25 @@ at::Tensor gather(at::TensorList ts, const WorkItem& w) {
   return parts.size() == 1 ? parts[0].unsqueeze(0) : at::stack(parts);
 }
 
-// LAPACK through ATen on a (k, n, n) batch; a failure is re-raised naming the matrices.
-std::tuple<at::Tensor, at::Tensor> eigh_batch(const at::Tensor& a, const WorkItem& w, const char* op) {
+// eigh_small on each matrix of a contiguous (k, n, n) batch, n <= kSmallMaxN.
+std::tuple<at::Tensor, at::Tensor> eigh_small_item(const at::Tensor& a, const WorkItem& w, const char* op) {
+  const int64_t k = a.size(0), n = a.size(1);
+  at::Tensor l = at::empty({k, n}, a.options());
+  at::Tensor q = at::empty({k, n, n}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fop_kernels_eigh_small", [&] {
+    const int64_t bad = eigh_small_batch(a.const_data_ptr<scalar_t>(), k, n, l.mutable_data_ptr<scalar_t>(),
+                                         q.mutable_data_ptr<scalar_t>());
+    TORCH_CHECK(bad < 0, op, ": eigendecomposition of mats[", bad < 0 ? 0 : w.idx[bad],
+                "] failed: the QL iteration did not converge");
+  });
+  return {l, q};
+}
+
+// A (k, n, n) batch: eigh_small up to kSmallMaxN when `small`, else LAPACK through ATen (a failure re-raised
+// naming the matrices). damped_inverse keeps LAPACK: with damping 0 its singularity check reads the sign of
+// eigenvalues at rounding level, which differs between the two solvers.
+std::tuple<at::Tensor, at::Tensor> eigh_batch(const at::Tensor& a, const WorkItem& w, const char* op, bool small) {
+  if (small && a.size(-1) <= kSmallMaxN) return eigh_small_item(a, w, op);
   std::string error;
   try {
     return at::linalg_eigh(a);
@@ -151,15 +171,29 @@ void allocate_decomposition(at::TensorList mats, TensorVec& evals, TensorVec& ev
   }
 }
 
+template <typename scalar_t>
+bool finite_span(const scalar_t* p, int64_t count) {
+  bool ok = true;
+  for (int64_t i = 0; i < count; ++i) ok = ok && std::isfinite(p[i]);
+  return ok;
+}
+
+// Copies the decomposition of each matrix of a work item into its outputs, each checked to be finite.
 void scatter(const WorkItem& w, const at::Tensor& l, const at::Tensor& q, TensorVec& evals, TensorVec& evecs,
              const char* op) {
-  for (size_t j = 0; j < w.idx.size(); ++j) {
-    const int64_t i = w.idx[j];
-    TORCH_CHECK(all_finite(l[j]) && all_finite(q[j]), op, ": mats[", i,
-                "] produced non-finite eigenvalues or eigenvectors");
-    evals[i].copy_(l[j]);
-    evecs[i].copy_(q[j]);
-  }
+  const at::Tensor lc = l.contiguous(), qc = q.contiguous();
+  const int64_t n = lc.size(-1);
+  AT_DISPATCH_FLOATING_TYPES(lc.scalar_type(), "fop_kernels_scatter", [&] {
+    for (size_t j = 0; j < w.idx.size(); ++j) {
+      const int64_t i = w.idx[j];
+      const scalar_t* lj = lc.const_data_ptr<scalar_t>() + j * n;
+      const scalar_t* qj = qc.const_data_ptr<scalar_t>() + j * n * n;
+      TORCH_CHECK(finite_span(lj, n) && finite_span(qj, n * n), op, ": mats[", i,
+                  "] produced non-finite eigenvalues or eigenvectors");
+      std::copy(lj, lj + n, evals[i].mutable_data_ptr<scalar_t>());
+      std::copy(qj, qj + n * n, evecs[i].mutable_data_ptr<scalar_t>());
+    }
+  });
 }
 
 std::tuple<TensorVec, TensorVec> eigh_cpu(at::TensorList mats, bool clamp) {
@@ -168,7 +202,7 @@ std::tuple<TensorVec, TensorVec> eigh_cpu(at::TensorList mats, bool clamp) {
   TensorVec evals, evecs;
   allocate_decomposition(mats, evals, evecs);
   run_work(plan_work(mats), [&](const WorkItem& w) {
-    auto [l, q] = eigh_batch(gather_checked(mats, w, op), w, op);
+    auto [l, q] = eigh_batch(gather_checked(mats, w, op), w, op, /*small=*/true);
     if (clamp) l.clamp_min_(0);
     scatter(w, l, q, evals, evecs, op);
   });
@@ -211,7 +245,7 @@ TensorVec damped_inverse_cpu(at::TensorList mats, const at::Tensor& damping, dou
         TORCH_CHECK(all_finite(given_l[i]) && all_finite(given_q[i]), op, ": the decomposition of mats[", i,
                     "] (evals/evecs) contains non-finite values");
     } else {
-      std::tie(l, q) = eigh_batch(gather_checked(mats, w, op), w, op);
+      std::tie(l, q) = eigh_batch(gather_checked(mats, w, op), w, op, /*small=*/false);
     }
     const at::Tensor h = (l.clamp_min(0) + d).pow(power);  // (k, n)
     for (size_t j = 0; j < w.idx.size(); ++j) {

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "eigh_small.h"
+
 #include <tuple>
 #include <vector>
 

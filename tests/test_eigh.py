@@ -37,6 +37,13 @@ def make_matrix(kind: str, n: int, dtype: torch.dtype, gen: torch.Generator | No
     elif kind == "indefinite":
         x = torch.randn(n, n, dtype=torch.float64, generator=gen)
         m = x + x.mT
+    elif kind in ("ill_conditioned", "repeated"):  # Q diag(l) Q^T, Q random orthogonal
+        q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
+        if kind == "ill_conditioned":
+            l = torch.logspace(-12, 3, n, dtype=torch.float64)
+        else:  # clusters of equal eigenvalues, one of them negative
+            l = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, -3.0], dtype=torch.float64).repeat(n // 6 + 1)[:n]
+        m = (q * l) @ q.mT
     else:
         raise ValueError(kind)
     m = m.to(dtype)
@@ -112,6 +119,30 @@ def test_eigh_matches_reference_mixed_and_many_small(backend, dtype):
         scale = float(mats[i].abs().max()) or 1.0
         assert_close(a, b, atol=16 * mats[i].shape[0] * EPS[dtype] * scale, rtol=0, what=f"evals[{i}] vs reference")
     check_decomposition(mats, evals, evecs, what=backend)
+
+
+SMALL_KINDS = ("spd", "rank_deficient", "indefinite", "ill_conditioned", "repeated", "diagonal", "identity")
+
+
+@pytest.mark.parametrize("backend", eigh_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,count", [(2, 17), (3, 9), (16, 33), (31, 8), (63, 7), (64, 40)])
+def test_eigh_small_groups(backend, dtype, n, count):
+    """n <= 64: the C++ backend decomposes 16 (float) / 8 (double) matrices at once, one per vector lane. Counts
+    that leave a group partly empty, kinds that converge at different rates in one group, a zero matrix, and
+    entries scaled by 2^100 / 2^-100 (squares outside float32's range), against float64 and torch's own error."""
+    gen = torch.Generator().manual_seed(100 * n + count)
+    mats = [make_matrix(SMALL_KINDS[i % len(SMALL_KINDS)], n, dtype, gen) for i in range(count)]
+    mats[count // 2] = torch.zeros(n, n, dtype=dtype)
+    mats[1] = mats[1] * 2.0**100
+    mats[-1] = mats[-1] * 2.0**-100
+    evals, evecs = fop_kernels.eigh(mats, backend=backend)
+    check_decomposition(mats, evals, evecs, what=f"{backend}/{n}x{count}")
+    assert torch.equal(evals[count // 2], torch.zeros(n, dtype=dtype))
+    ref_l, _ = ref.eigh(mats)
+    for i, (a, b) in enumerate(zip(evals, ref_l)):
+        scale = float(mats[i].abs().max()) or 1.0
+        assert_close(a, b, atol=16 * n * EPS[dtype] * scale, rtol=0, what=f"evals[{i}] vs reference")
 
 
 @pytest.mark.parametrize("backend", eigh_backends())
