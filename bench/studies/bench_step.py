@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
+from fop.kfac import INVERSE_METHODS
 from fop.models import resnet18
 from wide_models import WIDE_MODELS
 
@@ -262,7 +263,7 @@ def main():
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--eigh-refresh-iters", type=int, default=0, help="KFAC/FOP eigh_refresh_iters")
     p.add_argument("--damping-mode", choices=("eigen", "factored"), default="eigen")
-    p.add_argument("--inverse-method", choices=("eigh", "cholesky"), default="eigh",
+    p.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigh",
                    help="cholesky needs --damping-mode factored")
     p.add_argument("--split", choices=("half_batch", "backward"), default="half_batch",
                    help="FOP's split; backward: FOP and KFAC run two half-batch passes per step (SGD, AdamW one)")
