@@ -4,10 +4,12 @@ one process.
 
 Each round times one full step (zero_grad, forward, backward, optimizer.step) of every optimizer in turn, each on
 its own copy of the same model and batch, so that machine noise hits all of them alike. Reported per optimizer:
-median plain step, median curvature step (factor update + eigendecomposition, every `--interval` steps), the
-mean over whole intervals, their ratios to SGD, and for KFAC/FOP the split per phase (ms per step, averaged over
-the measured steps): capture (hooks: forward+backward time beyond SGD's), factors, decompositions,
-gradients (stacking; FOP: the half-batch GEMM), rotate (the four bmm), sums+combine, outer update.
+median plain step, median refresh step (factor update + decomposition: the steps `fop.kfac.on_schedule` picks), the
+interval mean ((k - 1) plain + refresh) / k that a long run averages, its ratio to SGD's, the measured mean, and for
+KFAC/FOP the decompositions per refresh amortized over the interval (in SGD steps) and the split per phase (ms per
+step, averaged over the measured steps): capture (hooks: forward+backward time beyond SGD's), factors,
+decompositions, gradients (stacking; FOP: the half-batch GEMM), products (rotations or damped inverses),
+sums+combine, outer update.
 `--memory` runs each optimizer in a fresh subprocess and reports its peak memory (CUDA: max allocated;
 CPU: peak RSS growth over the process's RSS after building the model and data).
 
@@ -30,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
-from fop.kfac import INVERSE_METHODS
+from fop.kfac import INVERSE_METHODS, on_schedule
 from fop.models import resnet18
 from wide_models import WIDE_MODELS
 
@@ -129,38 +131,44 @@ def run(args):
 
 
 def summarize(args, names, fb, st, phases, n_params):
+    """Per optimizer: the median plain step, the median refresh step (factor update + decomposition: the steps
+    `on_schedule` picks, young statistics' extra refreshes included), the interval mean ((k - 1) plain + refresh) / k
+    that a long run averages, and the measured mean."""
     k = args.interval
     rows = {}
     for n in names:
         tot = [a + b for a, b in zip(fb[n], st[n])]
-        curv = [t for i, t in enumerate(tot) if (i + args.warmup) % k == 0]
-        plain = [t for i, t in enumerate(tot) if (i + args.warmup) % k != 0]
-        rows[n] = dict(plain=statistics.median(plain), curvature=statistics.median(curv) if curv else float("nan"),
-                       mean=statistics.fmean(tot), fb=statistics.fmean(fb[n]))
+        refresh = [i + args.warmup for i in range(len(tot)) if on_schedule(i + args.warmup, k)]
+        curv = [t for i, t in enumerate(tot) if i + args.warmup in refresh]
+        plain = [t for i, t in enumerate(tot) if i + args.warmup not in refresh]
+        p = statistics.median(plain) if plain else float("nan")
+        c = statistics.median(curv) if curv else float("nan")
+        rows[n] = dict(plain=p, curvature=c, interval=((k - 1) * p + c) / k, mean=statistics.fmean(tot),
+                       fb=statistics.fmean(fb[n]), refreshes=len(curv))
     sgd = rows.get("sgd")
     lines = [f"model {args.model}, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
              f"{args.image}x{args.image}, device {args.device}, threads {torch.get_num_threads()}, interval {k}, "
-             f"eigh_refresh_iters {args.eigh_refresh_iters}, damping_mode {args.damping_mode}, "
+             f"eigh_refresh_iters {args.eigh_refresh_iters}, damping_mode {args.damping_mode}, damping {args.damping}, "
              f"inverse_method {args.inverse_method}, FOP split {args.split}"
              f"{' (SGD and AdamW too)' if args.same_passes and args.split == 'backward' else ''}, "
              f"{args.steps} measured steps after {args.warmup} warm-up",
-             "", "| optimizer | plain step (ms, median) | curvature step (ms, median) | mean step (ms) | mean / SGD |",
-             "| --- | --- | --- | --- | --- |"]
+             "", "| optimizer | plain step (ms, median) | refresh step (ms, median) | interval mean (ms) | "
+             "interval mean / SGD | measured mean (ms) |", "| --- | --- | --- | --- | --- | --- |"]
     for n in names:
         r = rows[n]
-        ratio = r["mean"] / sgd["mean"] if sgd else float("nan")
-        lines.append(f"| {n} | {r['plain'] * 1e3:.1f} | {r['curvature'] * 1e3:.1f} | {r['mean'] * 1e3:.1f} | "
-                     f"{ratio:.3f} |")
+        ratio = r["interval"] / sgd["interval"] if sgd else float("nan")
+        lines.append(f"| {n} | {r['plain'] * 1e3:.1f} | {r['curvature'] * 1e3:.1f} | {r['interval'] * 1e3:.1f} | "
+                     f"{ratio:.3f} | {r['mean'] * 1e3:.1f} |")
     if sgd and "kfac" in rows and "fop" in rows:
-        kf, fo = rows["kfac"]["mean"] - sgd["mean"], rows["fop"]["mean"] - sgd["mean"]
-        lines += ["", f"FOP extra over KFAC / KFAC overhead over SGD: {(fo - kf) / kf:.3f}; "
-                      f"KFAC mean step / SGD: {rows['kfac']['mean'] / sgd['mean']:.3f}; "
-                      f"FOP mean step / SGD: {rows['fop']['mean'] / sgd['mean']:.3f}"]
+        kf, fo = rows["kfac"]["interval"] - sgd["interval"], rows["fop"]["interval"] - sgd["interval"]
+        lines += ["", f"interval means: KFAC / SGD {rows['kfac']['interval'] / sgd['interval']:.3f}, "
+                      f"FOP / SGD {rows['fop']['interval'] / sgd['interval']:.3f}, "
+                      f"FOP extra over KFAC / KFAC overhead over SGD {(fo - kf) / kf:.3f}"]
     if sgd:
         for n in phases:
-            amortized = phases[n]["_decompose"] / args.steps
-            lines.append(f"{n}: decompositions amortized over the interval {amortized * 1e3:.1f} ms per step "
-                         f"= {amortized / sgd['mean']:.3f} SGD steps")
+            per_refresh = phases[n]["_decompose"] / max(rows[n]["refreshes"], 1)
+            lines.append(f"{n}: decompositions {per_refresh * 1e3:.1f} ms per refresh, amortized over the interval "
+                         f"{per_refresh / k * 1e3:.1f} ms per step = {per_refresh / k / sgd['interval']:.3f} SGD steps")
     if phases:
         lines += ["", "| phase (ms per step, mean) | " + " | ".join(phases) + " |",
                   "| --- |" + " --- |" * len(phases)]
@@ -175,7 +183,7 @@ def summarize(args, names, fb, st, phases, n_params):
             return p[key] / steps * 1e3
 
         labels = (("capture (hooks)", "capture"), ("factors", "_update_factors"), ("decompositions", "_decompose"),
-                  ("gradients (FOP: half-batch GEMM)", "_bucket_gradients"), ("rotate (bmm)", "rotate"),
+                  ("gradients (FOP: half-batch GEMM)", "_bucket_gradients"), ("products (rotate or damped inverses)", "rotate"),
                   ("sums + combine", "_combine"), ("outer update", "_outer_update"))
         for label, key in labels:
             lines.append(f"| {label} | " + " | ".join(f"{cell(n, key):.1f}" for n in phases) + " |")
