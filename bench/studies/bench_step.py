@@ -183,7 +183,8 @@ def summarize(args, names, fb, st, phases, n_params):
             return p[key] / steps * 1e3
 
         labels = (("capture (hooks)", "capture"), ("factors", "_update_factors"), ("decompositions", "_decompose"),
-                  ("gradients (FOP: half-batch GEMM)", "_bucket_gradients"), ("products (rotate or damped inverses)", "rotate"),
+                  ("gradients (FOP: half-batch GEMM)", "_bucket_gradients"),
+                  ("products (rotate or damped inverses)", "rotate"),
                   ("sums + combine", "_combine"), ("outer update", "_outer_update"))
         for label, key in labels:
             lines.append(f"| {label} | " + " | ".join(f"{cell(n, key):.1f}" for n in phases) + " |")
