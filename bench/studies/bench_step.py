@@ -201,7 +201,7 @@ def memory(args):
                "--inverse-method", args.inverse_method, "--split", args.split,
                *(["--same-passes"] if args.same_passes else []),
                "--image", str(args.image), "--interval", str(args.interval), "--device", args.device,
-               "--steps", str(max(args.interval + 2, 4)), "--warmup", "0"]
+               "--steps", str(args.memory_steps), "--warmup", "0"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])
     lines = ["| optimizer | peak memory (MiB) | vs SGD | vs KFAC | optimizer-held at step (MiB) |",
@@ -212,7 +212,7 @@ def memory(args):
         lines.append(f"| {n} | {mib:.1f} | {vs['sgd']:.3f} | {vs['kfac']:.3f} | {r['held'] / 2**20:.1f} |")
     what = ("CUDA max allocated" if args.device == "cuda"
             else "CPU: peak RSS growth after model and data are built, coarse")
-    return f"Peak memory ({what}), {args.interval + 2} steps:\n\n" + "\n".join(lines)
+    return f"Peak memory ({what}), {args.memory_steps} steps:\n\n" + "\n".join(lines)
 
 
 def memory_child(args):
@@ -281,14 +281,18 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS)
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
+    p.add_argument("--memory-only", action="store_true", help="peak memory alone, no step timing")
+    p.add_argument("--memory-steps", type=int, default=12,
+                   help="steps per memory subprocess (steps 0, 1, 2 are refreshes: 3 covers one)")
     p.add_argument("--memory-child", choices=OPTIMIZERS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         memory_child(args)
         return
-    text, _ = summarize(args, *run(args))
-    print(text)
-    if args.memory:
+    if not args.memory_only:
+        text, _ = summarize(args, *run(args))
+        print(text)
+    if args.memory or args.memory_only:
         print()
         print(memory(args))
 
