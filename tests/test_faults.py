@@ -140,7 +140,7 @@ def test_fop_huge_inputs_give_an_error_not_nan_parameters():
 
 def test_nonfinite_update_from_finite_gradients_names_the_layer(monkeypatch):
     m = mlp()
-    opt = make(KFAC, m)
+    opt = make(KFAC, m, inverse_method="eigh")
     train(m, opt, 1)
     real = fop_kernels.project_combine
 
@@ -185,15 +185,18 @@ def _inject(monkeypatch, module, name):
 
 
 CHOL = dict(damping_mode="factored", inverse_method="cholesky")
+EIGH = dict(inverse_method="eigh")
 PHASES = [
     (KFAC, {}, fop_kernels, "accumulate_factor"),  # factor update
-    (KFAC, {}, fop_kernels, "eigh"),  # decomposition
-    (KFAC, {}, fop_kernels, "project_combine"),  # preconditioning
+    (KFAC, EIGH, fop_kernels, "eigh"),  # decomposition
+    (KFAC, EIGH, fop_kernels, "project_combine"),  # preconditioning
     (KFAC, CHOL, fop_kernels, "accumulate_conv_factor"),  # not called by an MLP: then the next phase
     (KFAC, CHOL, torch.linalg, "cholesky_ex"),  # inversion
-    (FOP, {}, fop_kernels, "fisher_inner_products"),  # FOP's projection
-    (FOP, {}, fop_kernels, "eigh"),
+    (KFAC, {}, torch.linalg, "cholesky_ex"),  # the default's per-factor inversion (dense blocks, Woodbury)
+    (FOP, EIGH, fop_kernels, "fisher_inner_products"),  # FOP's projection
+    (FOP, EIGH, fop_kernels, "eigh"),
     (FOP, CHOL, fop_kernels, "combine_scalars"),
+    (FOP, {}, fop_kernels, "combine_scalars"),
     (FOP, CHOL, torch.linalg, "cholesky_ex"),
     (FROG, {}, fop_kernels, "batched_cg"),
     (AdaFisher, {}, fop_kernels, "accumulate_factor_diag"),
@@ -202,7 +205,7 @@ PHASES = [
 
 
 @pytest.mark.parametrize("cls,kw,module,name", PHASES,
-                         ids=[f"{c.__name__}-{'chol-' if k else ''}{n}" for c, k, _, n in PHASES])
+                         ids=[f"{c.__name__}-{k.get('inverse_method', 'auto')}-{n}" for c, k, _, n in PHASES])
 def test_exception_at_a_phase_changes_nothing(monkeypatch, cls, kw, module, name):
     m = mlp() if name != "accumulate_conv_factor" else nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(),
                                                                       nn.Linear(2 * 2 * 2, 3))
