@@ -66,15 +66,16 @@ def train_steps(model, opt, batches, scaler=None) -> None:
             scaler.update()
 
 
-INVERSES = ["eigh", "cholesky-inverse", "cholesky-factor"]
+INVERSES = ["eigh", "cholesky-inverse", "cholesky-factor", "auto"]
 
 
 def inverse_kwargs(name: str, monkeypatch) -> dict:
     """Optimizer kwargs for an inverse configuration of INVERSES. The Cholesky path keeps each damped factor as its
     inverse or as its Cholesky factor by a size rule (fop.kfac.keeps_cholesky_factor); the two cholesky-* names
-    force one form for every factor, so both are tested on small networks."""
-    if name == "eigh":
-        return {}
+    force one form for every factor, so both are tested on small networks. "auto" (the default) chooses per factor
+    (fop.inverse_choice); with damping_mode="eigen" it is the eigh path."""
+    if name in ("eigh", "auto"):
+        return {"inverse_method": name}
     import fop.kfac
 
     keep = {"cholesky-inverse": False, "cholesky-factor": True}[name]

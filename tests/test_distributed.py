@@ -34,7 +34,7 @@ TIMEOUT_S = 150  # per launch: a hang fails the test
 PORTS = {"equiv2": 47611, "equiv3": 47612, "fail": 47613, "single": 47614, "faults": 47615,
          "hang": 47616, "killed": 47617}  # fixed, distinct per launch
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, factor_interval=2, inverse_interval=2,
-             factor_dtype=torch.float64)
+             factor_dtype=torch.float64, inverse_method="eigh")  # the sharded eigendecompositions; CHOLESKY overrides
 CHOLESKY = dict(damping_mode="factored", inverse_method="cholesky")  # inverted on every rank, not sharded
 
 
@@ -73,7 +73,7 @@ def make_optimizer(kind: str, model, **kwargs):
     from fop import FOP, KFAC
 
     cls = KFAC if kind == "kfac" else FOP
-    return cls(model, **HYPER, **kwargs)
+    return cls(model, **{**HYPER, **kwargs})
 
 
 def train_step(opt, model, x, y) -> None:

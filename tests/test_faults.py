@@ -88,9 +88,9 @@ def trains_on(model, opt, steps=3):
 
 # -- damping ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", KFAC_FOP)
-@pytest.mark.parametrize("inverse", ["eigh", "cholesky"])
+@pytest.mark.parametrize("inverse", ["eigh", "cholesky", "auto"])
 def test_damping_must_be_positive(cls, inverse):
-    kw = dict(damping_mode="factored", inverse_method="cholesky") if inverse == "cholesky" else {}
+    kw = {"inverse_method": inverse, **({"damping_mode": "factored"} if inverse == "cholesky" else {})}
     with pytest.raises(ValueError, match=r"damping must be > 0"):
         cls(mlp(), damping=0.0, **kw)
     m = mlp()
@@ -105,9 +105,9 @@ def test_damping_must_be_positive(cls, inverse):
 
 # -- non-finite curvature and updates from finite gradients ----------------------------------------------------------
 @pytest.mark.parametrize("cls", KFAC_FOP)
-@pytest.mark.parametrize("inverse", ["eigh", "cholesky"])
+@pytest.mark.parametrize("inverse", ["eigh", "cholesky", "auto"])
 def test_factor_overflow_raises_and_does_not_poison_later_steps(cls, inverse):
-    kw = dict(damping_mode="factored", inverse_method="cholesky") if inverse == "cholesky" else {}
+    kw = {"inverse_method": inverse, **({"damping_mode": "factored"} if inverse == "cholesky" else {})}
     m = mlp()
     opt = make(cls, m, **kw)
     train(m, opt, 2)  # step 2 is a factor step
@@ -140,7 +140,7 @@ def test_fop_huge_inputs_give_an_error_not_nan_parameters():
 
 def test_nonfinite_update_from_finite_gradients_names_the_layer(monkeypatch):
     m = mlp()
-    opt = make(KFAC, m)
+    opt = make(KFAC, m, inverse_method="eigh")
     train(m, opt, 1)
     real = fop_kernels.project_combine
 
@@ -185,15 +185,18 @@ def _inject(monkeypatch, module, name):
 
 
 CHOL = dict(damping_mode="factored", inverse_method="cholesky")
+EIGH = dict(inverse_method="eigh")
 PHASES = [
     (KFAC, {}, fop_kernels, "accumulate_factor"),  # factor update
-    (KFAC, {}, fop_kernels, "eigh"),  # decomposition
-    (KFAC, {}, fop_kernels, "project_combine"),  # preconditioning
+    (KFAC, EIGH, fop_kernels, "eigh"),  # decomposition
+    (KFAC, EIGH, fop_kernels, "project_combine"),  # preconditioning
     (KFAC, CHOL, fop_kernels, "accumulate_conv_factor"),  # not called by an MLP: then the next phase
     (KFAC, CHOL, torch.linalg, "cholesky_ex"),  # inversion
-    (FOP, {}, fop_kernels, "fisher_inner_products"),  # FOP's projection
-    (FOP, {}, fop_kernels, "eigh"),
+    (KFAC, {}, torch.linalg, "cholesky_ex"),  # the default's per-factor inversion (dense blocks, Woodbury)
+    (FOP, EIGH, fop_kernels, "fisher_inner_products"),  # FOP's projection
+    (FOP, EIGH, fop_kernels, "eigh"),
     (FOP, CHOL, fop_kernels, "combine_scalars"),
+    (FOP, {}, fop_kernels, "combine_scalars"),
     (FOP, CHOL, torch.linalg, "cholesky_ex"),
     (FROG, {}, fop_kernels, "batched_cg"),
     (AdaFisher, {}, fop_kernels, "accumulate_factor_diag"),
@@ -202,7 +205,7 @@ PHASES = [
 
 
 @pytest.mark.parametrize("cls,kw,module,name", PHASES,
-                         ids=[f"{c.__name__}-{'chol-' if k else ''}{n}" for c, k, _, n in PHASES])
+                         ids=[f"{c.__name__}-{k.get('inverse_method', 'auto')}-{n}" for c, k, _, n in PHASES])
 def test_exception_at_a_phase_changes_nothing(monkeypatch, cls, kw, module, name):
     m = mlp() if name != "accumulate_conv_factor" else nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(),
                                                                       nn.Linear(2 * 2 * 2, 3))
@@ -377,9 +380,10 @@ def _corruptions(cls):
 
 @pytest.mark.parametrize("cls", ALL)
 def test_bad_state_dict_is_rejected_before_anything_changes(cls):
-    source, good = _trained(cls)[1], None
+    eigh = {"inverse_method": "eigh"} if cls in KFAC_FOP else {}  # the corruptions of eigen entries
+    source, good = _trained(cls, **eigh)[1], None
     good = source.state_dict()
-    m, opt = _trained(cls)
+    m, opt = _trained(cls, **eigh)
     train(m, opt, 1, seed=900)  # a different state than `good`
     for what, corrupt, match in _corruptions(cls):
         sd = copy.deepcopy(good)
@@ -406,7 +410,7 @@ def test_state_of_another_optimizer_class_is_rejected(saved, loaded):
 
 @pytest.mark.parametrize("cls", KFAC_FOP)
 def test_state_of_another_inverse_method_is_rejected(cls):
-    eig = _trained(cls)[1].state_dict()
+    eig = _trained(cls, inverse_method="eigh")[1].state_dict()
     chol = _trained(cls, damping_mode="factored", inverse_method="cholesky")[1].state_dict()
     m, opt = _trained(cls, damping_mode="factored", inverse_method="cholesky")
     with pytest.raises(ValueError, match="inverse_method='eigh'"):
@@ -414,7 +418,7 @@ def test_state_of_another_inverse_method_is_rejected(cls):
     del eig["curvature"]["inverse_method"]  # a state saved before the method was recorded: told by its entries
     with pytest.raises(ValueError, match="eigen decompositions"):
         opt.load_state_dict(eig)
-    m, opt = _trained(cls)
+    m, opt = _trained(cls, inverse_method="eigh")
     with pytest.raises(ValueError, match="inverse_method='cholesky'"):
         opt.load_state_dict(chol)
 

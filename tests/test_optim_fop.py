@@ -131,7 +131,8 @@ def _one_step_direction(cls, m, x, y, **kwargs):
 
 
 @pytest.mark.parametrize("damping_mode,inverse", [("eigen", "eigh"), ("factored", "eigh"),
-                                                  ("factored", "cholesky-inverse"), ("factored", "cholesky-factor")])
+                                                  ("factored", "cholesky-inverse"), ("factored", "cholesky-factor"),
+                                                  ("factored", "auto")])
 @pytest.mark.parametrize("batch", [10, 9])
 @pytest.mark.parametrize("eta_norm", [False, True])
 def test_fop_matches_literal_paper_equations(damping_mode, inverse, batch, eta_norm, monkeypatch):

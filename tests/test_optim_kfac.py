@@ -31,7 +31,8 @@ def _grads(m, x, y):
 
 
 @pytest.mark.parametrize("damping_mode,inverse", [("eigen", "eigh"), ("factored", "eigh"),
-                                                  ("factored", "cholesky-inverse"), ("factored", "cholesky-factor")])
+                                                  ("factored", "cholesky-inverse"), ("factored", "cholesky-factor"),
+                                                  ("factored", "auto")])
 @pytest.mark.parametrize("kl_clip", [None, "default"])
 def test_kfac_matches_explicit_kronecker_inverse(damping_mode, inverse, kl_clip, monkeypatch):
     """U = Fd^-1 vec(V) with the explicit damped Kronecker Fisher; with the default KL clip (1e-3, lr 1 here) every

@@ -1,15 +1,20 @@
-"""Step time of FOP and KFAC against SGD and AdamW on a ResNet-18-layout CNN, side by side in one process.
+"""Step time of FOP and KFAC against SGD and AdamW on a ResNet-18-layout CNN (or, with `--model`, the real-width
+models of bench/studies/wide_models.py: timm's ResNet-18 layout, ConvNeXt-atto-like, ViT-tiny-like), side by side in
+one process.
 
 Each round times one full step (zero_grad, forward, backward, optimizer.step) of every optimizer in turn, each on
 its own copy of the same model and batch, so that machine noise hits all of them alike. Reported per optimizer:
-median plain step, median curvature step (factor update + eigendecomposition, every `--interval` steps), the
-mean over whole intervals, their ratios to SGD, and for KFAC/FOP the split per phase (ms per step, averaged over
-the measured steps): capture (hooks: forward+backward time beyond SGD's), factors, decompositions,
-gradients (stacking; FOP: the half-batch GEMM), rotate (the four bmm), sums+combine, outer update.
+median plain step, median refresh step (factor update + decomposition: the steps `fop.kfac.on_schedule` picks), the
+interval mean ((k - 1) plain + refresh) / k that a long run averages, its ratio to SGD's, the measured mean, and for
+KFAC/FOP the decompositions per refresh amortized over the interval (in SGD steps) and the split per phase (ms per
+step, averaged over the measured steps): capture (hooks: forward+backward time beyond SGD's), factors,
+decompositions, gradients (stacking; FOP: the half-batch GEMM), products (rotations or damped inverses),
+sums+combine, outer update.
 `--memory` runs each optimizer in a fresh subprocess and reports its peak memory (CUDA: max allocated;
 CPU: peak RSS growth over the process's RSS after building the model and data).
 
     flock /tmp/fop_bench.lock .venv/bin/python bench/studies/bench_step.py --width 16 --batch 128 --steps 30
+    .venv/bin/python bench/studies/bench_step.py --model resnet18-timm --width 64 --batch 64 --steps 20
 """
 
 from __future__ import annotations
@@ -27,9 +32,22 @@ import time
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
+from fop.kfac import INVERSE_METHODS, on_schedule
 from fop_train.models import resnet18
+from wide_models import WIDE_MODELS
 
 OPTIMIZERS = ("sgd", "adamw", "kfac", "fop")
+MODEL_NAMES = ("layout",) + tuple(WIDE_MODELS)
+
+
+def build(args):
+    """The benchmarked model: fop_train.models.resnet18(width) ("layout") or one of wide_models (ResNet-18 at
+    `width`)."""
+    if args.model == "layout":
+        return resnet18(args.width)
+    if args.model == "resnet18-timm":
+        return WIDE_MODELS[args.model](args.width)
+    return WIDE_MODELS[args.model]()
 
 
 def make_optimizer(name, model, args):
@@ -81,7 +99,7 @@ def run(args):
     torch.manual_seed(0)
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    base = resnet18(args.width).to(dev)
+    base = build(args).to(dev)
     x = torch.randn(args.batch, 3, args.image, args.image, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     names = args.only or list(OPTIMIZERS)
@@ -114,32 +132,44 @@ def run(args):
 
 
 def summarize(args, names, fb, st, phases, n_params):
+    """Per optimizer: the median plain step, the median refresh step (factor update + decomposition: the steps
+    `on_schedule` picks, young statistics' extra refreshes included), the interval mean ((k - 1) plain + refresh) / k
+    that a long run averages, and the measured mean."""
     k = args.interval
     rows = {}
     for n in names:
         tot = [a + b for a, b in zip(fb[n], st[n])]
-        curv = [t for i, t in enumerate(tot) if (i + args.warmup) % k == 0]
-        plain = [t for i, t in enumerate(tot) if (i + args.warmup) % k != 0]
-        rows[n] = dict(plain=statistics.median(plain), curvature=statistics.median(curv) if curv else float("nan"),
-                       mean=statistics.fmean(tot), fb=statistics.fmean(fb[n]))
+        refresh = [i + args.warmup for i in range(len(tot)) if on_schedule(i + args.warmup, k)]
+        curv = [t for i, t in enumerate(tot) if i + args.warmup in refresh]
+        plain = [t for i, t in enumerate(tot) if i + args.warmup not in refresh]
+        p = statistics.median(plain) if plain else float("nan")
+        c = statistics.median(curv) if curv else float("nan")
+        rows[n] = dict(plain=p, curvature=c, interval=((k - 1) * p + c) / k, mean=statistics.fmean(tot),
+                       fb=statistics.fmean(fb[n]), refreshes=len(curv))
     sgd = rows.get("sgd")
-    lines = [f"ResNet-18 layout, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
+    lines = [f"model {args.model}, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
              f"{args.image}x{args.image}, device {args.device}, threads {torch.get_num_threads()}, interval {k}, "
-             f"eigh_refresh_iters {args.eigh_refresh_iters}, damping_mode {args.damping_mode}, "
+             f"eigh_refresh_iters {args.eigh_refresh_iters}, damping_mode {args.damping_mode}, damping {args.damping}, "
              f"inverse_method {args.inverse_method}, FOP split {args.split}"
              f"{' (SGD and AdamW too)' if args.same_passes and args.split == 'backward' else ''}, "
              f"{args.steps} measured steps after {args.warmup} warm-up",
-             "", "| optimizer | plain step (ms, median) | curvature step (ms, median) | mean step (ms) | mean / SGD |",
-             "| --- | --- | --- | --- | --- |"]
+             "", "| optimizer | plain step (ms, median) | refresh step (ms, median) | interval mean (ms) | "
+             "interval mean / SGD | measured mean (ms) |", "| --- | --- | --- | --- | --- | --- |"]
     for n in names:
         r = rows[n]
-        ratio = r["mean"] / sgd["mean"] if sgd else float("nan")
-        lines.append(f"| {n} | {r['plain'] * 1e3:.1f} | {r['curvature'] * 1e3:.1f} | {r['mean'] * 1e3:.1f} | "
-                     f"{ratio:.3f} |")
+        ratio = r["interval"] / sgd["interval"] if sgd else float("nan")
+        lines.append(f"| {n} | {r['plain'] * 1e3:.1f} | {r['curvature'] * 1e3:.1f} | {r['interval'] * 1e3:.1f} | "
+                     f"{ratio:.3f} | {r['mean'] * 1e3:.1f} |")
     if sgd and "kfac" in rows and "fop" in rows:
-        kf, fo = rows["kfac"]["mean"] - sgd["mean"], rows["fop"]["mean"] - sgd["mean"]
-        lines += ["", f"FOP extra over KFAC / KFAC overhead over SGD: {(fo - kf) / kf:.3f} (target <= 0.25); "
-                      f"FOP mean step / SGD: {rows['fop']['mean'] / sgd['mean']:.3f} (target <= 1.5)"]
+        kf, fo = rows["kfac"]["interval"] - sgd["interval"], rows["fop"]["interval"] - sgd["interval"]
+        lines += ["", f"interval means: KFAC / SGD {rows['kfac']['interval'] / sgd['interval']:.3f}, "
+                      f"FOP / SGD {rows['fop']['interval'] / sgd['interval']:.3f}, "
+                      f"FOP extra over KFAC / KFAC overhead over SGD {(fo - kf) / kf:.3f}"]
+    if sgd:
+        for n in phases:
+            per_refresh = phases[n]["_decompose"] / max(rows[n]["refreshes"], 1)
+            lines.append(f"{n}: decompositions {per_refresh * 1e3:.1f} ms per refresh, amortized over the interval "
+                         f"{per_refresh / k * 1e3:.1f} ms per step = {per_refresh / k / sgd['interval']:.3f} SGD steps")
     if phases:
         lines += ["", "| phase (ms per step, mean) | " + " | ".join(phases) + " |",
                   "| --- |" + " --- |" * len(phases)]
@@ -154,7 +184,8 @@ def summarize(args, names, fb, st, phases, n_params):
             return p[key] / steps * 1e3
 
         labels = (("capture (hooks)", "capture"), ("factors", "_update_factors"), ("decompositions", "_decompose"),
-                  ("gradients (FOP: half-batch GEMM)", "_bucket_gradients"), ("rotate (bmm)", "rotate"),
+                  ("gradients (FOP: half-batch GEMM)", "_bucket_gradients"),
+                  ("products (rotate or damped inverses)", "rotate"),
                   ("sums + combine", "_combine"), ("outer update", "_outer_update"))
         for label, key in labels:
             lines.append(f"| {label} | " + " | ".join(f"{cell(n, key):.1f}" for n in phases) + " |")
@@ -165,12 +196,13 @@ def memory(args):
     """Peak memory per optimizer, each in a fresh subprocess."""
     out = {}
     for n in args.only or OPTIMIZERS:
-        cmd = [sys.executable, __file__, "--memory-child", n, "--width", str(args.width), "--batch", str(args.batch),
+        cmd = [sys.executable, __file__, "--memory-child", n, "--model", args.model, "--width", str(args.width),
+               "--batch", str(args.batch),
                "--eigh-refresh-iters", str(args.eigh_refresh_iters), "--damping-mode", args.damping_mode,
                "--inverse-method", args.inverse_method, "--split", args.split,
                *(["--same-passes"] if args.same_passes else []),
                "--image", str(args.image), "--interval", str(args.interval), "--device", args.device,
-               "--steps", str(max(args.interval + 2, 4)), "--warmup", "0"]
+               "--steps", str(args.memory_steps), "--warmup", "0"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])
     lines = ["| optimizer | peak memory (MiB) | vs SGD | vs KFAC | optimizer-held at step (MiB) |",
@@ -181,13 +213,13 @@ def memory(args):
         lines.append(f"| {n} | {mib:.1f} | {vs['sgd']:.3f} | {vs['kfac']:.3f} | {r['held'] / 2**20:.1f} |")
     what = ("CUDA max allocated" if args.device == "cuda"
             else "CPU: peak RSS growth after model and data are built, coarse")
-    return f"Peak memory ({what}), {args.interval + 2} steps:\n\n" + "\n".join(lines)
+    return f"Peak memory ({what}), {args.memory_steps} steps:\n\n" + "\n".join(lines)
 
 
 def memory_child(args):
     dev = torch.device(args.device)
     torch.manual_seed(0)
-    model = resnet18(args.width).to(dev)
+    model = build(args).to(dev)
     x = torch.randn(args.batch, 3, args.image, args.image, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     opt = make_optimizer(args.memory_child, model, args)
@@ -229,6 +261,8 @@ def held_bytes(opt) -> int:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=MODEL_NAMES, default="layout",
+                   help="layout: fop_train.models.resnet18 (3x3 stem, no pooling); or a wide_models net")
     p.add_argument("--width", type=int, default=16, help="ResNet-18 base width (64: the standard model)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--image", type=int, default=32)
@@ -239,7 +273,7 @@ def main():
     p.add_argument("--damping", type=float, default=1e-2)
     p.add_argument("--eigh-refresh-iters", type=int, default=0, help="KFAC/FOP eigh_refresh_iters")
     p.add_argument("--damping-mode", choices=("eigen", "factored"), default="eigen")
-    p.add_argument("--inverse-method", choices=("eigh", "cholesky"), default="eigh",
+    p.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigh",
                    help="cholesky needs --damping-mode factored")
     p.add_argument("--split", choices=("half_batch", "backward"), default="half_batch",
                    help="FOP's split; backward: FOP and KFAC run two half-batch passes per step (SGD, AdamW one)")
@@ -248,14 +282,18 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="*", choices=OPTIMIZERS)
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one subprocess each)")
+    p.add_argument("--memory-only", action="store_true", help="peak memory alone, no step timing")
+    p.add_argument("--memory-steps", type=int, default=12,
+                   help="steps per memory subprocess (steps 0, 1, 2 are refreshes: 3 covers one)")
     p.add_argument("--memory-child", choices=OPTIMIZERS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         memory_child(args)
         return
-    text, _ = summarize(args, *run(args))
-    print(text)
-    if args.memory:
+    if not args.memory_only:
+        text, _ = summarize(args, *run(args))
+        print(text)
+    if args.memory or args.memory_only:
         print()
         print(memory(args))
 

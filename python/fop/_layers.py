@@ -151,8 +151,13 @@ class LayerType:
     def update_input_factor(self, layer: Layer, A: torch.Tensor, xs: list[torch.Tensor], decay: float,
                             tokens: str = "expand") -> None:
         """A <- (1-decay) A + decay sum_rows a a^T / rows over the inputs `xs` of the step's records."""
-        X = _stacked_rows(xs, layer.bias is not None)
+        X = self.factor_input_rows(layer, xs, tokens)
         fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
+
+    def factor_input_rows(self, layer: Layer, xs: list[torch.Tensor], tokens: str = "expand") -> torch.Tensor:
+        """The rows X of the input-factor update from the records' inputs `xs` (a column of ones for a bias), so
+        that update_input_factor is A <- (1-decay) A + decay X^T X / rows (the sample-space inverses keep them)."""
+        return _stacked_rows(xs, layer.bias is not None)
 
     def sub_batch_grad(self, layer: Layer, a: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """sum over the samples of dy a^T as an out x in matrix [dW | db] in `dtype` (a, dy as `input` and
@@ -206,10 +211,10 @@ class LinearType(LayerType):
     def output_rows(self, layer, dy, tokens="expand"):
         return self._per_sample(dy, "sum") if tokens == "reduce" else dy
 
-    def update_input_factor(self, layer, A, xs, decay, tokens="expand"):
+    def factor_input_rows(self, layer, xs, tokens="expand"):
         if tokens == "reduce":
             xs = [self._per_sample(x, "mean") for x in xs]
-        super().update_input_factor(layer, A, xs, decay, tokens)
+        return super().factor_input_rows(layer, xs, tokens)
 
 
 class TransposedLinearType(LinearType):
@@ -308,8 +313,11 @@ class Conv2dType(LayerType):
                                                c["dilation"], bias=bias, scale=1.0 / x.shape[0],
                                                check_finite=False)  # the op divides by positions
             return
-        X = torch.cat([_patches(x, c, bias) for x in xs])
+        X = self.factor_input_rows(layer, xs, tokens)
         fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
+
+    def factor_input_rows(self, layer, xs, tokens="expand"):
+        return torch.cat([_patches(x, layer.conv, layer.bias is not None) for x in xs])  # im2col rows
 
     def sub_batch_grad(self, layer, a, dy, dtype):
         a, dy = a.to(dtype), dy.to(dtype)

@@ -53,14 +53,15 @@ class FOP(KFAC):
     means what K-FAC's does (at beta = 0 the update is K-FAC's); eta_norm=False is the paper's form (eta near 2,
     eta_clip default (0, 2) as the official code). Then K-FAC's KL clip, with <U, F_w U> =
     eta^2 (a + 2 beta d + beta^2 e), and the outer update.
-    With inverse_method="cholesky" (factored damping) the same quantities come
+    With damped inverses (inverse_method="cholesky", or "auto" with factored damping) the same quantities come
     without an eigenbasis: with F g = G g A (the factors of the last inversion) and P g = G_d^-1 g A_d^-1,
         S1 = <g_avg, F g_avg>, S2 = <g_diff, F g_avg>, a = <g_avg, P g_avg>, c = <g_diff, P g_avg>,
-        e0 = <g_diff, P g_diff>,   U = eta (P g_avg + beta (P g_diff - s_proj P g_avg)).
+        e0 = <g_diff, P g_diff>,   U = eta (P g_avg + beta (P g_diff - s_proj P g_avg)),
+    F and P on each factor's support and in its chosen form (fop.inverse_choice).
     `beta`/`eta` fixed (numbers) replace the adaptive values;
     beta=0, eta=1 is K-FAC exactly. A batch of 1 (no second half) falls back to the K-FAC step with a logged
     warning. All scalars stay on the device: the only host sync in `step()` is the finiteness check (and, with
-    inverse_method="cholesky", the Cholesky status on inversion steps).
+    damped inverses, the Cholesky status and the factors' supports on inversion steps).
 
     Args (beyond KFAC's): beta ("adaptive" or a number), beta_clip=(-0.5, 0.5), eta (1.0, or "adaptive" for the
     paper's layer-wise eta*: on the digits CNN and MNIST the per-layer eta cost accuracy against a fixed eta = 1,
@@ -209,7 +210,7 @@ class FOP(KFAC):
     def _inverse_update(self, bucket: InverseBucket, V, D):
         if D is None:
             return super()._inverse_update(bucket, V, D)
-        FV = torch.bmm(torch.bmm(bucket.G, V), bucket.A)
+        FV = bucket.fisher(V)
         PV, PD = bucket.precondition(V), bucket.precondition(D)  # PV as K-FAC's, so beta=0, eta=1 is K-FAC exactly
         sums = torch.stack([_layer_dot(V, FV), _layer_dot(D, FV), _layer_dot(V, PV), _layer_dot(D, PV),
                             _layer_dot(D, PD)], dim=1)
@@ -234,7 +235,7 @@ class FOP(KFAC):
         """eta's normalization (1/2) folded into one multiply with the KL clip. The clip's quadratic form: U = eta P u
         with u = g_avg + beta (g_diff - s_proj g_avg) and P = F_w^-1, so <U, F_w U> = eta <U, u> =
         eta ((1 - beta s_proj) <U, g_avg> + beta <U, g_diff>) >= 0: at beta = 0, eta = 1 K-FAC's <U, V> bit for bit."""
-        if self.inverse_method == "cholesky":  # the buckets' sums and scalars, in bucket order
+        if self.uses_inverses:  # the buckets' sums and scalars, in bucket order
             parts = self._stat_parts
             self._stats = (([i for idx, _, _ in parts for i in idx], torch.cat([su for _, su, _ in parts]),
                             torch.cat([sc for _, _, sc in parts])) if parts else None)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fop_kernels
+from fop import inverse_choice
 from fop._base import (
     CurvatureOptimizer,
     check_choice,
@@ -22,12 +23,13 @@ from fop._base import (
 )
 from fop._layers import TOKEN_MODES
 from fop.distributed import CommView, make_comm
+from fop.inverse_choice import DenseBlock, Side, Woodbury, support
 
 logger = logging.getLogger("fop")
 
 DAMPING_MODES = ("eigen", "factored")
 FISHER_TYPES = ("empirical", "mc")
-INVERSE_METHODS = ("eigh", "cholesky")
+INVERSE_METHODS = ("auto", "eigh", "cholesky")
 
 
 class Bucket:
@@ -98,10 +100,10 @@ def _eigh_forms(M: torch.Tensor):
 
 
 def robust_eigh(mats: list[torch.Tensor], names: list[str], decompose=None):
-    """([l], [Q]) of every matrix as `fop_kernels.eigh(mats, clamp=True)` (or `decompose(mats)`); a matrix whose
-    decomposition fails is retried in the forms of `_eigh_forms` (logged), and only if every form fails the error
-    names it (`names[i]`)."""
-    decompose = decompose or (lambda ms: fop_kernels.eigh(ms, clamp=True))
+    """([l], [Q]) of every matrix as `fop_kernels.eigh(mats, clamp=True)` (or `decompose(mats)`), each decomposed on
+    its support (`deflated_eigh`); a matrix whose decomposition fails is retried in the forms of `_eigh_forms`
+    (logged), and only if every form fails the error names it (`names[i]`)."""
+    decompose = deflated_eigh(decompose or (lambda ms: fop_kernels.eigh(ms, clamp=True)))
     try:
         return decompose(mats)
     except RuntimeError:  # one failing matrix fails the batch: find it below
@@ -126,6 +128,35 @@ def robust_eigh(mats: list[torch.Tensor], names: list[str], decompose=None):
         evals.append(l)
         evecs.append(Q)
     return evals, evecs
+
+
+def deflated_eigh(decompose):
+    """`decompose` (a list of matrices -> ([l], [Q])) applied to the support block M_S of each matrix (its rows with
+    a nonzero entry, fop.inverse_choice.support): the other rows are exact eigenvectors with eigenvalue 0, so
+    l = [0, l_S], Q = [e_j for the zero rows j | Q_S embedded in the support rows]. Exact; a 4608-wide input factor
+    of a 3x3 conv on 1x1 maps (support 512) costs a 512-wide decomposition. One host sync per matrix."""
+
+    def run(mats: list[torch.Tensor]):
+        index = [support(M) for M in mats]
+        evals, evecs = decompose([M if idx is None else M[idx][:, idx] for M, idx in zip(mats, index)])
+        out_l, out_Q = [], []
+        for M, idx, l, Q in zip(mats, index, evals, evecs):
+            if idx is None:
+                out_l.append(l)
+                out_Q.append(Q)
+                continue
+            n, s = M.shape[0], idx.numel()
+            zero = torch.ones(n, dtype=torch.bool, device=M.device)
+            zero[idx] = False
+            z = torch.nonzero(zero).flatten()
+            full_Q = torch.zeros(n, n, dtype=Q.dtype, device=M.device)
+            full_Q[z, torch.arange(n - s, device=M.device)] = 1.0
+            full_Q[idx[:, None], torch.arange(n - s, n, device=M.device)] = Q
+            out_l.append(torch.cat([l.new_zeros(n - s), l]))
+            out_Q.append(full_Q)
+        return out_l, out_Q
+
+    return run
 
 
 def on_schedule(step: int, interval: int) -> bool:
@@ -215,12 +246,15 @@ class DampedFactor:
 
 
 class InverseBucket:
-    """Layers of one shape for inverse_method="cholesky": the factors of the last inversion (G, A, stacked for bmm)
-    and their damped inverses (G + lambda_G I)^-1, (A + lambda_A I)^-1 as DampedFactors."""
+    """Layers of one shape (and, for inverse_method="auto", one support size and form per side) for the damped-inverse
+    path: the factors of the last inversion (G, A, stacked for bmm) and their damped inverses (G + lambda_G I)^-1,
+    (A + lambda_A I)^-1 as fop.inverse_choice.Side objects; `samples` the sample rows (ZG, ZA) they were built from
+    (lists per layer, None where a side was held densely; for state_dict)."""
 
-    def __init__(self, index: list[int], G, A, Ginv: DampedFactor, Ainv: DampedFactor):
+    def __init__(self, index: list[int], G, A, Ginv: Side, Ainv: Side, samples=None):
         self.index = index
         self.G, self.A, self.Ginv, self.Ainv = G, A, Ginv, Ainv  # (B,o,o), (B,i,i), damped inverses
+        self.samples = samples or ([None] * len(index), [None] * len(index))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -230,9 +264,13 @@ class InverseBucket:
         """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack."""
         return self.Ginv.left(self.Ainv.right(M))
 
+    def fisher(self, M: torch.Tensor) -> torch.Tensor:
+        """G M A (the undamped factors of the last inversion) for a (B, o, i) stack."""
+        return self.Ginv.factor_left(self.Ainv.factor_right(M))
+
     def subset(self, keep: list[int]) -> InverseBucket:
         return InverseBucket([self.index[j] for j in keep], self.G[keep], self.A[keep], self.Ginv.subset(keep),
-                             self.Ainv.subset(keep))
+                             self.Ainv.subset(keep), tuple([z[j] for j in keep] for z in self.samples))
 
 
 class KFAC(CurvatureOptimizer):
@@ -248,9 +286,10 @@ class KFAC(CurvatureOptimizer):
     - every step: V~ = Q_G^T V Q_A,  U = Q_G (V~ / w) Q_A^T, with
       "eigen" damping w = l_G l_A^T + lambda (exact Tikhonov damping of A kron G), or
       "factored" w = (l_G + sqrt(lambda)/pi)(l_A + sqrt(lambda) pi)^T, pi = sqrt((tr A/dim A)/(tr G/dim G));
-    - or, with inverse_method="cholesky" (factored damping only): every `inverse_interval` steps the damped inverses
-      (A + sqrt(lambda) pi I)^-1 and (G + sqrt(lambda)/pi I)^-1 by Cholesky, and every step U = G_d^-1 V A_d^-1:
-      the same update as "factored" in the eigenbasis, without eigendecompositions (as the official FOP code);
+    - or, with factored damping and inverse_method "auto" (default) or "cholesky": every `inverse_interval` steps
+      the damped inverses (A + sqrt(lambda) pi I)^-1 and (G + sqrt(lambda)/pi I)^-1 ("auto": per factor on its
+      support, in the form fop.inverse_choice picks), and every step U = G_d^-1 V A_d^-1: the same update as
+      "factored" in the eigenbasis, without eigendecompositions (as the official FOP code);
     - KL clipping (on by default): nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) scales the whole step: U <- nu U
       for the preconditioned parameters and g <- nu g for every other one (so that nothing outruns the trust region);
     - the outer update (CurvatureOptimizer): weight decay, momentum, learning rate, on U for preconditioned
@@ -281,9 +320,14 @@ class KFAC(CurvatureOptimizer):
             full, later ones run k subspace iterations (Q <- qr(M Q)) from the previous eigenvectors through
             `fop_kernels.eigh_refresh`: a few matmuls and a QR instead of an eigh (large factors on CPU; in one
             process only, distributed runs decompose in full).
-        inverse_method: "eigh" (default) or "cholesky" (needs damping_mode="factored"; a damping schedule is then
-            read on inverse steps only, since the damping is inside the inverses). Cholesky inverses cost about a
-            fifth of an eigendecomposition on CPU (bench/RESULTS.md); distributed runs invert on every rank.
+        inverse_method: "auto" (default): with damping_mode="factored", each damped factor on its support (rows not
+            exactly zero) as an explicit inverse, a kept Cholesky factor or the Woodbury form over the EMA's sample
+            rows, whichever fop.inverse_choice's cost model prices lowest; with "eigen" damping or
+            eigh_refresh_iters, the eigenbasis ("eigh", each factor decomposed on its support). "eigh", or
+            "cholesky" (needs damping_mode="factored"): dense Cholesky inverses of the whole factors. On the
+            damped-inverse paths a damping schedule is read on inverse steps only, since the damping is inside the
+            inverses. Cholesky inverses cost about a fifth of an eigendecomposition on CPU (bench/RESULTS.md);
+            distributed runs invert on every rank (and hold the factors densely: no sample rows).
         max_update_norm: None (default) or a positive float: the global norm of the step's directions (before lr and
             momentum) clipped to it, as the official FOP training script's clip at 10.
         linear_tokens: how a Linear applied over leading (token) dims (N, T, ..., d) forms its factors (Eschenhagen et
@@ -299,7 +343,7 @@ class KFAC(CurvatureOptimizer):
                  decoupled: bool = False, damping=1e-3, damping_mode: str = "factored", factor_decay: float = 0.05,
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = 1e-3,
                  fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, eigh_refresh_iters: int = 0,
-                 inverse_method: str = "eigh", max_update_norm: float | None = None, linear_tokens: str = "expand",
+                 inverse_method: str = "auto", max_update_norm: float | None = None, linear_tokens: str = "expand",
                  model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
@@ -322,12 +366,20 @@ class KFAC(CurvatureOptimizer):
         if self.inverse_method == "cholesky" and self.eigh_refresh_iters:
             raise ValueError("eigh_refresh_iters refreshes eigendecompositions; it does not apply to "
                              "inverse_method='cholesky'")
+        # "auto": damped inverses chosen per factor (fop.inverse_choice) unless the eigenbasis itself is needed: the
+        # exact Tikhonov damping ("eigen") or the eigenbasis refresh
+        self.uses_inverses = self.inverse_method == "cholesky" or (
+            self.inverse_method == "auto" and self.damping_mode == "factored" and not self.eigh_refresh_iters)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, decoupled=bool(decoupled))
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, loss_reduction=loss_reduction,
                          check_finite=check_finite, grad_scaler=grad_scaler)
         n = len(self.layers)
         self.factors_A: list[torch.Tensor | None] = [None] * n
         self.factors_G: list[torch.Tensor | None] = [None] * n
+        # inverse_method="auto": each factor's sample rows Z (factor = Z^T Z: the EMA's sqrt-weighted rows) while
+        # the sample-space form is the cheapest (fop.inverse_choice.keeps_samples); None once held densely
+        self.samples_A: list[torch.Tensor | None] = [None] * n
+        self.samples_G: list[torch.Tensor | None] = [None] * n
         self.factor_updates = 0  # how many factor updates have run (host int)
         self.buckets: list[Bucket] | list[InverseBucket] = []
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
@@ -341,9 +393,15 @@ class KFAC(CurvatureOptimizer):
         self.capture.tokens = self.linear_tokens
         self._warned_broadcast: set[str] = set()
         diagonal = [layer.name for layer in self.layers if len(layer.type.input_factor_shape(layer)) == 1]
+        if diagonal and self.inverse_method == "auto":  # the damped-inverse forms hold dense factors only
+            self.uses_inverses = False
         if diagonal and (self.inverse_method == "cholesky" or self.comm.active):
             raise ValueError(f"layers {diagonal} have a diagonal input factor (embeddings), which K-FAC/FOP support "
-                             "with inverse_method='eigh' in one process; leave them out with exclude=[...]")
+                             "with inverse_method='eigh' or 'auto' in one process; leave them out with exclude=[...]")
+        # the sample rows are kept in one process only (distributed factors are averaged densely over ranks), for the
+        # empirical Fisher (the MC Fisher's hook reduces its output gradients to Grams at once)
+        self._tracks_samples = (self.inverse_method == "auto" and self.uses_inverses and not self.comm.active
+                                and self.fisher == "empirical")
         self._arm()
 
     # -- when to capture, update, decompose ----------------------------------------------------------------------
@@ -417,7 +475,7 @@ class KFAC(CurvatureOptimizer):
                                "was not called after the forward pass")
 
     # -- curvature: computed into new tensors, committed by step() (see CurvatureOptimizer.step) -------------------
-    _step_attrs = ("factors_A", "factors_G", "factor_updates", "buckets", "decomposed_at")
+    _step_attrs = ("factors_A", "factors_G", "samples_A", "samples_G", "factor_updates", "buckets", "decomposed_at")
 
     def _update_factors(self, inv_scale) -> bool:
         """One factor update of every layer with a gradient from the captured records, into new tensors; False if
@@ -427,6 +485,7 @@ class KFAC(CurvatureOptimizer):
         if not active or not all(self.capture.has_layer_factor_data(i, mc=mc) for i in active):
             return False
         new_A, new_G = list(self.factors_A), list(self.factors_G)
+        new_ZA, new_ZG = list(self.samples_A), list(self.samples_G)
         with self.comm.agree():  # distributed: a rank that fails here must not leave the others in the all-reduce
             if self.comm.active and len(active) < len(self.layers):
                 raise RuntimeError(f"layers {[self.layers[i].name for i in range(len(self.layers)) if i not in active]}"
@@ -444,13 +503,38 @@ class KFAC(CurvatureOptimizer):
                 for M in (A, G) if A.dim() == 2 else (G,):  # fp32 GEMMs leave rounding-level asymmetry
                     M.copy_(0.5 * (M + M.mT))
                 new_A[i], new_G[i] = A, G
+                if self._tracks_samples:
+                    new_ZA[i], new_ZG[i] = self._grown_samples(i, decay, self.factors_A[i] is None, inv_scale)
         self.comm.all_reduce_factors(new_A, new_G)  # distributed: average over ranks
         for i in active:
             name = self.layers[i].name
             self._to_check += [(f"factor A of layer {name}", new_A[i]), (f"factor G of layer {name}", new_G[i])]
         self.factors_A, self.factors_G = new_A, new_G
+        self.samples_A, self.samples_G = new_ZA, new_ZG
         self.factor_updates += 1
         return True
+
+    def _grown_samples(self, i: int, decay: float, first: bool, inv_scale) -> list[torch.Tensor | None]:
+        """[Z_A, Z_G] of layer i after this factor update, the EMA kept exactly in sample space:
+        Z <- [sqrt(1 - rho) Z; sqrt(rho c) X] (X this update's rows, c their weight: 1/rows for A, N for G), so that
+        Z^T Z is the updated factor. None once a side is held densely: when the rank would pass the point where the
+        Woodbury form stops being the cheapest (fop.inverse_choice.keeps_samples)."""
+        layer = self.layers[i]
+        rows = inverse_choice.update_row_count(self.capture, i)
+        out = []
+        for side, old, d, m in (("A", self.samples_A[i], layer.in_dim, layer.out_dim),
+                                ("G", self.samples_G[i], layer.out_dim, layer.in_dim)):
+            rank = rows + (0 if first or old is None else old.shape[0])
+            if (old is None and not first) or not inverse_choice.keeps_samples(rank, d, m, self.inverse_interval):
+                out.append(None)
+                continue
+            if side == "A":
+                X, c = inverse_choice.input_rows(self.capture, i), 1.0 / rows
+            else:
+                X, c = inverse_choice.output_rows(self.capture, i, inv_scale)
+            fresh = X.to(self.factor_dtype) * math.sqrt(decay * c)
+            out.append(fresh if first else torch.cat([old * math.sqrt(1.0 - decay), fresh]))
+        return out
 
     def _ready(self) -> list[int]:
         """Layers that have factors (every layer once each has had a gradient on a factor step)."""
@@ -458,7 +542,7 @@ class KFAC(CurvatureOptimizer):
 
     def _decompose(self) -> None:
         """Eigendecompose every A and G in one batched call and stack them by layer shape (or invert them)."""
-        if self.inverse_method == "cholesky":
+        if self.uses_inverses:
             self._invert()
             return
         ready = self._ready()
@@ -510,26 +594,67 @@ class KFAC(CurvatureOptimizer):
         self.buckets = self._make_buckets(lA, QA, lG, QG)
 
     def _invert(self) -> None:
-        """inverse_method="cholesky": per layer shape, stack A and G and invert A + sqrt(lambda) pi I and
+        """The damped-inverse path: per layer shape, stack A and G and invert A + sqrt(lambda) pi I and
         G + sqrt(lambda)/pi I, pi = sqrt((tr A/dim A)/(tr G/dim G)) (means clamped at 1e-30, as the factored
         damping of the eigenbasis path). Factors are averaged over ranks already, so every rank inverts alike."""
         root = math.sqrt(eval_schedule("damping", self.damping, self.steps, low_open=True))
         buckets = []
         for idx in self._by_shape(self.factors_A):
-            A = torch.stack([self.factors_A[i] for i in idx])
-            G = torch.stack([self.factors_G[i] for i in idx])
-            mean_A = A.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
-            mean_G = G.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
-            pi = torch.sqrt(mean_A / mean_G)
-            o, i = self.layers[idx[0]].shape
-            keep_G, keep_A = (keeps_cholesky_factor(n, m, self.inverse_interval) for n, m in ((o, i), (i, o)))
-            names = [self.layers[j].name for j in idx]
-            buckets.append(InverseBucket(idx, G, A, DampedFactor.of(G, root / pi, keep_G,
-                                                                    [f"factor G of layer {n}" for n in names]),
-                                         DampedFactor.of(A, root * pi, keep_A,
-                                                         [f"factor A of layer {n}" for n in names])))
+            buckets += self._inverse_buckets(idx, [self.factors_G[i] for i in idx], [self.factors_A[i] for i in idx],
+                                             [self.samples_G[i] for i in idx], [self.samples_A[i] for i in idx], root)
         self.buckets = buckets
         self.decomposed_at = self.steps
+
+    def _inverse_buckets(self, idx: list[int], Gs, As, ZGs, ZAs, root: float) -> list[InverseBucket]:
+        """InverseBuckets of the layers `idx` (one gradient shape) from their factors and sample rows (None: held
+        densely). inverse_method="cholesky": one bucket, dense inverses of the whole factors (the Cholesky factor
+        kept where `keeps_cholesky_factor`); "auto": per factor its support and the cheapest form of its block
+        (fop.inverse_choice.choose_form), layers grouped by (support sizes, forms, sample ranks)."""
+        G, A = torch.stack(Gs), torch.stack(As)
+        mean_A = A.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
+        mean_G = G.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
+        pi = torch.sqrt(mean_A / mean_G)
+        lam_G, lam_A = root / pi, root * pi
+        o, i = self.layers[idx[0]].shape
+        names = [self.layers[j].name for j in idx]
+        if self.inverse_method == "cholesky":
+            keep_G, keep_A = (keeps_cholesky_factor(n, m, self.inverse_interval) for n, m in ((o, i), (i, o)))
+            return [InverseBucket(idx, G, A, *(
+                Side(M.shape[1], None, lam, DenseBlock(M, DampedFactor.of(M, lam, keep, [f"factor {side} of layer {n}"
+                                                                                          for n in names])),
+                     "cholesky" if keep else "inverse")
+                for M, lam, keep, side in ((G, lam_G, keep_G, "G"), (A, lam_A, keep_A, "A"))))]
+        plans = []
+        for j in range(len(idx)):
+            plan = []
+            for M, Z, m in ((Gs[j], ZGs[j], i), (As[j], ZAs[j], o)):
+                sup = support(M)
+                s = M.shape[0] if sup is None else sup.numel()
+                form = inverse_choice.choose_form(s, m, self.inverse_interval, None if Z is None else Z.shape[0])
+                plan.append((sup, s, form, None if form != "woodbury" else Z.shape[0]))
+            plans.append(plan)
+        groups: dict[tuple, list[int]] = {}
+        for j, plan in enumerate(plans):
+            groups.setdefault(tuple((s, form, r) for _, s, form, r in plan), []).append(j)
+        out = []
+        for key, js in groups.items():
+            sides = []
+            for k, (M, Zs, lam, side) in enumerate(((G, ZGs, lam_G, "G"), (A, ZAs, lam_A, "A"))):
+                s, form, _ = key[k]
+                sups = [plans[j][k][0] for j in js]
+                index = None if sups[0] is None else torch.stack(sups)
+                lam_k = lam[js]
+                if form == "woodbury":
+                    Z = torch.stack([Zs[j] if sup is None else Zs[j][:, sup] for j, sup in zip(js, sups)])
+                    core = Woodbury(Z, lam_k)
+                else:
+                    block = torch.stack([M[j] if sup is None else M[j][sup][:, sup] for j, sup in zip(js, sups)])
+                    core = DenseBlock(block, DampedFactor.of(block, lam_k, form == "cholesky",
+                                                             [f"factor {side} of layer {names[j]}" for j in js]))
+                sides.append(Side(M.shape[1], index, lam_k, core, form))
+            out.append(InverseBucket([idx[j] for j in js], G[js], A[js], *sides,
+                                     samples=([ZGs[j] for j in js], [ZAs[j] for j in js])))
+        return out
 
     def _active_buckets(self) -> list:
         """The buckets restricted to the layers with a gradient this step (the buckets themselves when all have)."""
@@ -556,7 +681,8 @@ class KFAC(CurvatureOptimizer):
         buckets = self._active_buckets()
         if not buckets:
             return {}
-        damping = eval_schedule("damping", self.damping, step, low_open=True)
+        # the damped inverses hold their damping (read on inversion steps); the eigenbasis divides by it every step
+        damping = None if self.uses_inverses else eval_schedule("damping", self.damping, step, low_open=True)
         return self._precondition(buckets, damping, inv_scale)
 
     def _bucket_gradients(self, bucket: Bucket, inv_scale) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -574,10 +700,10 @@ class KFAC(CurvatureOptimizer):
         """inverse_method="cholesky": the update stack of a bucket; K-FAC: G_d^-1 V A_d^-1."""
         return bucket.precondition(V)
 
-    def _precondition(self, buckets: list, damping: float, inv_scale) -> dict[int, torch.Tensor]:
+    def _precondition(self, buckets: list, damping: float | None, inv_scale) -> dict[int, torch.Tensor]:
         """{id(param): direction} of the layers in `buckets` (and, under the KL clip, of every other parameter)."""
         V_stacks, D_stacks, updates = [], [], []
-        if self.inverse_method == "cholesky":
+        if self.uses_inverses:
             for b in buckets:
                 V, D = self._bucket_gradients(b, inv_scale)
                 V_stacks.append(V)
@@ -661,8 +787,12 @@ class KFAC(CurvatureOptimizer):
             for j, i in enumerate(b.index):
                 if isinstance(b, InverseBucket):
                     inverse[i] = {"A": b.A[j], "G": b.G[j]}
-                    inverse[i].update({f"A{k}": v[j] for k, v in b.Ainv.state.items()})
-                    inverse[i].update({f"G{k}": v[j] for k, v in b.Ginv.state.items()})
+                    if self.inverse_method == "cholesky":
+                        inverse[i].update({f"A{k}": v[j] for k, v in b.Ainv.core.core.state.items()})
+                        inverse[i].update({f"G{k}": v[j] for k, v in b.Ginv.core.core.state.items()})
+                    else:  # "auto": rebuilt on load from the factors and samples of the last inversion
+                        inverse[i].update({k: Z[j] for k, Z in (("ZG", b.samples[0]), ("ZA", b.samples[1]))
+                                           if Z[j] is not None})
                 else:
                     eig[i] = {"lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
                     if b.QA is not None:
@@ -670,8 +800,19 @@ class KFAC(CurvatureOptimizer):
         extra.update(inverse_method=self.inverse_method, factor_updates=self.factor_updates,
                      decomposed_at=self.decomposed_at,
                      factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
-                     eigen=eig, inverse=inverse)
+                     eigen=eig, inverse=inverse,
+                     samples=[{k: Z for k, Z in (("A", ZA), ("G", ZG)) if Z is not None}
+                              for ZA, ZG in zip(self.samples_A, self.samples_G)])
         return extra
+
+    def _loaded_samples(self, entry: dict, key: str, width: int, layer, what: str) -> torch.Tensor | None:
+        """entry[key] (absent: None) checked as an r x width sample matrix (r >= 1) like `_loaded`."""
+        t = entry.get(key)
+        if t is None:
+            return None
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < 1:
+            raise ValueError(f"state_dict {what} of layer {layer.name} is not a (rows, {width}) matrix")
+        return self._loaded(entry, key, (t.shape[0], width), layer, what)
 
     def _loaded(self, entry: dict, key: str, shape: tuple, layer, what: str) -> torch.Tensor:
         """entry[key] checked (a tensor of `shape` in the factor dtype, finite) and moved to the layer's device."""
@@ -702,7 +843,15 @@ class KFAC(CurvatureOptimizer):
             if f is not None:
                 new["factors_A"][i] = self._loaded(f, "A", layer.type.input_factor_shape(layer), layer, "factor A")
                 new["factors_G"][i] = self._loaded(f, "G", (layer.out_dim,) * 2, layer, "factor G")
-        key, other = ("inverse", "eigen") if self.inverse_method == "cholesky" else ("eigen", "inverse")
+        samples = extra.get("samples") or [{}] * n
+        if not isinstance(samples, list) or len(samples) != n:
+            raise ValueError(f"state_dict holds samples of {len(samples) if isinstance(samples, list) else '?'} "
+                             f"layers, this optimizer preconditions {n}")
+        new["samples_A"] = [self._loaded_samples(z, "A", layer.in_dim, layer, "samples A")
+                            for layer, z in zip(self.layers, samples)]
+        new["samples_G"] = [self._loaded_samples(z, "G", layer.out_dim, layer, "samples G")
+                            for layer, z in zip(self.layers, samples)]
+        key, other = ("inverse", "eigen") if self.uses_inverses else ("eigen", "inverse")
         saved = extra.get(key) or []
         if not any(e is not None for e in saved) and any(e is not None for e in extra.get(other) or []):
             raise ValueError(f"state_dict holds {other} decompositions (inverse_method="
@@ -721,6 +870,12 @@ class KFAC(CurvatureOptimizer):
                 shapes = {"QA": (d, d), "lA": (d,), "QG": (o, o), "lG": (o,)}
                 if new["factors_A"][i].dim() == 1:  # a diagonal input factor has no QA
                     del shapes["QA"]
+            elif self.inverse_method == "auto":
+                shapes = {"A": (d, d), "G": (o, o)}
+                moved[i] = {k: self._loaded(e, k, shape, layer, f"{key} {k}") for k, shape in shapes.items()}
+                moved[i].update(ZA=self._loaded_samples(e, "ZA", d, layer, "inverse ZA"),
+                                ZG=self._loaded_samples(e, "ZG", o, layer, "inverse ZG"))
+                continue
             else:
                 shapes = {"A": (d, d), "G": (o, o)}
                 for side, dim in (("A", d), ("G", o)):
@@ -738,13 +893,22 @@ class KFAC(CurvatureOptimizer):
                                                   for k in ("lA", "QA", "lG", "QG")))
             return new
 
+        groups = self._by_shape([None if e is None else e["A"] for e in moved])
+        if self.inverse_method == "auto":  # the inversion of the last decomposition step, redone
+            root = math.sqrt(eval_schedule("damping", self.damping, max(new["decomposed_at"], 0), low_open=True))
+            new["buckets"] = [b for idx in groups for b in self._inverse_buckets(
+                idx, *([moved[i][k] for i in idx] for k in ("G", "A", "ZG", "ZA")), root)]
+            return new
+
         def stacked(idx, key):
             return torch.stack([moved[i][key] for i in idx])
 
         def damped(idx, side):
             form = "inv" if side + "inv" in moved[idx[0]] else "chol"
-            return DampedFactor(**{form: stacked(idx, side + form)})
+            M = stacked(idx, side)
+            return Side(M.shape[1], None, None, DenseBlock(M, DampedFactor(**{form: stacked(idx, side + form)})),
+                        "inverse" if form == "inv" else "cholesky")
 
         new["buckets"] = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"))
-                          for idx in self._by_shape([None if e is None else e["A"] for e in moved])]
+                          for idx in groups]
         return new

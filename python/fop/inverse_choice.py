@@ -1,0 +1,203 @@
+"""How each damped Kronecker factor (M + lam I)^-1 is held, chosen per factor from a flop cost model.
+
+Two exact reductions come first, then a choice among three forms (docs/design.md, "Damped inverses: the cost model"):
+
+- Support. Rows of a PSD factor that are exactly zero (input columns that were zero in every sample the EMA has
+  seen: the padding taps of a 3x3 conv on 1x1 maps, a dead input) are exact eigenvectors with eigenvalue 0. With
+  S the other rows and P_S the selection, (M + lam I)^-1 = P_S^T (M_S + lam I)^-1 P_S + (I - P_S^T P_S) / lam, so
+  only the s x s block M_S is decomposed and multiplied (timm's ResNet-18 at 32x32: layer4's 4608-wide input
+  factors have s = 512).
+- Sample space. With M_S = Z^T Z (Z: r x s, the EMA's stacked sqrt-weighted rows; r the samples it has seen),
+  the Woodbury identity gives (Z^T Z + lam I)^-1 = (I - Z^T (lam I + Z Z^T)^-1 Z) / lam: an r x r Cholesky instead
+  of an s x s one, and X (M_S + lam)^-1 = (X - ((X Z^T) K^-1) Z) / lam, K = lam I + Z Z^T.
+
+Forms of the (support) block, with d = s its size, m the other side's size (the rows of the gradient matrix it
+multiplies), k the inverse interval, r the sample rank (None when the factor is held densely):
+
+    "inverse":  decomposition d^3 (Cholesky + inverse)          per product 2 m d^2
+    "cholesky": decomposition d^3 / 3 (the factor L kept)       per product 2 m d^2 x 1.5 (two triangular solves,
+                                                                 measured 0.9-2.0x one GEMM with the inverse)
+    "woodbury": decomposition r^2 d + r^3 / 3                   per product 4 m d r + 2 m r^2
+
+`choose_form` returns the form of least decomposition / k + per-product cost; "eigh" (an eigendecomposition,
+about five Cholesky inverses on CPU, and twice the products: rotate and unrotate) never wins this model, and is
+used only where the eigenbasis itself is needed (damping_mode="eigen").
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORMS = ("inverse", "cholesky", "woodbury")
+SOLVE_SLOWDOWN = 1.5  # two triangular solves against one GEMM with the inverse: 0.9-2.0x measured (2 threads, loaded)
+
+
+def form_costs(d: int, m: int, interval: int, rank: int | None = None) -> dict[str, float]:
+    """Flops per step (decomposition amortized over `interval`, one product) of each form of a d x d damped block
+    that multiplies m-row gradient matrices; "woodbury" only when the sample rank `rank` is known."""
+    costs = {"inverse": d ** 3 / interval + 2 * m * d ** 2,
+             "cholesky": d ** 3 / (3 * interval) + SOLVE_SLOWDOWN * 2 * m * d ** 2}
+    if rank is not None:
+        costs["woodbury"] = (rank ** 2 * d + rank ** 3 / 3) / interval + 4 * m * d * rank + 2 * m * rank ** 2
+    return costs
+
+
+def choose_form(d: int, m: int, interval: int, rank: int | None = None) -> str:
+    """The form of least cost (form_costs); ties go to the earlier of FORMS."""
+    costs = form_costs(d, m, interval, rank)
+    return min(costs, key=lambda f: (costs[f], FORMS.index(f)))
+
+
+def keeps_samples(rank: int, d: int, m: int, interval: int) -> bool:
+    """Whether a factor's sample rows (rank rows, d wide) are still worth keeping: Woodbury is the cheapest form
+    at that rank (once the rank has grown past it, it only grows: the EMA never forgets a direction exactly)."""
+    return choose_form(d, m, interval, rank) == "woodbury"
+
+
+def support(M: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows of the symmetric matrix M with any nonzero entry (exact), or None when every row has one.
+    One host sync."""
+    nonzero = (M != 0).any(dim=1)
+    if bool(nonzero.all()):
+        return None
+    return torch.nonzero(nonzero).flatten()
+
+
+class Woodbury:
+    """(Z^T Z + lam I)^-1 of a (B, s, s) stack held in sample space: Z (B, r, s) and the lower Cholesky factor L of
+    K = lam I + Z Z^T (B, r, r); lam (B,)."""
+
+    def __init__(self, Z: torch.Tensor, lam: torch.Tensor):
+        self.Z = Z
+        self.lam = lam.to(Z.dtype)
+        K = torch.bmm(Z, Z.mT)
+        K.diagonal(dim1=1, dim2=2).add_(self.lam[:, None])
+        L, info = torch.linalg.cholesky_ex(K)
+        if bool(info.any()):  # K >= lam I is positive definite; only non-finite input gets here
+            raise FloatingPointError("the sample-space matrix lam I + Z Z^T has no Cholesky factor (non-finite "
+                                     "factor samples?); nothing was changed")
+        self.L = L
+
+    def subset(self, keep: list[int]) -> Woodbury:
+        out = Woodbury.__new__(Woodbury)
+        out.Z, out.lam, out.L = self.Z[keep], self.lam[keep], self.L[keep]
+        return out
+
+    def right(self, X: torch.Tensor) -> torch.Tensor:
+        """X (Z^T Z + lam)^-1 = (X - (X Z^T) K^-1 Z) / lam for a (B, m, s) stack."""
+        T = torch.cholesky_solve(torch.bmm(X, self.Z.mT).mT, self.L).mT
+        return (X - torch.bmm(T, self.Z)) / self.lam[:, None, None]
+
+    def left(self, X: torch.Tensor) -> torch.Tensor:
+        """(Z^T Z + lam)^-1 X = (X - Z^T K^-1 (Z X)) / lam for a (B, s, m) stack."""
+        T = torch.cholesky_solve(torch.bmm(self.Z, X), self.L)
+        return (X - torch.bmm(self.Z.mT, T)) / self.lam[:, None, None]
+
+    def factor_right(self, X: torch.Tensor) -> torch.Tensor:
+        """X Z^T Z (the undamped block) for a (B, m, s) stack."""
+        return torch.bmm(torch.bmm(X, self.Z.mT), self.Z)
+
+    def factor_left(self, X: torch.Tensor) -> torch.Tensor:
+        """Z^T Z X for a (B, s, m) stack."""
+        return torch.bmm(self.Z.mT, torch.bmm(self.Z, X))
+
+
+class DenseBlock:
+    """The undamped block M_S (B, s, s) beside a dense damped core (kfac.DampedFactor): the factor products FOP
+    needs."""
+
+    def __init__(self, M: torch.Tensor, core):
+        self.M, self.core = M, core
+
+    def subset(self, keep: list[int]) -> DenseBlock:
+        return DenseBlock(self.M[keep], self.core.subset(keep))
+
+    def right(self, X: torch.Tensor) -> torch.Tensor:
+        return self.core.right(X)
+
+    def left(self, X: torch.Tensor) -> torch.Tensor:
+        return self.core.left(X)
+
+    def factor_right(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(X, self.M)
+
+    def factor_left(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(self.M, X)
+
+
+class Side:
+    """One side's damped inverse (M + lam I)^-1 of a (B, n, n) stack whose layers share a support of size s
+    (`index` (B, s), None: all n rows) around a block core (Woodbury or DenseBlock) that works on s-wide stacks; lam
+    (B,) the damping (needed outside the support only; None with no index)."""
+
+    def __init__(self, n: int, index: torch.Tensor | None, lam: torch.Tensor, core, form: str):
+        self.n, self.index, self.lam, self.core, self.form = n, index, lam, core, form
+
+    def subset(self, keep: list[int]) -> Side:
+        return Side(self.n, None if self.index is None else self.index[keep],
+                    None if self.lam is None else self.lam[keep], self.core.subset(keep), self.form)
+
+    def _cols(self, X: torch.Tensor) -> torch.Tensor:
+        return self.index[:, None, :].expand(X.shape[0], X.shape[1], -1)
+
+    def _rows(self, X: torch.Tensor) -> torch.Tensor:
+        return self.index[:, :, None].expand(X.shape[0], -1, X.shape[2])
+
+    def right(self, X: torch.Tensor) -> torch.Tensor:
+        """X (M + lam)^-1 for a (B, m, n) stack: the support columns through the core, the others / lam."""
+        if self.index is None:
+            return self.core.right(X)
+        idx = self._cols(X)
+        out = X / self.lam.to(X.dtype)[:, None, None]
+        return out.scatter_(2, idx, self.core.right(X.gather(2, idx)))
+
+    def left(self, X: torch.Tensor) -> torch.Tensor:
+        """(M + lam)^-1 X for a (B, n, m) stack."""
+        if self.index is None:
+            return self.core.left(X)
+        idx = self._rows(X)
+        out = X / self.lam.to(X.dtype)[:, None, None]
+        return out.scatter_(1, idx, self.core.left(X.gather(1, idx)))
+
+    def factor_right(self, X: torch.Tensor) -> torch.Tensor:
+        """X M (undamped) for a (B, m, n) stack: zero outside the support columns."""
+        if self.index is None:
+            return self.core.factor_right(X)
+        idx = self._cols(X)
+        return torch.zeros_like(X).scatter_(2, idx, self.core.factor_right(X.gather(2, idx)))
+
+    def factor_left(self, X: torch.Tensor) -> torch.Tensor:
+        """M X (undamped) for a (B, n, m) stack."""
+        if self.index is None:
+            return self.core.factor_left(X)
+        idx = self._rows(X)
+        return torch.zeros_like(X).scatter_(1, idx, self.core.factor_left(X.gather(1, idx)))
+
+
+def update_row_count(capture, i: int) -> int:
+    """Rows (samples x positions) of layer i's factor update from its full records: both factors' rank grows by at
+    most this much."""
+    layer = capture.layers[i]
+    return sum(layer.type.output_rows(layer, r.dy, capture.tokens).numel() // layer.out_dim
+               for r in capture.records[i] if r.full and r.dy is not None)
+
+
+def input_rows(capture, i: int) -> torch.Tensor:
+    """The rows X of layer i's input-factor update (its layer type's factor_input_rows: im2col patches for a conv,
+    a column of ones for a bias), so that the update is A <- (1 - rho) A + rho X^T X / rows (as
+    Capture.update_input_factor)."""
+    layer = capture.layers[i]
+    recs = [r for r in capture.records[i] if r.full and r.dy is not None]
+    return layer.type.factor_input_rows(layer, [r.a for r in recs], capture.tokens)
+
+
+def output_rows(capture, i: int, dy_scale: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+    """(rows Y, c) of layer i's output-factor update G <- (1 - rho) G + rho c Y^T Y (as Capture.update_output_factor:
+    c = N_total for a mean-reduced loss, 1 / N_total for a summed one)."""
+    recs = [r for r in capture.records[i] if r.full and r.dy is not None]
+    layer = capture.layers[i]
+    Y = torch.cat([layer.type.output_rows(layer, r.dy, capture.tokens).reshape(-1, layer.out_dim) for r in recs])
+    if dy_scale is not None:
+        Y = Y * dy_scale.to(device=Y.device, dtype=Y.dtype)
+    n_total = sum(r.n for r in recs)
+    return Y, (1.0 / n_total if capture.loss_reduction == "sum" else float(n_total))

@@ -1,0 +1,192 @@
+"""The per-factor damped inverses of inverse_method="auto" (fop.inverse_choice): the Woodbury (sample-space) form
+and the support reduction against the dense damped inverse, the cost model, the deflated eigendecomposition, and
+K-FAC/FOP steps in these forms against the dense Cholesky path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fop import FOP, KFAC, inverse_choice
+from fop.inverse_choice import DenseBlock, Side, Woodbury, choose_form, form_costs, keeps_samples, support
+from fop.kfac import DampedFactor, deflated_eigh
+from helpers import TOLERANCES, assert_close
+from torch import nn
+
+SHAPES = [(1, 3, 7, 5), (2, 5, 19, 8), (3, 16, 40, 1), (2, 1, 6, 9)]  # (B, r, s, m)
+
+
+def _low_rank(B, r, s, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(B, r, s, generator=g, dtype=torch.float64)
+    lam = torch.rand(B, generator=g, dtype=torch.float64) * 0.5 + 1e-2
+    return Z.to(dtype), lam
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,r,s,m", SHAPES)
+def test_woodbury_matches_dense_damped_inverse(B, r, s, m, dtype):
+    Z, lam = _low_rank(B, r, s, dtype, seed=B * 100 + r)
+    Zd = Z.double()
+    dense = torch.linalg.inv(Zd.mT @ Zd + lam[:, None, None] * torch.eye(s, dtype=torch.float64))
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(B, m, s, generator=g, dtype=torch.float64)
+    core = Woodbury(Z, lam)
+    atol, rtol = TOLERANCES[dtype]
+    scale = float(dense.abs().max())  # the inverse reaches 1/lam: compare relative to its size
+    for got, expected, what in ((core.right(X.to(dtype)), X @ dense, "right"),
+                                (core.left(X.mT.to(dtype)), dense @ X.mT, "left"),
+                                (core.factor_right(X.to(dtype)), X @ Zd.mT @ Zd, "factor_right"),
+                                (core.factor_left(X.mT.to(dtype)), Zd.mT @ Zd @ X.mT, "factor_left")):
+        assert got.dtype == dtype and bool(torch.isfinite(got).all())
+        assert_close(got, expected, atol=atol * scale * 10, rtol=rtol * 10, what=f"{what} {dtype} {(B, r, s, m)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", ["inverse", "cholesky", "woodbury"])
+def test_side_on_a_support_matches_the_dense_damped_inverse(form, dtype):
+    """A factor with exactly zero rows (inputs never nonzero): its inverse on the support block, 1/lam elsewhere.
+    The result tensors are written in full: every element is compared (no NaN from a missed column)."""
+    B, n, r, m = 2, 12, 3, 5
+    g = torch.Generator().manual_seed(3)
+    sup = [torch.tensor([0, 3, 4, 9]), torch.tensor([1, 2, 7, 11])]
+    Z = torch.zeros(B, r, n, dtype=torch.float64)
+    for b, idx in enumerate(sup):
+        Z[b][:, idx] = torch.randn(r, idx.numel(), generator=g, dtype=torch.float64)
+    M = Z.mT @ Z
+    lam = torch.tensor([0.3, 0.05], dtype=torch.float64)
+    for b, idx in enumerate(sup):
+        assert torch.equal(support(M[b]), idx)
+    index = torch.stack(sup)
+    if form == "woodbury":
+        core = Woodbury(torch.stack([Z[b][:, idx] for b, idx in enumerate(sup)]).to(dtype), lam)
+    else:
+        block = torch.stack([M[b][idx][:, idx] for b, idx in enumerate(sup)]).to(dtype)
+        core = DenseBlock(block, DampedFactor.of(block, lam, form == "cholesky"))
+    side = Side(n, index, lam, core, form)
+    dense = torch.linalg.inv(M + lam[:, None, None] * torch.eye(n, dtype=torch.float64))
+    X = torch.randn(B, m, n, generator=g, dtype=torch.float64)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(side.right(X.to(dtype)), X @ dense, atol * 100, rtol * 10, "right")
+    assert_close(side.left(X.mT.to(dtype)), dense @ X.mT, atol * 100, rtol * 10, "left")
+    assert_close(side.factor_right(X.to(dtype)), X @ M, atol * 10, rtol * 10, "factor_right")
+    assert_close(side.factor_left(X.mT.to(dtype)), M @ X.mT, atol * 10, rtol * 10, "factor_left")
+    sub = side.subset([1])
+    assert_close(sub.right(X[1:].to(dtype)), X[1:] @ dense[1:], atol * 100, rtol * 10, "subset right")
+
+
+def test_support_is_none_for_a_full_factor_and_exact_for_zero_rows():
+    M = torch.eye(4)
+    assert support(M) is None
+    M[2, 2] = 0.0
+    assert torch.equal(support(M), torch.tensor([0, 1, 3]))
+    M[2, 0] = M[0, 2] = 1e-30  # a tiny entry keeps the row in the support (exact, no threshold)
+    assert support(M) is None
+
+
+def test_cost_model_choices():
+    # ResNet-18 at 32x32: a layer4 input factor on its support (512) after one batch of 64 rows: sample space
+    assert choose_form(512, 512, 10, rank=64) == "woodbury"
+    # the same rank past half the width: dense again, and the samples are no longer kept
+    assert choose_form(512, 512, 10, rank=400) == "inverse"
+    assert keeps_samples(64, 512, 512, 10) and not keeps_samples(400, 512, 512, 10)
+    # unknown rank (a dense factor): an explicit inverse, or the Cholesky factor where d >> m * interval
+    assert choose_form(2304, 256, 10) == "inverse"
+    assert choose_form(3137, 64, 10) == "cholesky"
+    costs = form_costs(100, 10, 5, rank=20)
+    assert set(costs) == set(inverse_choice.FORMS) and all(c > 0 for c in costs.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_deflated_eigh_matches_the_full_decomposition(dtype):
+    g = torch.Generator().manual_seed(5)
+    n, idx = 9, torch.tensor([1, 4, 5, 8])
+    X = torch.zeros(6, n, dtype=torch.float64)
+    X[:, idx] = torch.randn(6, idx.numel(), generator=g, dtype=torch.float64)
+    mats = [(X.T @ X).to(dtype), torch.eye(3, dtype=dtype) * 2]
+    seen = []
+
+    def decompose(ms):
+        seen.extend(m.shape[0] for m in ms)
+        return [list(t) for t in zip(*(torch.linalg.eigh(m) for m in ms))]
+
+    evals, evecs = deflated_eigh(decompose)(mats)
+    assert seen == [4, 3]  # the zero rows never reach the decomposition
+    atol, rtol = TOLERANCES[dtype]
+    for M, l, Q in zip(mats, evals, evecs):
+        assert l.shape == (M.shape[0],) and Q.shape == M.shape
+        assert_close(Q @ torch.diag(l) @ Q.mT, M, atol * 10, rtol * 10, "reconstruction")
+        assert_close(Q.mT @ Q, torch.eye(M.shape[0], dtype=dtype), atol * 10, rtol, "orthonormal")
+
+
+class _Sparse(nn.Module):
+    """A 3x3 conv on 1x1 maps (only the centre tap of its 27 input columns is nonzero: support 3 + bias) and a Linear
+    wider than the batch: the support and the Woodbury forms both appear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 1 * 1 + 36, 5)
+
+    def forward(self, x):
+        a, b = x[:, :3].reshape(-1, 3, 1, 1), x[:, 3:]
+        return self.fc(torch.cat([F.relu(self.conv(a)).flatten(1), b], 1))
+
+
+def _run(opt_cls, model, steps, **kwargs):
+    opt = opt_cls(model, lr=0.1, damping=1e-2, factor_interval=1, inverse_interval=2, kl_clip=None,
+                  factor_dtype=torch.float64, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x, y = torch.randn(6, 39, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("opt_cls", [KFAC, FOP])
+def test_auto_forms_match_the_dense_cholesky_path(opt_cls):
+    """inverse_method="auto" (support reduction, Woodbury while the rank is low, dense once it has grown) against
+    the dense Cholesky inverses of the whole factors, over steps where the samples accumulate and then go dense."""
+    torch.manual_seed(0)
+    m = _Sparse().double()
+    m_auto, m_dense = copy.deepcopy(m), copy.deepcopy(m)
+    forms = []
+    for steps in (1, 2, 3, 6):
+        m_auto, m_dense = copy.deepcopy(m), copy.deepcopy(m)
+        auto = _run(opt_cls, m_auto, steps)
+        _run(opt_cls, m_dense, steps, inverse_method="cholesky")
+        for p1, p2 in zip(m_auto.parameters(), m_dense.parameters()):
+            torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
+        forms.append({(auto.layers[b.index[0]].name, side.form, side.index is not None)
+                      for b in auto.buckets for side in (b.Ginv, b.Ainv)})
+    assert ("conv", "inverse", True) in forms[0]  # the conv's A on its support of 4 rows
+    assert ("fc", "woodbury", False) in forms[0]  # the Linear's 41-wide A from 6 rows
+    assert ("fc", "woodbury", False) not in forms[-1]  # 36 rows: dense again
+    assert auto.samples_A[1] is None
+
+
+def test_auto_state_dict_resumes_bit_for_bit():
+    torch.manual_seed(1)
+    m = _Sparse().double()
+    ref_model = copy.deepcopy(m)
+    ref = _run(KFAC, ref_model, 3)
+    resumed_model = copy.deepcopy(m)
+    first = _run(KFAC, resumed_model, 3)
+    sd = copy.deepcopy(first.state_dict())
+    assert any(z for z in sd["curvature"]["samples"])  # the samples travel with the state
+    fresh = KFAC(resumed_model, lr=0.1, damping=1e-2, factor_interval=1, inverse_interval=2, kl_clip=None,
+                 factor_dtype=torch.float64)
+    fresh.load_state_dict(sd)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        x, y = torch.randn(6, 39, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
+        for model, opt in ((ref_model, ref), (resumed_model, fresh)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p1, p2 in zip(ref_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p1, p2)
