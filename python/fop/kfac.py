@@ -603,7 +603,7 @@ class KFAC(CurvatureOptimizer):
         if not pre:  # nothing preconditioned this step: the plain gradient
             return
         count = sum(d.numel() for d in pre)
-        scale = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(pre)])) / math.sqrt(count)
+        scale = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(pre)])) / math.sqrt(count)
         b2 = GRAFT_BETA2
         for p in others:
             state = self.state[p]
