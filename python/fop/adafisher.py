@@ -18,8 +18,11 @@ and folded into its running value (initially ones):
 The update, with F~[j, i] = S_j H_i + damping for a supported parameter (computed on the fly, never stored) and
 F~ = 1 for every other parameter:
 
-    AdaFisher:  g <- g + wd theta;  m <- beta m + (1 - beta) g;  theta <- theta - lr / (1 - beta^t) m / F~
-    AdaFisherW: m <- beta m + (1 - beta) g;  theta <- (1 - lr wd) theta - lr / (1 - beta^t) m / F~
+    AdaFisher:  g <- g + wd theta;  m <- beta m + (1 - beta) g;  theta <- theta - nu lr / (1 - beta^t) m / F~
+    AdaFisherW: m <- beta m + (1 - beta) g;  theta <- (1 - lr wd) theta - nu lr / (1 - beta^t) m / F~
+
+with the trust region nu = min(1, sqrt(kl_clip / sum lr_t^2 <m, m / F~>)), lr_t = lr / (1 - beta^t) (kl_clip=1e-3
+by default: an SGD-scale lr, 10-1000x AdaFisher's own, trains; None: nu = 1, the public algorithm).
 
 With ema="public" a running diagonal after k refreshes is at most 0.08^k + 0.0087 (fixed point 0.008 / 0.92 of a
 [0, 1] value), so from the third refresh on S_j H_i <= 8.5e-5 and F~ stays within 8.5% of `damping` (1e-3): see
@@ -354,6 +357,8 @@ class AdaFisher(_AdaFisherBase):
         lr: learning rate (1e-3). beta: first-moment decay (0.9). damping: lambda added to S_j H_i (1e-3).
         gamma: running-average constant of the diagonals (0.8). factor_interval: steps between refreshes (100).
         weight_decay: 0. ema: "public" (the public code's constants) or "average" (a proper average).
+        kl_clip: the trust region on the step's predicted KL divergence in the metric F~ (module docstring; 1e-3),
+            None turns it off.
         exclude: modules or module names whose parameters take F~ = 1. check_finite, grad_scaler: see
             CurvatureOptimizer. distributed: None (synchronize across ranks when a process group of more than one
             rank is initialized), False, True or a fop.distributed.DistributedOptions: the fresh diagonals are

@@ -246,10 +246,10 @@ class KFAC(CurvatureOptimizer):
     - or, with inverse_method="cholesky" (factored damping only): every `inverse_interval` steps the damped inverses
       (A + sqrt(lambda) pi I)^-1 and (G + sqrt(lambda)/pi I)^-1 by Cholesky, and every step U = G_d^-1 V A_d^-1:
       the same update as "factored" in the eigenbasis, without eigendecompositions (as the official FOP code);
-    - KL clipping (on by default): nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) scales the whole step: U <- nu U
-      for the preconditioned parameters and g <- nu g for every other one (so that nothing outruns the trust region);
-    - the outer update (CurvatureOptimizer): weight decay, momentum, learning rate, on U for preconditioned
-      parameters and on the (scaled) gradient for every other parameter.
+    - KL clipping (on by default): nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) scales U <- nu U;
+    - every other parameter: an Adam-like diagonal direction at the per-entry RMS of the (clipped) preconditioned
+      directions (unpreconditioned="graft", `_unpreconditioned_directions`), or nu g (unpreconditioned="sgd");
+    - the outer update (CurvatureOptimizer): weight decay, momentum, learning rate, on these directions.
 
     Layers of one shape are rotated together with bmm. Until the first decomposition exists (a forward pass
     before the optimizer was built, say) the step uses the plain gradient.
