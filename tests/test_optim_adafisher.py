@@ -96,8 +96,9 @@ class Tiny(nn.Module):
         return self.fc2(self.ln(torch.tanh(self.fc1(x.flatten(1))))) * self.scale
 
 
-def literaltrain_steps(model, batches, lr, beta, damping, gamma, interval, wd, decoupled, ema):
-    """Train `model` with the formulas written out; returns the parameters after every step."""
+def literaltrain_steps(model, batches, lr, beta, damping, gamma, interval, wd, decoupled, ema, kl_clip=None):
+    """Train `model` with the formulas written out; returns the parameters after every step. With `kl_clip`: the
+    step times nu = min(1, sqrt(kl_clip / sum_k (lr / (1 - beta^t))^2 sum m_k^2 / F_k)) (weight decay unscaled)."""
     mods = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm2d,
                                                                      nn.LayerNorm))}
     H = {n: None for n in mods}
@@ -129,11 +130,18 @@ def literaltrain_steps(model, batches, lr, beta, damping, gamma, interval, wd, d
             for k, p in params.items():
                 g = p.grad if decoupled else p.grad + wd * p
                 m_buf[k] = beta * m_buf[k] + (1 - beta) * g
+            rate = lr / (1 - beta ** (t + 1))
+            nu = 1.0
+            if kl_clip is not None:
+                kl = sum(rate ** 2 * float((m_buf[k] ** 2 / Fs.get(k, torch.ones_like(p))).sum())
+                         for k, p in params.items())
+                nu = min(1.0, (kl_clip / kl) ** 0.5)
+            for k, p in params.items():
                 Fk = Fs.get(k, torch.ones_like(p))
                 if decoupled:
-                    p -= lr * (m_buf[k] / (1 - beta ** (t + 1)) / Fk + wd * p)
+                    p -= lr * wd * p + nu * rate * m_buf[k] / Fk
                 else:
-                    p -= lr / (1 - beta ** (t + 1)) * m_buf[k] / Fk
+                    p -= nu * rate * m_buf[k] / Fk
         history.append({k: p.detach().clone() for k, p in params.items()})
     return history
 
@@ -143,18 +151,23 @@ def _batches(n, seed=3, N=5):
     return [(torch.randn(N, 2, 6, 6, generator=g, dtype=DT), torch.randint(0, 3, (N,), generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("cls, ema", [(AdaFisher, "public"), (AdaFisherW, "public"), (AdaFisher, "average"),
-                                      (AdaFisherW, "average")])
-def test_update_matches_literal_float64(cls, ema):
+@pytest.mark.parametrize("cls, ema, kl_clip", [(AdaFisher, "public", None), (AdaFisherW, "public", None),
+                                               (AdaFisher, "average", None), (AdaFisherW, "average", None),
+                                               (AdaFisher, "public", 1e-3), (AdaFisherW, "average", 1e-3)])
+def test_update_matches_literal_float64(cls, ema, kl_clip):
+    """kl_clip=None: the public algorithm; 1e-3 (the default): its trust region, active on these steps."""
     torch.manual_seed(0)
     model = Tiny().double()
-    ref = copy.deepcopy(model)
+    ref, ref_unclipped = copy.deepcopy(model), copy.deepcopy(model)
     hp = dict(lr=0.01, beta=0.9, damping=1e-3, gamma=0.8, interval=2, wd=0.05)
     opt = cls(model, lr=hp["lr"], beta=hp["beta"], damping=hp["damping"], gamma=hp["gamma"],
-              factor_interval=hp["interval"], weight_decay=hp["wd"], ema=ema)
+              factor_interval=hp["interval"], weight_decay=hp["wd"], ema=ema, kl_clip=kl_clip)
     assert [line.split(":")[0] for line in opt.preconditioned()] == ["conv1", "bn", "conv2", "fc1", "ln", "fc2"]
     batches = _batches(5)
-    expected = literaltrain_steps(ref, batches, decoupled=cls is AdaFisherW, ema=ema, **hp)
+    expected = literaltrain_steps(ref, batches, decoupled=cls is AdaFisherW, ema=ema, kl_clip=kl_clip, **hp)
+    if kl_clip is not None:  # the clip is active: without it the parameters differ
+        unclipped = literaltrain_steps(ref_unclipped, batches[:1], decoupled=cls is AdaFisherW, ema=ema, **hp)
+        assert not torch.allclose(unclipped[0]["fc2.weight"], expected[0]["fc2.weight"])
     for t, (x, y) in enumerate(batches):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()

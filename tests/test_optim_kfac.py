@@ -372,3 +372,111 @@ def test_cholesky_factor_kept_only_where_the_inverse_costs_more():
     assert not keeps_cholesky_factor(64, 3137, 10)
     assert not keeps_cholesky_factor(1153, 128, 10)
     assert not keeps_cholesky_factor(3137, 64, 100)
+
+
+def _normed_net() -> nn.Module:
+    """A preconditioned Linear pair around a LayerNorm and a bare scale parameter (both not preconditioned)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.ln, self.fc2 = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+            self.gain = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.ln(self.fc1(x)))) * self.gain
+
+    torch.manual_seed(3)
+    return Net().double()
+
+
+def _normed_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_unpreconditioned_parameters_take_the_grafted_adam_direction(cls):
+    """d = s g / (sqrt(v / (1 - b2^t)) + 1e-8), v <- b2 v + (1 - b2) g^2, s the RMS per entry of the step's
+    preconditioned directions (read back from the preconditioned layers' moves, momentum 0): two steps, literal."""
+    m = _normed_net()
+    lr, b2 = 0.05, 0.999
+    opt = cls(m, lr=lr, momentum=0.0, factor_interval=1, inverse_interval=1, factor_dtype=torch.float64)
+    assert {layer.name for layer in opt.layers} == {"fc1", "fc2"}
+    others = [m.ln.weight, m.ln.bias, m.gain]
+    pre = [p for layer in opt.layers for p in layer.params]
+    v = [torch.zeros_like(p) for p in others]
+    for t in (1, 2):
+        x, y = _normed_batch(t)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        grads = [p.grad.clone() for p in others]
+        before = [p.detach().clone() for p in pre + others]
+        opt.step()
+        moves = [(b - p.detach()) / lr for b, p in zip(before, pre + others)]
+        pre_moves = moves[: len(pre)]
+        s = torch.sqrt(sum(d.square().sum() for d in pre_moves) / sum(d.numel() for d in pre_moves))
+        for k, (g, d) in enumerate(zip(grads, moves[len(pre):])):
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            expected = s * g / ((v[k] / (1 - b2 ** t)).sqrt() + 1e-8)
+            torch.testing.assert_close(d, expected, rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(opt.state[others[k]]["graft_sq"], v[k], rtol=1e-12, atol=0)
+            assert opt.state[others[k]]["graft_step"] == t
+        assert float(s) > 0
+
+
+def test_unpreconditioned_sgd_is_the_former_gradient_times_nu():
+    """unpreconditioned="sgd": the other parameters move by lr nu g (nu the KL clip's factor, the same for all)."""
+    m = _normed_net()
+    lr = 0.3
+    opt = KFAC(m, lr=lr, momentum=0.0, factor_interval=1, unpreconditioned="sgd", factor_dtype=torch.float64)
+    x, y = _normed_batch(1)
+    F.cross_entropy(m(x), y).backward()
+    others = [m.ln.weight, m.ln.bias, m.gain]
+    grads = [p.grad.clone() for p in others]
+    before = [p.detach().clone() for p in others]
+    opt.step()
+    ratios = torch.cat([((b - p.detach()) / (lr * g)).flatten() for b, p, g in zip(before, others, grads)])
+    assert float(ratios.max() - ratios.min()) < 1e-9 and 0 < float(ratios[0]) <= 1.0
+    assert not any("graft_sq" in opt.state[p] for p in others)
+    with pytest.raises(ValueError, match="unpreconditioned"):
+        KFAC(_normed_net(), unpreconditioned="adam")
+
+
+@pytest.mark.parametrize("cls", [KFAC, FOP])
+def test_grafted_state_is_transactional_and_round_trips(cls):
+    """A failing step leaves graft_sq/graft_step as they were; a state_dict resumes bit for bit; a graft_sq of the
+    wrong shape or a negative graft_step is rejected naming it."""
+    m = _normed_net()
+    opt = cls(m, lr=0.05, factor_interval=1, factor_dtype=torch.float64)
+    for t in (1, 2):
+        x, y = _normed_batch(t)
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    saved_sq = opt.state[m.ln.weight]["graft_sq"].clone()
+    x, y = _normed_batch(3)
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    m.gain.grad[0] = float("inf")
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert torch.equal(opt.state[m.ln.weight]["graft_sq"], saved_sq) and opt.state[m.ln.weight]["graft_step"] == 2
+    sd = copy.deepcopy(opt.state_dict())
+    m2 = copy.deepcopy(m)
+    opt2 = cls(m2, lr=0.05, factor_interval=1, factor_dtype=torch.float64)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    for model, o in ((m, opt), (m2, opt2)):
+        o.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        o.step()
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    index = [id(p) for p in m.parameters()].index(id(m.ln.weight))
+    bad = copy.deepcopy(sd)
+    bad["state"][index]["graft_sq"] = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="graft_sq"):
+        opt2.load_state_dict(bad)
+    bad = copy.deepcopy(sd)
+    bad["state"][index]["graft_step"] = -1
+    with pytest.raises(ValueError, match="graft_step"):
+        opt2.load_state_dict(bad)

@@ -53,10 +53,12 @@ def test_exclude_by_module_and_name_and_unknown():
 
 
 def test_excluded_and_unsupported_params_get_plain_outer_update():
+    """unpreconditioned="sgd" without the KL clip: the excluded conv and the BatchNorm move exactly as SGD (the
+    default grafted step is tested in test_optim_kfac)."""
     torch.manual_seed(0)
     m = small_cnn()
     ref = copy.deepcopy(m)
-    opt = FOP(m, lr=0.1, momentum=0.0, exclude=["0"], kl_clip=None)
+    opt = FOP(m, lr=0.1, momentum=0.0, exclude=["0"], kl_clip=None, unpreconditioned="sgd")
     sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
     x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
     for model, o in ((m, opt), (ref, sgd)):
@@ -434,16 +436,18 @@ def test_autocast_bf16_cpu():
 
 
 def test_loss_reduction_sum_matches_mean():
-    """A summed loss with loss_reduction="sum" and lr / N steps exactly like the mean loss (same factors)."""
+    """A summed loss with loss_reduction="sum" and lr / N steps exactly like the mean loss (same factors). The
+    BatchNorm takes unpreconditioned="sgd": the grafted g / (|g| + 1e-8) is not exactly scale-free (Adam's 1e-8)."""
     torch.manual_seed(7)
     m1 = small_cnn().double()
     m2 = copy.deepcopy(m1)
     m1[3].eval()
     m2[3].eval()
     N = 8
-    o1 = FOP(m1, lr=0.1, momentum=0.0, damping=1e-2, factor_interval=1, factor_dtype=torch.float64)
+    o1 = FOP(m1, lr=0.1, momentum=0.0, damping=1e-2, factor_interval=1, factor_dtype=torch.float64,
+             unpreconditioned="sgd")
     o2 = FOP(m2, lr=0.1 / N, momentum=0.0, damping=1e-2, factor_interval=1, factor_dtype=torch.float64,
-             loss_reduction="sum")
+             loss_reduction="sum", unpreconditioned="sgd")
     x, y = torch.randn(N, 2, 6, 6, dtype=torch.float64), torch.randint(0, 5, (N,))
     F.cross_entropy(m1(x), y).backward()
     F.cross_entropy(m2(x), y, reduction="sum").backward()

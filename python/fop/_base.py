@@ -465,13 +465,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             name = self.param_names.get(id(p), f"parameter {pid}")
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor):
-                    if key in ("momentum_buffer", "exp_avg") and value.shape != p.shape:
+                    if key in ("momentum_buffer", "exp_avg", "graft_sq") and value.shape != p.shape:
                         raise ValueError(f"state_dict {key} of {name} has shape {tuple(value.shape)}, the "
                                          f"parameter {tuple(p.shape)}")
                     if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                         raise ValueError(f"state_dict {key} of {name} contains non-finite values")
-                elif key == "step":
-                    state_counter(entry, "step", f"state_dict step of {name}")
+                elif key in ("step", "graft_step"):
+                    state_counter(entry, key, f"state_dict {key} of {name}")
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

@@ -19,8 +19,11 @@ and folded into its running value (initially ones):
 The update, with F~[j, i] = S_j H_i + damping for a supported parameter (computed on the fly, never stored) and
 F~ = 1 for every other parameter:
 
-    AdaFisher:  g <- g + wd theta;  m <- beta m + (1 - beta) g;  theta <- theta - lr / (1 - beta^t) m / F~
-    AdaFisherW: m <- beta m + (1 - beta) g;  theta <- (1 - lr wd) theta - lr / (1 - beta^t) m / F~
+    AdaFisher:  g <- g + wd theta;  m <- beta m + (1 - beta) g;  theta <- theta - nu lr / (1 - beta^t) m / F~
+    AdaFisherW: m <- beta m + (1 - beta) g;  theta <- (1 - lr wd) theta - nu lr / (1 - beta^t) m / F~
+
+with the trust region nu = min(1, sqrt(kl_clip / sum lr_t^2 <m, m / F~>)), lr_t = lr / (1 - beta^t) (kl_clip=1e-3
+by default: an SGD-scale lr, 10-1000x AdaFisher's own, trains; None: nu = 1, the public algorithm).
 
 With ema="public" a running diagonal after k refreshes is at most 0.08^k + 0.0087 (fixed point 0.008 / 0.92 of a
 [0, 1] value), so from the third refresh on S_j H_i <= 8.5e-5 and F~ stays within 8.5% of `damping` (1e-3): see
@@ -139,8 +142,8 @@ class _AdaFisherBase(CurvatureOptimizer):
 
     def __init__(self, params_or_model, lr: float = 1e-3, beta: float = 0.9, damping: float = 1e-3,
                  gamma: float = 0.8, factor_interval: int = 100, weight_decay: float = 0.0, *, ema: str = "public",
-                 exclude=None, model: nn.Module | None = None, check_finite: bool = True, grad_scaler=None,
-                 distributed=None):
+                 kl_clip: float | None = 1e-3, exclude=None, model: nn.Module | None = None, check_finite: bool = True,
+                 grad_scaler=None, distributed=None):
         check_float("lr", lr, low=0.0)
         check_float("beta", beta, low=0.0, high=1.0, high_open=True)
         check_float("damping", damping, low=0.0, low_open=True)
@@ -148,6 +151,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         self.factor_interval = check_int("factor_interval", factor_interval)
         check_float("weight_decay", weight_decay, low=0.0)
         self.ema = check_choice("ema", ema, EMA_MODES)
+        self.kl_clip = None if kl_clip is None else check_float("kl_clip", kl_clip, low=0.0, low_open=True)
         defaults = dict(lr=lr, beta=beta, damping=damping, weight_decay=weight_decay)
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, check_finite=check_finite,
                          grad_scaler=grad_scaler)
@@ -249,7 +253,9 @@ class _AdaFisherBase(CurvatureOptimizer):
             self._fold_in(layer, H.to(**like), S.to(**like))
 
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
-        """m <- beta m + (1-beta) g; theta <- theta - lr/(1-beta^t) m / F~, weight decay coupled or decoupled."""
+        """m <- beta m + (1-beta) g; theta <- theta - nu lr/(1-beta^t) m / F~, weight decay coupled or decoupled;
+        nu the trust region's factor (`_kl_factor`, 1 with kl_clip=None)."""
+        plans = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -267,24 +273,40 @@ class _AdaFisherBase(CurvatureOptimizer):
                 state["step"] += 1
                 exp_avgs.append(state["exp_avg"])
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)
-            if wd != 0 and self.decoupled_weight_decay:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            pre, pre_m, pre_F, pre_c, plain, plain_m, plain_c = [], [], [], [], [], [], []
-            for p, m in zip(params, exp_avgs):
-                coef = -lr / (1.0 - beta ** self.state[p]["step"])
+            coefs, fishers = [], []
+            for p in params:
+                coefs.append(-lr / (1.0 - beta ** self.state[p]["step"]))
                 where = self.param_to_layer.get(id(p))
                 diag = None if where is None else self.diagonals(where[0])
-                if diag is None:
-                    plain.append(p), plain_m.append(m), plain_c.append(coef)
-                else:
-                    layer = self.layers[where[0]]
-                    pre.append(p), pre_m.append(m), pre_c.append(coef)
-                    pre_F.append(_fisher_tilde(layer, where[1], diag[0], diag[1], damping, p.dtype))
+                fishers.append(None if diag is None else
+                               _fisher_tilde(self.layers[where[0]], where[1], diag[0], diag[1], damping, p.dtype))
+            plans.append((params, exp_avgs, coefs, fishers, lr * wd if self.decoupled_weight_decay else 0.0))
+        nu = self._kl_factor(plans)
+        for params, exp_avgs, coefs, fishers, decay in plans:
+            if decay != 0:
+                torch._foreach_mul_(params, 1.0 - decay)
+            steps = exp_avgs if nu is None else torch._foreach_mul(exp_avgs, nu)
+            pre = [(p, m, F, c) for p, m, F, c in zip(params, steps, fishers, coefs) if F is not None]
+            plain = [(p, m, c) for p, m, F, c in zip(params, steps, fishers, coefs) if F is None]
             if pre:
-                torch._foreach_addcdiv_(pre, pre_m, pre_F, pre_c)
+                torch._foreach_addcdiv_(*(list(t) for t in zip(*pre)))
             if plain:
-                torch._foreach_add_(plain, torch._foreach_mul(plain_m, plain_c))
+                ps, ms, cs = zip(*plain)
+                torch._foreach_add_(list(ps), torch._foreach_mul(list(ms), list(cs)))
 
+    def _kl_factor(self, plans) -> torch.Tensor | None:
+        """nu = min(1, sqrt(kl_clip / sum lr_t^2 <m, m / F~>)), lr_t = lr / (1 - beta^t) (F~ = 1 for the parameters
+        no layer preconditions): scaled by nu the step's predicted KL divergence in AdaFisher's own metric F~ is at
+        most kl_clip. A 0-d device tensor (no host sync); None with kl_clip=None."""
+        if self.kl_clip is None:
+            return None
+        total = None
+        for _, exp_avgs, coefs, fishers, _ in plans:
+            for m, F, c in zip(exp_avgs, fishers, coefs):
+                q = (m.square() if F is None else m.square() / F).sum() * (c * c)
+                q = q.to(torch.promote_types(q.dtype, torch.float32))
+                total = q if total is None else total + q
+        return torch.sqrt(self.kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
 
 class AdaFisher(_AdaFisherBase):
     r"""AdaFisher (coupled weight decay: g <- g + wd theta), see the module docstring for the update.
@@ -294,6 +316,8 @@ class AdaFisher(_AdaFisherBase):
         lr: learning rate (1e-3). beta: first-moment decay (0.9). damping: lambda added to S_j H_i (1e-3).
         gamma: running-average constant of the diagonals (0.8). factor_interval: steps between refreshes (100).
         weight_decay: 0. ema: "public" (the public code's constants) or "average" (a proper average).
+        kl_clip: the trust region on the step's predicted KL divergence in the metric F~ (module docstring; 1e-3),
+            None turns it off.
         exclude: modules or module names whose parameters take F~ = 1. check_finite, grad_scaler: see
             CurvatureOptimizer. distributed: None (synchronize across ranks when a process group of more than one
             rank is initialized), False, True or a fop.distributed.DistributedOptions: the fresh diagonals are

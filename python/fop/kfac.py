@@ -30,6 +30,8 @@ logger = logging.getLogger("fop")
 DAMPING_MODES = ("eigen", "factored")
 FISHER_TYPES = ("empirical", "mc")
 INVERSE_METHODS = ("auto", "eigh", "cholesky")
+UNPRECONDITIONED = ("graft", "sgd")
+GRAFT_BETA2, GRAFT_EPS = 0.999, 1e-8  # the diagonal second moment of the grafted direction (Adam's constants)
 
 
 class Bucket:
@@ -290,10 +292,10 @@ class KFAC(CurvatureOptimizer):
       the damped inverses (A + sqrt(lambda) pi I)^-1 and (G + sqrt(lambda)/pi I)^-1 ("auto": per factor on its
       support, in the form fop.inverse_choice picks), and every step U = G_d^-1 V A_d^-1: the same update as
       "factored" in the eigenbasis, without eigendecompositions (as the official FOP code);
-    - KL clipping (on by default): nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) scales the whole step: U <- nu U
-      for the preconditioned parameters and g <- nu g for every other one (so that nothing outruns the trust region);
-    - the outer update (CurvatureOptimizer): weight decay, momentum, learning rate, on U for preconditioned
-      parameters and on the (scaled) gradient for every other parameter.
+    - KL clipping (on by default): nu = min(1, sqrt(kl_clip / sum_l lr^2 <U_l, V_l>)) scales U <- nu U;
+    - every other parameter: an Adam-like diagonal direction at the per-entry RMS of the (clipped) preconditioned
+      directions (unpreconditioned="graft", `_unpreconditioned_directions`), or nu g (unpreconditioned="sgd");
+    - the outer update (CurvatureOptimizer): weight decay, momentum, learning rate, on these directions.
 
     Layers of one shape are rotated together with bmm. Until the first decomposition exists (a forward pass
     before the optimizer was built, say) the step uses the plain gradient.
@@ -328,6 +330,10 @@ class KFAC(CurvatureOptimizer):
             damped-inverse paths a damping schedule is read on inverse steps only, since the damping is inside the
             inverses. Cholesky inverses cost about a fifth of an eigendecomposition on CPU (bench/RESULTS.md);
             distributed runs invert on every rank (and hold the factors densely: no sample rows).
+        unpreconditioned: what the parameters of no preconditioned layer (embeddings, norms, unsupported layers) take
+            as direction: "graft" (default): an Adam-like diagonal direction at the per-entry scale of this step's
+            preconditioned directions (`_unpreconditioned_directions`; docs/optimizers.md "One scale"), or "sgd":
+            the gradient, times the KL clip's nu (the former behaviour).
         max_update_norm: None (default) or a positive float: the global norm of the step's directions (before lr and
             momentum) clipped to it, as the official FOP training script's clip at 10.
         linear_tokens: how a Linear applied over leading (token) dims (N, T, ..., d) forms its factors (Eschenhagen et
@@ -344,6 +350,7 @@ class KFAC(CurvatureOptimizer):
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = 1e-3,
                  fisher: str = "empirical", factor_dtype: torch.dtype = torch.float32, eigh_refresh_iters: int = 0,
                  inverse_method: str = "auto", max_update_norm: float | None = None, linear_tokens: str = "expand",
+                 unpreconditioned: str = "graft",
                  model=None, exclude=None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
@@ -360,6 +367,7 @@ class KFAC(CurvatureOptimizer):
         self.eigh_refresh_iters = check_int("eigh_refresh_iters", eigh_refresh_iters, low=0)
         self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
         self.linear_tokens = check_choice("linear_tokens", linear_tokens, TOKEN_MODES)
+        self.unpreconditioned = check_choice("unpreconditioned", unpreconditioned, UNPRECONDITIONED)
         if self.inverse_method == "cholesky" and self.damping_mode != "factored":
             raise ValueError("inverse_method='cholesky' needs damping_mode='factored': the exact Tikhonov damping of "
                              "A kron G ('eigen') has no Kronecker-factored inverse")
@@ -736,14 +744,41 @@ class KFAC(CurvatureOptimizer):
                 layer = self.layers[i]
                 for p, d in zip(layer.params, layer.split(U[j])):
                     directions[id(p)] = d
-        if nu is not None:  # the trust region covers the whole step: every other parameter moves at the same scale
-            for g in self.param_groups:
-                for p in g["params"]:
-                    if p.grad is not None and id(p) not in directions:
-                        directions[id(p)] = p.grad * nu.to(p.grad.dtype)
+        self._unpreconditioned_directions(directions, nu)
         if self.max_update_norm is not None:
             self._clip_update_norm_(directions)
         return directions
+
+    def _unpreconditioned_directions(self, directions: dict[int, torch.Tensor], nu: torch.Tensor | None) -> None:
+        """The directions of the parameters with a gradient that no layer preconditions, added to `directions`.
+
+        unpreconditioned="graft": an Adam-like diagonal direction g / (sqrt(v^) + 1e-8), v <- b2 v + (1 - b2) g^2
+        (b2 = 0.999, v^ = v / (1 - b2^t), a new tensor in state "graft_sq", t in "graft_step"), times the RMS per
+        entry of the preconditioned directions of this step, s = sqrt(sum_l ||U_l||^2 / sum_l numel(U_l)) (after
+        the KL clip): every entry moves at the scale of a preconditioned one, whatever the gradient's own scale.
+        unpreconditioned="sgd": the gradient times the KL clip's nu (the plain gradient without the clip)."""
+        others = [p for g in self.param_groups for p in g["params"] if p.grad is not None and id(p) not in directions]
+        if not others:
+            return
+        if self.unpreconditioned == "sgd":
+            if nu is not None:  # the trust region covers the whole step
+                for p in others:
+                    directions[id(p)] = p.grad * nu.to(p.grad.dtype)
+            return
+        pre = list(directions.values())
+        if not pre:  # nothing preconditioned this step: the plain gradient
+            return
+        count = sum(d.numel() for d in pre)
+        scale = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(pre)])) / math.sqrt(count)
+        b2 = GRAFT_BETA2
+        for p in others:
+            state = self.state[p]
+            g = p.grad.to(torch.promote_types(p.grad.dtype, torch.float32))
+            t = state.get("graft_step", 0) + 1
+            sq = g.square().mul_(1 - b2) if t == 1 else state["graft_sq"].mul(b2).addcmul_(g, g, value=1 - b2)
+            denom = (sq / (1 - b2 ** t)).sqrt_().add_(GRAFT_EPS)
+            directions[id(p)] = (g / denom).mul_(scale.to(g.device)).to(p.grad.dtype)
+            state["graft_sq"], state["graft_step"] = sq, t  # rebound, not changed in place: restored on failure
 
     def _clip_update_norm_(self, directions: dict[int, torch.Tensor]) -> None:
         """Every direction (the preconditioned ones and the other parameters' gradients) times
