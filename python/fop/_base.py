@@ -217,7 +217,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                reverse=True)[:3]
             warnings.warn(f"{type(self).__name__} preconditions only {share:.0%} of the parameters; the largest "
                           f"parts left out: {', '.join(f'{k} ({n})' for n, k in uncovered if n)}. See "
-                          "optimizer.coverage() and optimizer.not_preconditioned(); the rest gets the plain update",
+                          "optimizer.coverage() and optimizer.not_preconditioned(); the rest gets the optimizer's "
+                          "update for non-preconditioned parameters",
                           stacklevel=_caller_level())
 
     # -- step ------------------------------------------------------------------------------------------------------
