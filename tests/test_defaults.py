@@ -14,6 +14,7 @@ import pytest
 import torch
 from fop_train.cli import RunConfig, run_one
 from fop_train.data import load_digits
+from fop_train.models import EncoderViT
 from torch import nn
 
 
@@ -91,23 +92,8 @@ def _gpt2():
     return model, lambda: model(input_ids=ids, labels=ids).loss
 
 
-class EncoderViT(nn.Module):
-    """A ViT on torch's own nn.TransformerEncoder (nn.MultiheadAttention, LayerNorm, a position embedding)."""
-
-    def __init__(self, d: int = 32):
-        super().__init__()
-        self.patch = nn.Conv2d(3, d, 4, 4)
-        self.pos = nn.Parameter(torch.zeros(1, 64, d))
-        layer = nn.TransformerEncoderLayer(d, 2, 64, dropout=0.0, batch_first=True)
-        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
-
-    def forward(self, x):
-        return self.head(self.norm(self.enc(self.patch(x).flatten(2).transpose(1, 2) + self.pos)).mean(1))
-
-
 def _vit():
-    model = EncoderViT()
+    model = EncoderViT(3, 32, 10, width=32, ffn=64)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     return model, lambda: nn.functional.cross_entropy(model(x), y)
 

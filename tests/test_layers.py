@@ -24,6 +24,7 @@ from fop._layers import (
     unregister_layer_type,
 )
 from fop.adafisher import adafisher_layer_support, input_diagonal, output_diagonal
+from fop_train.models import EncoderViT
 from helpers import assert_close, poison_
 from torch import nn
 
@@ -400,7 +401,7 @@ class PositionLM(nn.Module):
 def test_broadcast_position_embedding_takes_the_plain_update_and_fop_does_not_fall_back(caplog):
     torch.manual_seed(18)
     m = PositionLM()
-    opt = FOP(m, lr=0.1, momentum=0.0, kl_clip=None)
+    opt = FOP(m, lr=0.1, momentum=0.0, kl_clip=None, unpreconditioned="sgd")
     assert [layer.name for layer in opt.layers] == ["wte", "wpe", "head"]
     ids = torch.randint(0, 9, (8, 6))
     before = m.wpe.weight.detach().clone()
@@ -494,9 +495,9 @@ def test_weight_tied_to_an_unsupported_module_is_excluded_with_a_warning(cls, ca
     assert [layer.name for layer in opt.layers] == ["body"]
     assert ("head", "parameter shared with another layer") in opt.not_preconditioned()
     assert any("head" in r.message and "emb" in r.message and "tied" in r.message for r in caplog.records)
-    if cls in (KFAC, FOP):  # the shared weight gets the plain gradient step, never a preconditioned one
+    if cls in (KFAC, FOP):  # the shared weight gets the unpreconditioned step (here the plain one), never a K-FAC one
         with pytest.warns(UserWarning, match="preconditions only"):
-            opt = cls(m, lr=0.1, momentum=0.0, kl_clip=None)
+            opt = cls(m, lr=0.1, momentum=0.0, kl_clip=None, unpreconditioned="sgd")
         ids = torch.randint(0, 10, (4, 5))
         before = m.emb.weight.detach().clone()
         opt.zero_grad()
@@ -659,23 +660,6 @@ def test_multihead_attention_projections_are_left_out_with_a_reason():
 
 
 # -- real models -------------------------------------------------------------------------------------------------------
-class TinyViT(nn.Module):
-    """A ViT on torch's own nn.TransformerEncoder (its nn.MultiheadAttention)."""
-
-    def __init__(self, dim=16, depth=2, heads=2, patch=4, img=8, classes=5):
-        super().__init__()
-        self.patch = nn.Conv2d(1, dim, patch, stride=patch)
-        self.pos = nn.Parameter(torch.zeros(1, (img // patch) ** 2, dim))
-        block = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=32, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        return self.head(self.norm(self.encoder(t)).mean(1))
-
-
 def _numel(modules) -> int:
     return sum(p.numel() for m in modules for p in m.parameters(recurse=False))
 
@@ -697,7 +681,7 @@ LRS = {KFAC: 0.1, FOP: 0.1, AdaFisher: 1e-2, FROG: 1e-2}
 @pytest.mark.parametrize("cls", [KFAC, FOP, AdaFisher, FROG])
 def test_vit_on_transformer_encoder_coverage_and_training(cls):
     torch.manual_seed(9)
-    m = TinyViT()
+    m = EncoderViT(1, 8, 5)
     opt = cls(m, lr=LRS[cls])
     mha_children = {id(c) for mha in m.modules() if isinstance(mha, nn.MultiheadAttention) for c in mha.children()}
     linears = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and id(mod) not in mha_children]

@@ -196,7 +196,7 @@ def test_model_contents():
     kinds = {type(m).__name__ for m in vit.modules()}
     assert {"Conv2d", "LayerNorm", "Linear"} <= kinds and "MultiheadAttention" not in kinds
     assert "BatchNorm2d" in {type(m).__name__ for m in build_model("resnet", (1, 8, 8), 10).modules()}
-    with pytest.raises(ValueError, match="unknown model 'vgg'; valid: cnn, mlp, resnet, transformer, gpt"):
+    with pytest.raises(ValueError, match="unknown model 'vgg'; valid: cnn, mlp, resnet, transformer, encoder, gpt"):
         build_model("vgg", (1, 8, 8), 10)
     with pytest.raises(ValueError, match="does not fit inputs of shape"):
         build_model("gpt", (1, 8, 8), 10)

@@ -21,22 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC
-from torch import nn
-
-
-class TinyViT(nn.Module):
-    def __init__(self, dim=16, depth=2, heads=2, patch=4, img=8, classes=5):
-        super().__init__()
-        self.patch = nn.Conv2d(1, dim, patch, stride=patch)
-        self.pos = nn.Parameter(torch.zeros(1, (img // patch) ** 2, dim))
-        block = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=32, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, x):
-        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
-        return self.head(self.norm(self.encoder(t)).mean(1))
+from fop_train.models import EncoderViT
 
 
 def gpt2(seed: int):
@@ -52,7 +37,7 @@ def gpt2(seed: int):
 
 def vit(seed: int):
     torch.manual_seed(seed)
-    model = TinyViT()
+    model = EncoderViT(1, 8, 5)
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 5, (32,), generator=g)
     return model, lambda: F.cross_entropy(model(x), y)

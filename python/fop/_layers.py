@@ -217,7 +217,24 @@ class LinearType(LayerType):
         return super().factor_input_rows(layer, xs, tokens)
 
 
-class TransposedLinearType(LinearType):
+class TransposedLayout:
+    """A weight stored in x out (transformers' Conv1D, an embedding's vocab x dim): the gradient matrix is its
+    transpose, out x in."""
+
+    def out_dim(self, layer):
+        return layer.weight.shape[1]
+
+    def weight_columns(self, layer):
+        return layer.weight.shape[0]
+
+    def weight_matrix(self, layer, w):
+        return w.mT
+
+    def weight_from_matrix(self, layer, m):
+        return m.mT
+
+
+class TransposedLinearType(TransposedLayout, LinearType):
     """transformers' `Conv1D` (GPT-2): y = a W + b with W in x out (`nf` outputs); a Linear with the weight
     transposed, matched by class name and attributes (no transformers import). FROG's rows need out x in weights:
     not preconditioned there."""
@@ -235,17 +252,6 @@ class TransposedLinearType(LinearType):
             return "weight stored in x out (transformers' Conv1D): FROG's row form needs out x in"
         return super().reason(module, family)
 
-    def out_dim(self, layer):
-        return layer.weight.shape[1]
-
-    def weight_columns(self, layer):
-        return layer.weight.shape[0]
-
-    def weight_matrix(self, layer, w):
-        return w.mT
-
-    def weight_from_matrix(self, layer, m):
-        return m.mT
 
 
 def _same_padding(module) -> tuple[int, ...] | None:
@@ -380,7 +386,7 @@ class Conv1dType(Conv2dType):
         return g.unsqueeze(-2) if g.dim() == 3 else g
 
 
-class EmbeddingType(LayerType):
+class EmbeddingType(TransposedLayout, LayerType):
     """nn.Embedding and nn.EmbeddingBag (mode "sum" or "mean", dense gradients): a Linear over one-hot (bag:
     count) input rows c, with the weight (vocab x dim) transposed: the gradient matrix is dim x vocab. A is the
     diagonal of sum_rows c c^T / rows, stored as a vector (token counts; a bag's c_v is the count of token v in it,
@@ -405,17 +411,6 @@ class EmbeddingType(LayerType):
     def input_factor_shape(self, layer):
         return (layer.in_dim,)
 
-    def out_dim(self, layer):
-        return layer.weight.shape[1]
-
-    def weight_columns(self, layer):
-        return layer.weight.shape[0]
-
-    def weight_matrix(self, layer, w):
-        return w.mT
-
-    def weight_from_matrix(self, layer, m):
-        return m.mT
 
     def read_input(self, layer, inputs, kwargs):
         """The token ids, one row per sample: an Embedding's input as it is; an EmbeddingBag's bags as an

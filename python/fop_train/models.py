@@ -176,6 +176,27 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
+class EncoderViT(nn.Module):
+    """A ViT on torch's own nn.TransformerEncoder (its nn.MultiheadAttention): patch Conv2d, a zero-initialized
+    position embedding, `depth` post-norm encoder layers, LayerNorm, mean over tokens, Linear head."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 16, depth: int = 2,
+                 heads: int = 2, patch: int = 4, ffn: int = 32):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image size {image_size} is not divisible by the patch size {patch}")
+        self.patch = nn.Conv2d(in_channels, width, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, width))
+        block = nn.TransformerEncoderLayer(width, heads, dim_feedforward=ffn, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(block, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.encoder(t)).mean(1))
+
+
 class TinyGPT(nn.Module):
     """A decoder-only language model: token embedding + learned positional embedding, `depth` pre-norm causal
     transformer blocks, LayerNorm, a Linear head (untied from the embedding) giving (N, T, vocab) logits."""
@@ -193,7 +214,8 @@ class TinyGPT(nn.Module):
         return self.head(self.norm(self.blocks(x)))
 
 
-MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet": ResNetSmall, "transformer": TinyViT, "gpt": TinyGPT}
+MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet": ResNetSmall, "transformer": TinyViT, "encoder": EncoderViT,
+          "gpt": TinyGPT}
 SEQUENCE_MODELS = ("gpt",)  # models of token windows (N, T): the `text` dataset
 
 
