@@ -43,6 +43,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         )
 
 
+def load_script(path, name: str):
+    """The module of a script that is not in a package (bench/gpu_check.py, bench/tables_to_json.py), loaded from
+    `path` under `name`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def backends_for(op: str, device: torch.device) -> list[str]:
     """The backends that are available here and implement `op` for `device` tensors."""
     status = fop_kernels.available_backends()

@@ -4,7 +4,6 @@ here on CPU (the harness with the CPU backends standing in for the GPU ones)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 import fop_kernels
 
@@ -22,10 +22,7 @@ SCRIPT = ROOT / "bench" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "gpu_check")
 
 
 def test_without_cuda_it_reports_nothing_to_check_and_exits_0(tmp_path, gpu_check):

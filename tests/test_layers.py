@@ -52,6 +52,22 @@ class LayerNorm2d(nn.LayerNorm):
                             self.eps).permute(0, 3, 1, 2)
 
 
+def hook_free_copy(m: nn.Module) -> nn.Module:
+    """A deep copy of `m` without the capture's forward hooks (the explicit statistics are taken on it)."""
+    ref = copy.deepcopy(m)
+    for sub in ref.modules():
+        sub._forward_hooks.clear()
+    return ref
+
+
+def armed_capture(layers, **kwargs) -> Capture:
+    """A float64 capture on `layers`, armed for a full batch with the half-batch sums reduced in its hooks."""
+    cap = Capture(layers, **kwargs)
+    cap.stat_dtype = DT
+    cap.arm(full=True, half_grads=True)
+    return cap
+
+
 def _explicit(module: nn.Module, x: torch.Tensor, loss_of):
     """(input, output gradient of the mean loss) of `module` inside loss_of(x) by hooks and retain_grad."""
     store = {}
@@ -99,15 +115,11 @@ def test_linear_and_conv1d_transposed_factors_match_explicit(tokens):
     layers, _ = discover_layers(m)
     assert [layer.kind for layer in layers] == ["conv1d_transposed", "linear", "linear"]
     assert layers[0].shape == (6, 5)
-    cap = Capture(layers, tokens=tokens)
-    cap.arm(full=True, half_grads=True)
-    cap.stat_dtype = DT
+    cap = armed_capture(layers, tokens=tokens)
     _token_loss(m, y)(x).backward()
     N = x.shape[0]
     for i, layer in enumerate(layers):
-        ref = copy.deepcopy(m)
-        for sub in ref.modules():
-            sub._forward_hooks.clear()
+        ref = hook_free_copy(m)
         a, dy = _explicit(ref[int(layer.name)], x, _token_loss(ref, y))
         if tokens == "reduce":
             P, Y = _with_ones(a.mean((1, 2))), dy.sum((1, 2))
@@ -136,13 +148,9 @@ def test_conv1d_factors_and_half_batch_match_explicit(stride, padding, dilation,
     m(x)  # materialize the lazy layer
     layers, _ = discover_layers(m)
     assert layers[0].kind == "conv1d" and layers[0].shape == (3, 6 + bias)
-    cap = Capture(layers)
-    cap.stat_dtype = DT
-    cap.arm(full=True, half_grads=True)
+    cap = armed_capture(layers)
     F.cross_entropy(m(x), y).backward()
-    ref = copy.deepcopy(m)
-    for sub in ref.modules():
-        sub._forward_hooks.clear()
+    ref = hook_free_copy(m)
     a, dy = _explicit(ref[0], x, lambda x: F.cross_entropy(ref(x), y))
     P = _conv1d_patches(a, ref[0])
     P = _with_ones(P) if bias else P
@@ -307,13 +315,9 @@ def test_embedding_factors_and_half_batch_match_explicit(make, flat):
     y = torch.randint(0, 3, (N,), generator=g)
     layers, _ = discover_layers(m)
     assert [layer.kind for layer in layers] == ["embedding", "linear"] and layers[0].shape == (4, 9)
-    cap = Capture(layers)
-    cap.stat_dtype = DT
-    cap.arm(full=True, half_grads=True)
+    cap = armed_capture(layers)
     F.cross_entropy(m(ids, offsets), y).backward()
-    ref = copy.deepcopy(m)
-    for sub in ref.modules():
-        sub._forward_hooks.clear()
+    ref = hook_free_copy(m)
     _, dy = _explicit(ref.emb, ids, lambda ids: F.cross_entropy(ref(ids, offsets), y))
     C = _counts(m.emb, ids, offsets)
     Y = dy.reshape(-1, 4)
@@ -362,9 +366,7 @@ def test_embedding_fop_state_dict_and_limits():
         runs.append((m, opt))
     torch.testing.assert_close(runs[0][0].emb.weight, runs[1][0].emb.weight, rtol=1e-6, atol=1e-7)
     m, opt = runs[0]
-    clone = copy.deepcopy(m)
-    for sub in clone.modules():
-        sub._forward_hooks.clear()
+    clone = hook_free_copy(m)
     resumed = FOP(clone, lr=0.1, beta=0.0, eta=1.0)
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     for model, o in ((m, opt), (clone, resumed)):
@@ -628,13 +630,9 @@ def test_the_documented_new_layer_type_reads_its_own_output_gradient():
     try:
         layers, _ = discover_layers(m)
         assert [layer.kind for layer in layers] == ["scaled_linear", "linear"]
-        cap = Capture(layers)
-        cap.stat_dtype = DT
-        cap.arm(full=True, half_grads=True)
+        cap = armed_capture(layers)
         F.cross_entropy(m(x), y).backward()
-        ref = copy.deepcopy(m)
-        for sub in ref.modules():
-            sub._forward_hooks.clear()
+        ref = hook_free_copy(m)
         a, dy = _explicit(ref[0], x, lambda x: F.cross_entropy(ref(x), y))
         A, G = _capture_factors(layers, 0)
         assert cap.update_input_factor(0, A, 1.0) and cap.update_output_factor(0, G, 1.0)

@@ -3,11 +3,11 @@ the parser keeps cells as printed (escaped pipes, bold marks, repeated column na
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "tables_to_json.py"
@@ -15,10 +15,7 @@ SCRIPT = ROOT / "bench" / "tables_to_json.py"
 
 @pytest.fixture(scope="module")
 def t2j():
-    spec = importlib.util.spec_from_file_location("tables_to_json", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "tables_to_json")
 
 
 def test_committed_json_matches_results(t2j):

@@ -15,25 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fop_train.models import TinyViT
+from fop_train.models import TinyViT, _BasicBlock
 from torch import nn
-
-
-class _Basic(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class ResNet18Timm(nn.Module):
@@ -47,7 +30,7 @@ class ResNet18Timm(nn.Module):
         stages, c_in = [], width
         for k, mult in enumerate((1, 2, 4, 8)):
             c_out = mult * width
-            stages.append(nn.Sequential(_Basic(c_in, c_out, 1 if k == 0 else 2), _Basic(c_out, c_out, 1)))
+            stages.append(nn.Sequential(_BasicBlock(c_in, c_out, 1 if k == 0 else 2), _BasicBlock(c_out, c_out, 1)))
             c_in = c_out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.fc = nn.Linear(c_in, num_classes)
