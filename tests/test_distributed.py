@@ -47,6 +47,30 @@ def make_model() -> nn.Module:
                          nn.Linear(7, 4)).double()
 
 
+class AttentionNet(nn.Module):
+    """Rows of the 5 x 5 image as 5 tokens: Linear, nn.MultiheadAttention (its two projections preconditioned
+    through fop._attention), mean over the tokens, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(5, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.embed(x.flatten(0, 1))
+        h, _ = self.attention(h, h, h, need_weights=False)
+        return self.head(h.mean(dim=1))
+
+
+def make_attention_model() -> nn.Module:
+    return AttentionNet().double()
+
+
+MODELS = {"attention": make_attention_model}
+
+
 def global_batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per step the global batch: rank r's local batch is rows [r N_LOCAL, (r+1) N_LOCAL)."""
     gen = torch.Generator().manual_seed(1234)
@@ -137,7 +161,8 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
         elif scenario == "killed":
             results = _killed_scenario(rank, world)
         else:
-            runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {}), ("fop_cholesky", CHOLESKY)]
+            runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {}), ("fop_cholesky", CHOLESKY),
+                    ("fop_attention", {})]
             if world % 2 == 0:
                 runs.append(("fop_ranks", {"distributed": DistributedOptions(split="ranks")}))
             else:
@@ -147,7 +172,7 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                     results["odd_ranks_error"] = str(err)
             for name, kwargs in runs:
                 decomposed.clear()
-                model = make_model()
+                model = MODELS.get(name.split("_")[-1], make_model)()
                 ddp = DDP(model)
                 opt = make_optimizer(name.split("_")[0], ddp, **kwargs)
                 scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -361,10 +386,10 @@ def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[d
 
 # -- references in this process --------------------------------------------------------------------------------------
 def reference(kind: str, world: int, order: str, steps: range = range(STEPS), state=None,
-              save_to: Path | None = None, **kwargs) -> torch.Tensor:
+              save_to: Path | None = None, model_fn=make_model, **kwargs) -> torch.Tensor:
     """One process on the global batches (`order`: "halves" reorders them so that sub-batch 1 matches,
     "accumulate" does that per micro-batch of a gradient accumulation); `save_to`: save the final state there."""
-    model = make_model()
+    model = model_fn()
     opt = make_optimizer(kind, model, **kwargs)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -402,6 +427,16 @@ def test_two_ranks_equal_one_process_on_the_global_batch(two_ranks, kind):
     for rank in range(2):
         assert_rel_close(results[rank][kind]["params"], expected)
     assert not torch.equal(expected, flat_params(make_model())), "training did not move the parameters"
+
+
+def test_two_ranks_with_multihead_attention_equal_one_process(two_ranks):
+    """FOP's sub-batch sums of the attention projections go through fop._attention on both consumers (the capture and
+    the distributed half-batch hooks)."""
+    _, results = two_ranks
+    expected = reference("fop", 2, "halves", model_fn=make_attention_model)
+    for rank in range(2):
+        assert_rel_close(results[rank]["fop_attention"]["params"], expected)
+    assert not torch.equal(expected, flat_params(make_attention_model()))
 
 
 def test_two_ranks_with_cholesky_inverses_equal_one_process(two_ranks):

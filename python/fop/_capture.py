@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 import fop_kernels
+from fop._attention import observe_attention
 from fop._layers import TOKEN_MODES, Layer
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -76,7 +78,10 @@ class Capture:
         self.rows = None
         self.stat_dtype = torch.float32  # of what the hooks reduce (Grams, S1): the optimizer's factor dtype
         self.unbatched: dict[int, tuple] = {}  # layer index -> shape of an input without a batch dimension
-        self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
+        self.skipped_calls: dict[int, str] = {}  # layer index -> why a call of it was not captured this step
+        ref = weakref.ref(self)
+        self._handles = [attach_forward_hook(layer, self._forward_hook(i), lambda: (c := ref()) is not None and c.armed,
+                                             self._skip_hook(i))
                          for i, layer in enumerate(layers)]
         # the hooks hold the capture weakly, and go when it goes (with its optimizer)
         self._finalizer = weakref.finalize(self, remove_handles, self._handles)
@@ -105,6 +110,7 @@ class Capture:
         """Drop every record and disarm (after the optimizer step)."""
         self.records = [[] for _ in self.layers]
         self.unbatched = {}
+        self.skipped_calls = {}
         self.armed = self.full = self.keep_outputs = self.half_grads = False
         self.keep_dy = True
         self.rows = None
@@ -144,6 +150,16 @@ class Capture:
 
         return hook
 
+    def _skip_hook(self, i: int):
+        ref = weakref.ref(self)
+
+        def skip(reason: str) -> None:
+            self = ref()
+            if self is not None and self.armed:
+                self.skipped_calls[i] = reason
+
+        return skip
+
     def _grad_hook(self, rec: Record, layer: Layer, a: torch.Tensor):
         def hook(grad):
             g = layer.type.output_grad(layer, grad.detach())
@@ -182,6 +198,16 @@ class Capture:
         if not recs or any(r.n != 1 for r in recs):
             return False
         return any(r.n > 1 for others in self.records for r in others if r.backward_done)
+
+    def plain_reason(self, i: int) -> str | None:
+        """Why layer i takes the plain update this step though it has a gradient (a broadcast batch, or a call the
+        hooks could not capture: Capture.skipped_calls), or None."""
+        if i in self.skipped_calls:
+            return self.skipped_calls[i]
+        if self.broadcast(i):
+            return ("it saw a batch of 1 while other layers saw more: a broadcast input (a position embedding's "
+                    "(1, T) ids?) whose output gradient sums the batch")
+        return None
 
     def has_factor_data(self, mc: bool = False) -> bool:
         """True when every layer has at least one full record whose backward ran (mc: whose sampled-label Gram
@@ -263,6 +289,21 @@ class Capture:
         if dy_scale is not None:
             total = total * dy_scale.to(device=total.device, dtype=dtype)
         return total
+
+
+def attach_forward_hook(layer: Layer, hook: Callable, active: Callable[[], bool],
+                        on_skip: Callable[[str], None] | None = None):
+    """Run `hook(module, inputs, kwargs, output)` after every forward of `layer`: a forward hook on its module, or,
+    for a projection its host applies functionally (nn.MultiheadAttention), on the call fop._attention makes explicit
+    while `active()` (`on_skip(reason)` when a call cannot be captured). Returns a handle with remove()."""
+    if layer.host is None:
+        return layer.module.register_forward_hook(hook, with_kwargs=True)
+    module = layer.module
+
+    def call(inputs: tuple, output: torch.Tensor) -> None:
+        hook(module, inputs, {}, output)
+
+    return observe_attention(layer.host, {layer.type.projection: call}, active, on_skip)
 
 
 def remove_handles(handles: list) -> None:

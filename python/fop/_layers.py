@@ -9,11 +9,12 @@ the rank below which an input has no batch dimension. Adding a type is one subcl
 (docs/layers.md has a worked example and the factor formulas of every built-in type).
 
 Built in: nn.Linear (any leading dims), transformers' `Conv1D` (a Linear with an in x out weight, matched by class
-name), nn.Conv2d and nn.Conv1d (groups=1 for K-FAC/FOP; any groups for AdaFisher), and for AdaFisher also
-nn.BatchNorm2d and nn.LayerNorm (subclasses included; timm's channels-first `LayerNorm2d` by class name).
-Everything else (embeddings, grouped or depthwise convs under K-FAC, circular padding, nn.MultiheadAttention) is
-not preconditioned: its parameters get the optimizer's outer update on the plain gradient, and
-`CurvatureOptimizer.coverage()` says how much that is.
+name), nn.Conv2d and nn.Conv1d (groups=1 for K-FAC/FOP; any groups for AdaFisher), nn.Embedding/EmbeddingBag,
+nn.MultiheadAttention with packed weights (two Linear layers: its input and out projections, whose calls
+fop._attention shows to the hooks), and for AdaFisher also nn.BatchNorm2d and nn.LayerNorm (subclasses included;
+timm's channels-first `LayerNorm2d` by class name). Everything else (grouped or depthwise convs under K-FAC,
+circular padding, recurrent layers) is not preconditioned: its parameters get the optimizer's outer update on the
+plain gradient, and `CurvatureOptimizer.coverage()` says how much that is.
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ class LayerType:
     def describe(self, layer: Layer) -> str:
         """Geometry for `Layer.describe` (empty when there is none)."""
         return ""
+
+    def layers_of(self, name: str, module: nn.Module) -> list[Layer]:
+        """The preconditioned layers a matching module makes: one, from its `weight` and `bias`."""
+        return [Layer(name, module, module.weight, getattr(module, "bias", None), self, self.geometry(module))]
+
+    def claimed(self, module: nn.Module) -> list[nn.Module]:
+        """Submodules whose parameters `layers_of` already covers (not matched on their own)."""
+        return []
 
     # -- gradient-matrix layout ---------------------------------------------------------------------------------------
     def out_dim(self, layer: Layer) -> int:
@@ -538,9 +547,56 @@ class BatchNorm2dType(NormType):
         return t.sum((0, 2, 3)), t.shape[0], t.shape[2] * t.shape[3]
 
 
+class AttentionProjectionType(LinearType):
+    """A projection of nn.MultiheadAttention as a Linear over its batch-first N x L x E tokens: the input
+    projection (`in_proj_weight`, 3E x E, on the query of a self-attention call) or `out_proj` (on the attention
+    output). Its module never calls it: fop._attention shows the call to the hooks. Made by MultiheadAttentionType
+    only (`modules` is empty: never matched on its own)."""
+
+    modules = ()
+
+    def __init__(self, projection: str):
+        super().__init__()
+        self.projection = projection  # "in" | "out": which call of the attention forward (fop._attention)
+        self.name = f"attention_{projection}_proj"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.projection!r})"
+
+
+ATTENTION_IN_PROJ = AttentionProjectionType("in")
+ATTENTION_OUT_PROJ = AttentionProjectionType("out")
+
+
+class MultiheadAttentionType(LayerType):
+    """nn.MultiheadAttention (packed `in_proj_weight`): two Linear layers, its input projection (3E outputs, one
+    A over the query tokens and one G over q, k and v together) and its out projection, each with K-FAC-expand or
+    -reduce token rows as a Linear. Separate q/k/v weights (kdim or vdim != embed_dim) are not preconditioned."""
+
+    name = "multihead_attention"
+    modules = (nn.MultiheadAttention,)
+
+    def reason(self, module, family):
+        if family not in self.forms:
+            return NOT_SUPPORTED
+        if not module._qkv_same_embed_dim or module.in_proj_weight is None:
+            return "separate q/k/v projection weights (kdim or vdim != embed_dim)"
+        return None
+
+    def layers_of(self, name, module):
+        out = module.out_proj
+        prefix = f"{name}." if name else ""
+        return [Layer(f"{prefix}in_proj", module, module.in_proj_weight, module.in_proj_bias, ATTENTION_IN_PROJ,
+                      host=module),
+                Layer(f"{prefix}out_proj", out, out.weight, out.bias, ATTENTION_OUT_PROJ, host=module)]
+
+    def claimed(self, module):
+        return [module.out_proj]
+
+
 BUILTIN_TYPES: tuple[LayerType, ...] = (TransposedLinearType(), LinearType(), Conv2dType(), Conv1dType(),
-                                        EmbeddingType(), BatchNorm2dType(), ChannelsFirstLayerNormType(),
-                                        LayerNormType())
+                                        EmbeddingType(), MultiheadAttentionType(), BatchNorm2dType(),
+                                        ChannelsFirstLayerNormType(), LayerNormType())
 _registered: list[LayerType] = []  # the user's, newest first: they take precedence over the built-in ones
 
 
@@ -602,6 +658,7 @@ class Layer:
     bias: nn.Parameter | None
     type: LayerType
     conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation, groups for convs
+    host: nn.Module | None = None  # the module whose forward applies this layer's weight (nn.MultiheadAttention)
 
     @property
     def kind(self) -> str:
@@ -681,6 +738,18 @@ def parameter_holders(model: nn.Module) -> dict[int, list[str]]:
     return holders
 
 
+def _parameter_reason(layer: Layer, optimized: set[int] | None) -> str | None:
+    """Why the parameters of `layer` keep it from being preconditioned (frozen, or not optimized), or None."""
+    for what, p in (("weight", layer.weight), ("bias", layer.bias)):
+        if p is None:
+            continue
+        if not p.requires_grad:
+            return f"{what} does not require grad"
+        if optimized is not None and id(p) not in optimized:
+            return f"{what} is not among the optimizer's parameters"
+    return None
+
+
 def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = None, exclude=None,
                     support: Callable[[nn.Module], str | None] = unsupported_reason
                     ) -> tuple[list[Layer], list[tuple[str, str]]]:
@@ -692,39 +761,41 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
     `unsupported_reason`); the module must match a registered layer type.
     A parameter that two modules hold (a tied weight: GPT-2's lm_head and its token embedding), whether or not the
     other module is supported, is preconditioned by neither (its gradient mixes two uses' statistics); a warning
-    names the modules. The projections inside nn.MultiheadAttention are applied functionally, never called as
-    modules, so their hooks would never run: they are left out."""
+    names the modules. A type may make several layers of one module and claim its submodules
+    (nn.MultiheadAttention: its input projection and its `out_proj`, which it applies functionally)."""
     model = unwrap_model(model)
     excluded = _resolve_exclude(model, exclude)
     optimized = None if params is None else {id(p) for p in params}
-    functional = {id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.children()}
+    claimed: dict[int, str | None] = {}  # id(submodule) -> why it is not preconditioned, None: its host's layer
     layers, skipped = [], []
     for name, m in model.named_modules():
-        direct = list(m.parameters(recurse=False))
-        if not direct:
+        if id(m) in claimed:
+            if claimed[id(m)] is not None:
+                skipped.append((name, claimed[id(m)]))
             continue
         if id(m) in excluded:
-            skipped.append((name, "excluded"))
+            if any(True for _ in m.parameters(recurse=False)):
+                skipped.append((name, "excluded"))
             continue
-        reason = "applied functionally by nn.MultiheadAttention (never called as a module)" \
-            if id(m) in functional else support(m)
-        layer_type = layer_type_of(m) if reason is None else None
-        if reason is None and layer_type is None:
+        matched = layer_type_of(m)
+        reason = support(m) if any(True for _ in m.parameters(recurse=False)) or matched is not None else None
+        for child in matched.claimed(m) if matched is not None else []:
+            claimed[id(child)] = None if reason is None else \
+                f"applied by {type(m).__name__} {name or type(m).__name__}, which is not preconditioned ({reason})"
+        if not any(True for _ in m.parameters(recurse=False)):
+            continue
+        if reason is None and matched is None:
             raise ValueError(f"support() accepted module {name or type(m).__name__} ({type(m).__name__}), which "
                              "matches no registered layer type (fop.register_layer_type)")
-        bias = getattr(m, "bias", None)
-        if reason is None and not m.weight.requires_grad:
-            reason = "weight does not require grad"
-        if reason is None and optimized is not None and id(m.weight) not in optimized:
-            reason = "weight is not among the optimizer's parameters"
-        if reason is None and bias is not None and optimized is not None and id(bias) not in optimized:
-            reason = "bias is not among the optimizer's parameters"
-        if reason is None and bias is not None and not bias.requires_grad:
-            reason = "bias does not require grad"
         if reason is not None:
             skipped.append((name, reason))
             continue
-        layers.append(Layer(name or type(m).__name__, m, m.weight, bias, layer_type, layer_type.geometry(m)))
+        for layer in matched.layers_of(name or type(m).__name__, m):
+            reason = "excluded" if id(layer.module) in excluded else _parameter_reason(layer, optimized)
+            if reason is None:
+                layers.append(layer)
+            else:
+                skipped.append((layer.name, reason))
     holders = parameter_holders(model)
     kept = []
     for layer in layers:

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fop._capture import remove_handles, sub_batch_grad
+from fop._capture import attach_forward_hook, remove_handles, sub_batch_grad
 
 logger = logging.getLogger("fop")
 
@@ -306,7 +306,9 @@ class Comm(RankAgreement):
                         for chunk in _chunks([layers[i].out_dim * layers[i].in_dim * size for i in order], self.cap)]
         self._handles = []
         if self.uses_half_batch:
-            self._handles = [layer.module.register_forward_hook(self._forward_hook(i), with_kwargs=True)
+            ref = weakref.ref(self)
+            self._handles = [attach_forward_hook(layer, self._forward_hook(i),
+                                                 lambda: (c := ref()) is not None and c.view.half_batch_now())
                              for i, layer in enumerate(layers)]
         self._finalizer = weakref.finalize(self, remove_handles, self._handles)  # hooks hold this weakly
         self.bytes = Counter()

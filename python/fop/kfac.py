@@ -399,7 +399,7 @@ class KFAC(CurvatureOptimizer):
         given = params_or_model if isinstance(params_or_model, nn.Module) else model  # DDP-wrapped or not
         self.comm = make_comm(view, given, distributed, self._needs_half_batch(0))
         self.capture.tokens = self.linear_tokens
-        self._warned_broadcast: set[str] = set()
+        self._warned_plain: set[tuple[str, str]] = set()  # (layer, reason) of plain-update warnings given
         diagonal = [layer.name for layer in self.layers if len(layer.type.input_factor_shape(layer)) == 1]
         if diagonal and self.inverse_method == "auto":  # the damped-inverse forms hold dense factors only
             self.uses_inverses = False
@@ -462,15 +462,14 @@ class KFAC(CurvatureOptimizer):
         """Whether every parameter of layer i has a gradient this step (a layer without is skipped, as torch's
         optimizers skip such parameters: no direction, no factor update), and per-sample statistics: a layer that
         saw a broadcast batch of 1 is skipped the same way (Capture.broadcast)."""
-        return all(p.grad is not None for p in self.layers[i].params) and not self.capture.broadcast(i)
+        return all(p.grad is not None for p in self.layers[i].params) and self.capture.plain_reason(i) is None
 
     def _validate_before_step(self) -> None:
         for i, layer in enumerate(self.layers):
-            if layer.name not in self._warned_broadcast and self.capture.broadcast(i):
-                self._warned_broadcast.add(layer.name)
-                logger.warning("layer %s saw a batch of 1 while other layers saw more: a broadcast input (a position "
-                               "embedding's (1, T) ids?) whose output gradient sums the batch; it takes the plain "
-                               "update on such steps (warned once)", layer.name)
+            reason = self.capture.plain_reason(i)
+            if reason is not None and (layer.name, reason) not in self._warned_plain:
+                self._warned_plain.add((layer.name, reason))
+                logger.warning("layer %s takes the plain update on this step: %s (warned once)", layer.name, reason)
         missing = [self.layers[i].name for i in range(len(self.layers))
                    if self._has_grad(i) and not self.capture.done(i)] if self.capture.armed else []
         if missing and len(missing) < len(self.layers):

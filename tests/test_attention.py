@@ -1,0 +1,317 @@
+"""nn.MultiheadAttention under the curvature optimizers (fop._attention, MultiheadAttentionType): the explicit form of
+its forward equals torch's, and a step on it equals the step on the same attention written with two nn.Linear."""
+
+import gc
+
+import fop
+import pytest
+import torch
+import torch.nn.functional as F
+from fop import _attention
+from fop._attention import observe_attention
+from fop._layers import discover_layers
+from torch import nn
+
+OPTIMIZERS = {"kfac": fop.KFAC, "fop": fop.FOP, "adafisher": fop.AdaFisher, "frog": fop.FROG, "kfrog": fop.KFROG}
+
+
+def _mha(embed=8, heads=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(embed, heads, **kw)
+    with torch.no_grad():  # torch zeroes the biases: random ones make the bias columns count
+        for p in (mha.in_proj_bias, mha.out_proj.bias):
+            if p is not None:
+                p.normal_()
+    return mha
+
+
+class _Recorder:
+    """A consumer of fop._attention: keeps what the two linear calls showed, and their output gradients."""
+
+    def __init__(self):
+        self.seen = {"in": [], "out": []}
+        self.grads = {"in": [], "out": []}
+        self.skips = []
+
+    def hooks(self):
+        def make(which):
+            def hook(inputs, output):
+                self.seen[which].append((inputs[0].detach().clone(), output.detach().clone()))
+                output.register_hook(lambda g: self.grads[which].append(g.detach().clone()))
+            return hook
+        return {"in": make("in"), "out": make("out")}
+
+
+CASES = {
+    "batch_first": dict(kw=dict(batch_first=True), call=dict()),
+    "seq_first, weights per head": dict(kw=dict(), call=dict(need_weights=True, average_attn_weights=False)),
+    "no bias, need_weights=False": dict(kw=dict(batch_first=True, bias=False), call=dict(need_weights=False)),
+    "padding mask, bool mask": dict(kw=dict(batch_first=True), call=dict(key_padding_mask="pad", attn_mask="bool")),
+    "float mask": dict(kw=dict(batch_first=True), call=dict(attn_mask="float")),
+    "causal": dict(kw=dict(batch_first=True), call=dict(attn_mask="causal", is_causal=True, need_weights=False)),
+    "bias_kv, zero_attn": dict(kw=dict(batch_first=True, add_bias_kv=True, add_zero_attn=True), call=dict()),
+    "dropout": dict(kw=dict(batch_first=True, dropout=0.3), call=dict()),
+    "unbatched": dict(kw=dict(), call=dict(), unbatched=True),
+}
+
+
+def _call_args(mha, case, x):
+    call = dict(case["call"])
+    n, length = (1, x.shape[0]) if x.dim() == 2 else (x.shape[0], x.shape[1]) if mha.batch_first else \
+        (x.shape[1], x.shape[0])
+    if call.get("key_padding_mask") == "pad":
+        pad = torch.zeros(n, length, dtype=torch.bool)
+        pad[0, -2:] = True
+        call["key_padding_mask"] = pad
+    if call.get("attn_mask") == "float":
+        call["attn_mask"] = torch.randn(length, length)
+    if call.get("attn_mask") == "bool":
+        call["attn_mask"] = torch.rand(length, length) > 0.7
+        call["attn_mask"].fill_diagonal_(False)
+    if call.get("attn_mask") == "causal":
+        call["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(length)
+    return call
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_explicit_form_equals_torch_and_shows_the_projections(name):
+    """Outputs, attention weights and every gradient equal torch's own forward; the consumer sees the two linear
+    calls batch-first (input, output and output gradient), consistent with the weights they use."""
+    case = CASES[name]
+    mha = _mha(**case["kw"])
+    mha.train()
+    L, N, E = 5, 3, 8
+    shape = (L, E) if case.get("unbatched") else (N, L, E) if mha.batch_first else (L, N, E)
+    x = torch.randn(shape)
+    call = _call_args(mha, case, x)
+    results = []
+    rec = _Recorder()
+    for observed in (False, True):
+        handle = observe_attention(mha, rec.hooks(), active=lambda: True) if observed else None
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out, weights = mha(xi, xi, xi, **call)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), weights, xi.grad, {n: p.grad.clone() for n, p in mha.named_parameters()}))
+        mha.zero_grad()
+        if handle is not None:
+            handle.remove()
+    (o0, w0, gx0, gp0), (o1, w1, gx1, gp1) = results
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
+    assert (w0 is None) == (w1 is None)
+    if w0 is not None:
+        torch.testing.assert_close(w1, w0)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    assert gp1.keys() == gp0.keys()
+    for name in gp0:
+        torch.testing.assert_close(gp1[name], gp0[name], rtol=1e-5, atol=1e-6)
+    n = 1 if x.dim() == 2 else N
+    (a_in, y_in), = rec.seen["in"]
+    (a_out, y_out), = rec.seen["out"]
+    assert a_in.shape == (n, L, E) and y_in.shape == (n, L, 3 * E) and a_out.shape == (n, L, E)
+    xb = x.unsqueeze(0) if x.dim() == 2 else x if mha.batch_first else x.transpose(0, 1)
+    torch.testing.assert_close(a_in, xb)
+    torch.testing.assert_close(y_in, F.linear(xb, mha.in_proj_weight, mha.in_proj_bias))
+    torch.testing.assert_close(y_out, F.linear(a_out, mha.out_proj.weight, mha.out_proj.bias))
+    # the weight gradients are sum dy a^T of what the consumer saw: its rows are the per-sample tokens
+    (g_in,), (g_out,) = rec.grads["in"], rec.grads["out"]
+    torch.testing.assert_close(torch.einsum("nlo,nli->oi", g_in, a_in), gp0["in_proj_weight"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.einsum("nlo,nli->oi", g_out, a_out), gp0["out_proj.weight"], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_cross_attention_shows_only_the_out_projection():
+    mha = _mha(batch_first=True)
+    rec = _Recorder()
+    handle = observe_attention(mha, rec.hooks(), active=lambda: True, on_skip=rec.skips.append)
+    q, kv = torch.randn(3, 4, 8), torch.randn(3, 6, 8)
+    out, _ = mha(q, kv, kv)
+    handle.remove()
+    assert rec.seen["in"] == [] and len(rec.seen["out"]) == 1 and rec.skips == [_attention.CROSS_ATTENTION]
+    ref, _ = mha(q, kv, kv)
+    torch.testing.assert_close(out, ref)
+
+
+def test_inactive_or_grad_free_forwards_run_unchanged():
+    mha = _mha(batch_first=True)
+    rec = _Recorder()
+    active = [False]
+    handle = observe_attention(mha, rec.hooks(), active=lambda: active[0])
+    x = torch.randn(2, 4, 8)
+    mha(x, x, x)
+    active[0] = True
+    with torch.no_grad():
+        mha(x, x, x)
+    assert rec.seen == {"in": [], "out": []}
+    mha(x, x, x)
+    assert len(rec.seen["in"]) == 1
+    handle.remove()
+    assert mha not in _attention._interceptors
+    assert not mha._forward_pre_hooks and not mha._forward_hooks
+
+
+class _ExplicitAttention(nn.Module):
+    """A batch-first self-attention with the weights of `mha`, written with two nn.Linear modules."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        e = mha.embed_dim
+        self.heads = mha.num_heads
+        self.in_proj = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None)
+        self.out_proj = nn.Linear(e, e, bias=mha.out_proj.bias is not None)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(mha.in_proj_weight)
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.in_proj_bias is not None:
+                self.in_proj.bias.copy_(mha.in_proj_bias)
+                self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, x):
+        n, length, e = x.shape
+        q, k, v = (t.reshape(n, length, self.heads, e // self.heads).transpose(1, 2)
+                   for t in self.in_proj(x).chunk(3, dim=-1))
+        z = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(z.transpose(1, 2).reshape(n, length, e))
+
+
+class _AttentionNet(nn.Module):
+    def __init__(self, attention: nn.Module, batch_first: bool = True):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Linear(4, 8)
+        self.attention = attention
+        self.head = nn.Linear(8, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        h = self.embed(x)
+        if isinstance(self.attention, nn.MultiheadAttention):
+            h = h if self.batch_first else h.transpose(0, 1)
+            h, _ = self.attention(h, h, h, need_weights=False)
+            h = h if self.batch_first else h.transpose(0, 1)
+        else:
+            h = self.attention(h)
+        return self.head(h.mean(dim=1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_step_equals_the_step_on_explicit_linear_layers(name, batch_first):
+    """Every optimizer at its defaults: the parameters after 4 steps on nn.MultiheadAttention equal those on the same
+    attention as two nn.Linear, preconditioned as any Linear (the factors, FOP's half batches, FROG's rows, AdaFisher's
+    diagonals all see the same per-sample token rows)."""
+    mha = _mha(batch_first=batch_first).double()  # float64: FROG's CG would amplify float32 rounding
+    start = mha.in_proj_weight.detach().clone()
+    nets = [_AttentionNet(mha, batch_first).double(), _AttentionNet(_ExplicitAttention(mha)).double()]
+    opts = [OPTIMIZERS[name](net, lr=0.05, factor_interval=1, inverse_interval=1) if name in ("kfac", "fop")
+            else OPTIMIZERS[name](net, lr=0.05) for net in nets]
+    assert [layer.name for layer in opts[0].layers] == ["embed", "attention.in_proj", "attention.out_proj", "head"]
+    assert [layer.kind for layer in opts[0].layers][1:3] == ["attention_in_proj", "attention_out_proj"]
+    shares = [opt.coverage()["total"]["share"] for opt in opts]
+    assert shares[0] == shares[1] and (shares[0] == 1.0 or name == "kfrog")  # K-FROG: biases take the plain update
+    torch.manual_seed(4)
+    batches = [(torch.randn(16, 5, 4, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(4)]
+    for net, opt in zip(nets, opts):
+        torch.manual_seed(5)  # FROG's row samples
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    a, b = nets
+    pairs = [(a.embed.weight, b.embed.weight), (a.attention.in_proj_weight, b.attention.in_proj.weight),
+             (a.attention.in_proj_bias, b.attention.in_proj.bias), (a.attention.out_proj.weight,
+                                                                     b.attention.out_proj.weight),
+             (a.head.weight, b.head.weight)]
+    moved = (a.attention.in_proj_weight - start).abs().max()
+    assert moved > 1e-3
+    for p, q in pairs:
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_cross_attention_trains_with_the_input_projection_plain(name, caplog):
+    """A decoder-style cross-attention call: no error; K-FAC/FOP give its input projection the plain update with a
+    warning once; the out projection stays preconditioned; the loss falls."""
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q, self.kv = nn.Linear(4, 8), nn.Linear(4, 8)
+            self.attention = _mha(batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            kv = self.kv(x)
+            h, _ = self.attention(self.q(x[:, :2]), kv, kv)
+            return self.head(h.mean(dim=1))
+
+    net = Cross()
+    opt = OPTIMIZERS[name](net, lr=0.05)
+    x = torch.randn(64, 5, 4)
+    y = (x[:, :, 0].sum(1) > 0).long() + (x[:, :, 1].sum(1) > 0).long()  # a learnable target
+    losses = []
+    with caplog.at_level("WARNING", logger="fop"):
+        for _ in range(20):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    if name in ("kfac", "fop"):
+        assert caplog.text.count("layer attention.in_proj takes the plain update on this step: cross-attention") == 1
+        assert opt.capture.records[2] == []  # released; the out projection had its record (it is preconditioned)
+
+
+def test_transformer_encoder_is_covered_but_its_norms():
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), num_layers=2,
+                                enable_nested_tensor=False)
+    layers, skipped = discover_layers(enc)
+    kinds = [layer.kind for layer in layers]
+    assert kinds.count("attention_in_proj") == 2 and kinds.count("attention_out_proj") == 2
+    assert {name for name, _ in skipped} == {f"layers.{i}.norm{j}" for i in range(2) for j in (1, 2)}
+
+
+def test_separate_projection_weights_are_not_preconditioned():
+    mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
+    layers, skipped = discover_layers(nn.Sequential(mha))
+    reasons = dict(skipped)
+    assert layers == []
+    assert reasons["0"] == "separate q/k/v projection weights (kdim or vdim != embed_dim)"
+    assert reasons["0.out_proj"].startswith("applied by MultiheadAttention 0, which is not preconditioned")
+
+
+def test_excluding_the_out_projection_keeps_the_input_projection():
+    net = _AttentionNet(_mha(batch_first=True))
+    opt = fop.KFAC(net, lr=0.1, exclude=["attention.out_proj"])
+    assert [layer.name for layer in opt.layers] == ["embed", "attention.in_proj", "head"]
+    assert ("attention.out_proj", "excluded") in opt.skipped
+
+
+def test_hooks_go_with_the_optimizer():
+    net = _AttentionNet(_mha(batch_first=True))
+    opt = fop.FOP(net, lr=0.1)
+    assert net.attention in _attention._interceptors
+    del opt
+    gc.collect()
+    assert net.attention not in _attention._interceptors
+    assert not net.attention._forward_pre_hooks and not net.attention._forward_hooks
+
+
+def test_torch_compile_of_an_attention_model_gives_the_same_steps():
+    """aot_eager (inductor would need a C++ compiler here): the steps equal the eager ones."""
+    x, y = torch.randn(16, 5, 4), torch.randint(0, 3, (16,))
+    params = []
+    for compiled in (False, True):
+        net = _AttentionNet(_mha(batch_first=True))
+        opt = fop.FOP(net, lr=0.1)
+        run = torch.compile(net, backend="aot_eager") if compiled else net
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(run(x), y).backward()
+            opt.step()
+        assert opt.steps == 3
+        params.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
