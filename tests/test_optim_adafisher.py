@@ -155,13 +155,15 @@ def _batches(n, seed=3, N=5):
                                                (AdaFisher, "average", None), (AdaFisherW, "average", None),
                                                (AdaFisher, "public", 1e-3), (AdaFisherW, "average", 1e-3)])
 def test_update_matches_literal_float64(cls, ema, kl_clip):
-    """kl_clip=None: the public algorithm; 1e-3 (the default): its trust region, active on these steps."""
+    """kl_clip=None: the public algorithm; 1e-3 (the default): its trust region, active on these steps. The
+    unsupported `scale` takes F~ = 1 as in the public code (unpreconditioned="sgd"; the graft: the next test)."""
     torch.manual_seed(0)
     model = Tiny().double()
     ref, ref_unclipped = copy.deepcopy(model), copy.deepcopy(model)
     hp = dict(lr=0.01, beta=0.9, damping=1e-3, gamma=0.8, interval=2, wd=0.05)
     opt = cls(model, lr=hp["lr"], beta=hp["beta"], damping=hp["damping"], gamma=hp["gamma"],
-              factor_interval=hp["interval"], weight_decay=hp["wd"], ema=ema, kl_clip=kl_clip)
+              factor_interval=hp["interval"], weight_decay=hp["wd"], ema=ema, kl_clip=kl_clip,
+              unpreconditioned="sgd")
     assert [line.split(":")[0] for line in opt.preconditioned()] == ["conv1", "bn", "conv2", "fc1", "ln", "fc2"]
     batches = _batches(5)
     expected = literaltrain_steps(ref, batches, decoupled=cls is AdaFisherW, ema=ema, kl_clip=kl_clip, **hp)
@@ -174,6 +176,39 @@ def test_update_matches_literal_float64(cls, ema, kl_clip):
         opt.step()
         for n, p in model.named_parameters():
             assert_close(p, expected[t][n], 1e-12, 1e-10, f"step {t}: {n}")
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_grafted_parameter_moves_at_the_preconditioned_scale(cls):
+    """unpreconditioned="graft" (default), kl_clip=None: on the first step the preconditioned parameters move as in
+    the "sgd" run (later the runs differ through `scale` in the forward); the unsupported `scale` moves by
+    -lr_t s m / (sqrt(v^) + 1e-8), s the RMS of m / F~ over the preconditioned entries of the step (read back from
+    their updates, -lr_t m / F~), v^ Adam's bias-corrected second moment."""
+    torch.manual_seed(0)
+    grafted, plain = Tiny().double(), Tiny().double()
+    plain.load_state_dict(grafted.state_dict())
+    lr, beta = 0.01, 0.9
+    opts = [cls(m, lr=lr, beta=beta, factor_interval=2, kl_clip=None, unpreconditioned=u)
+            for m, u in ((grafted, "graft"), (plain, "sgd"))]
+    m_scale, v = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for t, (x, y) in enumerate(_batches(4), start=1):
+        before = {n: p.detach().clone() for n, p in grafted.named_parameters()}
+        for model, opt in zip((grafted, plain), opts):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        g = grafted.scale.grad
+        m_scale = beta * m_scale + (1 - beta) * g
+        v = 0.999 * v + 0.001 * g * g
+        lr_t = lr / (1 - beta ** t)
+        moved = [(p.detach() - before[n]).flatten() for n, p in grafted.named_parameters() if n != "scale"]
+        s = torch.cat(moved).square().mean().sqrt() / lr_t
+        expected = before["scale"] - lr_t * s * m_scale / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        assert_close(grafted.scale, expected, 1e-10, 1e-12, f"step {t}: scale")
+        for (n, p), q in zip(grafted.named_parameters(), plain.parameters()):
+            if n != "scale" and t == 1:
+                assert_close(p, q, 0, 0, f"step {t}: {n}")
+    assert not torch.allclose(grafted.scale, plain.scale)
 
 
 DIAG_CASES = [

@@ -525,6 +525,22 @@ def state_counter(entry: dict, key: str, what: str | None = None, low: int = 0) 
     return value
 
 
+GRAFT_BETA2, GRAFT_EPS = 0.999, 1e-8  # the grafted direction's diagonal second moment (Adam's constants)
+UNPRECONDITIONED = ("graft", "sgd")  # what the parameters of no preconditioned layer take (docs/optimizers.md)
+
+
+def graft_denominator(state: dict, grad: torch.Tensor) -> torch.Tensor:
+    """sqrt(v / (1 - b2^t)) + 1e-8 with v <- b2 v + (1 - b2) g^2 (b2 = 0.999): the Adam-like denominator of a grafted
+    direction, in at least float32. `state["graft_sq"]` (v) and `state["graft_step"]` (t) are rebound to new
+    values, never changed in place, so that a step that fails leaves them as they were."""
+    g = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    t = state.get("graft_step", 0) + 1
+    b2 = GRAFT_BETA2
+    sq = g.square().mul_(1 - b2) if t == 1 else state["graft_sq"].mul(b2).addcmul_(g, g, value=1 - b2)
+    state["graft_sq"], state["graft_step"] = sq, t
+    return (sq / (1 - b2 ** t)).sqrt_().add_(GRAFT_EPS)
+
+
 def layer_device_tensor(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A loaded state tensor moved to the device of `like`, dtype kept (bit-identical resume)."""
     return t.detach().to(device=like.device).clone()

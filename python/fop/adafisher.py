@@ -16,14 +16,16 @@ and folded into its running value (initially ones):
     ema="public":  cur <- 0.1 gamma cur + 0.01 gamma new      (the public code's constants)
     ema="average": cur <- gamma cur + (1 - gamma) new          (a proper exponential average)
 
-The update, with F~[j, i] = S_j H_i + damping for a supported parameter (computed on the fly, never stored) and
-F~ = 1 for every other parameter:
+The update, with F~[j, i] = S_j H_i + damping for a supported parameter (computed on the fly, never stored):
 
     AdaFisher:  g <- g + wd theta;  m <- beta m + (1 - beta) g;  theta <- theta - nu lr / (1 - beta^t) m / F~
     AdaFisherW: m <- beta m + (1 - beta) g;  theta <- (1 - lr wd) theta - nu lr / (1 - beta^t) m / F~
 
 with the trust region nu = min(1, sqrt(kl_clip / sum lr_t^2 <m, m / F~>)), lr_t = lr / (1 - beta^t) (kl_clip=1e-3
-by default: an SGD-scale lr, 10-1000x AdaFisher's own, trains; None: nu = 1, the public algorithm).
+by default: an SGD-scale lr, 10-1000x AdaFisher's own, trains; None: nu = 1, the public algorithm). A parameter no
+layer preconditions takes, by default (unpreconditioned="graft"), m / (sqrt(v^) + 1e-8) s in place of m / F~: Adam's
+direction at s, the RMS of m / F~ over the step's preconditioned entries (docs/frog_adafisher.md); the public code's
+F~ = 1 (a step 1 / damping, about 1000x, shorter than a preconditioned entry's) is unpreconditioned="sgd".
 
 With ema="public" a running diagonal after k refreshes is at most 0.08^k + 0.0087 (fixed point 0.008 / 0.92 of a
 [0, 1] value), so from the third refresh on S_j H_i <= 8.5e-5 and F~ stays within 8.5% of `damping` (1e-3): see
@@ -32,10 +34,12 @@ With ema="public" a running diagonal after k refreshes is at most 0.08^k + 0.008
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from fop._base import CurvatureOptimizer, check_choice, check_float, check_int
+from fop._base import UNPRECONDITIONED, CurvatureOptimizer, check_choice, check_float, check_int, graft_denominator
 from fop._layers import NormType, support_for
 from fop.distributed_rows import make_rows_comm
 
@@ -142,8 +146,8 @@ class _AdaFisherBase(CurvatureOptimizer):
 
     def __init__(self, params_or_model, lr: float = 1e-3, beta: float = 0.9, damping: float = 1e-3,
                  gamma: float = 0.8, factor_interval: int = 100, weight_decay: float = 0.0, *, ema: str = "public",
-                 kl_clip: float | None = 1e-3, exclude=None, model: nn.Module | None = None, check_finite: bool = True,
-                 grad_scaler=None, distributed=None):
+                 kl_clip: float | None = 1e-3, unpreconditioned: str = "graft", exclude=None,
+                 model: nn.Module | None = None, check_finite: bool = True, grad_scaler=None, distributed=None):
         check_float("lr", lr, low=0.0)
         check_float("beta", beta, low=0.0, high=1.0, high_open=True)
         check_float("damping", damping, low=0.0, low_open=True)
@@ -152,6 +156,7 @@ class _AdaFisherBase(CurvatureOptimizer):
         check_float("weight_decay", weight_decay, low=0.0)
         self.ema = check_choice("ema", ema, EMA_MODES)
         self.kl_clip = None if kl_clip is None else check_float("kl_clip", kl_clip, low=0.0, low_open=True)
+        self.unpreconditioned = check_choice("unpreconditioned", unpreconditioned, UNPRECONDITIONED)
         defaults = dict(lr=lr, beta=beta, damping=damping, weight_decay=weight_decay)
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, check_finite=check_finite,
                          grad_scaler=grad_scaler)
@@ -254,7 +259,11 @@ class _AdaFisherBase(CurvatureOptimizer):
 
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
         """m <- beta m + (1-beta) g; theta <- theta - nu lr/(1-beta^t) m / F~, weight decay coupled or decoupled;
-        nu the trust region's factor (`_kl_factor`, 1 with kl_clip=None)."""
+        nu the trust region's factor (`_kl_factor`, 1 with kl_clip=None). A parameter that no layer preconditions
+        takes, with unpreconditioned="graft", m / (sqrt(v^) + 1e-8) s in place of m / F~ (v^ Adam's bias-corrected
+        second moment of g, `graft_denominator`; s the RMS per entry of m / F~ over this step's preconditioned
+        entries), so every entry moves at a preconditioned entry's scale; with "sgd", or when no entry is
+        preconditioned, F~ = 1 (the public algorithm)."""
         plans = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -281,7 +290,8 @@ class _AdaFisherBase(CurvatureOptimizer):
                 fishers.append(None if diag is None else
                                _fisher_tilde(self.layers[where[0]], where[1], diag[0], diag[1], damping, p.dtype))
             plans.append((params, exp_avgs, coefs, fishers, lr * wd if self.decoupled_weight_decay else 0.0))
-        nu = self._kl_factor(plans)
+        graft = self._graft_scale(plans)
+        nu = self._kl_factor(plans, grafted=graft is not None)
         for params, exp_avgs, coefs, fishers, decay in plans:
             if decay != 0:
                 torch._foreach_mul_(params, 1.0 - decay)
@@ -290,19 +300,39 @@ class _AdaFisherBase(CurvatureOptimizer):
             plain = [(p, m, c) for p, m, F, c in zip(params, steps, fishers, coefs) if F is None]
             if pre:
                 torch._foreach_addcdiv_(*(list(t) for t in zip(*pre)))
-            if plain:
+            if plain and graft is not None:
+                scale, denoms = graft
+                for p, m, c in plain:
+                    p.add_((m.to(denoms[id(p)].dtype) / denoms[id(p)]).mul_(scale * c).to(p.dtype))
+            elif plain:
                 ps, ms, cs = zip(*plain)
                 torch._foreach_add_(list(ps), torch._foreach_mul(list(ms), list(cs)))
 
-    def _kl_factor(self, plans) -> torch.Tensor | None:
+    def _graft_scale(self, plans) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
+        """(s, {id(p): graft denominator}) for the parameters without F~ (unpreconditioned="graft"): s the RMS per
+        entry of m / F~ over the preconditioned entries; None when there are none or nothing to graft."""
+        if self.unpreconditioned != "graft":
+            return None
+        pre = [(m, F) for _, exp_avgs, _, fishers, _ in plans for m, F in zip(exp_avgs, fishers) if F is not None]
+        others = [p for params, _, _, fishers, _ in plans for p, F in zip(params, fishers) if F is None]
+        if not pre or not others:
+            return None
+        norms = torch.stack([torch.linalg.vector_norm(m / F, dtype=torch.float64) for m, F in pre])  # no overflow
+        scale = torch.linalg.vector_norm(norms) / math.sqrt(sum(m.numel() for m, _ in pre))
+        return scale, {id(p): graft_denominator(self.state[p], p.grad) for p in others}
+
+    def _kl_factor(self, plans, grafted: bool = False) -> torch.Tensor | None:
         """nu = min(1, sqrt(kl_clip / sum lr_t^2 <m, m / F~>)), lr_t = lr / (1 - beta^t) (F~ = 1 for the parameters
-        no layer preconditions): scaled by nu the step's predicted KL divergence in AdaFisher's own metric F~ is at
+        no layer preconditions, which count only when they are not grafted: a grafted step is scaled to the
+        preconditioned ones): scaled by nu the step's predicted KL divergence in AdaFisher's own metric F~ is at
         most kl_clip. A 0-d device tensor (no host sync); None with kl_clip=None."""
         if self.kl_clip is None:
             return None
         total = None
         for _, exp_avgs, coefs, fishers, _ in plans:
             for m, F, c in zip(exp_avgs, fishers, coefs):
+                if F is None and grafted:
+                    continue
                 q = (m.square() if F is None else m.square() / F).sum() * (c * c)
                 q = q.to(torch.promote_types(q.dtype, torch.float32))
                 total = q if total is None else total + q
@@ -318,12 +348,15 @@ class AdaFisher(_AdaFisherBase):
         weight_decay: 0. ema: "public" (the public code's constants) or "average" (a proper average).
         kl_clip: the trust region on the step's predicted KL divergence in the metric F~ (module docstring; 1e-3),
             None turns it off.
-        exclude: modules or module names whose parameters take F~ = 1. check_finite, grad_scaler: see
-            CurvatureOptimizer. distributed: None (synchronize across ranks when a process group of more than one
-            rank is initialized), False, True or a fop.distributed.DistributedOptions: the fresh diagonals are
-            averaged over ranks on refresh steps (fop.distributed_rows).
+        unpreconditioned: "graft" (default: the parameters of no supported layer take Adam's direction at the scale
+            of the preconditioned entries) or "sgd" (F~ = 1, the public code).
+        exclude: modules or module names whose parameters are not preconditioned (see `unpreconditioned`).
+        check_finite, grad_scaler: see CurvatureOptimizer. distributed: None (synchronize across ranks when a
+            process group of more than one rank is initialized), False, True or a fop.distributed.DistributedOptions:
+            the fresh diagonals are averaged over ranks on refresh steps (fop.distributed_rows).
     Supported (fop._layers, docs/layers.md): Linear and transformers' Conv1D, Conv2d and Conv1d (any groups),
-    Embedding and EmbeddingBag, BatchNorm2d, LayerNorm (subclasses included); every other parameter uses F~ = 1.
+    Embedding and EmbeddingBag, nn.MultiheadAttention's projections, BatchNorm2d, LayerNorm (subclasses included);
+    every other parameter takes the grafted step (`unpreconditioned`).
     """
 
 

@@ -11,6 +11,7 @@ from torch import nn
 import fop_kernels
 from fop import inverse_choice
 from fop._base import (
+    UNPRECONDITIONED,
     CurvatureOptimizer,
     check_choice,
     check_float,
@@ -18,6 +19,7 @@ from fop._base import (
     check_outer_hyperparameters,
     check_schedule,
     eval_schedule,
+    graft_denominator,
     layer_device_tensor,
     state_counter,
 )
@@ -30,8 +32,6 @@ logger = logging.getLogger("fop")
 DAMPING_MODES = ("eigen", "factored")
 FISHER_TYPES = ("empirical", "mc")
 INVERSE_METHODS = ("auto", "eigh", "cholesky")
-UNPRECONDITIONED = ("graft", "sgd")
-GRAFT_BETA2, GRAFT_EPS = 0.999, 1e-8  # the diagonal second moment of the grafted direction (Adam's constants)
 
 
 class Bucket:
@@ -461,7 +461,8 @@ class KFAC(CurvatureOptimizer):
     def _has_grad(self, i: int) -> bool:
         """Whether every parameter of layer i has a gradient this step (a layer without is skipped, as torch's
         optimizers skip such parameters: no direction, no factor update), and per-sample statistics: a layer that
-        saw a broadcast batch of 1 is skipped the same way (Capture.broadcast)."""
+        saw a broadcast batch of 1, or whose call the hooks could not capture, is skipped the same way
+        (Capture.plain_reason)."""
         return all(p.grad is not None for p in self.layers[i].params) and self.capture.plain_reason(i) is None
 
     def _validate_before_step(self) -> None:
@@ -769,15 +770,9 @@ class KFAC(CurvatureOptimizer):
             return
         count = sum(d.numel() for d in pre)
         scale = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(pre)])) / math.sqrt(count)
-        b2 = GRAFT_BETA2
         for p in others:
-            state = self.state[p]
-            g = p.grad.to(torch.promote_types(p.grad.dtype, torch.float32))
-            t = state.get("graft_step", 0) + 1
-            sq = g.square().mul_(1 - b2) if t == 1 else state["graft_sq"].mul(b2).addcmul_(g, g, value=1 - b2)
-            denom = (sq / (1 - b2 ** t)).sqrt_().add_(GRAFT_EPS)
-            directions[id(p)] = (g / denom).mul_(scale.to(g.device)).to(p.grad.dtype)
-            state["graft_sq"], state["graft_step"] = sq, t  # rebound, not changed in place: restored on failure
+            denom = graft_denominator(self.state[p], p.grad)
+            directions[id(p)] = (p.grad.to(denom.dtype) / denom).mul_(scale.to(denom.device)).to(p.grad.dtype)
 
     def _clip_update_norm_(self, directions: dict[int, torch.Tensor]) -> None:
         """Every direction (the preconditioned ones and the other parameters' gradients) times
