@@ -315,3 +315,20 @@ def test_torch_compile_of_an_attention_model_gives_the_same_steps():
         params.append([p.detach().clone() for p in net.parameters()])
     for a, b in zip(*params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_study_script_runs(capsys):
+    """bench/studies/attention.py: one probe cell and a one-round cost table, tiny, on the real code paths."""
+    import argparse
+    from pathlib import Path
+
+    from helpers import load_script
+
+    study = load_script(Path(__file__).resolve().parents[1] / "bench" / "studies" / "attention.py", "attention_study")
+    assert study.attention_modules(_AttentionNet(_mha(batch_first=True))) == ["attention"]
+    study.cost(argparse.Namespace(batch=4, width=16, rounds=1, warmup=0))
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| KFAC") or line.startswith("| FOP")]
+    assert len(rows) == 6 and all(float(r.split("|")[2]) > 0 for r in rows), out
+    losses = study.probe_run("KFAC", 0.1, 0, attention=False)
+    assert len(losses) == 30

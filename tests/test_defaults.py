@@ -101,10 +101,10 @@ def _vit():
 TRANSFORMERS = {"bert": _bert, "gpt2": _gpt2, "vit": _vit}
 
 
-def overfit(build, optimizer, lr: float, steps: int = 30, **kwargs) -> list[float]:
-    """The losses of `steps` steps on one fixed batch (seed 0) with only lr (and `kwargs`) set; stops at a
-    non-finite loss."""
-    torch.manual_seed(0)
+def overfit(build, optimizer, lr: float, steps: int = 30, seed: int = 0, **kwargs) -> list[float]:
+    """The losses of `steps` steps on one fixed batch (model and batch from `seed`) with only lr (and `kwargs`) set;
+    stops at a non-finite loss. bench/studies/attention.py runs it too."""
+    torch.manual_seed(seed)
     model, loss_of = build()
     opt = getattr(fop, optimizer)(model, lr=lr, **kwargs)
     losses = []

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import fop
 import torch
@@ -32,32 +33,18 @@ import torch.nn.functional as F
 from fop_train.models import EncoderViT
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+import test_defaults  # noqa: E402  (the probe's model, batch, loop and criterion are the tests')
+
 
 def attention_modules(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
 
 
-def probe_run(optimizer: str, lr: float, seed: int, attention: bool, steps: int = 30) -> list[float]:
-    torch.manual_seed(seed)
-    model = EncoderViT(3, 32, 10, width=32, ffn=64)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    kwargs = {} if attention else {"exclude": attention_modules(model)}
-    opt = getattr(fop, optimizer)(model, lr=lr, **kwargs)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        losses.append(float(loss.detach()))
-        if not math.isfinite(losses[-1]):
-            break
-        loss.backward()
-        opt.step()
-    return losses
-
-
-def falls_and_stays_down(losses: list[float], steps: int = 30) -> bool:
-    return (len(losses) == steps and all(map(math.isfinite, losses)) and losses[-1] < 0.8 * losses[0]
-            and losses[-1] < 3 * min(losses) + 0.05)
+def probe_run(optimizer: str, lr: float, seed: int, attention: bool) -> list[float]:
+    """tests/test_defaults.py's 30-step fixed-batch run of its ViT (the same model, batch and criterion)."""
+    kwargs = {} if attention else {"exclude": attention_modules(test_defaults._vit()[0])}
+    return test_defaults.overfit(test_defaults._vit, optimizer, lr, seed=seed, **kwargs)
 
 
 def probe(args) -> None:
@@ -71,7 +58,7 @@ def probe(args) -> None:
                 finals = [r[-1] for r in runs]
                 print(f"| {optimizer} | {lr:g} | {'preconditioned' if attention else 'excluded (graft)'} | "
                       f"{' / '.join(f'{v:.3g}' for v in finals)} | {statistics.median(finals):.3g} | "
-                      f"{sum(map(falls_and_stays_down, runs))}/{len(runs)} |", flush=True)
+                      f"{sum(map(test_defaults.falls_and_stays_down, runs))}/{len(runs)} |", flush=True)
 
 
 def cost(args) -> None:
