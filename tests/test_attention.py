@@ -332,3 +332,28 @@ def test_attention_study_script_runs(capsys):
     assert len(rows) == 6 and all(float(r.split("|")[2]) > 0 for r in rows), out
     losses = study.probe_run("KFAC", 0.1, 0, attention=False)
     assert len(losses) == 30
+
+
+@pytest.mark.parametrize("name", ["kfac", "fop"])
+def test_attention_steps_on_the_device(device, name):
+    """The GPU check runs this on cuda (tests whose id names cuda): float32 there (TF32 as the user left it), the
+    explicit form's output equals torch's and two steps equal those on the explicit-Linear attention."""
+    mha = _mha(batch_first=True).to(device)
+    x = torch.randn(8, 5, 8, device=device)
+    rec = _Recorder()
+    handle = observe_attention(mha, rec.hooks(), active=lambda: True)
+    out, _ = mha(x, x, x)
+    handle.remove()
+    ref, _ = mha(x, x, x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    nets = [_AttentionNet(mha).to(device), _AttentionNet(_ExplicitAttention(mha)).to(device)]
+    opts = [OPTIMIZERS[name](net, lr=0.05, factor_interval=1, inverse_interval=1) for net in nets]
+    batch = (torch.randn(16, 5, 4, device=device), torch.randint(0, 3, (16,), device=device))
+    for net, opt in zip(nets, opts):
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(net(batch[0]), batch[1]).backward()
+            opt.step()
+    torch.testing.assert_close(nets[0].attention.in_proj_weight, nets[1].attention.in_proj.weight, rtol=1e-3,
+                               atol=1e-4)
+    torch.testing.assert_close(nets[0].head.weight, nets[1].head.weight, rtol=1e-3, atol=1e-4)
