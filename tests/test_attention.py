@@ -203,8 +203,11 @@ def test_step_equals_the_step_on_explicit_linear_layers(name, batch_first):
     mha = _mha(batch_first=batch_first).double()  # float64: FROG's CG would amplify float32 rounding
     start = mha.in_proj_weight.detach().clone()
     nets = [_AttentionNet(mha, batch_first).double(), _AttentionNet(_ExplicitAttention(mha)).double()]
-    opts = [OPTIMIZERS[name](net, lr=0.05, factor_interval=1, inverse_interval=1) if name in ("kfac", "fop")
-            else OPTIMIZERS[name](net, lr=0.05) for net in nets]
+    # K-FROG without its trust region: the head's U^T A U (eps 1e-6 under 1/sqrt(y)) differs by 4e-8 relative between
+    # the two float64 computations, and the clip's one nu carries that into every parameter (3e-7 after 4 steps)
+    extra = {"kfac": dict(factor_interval=1, inverse_interval=1), "fop": dict(factor_interval=1, inverse_interval=1),
+             "kfrog": dict(kl_clip=None)}.get(name, {})
+    opts = [OPTIMIZERS[name](net, lr=0.05, **extra) for net in nets]
     assert [layer.name for layer in opts[0].layers] == ["embed", "attention.in_proj", "attention.out_proj", "head"]
     assert [layer.kind for layer in opts[0].layers][1:3] == ["attention_in_proj", "attention_out_proj"]
     shares = [opt.coverage()["total"]["share"] for opt in opts]

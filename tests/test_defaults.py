@@ -1,5 +1,6 @@
-"""What a user gets with only `lr` set: K-FAC and FOP train at their defaults for any lr a user brings from SGD, the
-safeguard catches a configuration that diverges without it, and the seeds' recommended configuration trains.
+"""What a user gets with only `lr` set: K-FAC, FOP, FROG and K-FROG train at their defaults for any lr a user brings
+from SGD, the safeguard catches a configuration that diverges without it, and the seeds' recommended configuration
+trains.
 
 Every run is a constant-lr run of fop-train's training loop (fop_train.cli.run_one) on sklearn's digits, so the defaults
 are what is tested: nothing but lr (and the configuration under test) is passed."""
@@ -169,3 +170,37 @@ def test_kfac_and_fop_train_bert_at_the_defaults(optimizer):
 def test_kfac_trains_bert_with_damping_1e_2(lr):
     """The remedy measured for BERT: damping 1e-2 (with the grafted step of its embeddings and LayerNorms)."""
     assert falls_and_stays_down(overfit(_bert, "KFAC", lr, damping=1e-2))
+
+
+# -- FROG and K-FROG: the KL trust region (kl_clip) at SGD learning rates -------------------------------------------
+@pytest.mark.parametrize("optimizer", ["frog", "kfrog"])
+@pytest.mark.parametrize("lr", [0.01, 0.1, 1.0])
+def test_frog_and_kfrog_train_the_digits_cnn_at_any_lr(optimizer, lr):
+    """fop-train's FROG (momentum 0.9) and K-FROG at their defaults, batch 256, 3 epochs: no divergence, the training
+    loss falls every epoch (by 0.1 at least: at lr 0.01 the clip is off and the step is the public one), and at
+    lr 0.1 and 1 (the clip on) below half its starting value with 90% test accuracy."""
+    record = constant_lr_run(optimizer, "cnn", 256, lr, epochs=3, target=101.0)
+    assert not record["diverged"], record["diverged_step"]
+    losses = [p["train_loss"] for p in record["history"]]
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
+    if lr >= 0.1:
+        assert losses[-1] < 0.5 * 2.3026 and best_accuracy(record) > 90.0, (losses, best_accuracy(record))
+
+
+@pytest.mark.parametrize("optimizer, public", [("frog", {"kl_clip": None, "tau": 1e-6}), ("kfrog", {"kl_clip": None})])
+def test_frog_trust_region_catches_what_stalls_without_it(optimizer, public):
+    """lr 1, batch 256, 2 epochs: the public algorithm's loss ends above ln 10 (FROG's weights blow up: loss in the
+    thousands; K-FROG ~3), the defaults' below half of it."""
+    unsafe = constant_lr_run(optimizer, "cnn", 256, 1.0, epochs=2, target=101.0, overrides=public)
+    assert unsafe["diverged"] or unsafe["history"][-1]["train_loss"] > 2.3026, unsafe["history"]
+    safe = constant_lr_run(optimizer, "cnn", 256, 1.0, epochs=2, target=101.0)
+    assert not safe["diverged"] and safe["history"][-1]["train_loss"] < 0.5 * 2.3026, safe["history"]
+
+
+@pytest.mark.xfail(strict=True, reason="known: once the training samples are fitted their per-sample gradients (the "
+                   "empirical Fisher FROG measures the KL in) vanish, nu grows back and one step kicks the loss from "
+                   "0.15 to ~60 in epoch 4 at lr 1 (docs/frog_adafisher.md)")
+def test_frog_stays_down_at_lr_1():
+    record = constant_lr_run("frog", "cnn", 256, 1.0, epochs=4, target=101.0)
+    losses = [p["train_loss"] for p in record["history"]]
+    assert not record["diverged"] and max(losses[2:]) < 0.5, losses

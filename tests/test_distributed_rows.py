@@ -217,7 +217,8 @@ def test_bytes_follow_the_cost_model(two_ranks):
         for step, got in enumerate(two_ranks[0][name]["bytes"]):
             want = cost_model(kind, opt.layers, 2, warm_start=hyper.get("warm_start", False) and step > 0,
                               fold_bias=getattr(opt, "fold_bias", True), refresh=step % 2 == 0, value_bytes=8,
-                              diagonal_sizes=[additive_sizes(layer) for layer in opt.layers])
+                              diagonal_sizes=[additive_sizes(layer) for layer in opt.layers],
+                              kl_clip=getattr(opt, "kl_clip", None) is not None)
             assert got == want, (name, step)
 
 

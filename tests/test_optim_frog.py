@@ -41,6 +41,22 @@ def explicit_conv_rows(x, y2, weight_shape, stride, padding, dilation, groups, b
     return torch.stack(mats)
 
 
+def explicit_conv_traces(x, y2, weight_shape, stride, padding, dilation, groups, bias):
+    """t_r = tr(F_r) / D from the explicit F^_r with tau = 0 and the trace guard undone: F^_r (t_r + 1e-10) = F_r."""
+    Fh = explicit_conv_rows(x, y2, weight_shape, stride, padding, dilation, groups, bias, 0.0)
+    s, C = x.shape[:2]
+    cols = F.unfold(x, weight_shape[2:], dilation=dilation, padding=padding, stride=stride)
+    per_group = (C // groups) * weight_shape[2] * weight_shape[3]
+    traces = []
+    for r in range(weight_shape[0]):
+        g = r // (weight_shape[0] // groups)
+        P = cols[:, g * per_group:(g + 1) * per_group].permute(0, 2, 1).reshape(-1, per_group)
+        if bias:
+            P = torch.cat([P, P.new_ones(P.shape[0], 1)], dim=1)
+        traces.append((y2[:, r].reshape(-1) * P.square().sum(1)).sum() / Fh.shape[-1])
+    return torch.stack(traces)
+
+
 def explicit_linear_rows(X, y2, tau):
     """The same for a Linear layer: X (rows x D, bias column included), y2 (rows x R)."""
     mats = []
@@ -102,12 +118,14 @@ def test_conv_path_equals_batched_cg_on_patches(dtype):
 
 
 # -- the optimizer step against the explicit systems ------------------------------------------------------------------
-def _step_and_systems(cg_iters, momentum=0.0):
+def _step_and_systems(cg_iters, momentum=0.0, kl_clip=None, lr=0.05):
+    """One step of FROG (the public step with kl_clip=None) and the explicit F^_r and t_r of its layers."""
     torch.manual_seed(1)
     model = ConvBNLinear().double()
     x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 4, (6,))
-    lr, tau, tau_lin = 0.05, 1e-3, 0.5
-    opt = FROG(model, lr=lr, momentum=momentum, sample_size=None, cg_iters=cg_iters, tau=tau, tau_linear=tau_lin)
+    tau, tau_lin = 1e-3, 0.5
+    opt = FROG(model, lr=lr, momentum=momentum, sample_size=None, cg_iters=cg_iters, tau=tau, tau_linear=tau_lin,
+               kl_clip=kl_clip)
     io, handles = record_layer_io(model)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -122,7 +140,11 @@ def _step_and_systems(cg_iters, momentum=0.0):
     Fc = explicit_conv_rows(io["conv.x"], y2, model.conv.weight.shape, (1, 1), (1, 1), (1, 1), 1, True, tau)
     systems["conv"] = Fc
     X = torch.cat([io["fc.x"], torch.ones(B, 1, dtype=DT)], dim=1)
-    systems["fc"] = explicit_linear_rows(X, (io["fc.dy"] * B) ** 2 / B, tau_lin)
+    y2_fc = (io["fc.dy"] * B) ** 2 / B
+    systems["fc"] = explicit_linear_rows(X, y2_fc, tau_lin)
+    systems["traces"] = {
+        "conv": explicit_conv_traces(io["conv.x"], y2, model.conv.weight.shape, (1, 1), (1, 1), (1, 1), 1, True),
+        "fc": (y2_fc * X.square().sum(1, keepdim=True)).sum(0) / X.shape[1]}
     return model, opt, lr, before, grads, systems
 
 
@@ -155,13 +177,37 @@ def test_step_with_exact_cg_is_normalized_natural_gradient():
         assert_close(after[n] - before[n], -lr * 0.25 * grads[n], 1e-15, 1e-12, n)
 
 
+@pytest.mark.parametrize("lr", [0.05, 3.0])
+def test_trust_region_scales_the_step_to_kl_clip(lr):
+    """kl_clip: the public step times nu = min(1, sqrt(kl_clip / (lr^2 sum_r (t_r + 1e-10) U_r^T F^_r U_r))) on every
+    parameter (the SGD path too), U_r the unit-F^-norm row step; exact CG (80 iterations), explicit matrices."""
+    kl_clip = 1e-3
+    model, opt, lr, before, grads, systems = _step_and_systems(cg_iters=80, kl_clip=kl_clip, lr=lr)
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    units, q = {}, 0.0
+    for name in ("conv", "fc"):
+        g = _rows(grads, name)
+        z = torch.linalg.solve(systems[name], g)
+        units[name] = z / ((z * g).sum(1, keepdim=True) + 1e-10).sqrt()
+        q = q + ((systems["traces"][name] + 1e-10) * torch.einsum("ri,rij,rj->r", units[name], systems[name],
+                                                                   units[name])).sum()
+    nu = min(1.0, math.sqrt(kl_clip / (lr * lr * float(q))))
+    assert (nu < 0.5) == (lr > 1), f"nu = {nu}: the clip should bind at lr {lr} only if large"
+    for name in ("conv", "fc"):
+        assert_close(_rows(after, name) - _rows(before, name), -lr * nu * units[name], 1e-12, 1e-7, f"{name} step")
+    for n in ("bn.weight", "bn.bias"):
+        assert_close(after[n] - before[n], -lr * 0.25 * nu * grads[n], 1e-15, 1e-10, n)
+
+
 def test_sgd_path_matches_torch_sgd_and_bias_unfolded():
-    """Other parameters (and biases with fold_bias=False) follow torch.optim.SGD with lr * lr_other_ratio."""
+    """Other parameters (and biases with fold_bias=False) follow torch.optim.SGD with lr * lr_other_ratio (the
+    public algorithm: kl_clip=None)."""
     torch.manual_seed(0)
     model = ConvBNLinear().double()
     ref = copy.deepcopy(model)
     lr, mu, wd, ratio = 0.1, 0.9, 1e-2, 0.5
-    opt = FROG(model, lr=lr, momentum=mu, nesterov=True, weight_decay=wd, lr_other_ratio=ratio, fold_bias=False)
+    opt = FROG(model, lr=lr, momentum=mu, nesterov=True, weight_decay=wd, lr_other_ratio=ratio, fold_bias=False,
+               kl_clip=None)
     others = ["bn.weight", "bn.bias", "conv.bias", "fc.bias"]
     ref_params = dict(ref.named_parameters())
     sgd = torch.optim.SGD([ref_params[n] for n in others], lr=lr * ratio, momentum=mu, nesterov=True,
@@ -314,7 +360,8 @@ def test_gradscaler_skips_overflow_and_unscales():
     (dict(lr=-1.0), "lr"), (dict(momentum=1.0), "momentum"), (dict(weight_decay=-1e-3), "weight_decay"),
     (dict(sample_size=0), "sample_size"), (dict(cg_iters=0), "cg_iters"), (dict(tau=-1e-6), "tau"),
     (dict(tau_linear=float("nan")), "tau_linear"), (dict(lr_other_ratio=-0.5), "lr_other_ratio"),
-    (dict(nesterov=True), "nesterov"), (dict(exclude=["nope"]), "nope"),
+    (dict(nesterov=True), "nesterov"), (dict(exclude=["nope"]), "nope"), (dict(kl_clip=0.0), "kl_clip"),
+    (dict(kl_clip=float("nan")), "kl_clip"),
 ])
 def test_invalid_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -147,9 +147,12 @@ def _rows(tensors, bias):
 
 @pytest.mark.parametrize("fold_bias", [False, True])
 @pytest.mark.parametrize("sample_size", [None, 4])
-def test_steps_match_reference(fold_bias, sample_size):
+@pytest.mark.parametrize("kl_clip", [None, 1e-5])
+def test_steps_match_reference(fold_bias, sample_size, kl_clip):
     """Three steps with momentum, Nesterov, a y EMA with bias correction and per-group settings; every update is
-    -lr times the reference direction (sampled inputs drawn as documented: per layer in order, from the seed)."""
+    -nu lr times the reference direction U (sampled inputs drawn as documented: per layer in order, from the seed),
+    nu = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r (y^_r + eps) U_r^T (A + eps I) U_r / L)) with L the output
+    positions per sample, on the SGD path too; kl_clip=None: nu = 1, the public algorithm."""
     torch.manual_seed(0)
     model = ConvBNLinear().double()
     seed, N = 7, 6
@@ -159,7 +162,8 @@ def test_steps_match_reference(fold_bias, sample_size):
               dict(params=list(model.bn.parameters()))]
     mu, ratio = 0.5, 0.5
     opt = KFROG(groups, model=model, lr=0.1, momentum=mu, nesterov=True, sample_size=sample_size, cg_iters=4,
-                lr_other_ratio=ratio, fold_bias=fold_bias, seed=seed)
+                lr_other_ratio=ratio, fold_bias=fold_bias, seed=seed, kl_clip=kl_clip)
+    nus = []
     draws = torch.Generator().manual_seed(seed)
     bufs, y_ema = {}, {"conv": torch.zeros(3, dtype=DT)}
     for t in range(1, 4):
@@ -173,6 +177,7 @@ def test_steps_match_reference(fold_bias, sample_size):
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         opt.step()
         after = dict(model.named_parameters())
+        expected, q = {}, 0.0
         for name in ("conv", "fc"):  # the optimizer's layer order
             mod, cfg = getattr(model, name), settings[name]
             idx = None if sample_size is None else torch.randperm(N, generator=draws)[:sample_size]
@@ -189,17 +194,24 @@ def test_steps_match_reference(fold_bias, sample_size):
             geometry = (mod.weight.shape, mod.stride, mod.padding, mod.dilation, 1) if name == "conv" else ()
             factors = explicit_input_factors(x_s, *geometry, bias=fold_bias)
             U = reference_direction(factors, m, yr, cfg["eps"], 4)
-            delta = _rows([after[n].detach() - before[n] for n in names], fold_bias)
-            assert_close(delta, -cfg["lr"] * U, 1e-12, 1e-8, f"step {t}: {name} update")
+            A = factors[0] + cfg["eps"] * torch.eye(factors[0].shape[0], dtype=DT)  # one group in both layers
+            L = io[name + ".dy"][0, 0].numel() if name == "conv" else 1
+            q = q + cfg["lr"] ** 2 * ((yr + cfg["eps"]) * torch.einsum("ri,ij,rj->r", U, A, U)).sum() / L
+            expected[name] = (_rows([after[n].detach() - before[n] for n in names], fold_bias), -cfg["lr"] * U)
+        nu = 1.0 if kl_clip is None else min(1.0, math.sqrt(kl_clip / float(q)))
+        nus.append(nu)
+        for name, (delta, step) in expected.items():
+            assert_close(delta, nu * step, 1e-12, 1e-8, f"step {t}: {name} update")
         sgd = ["bn.weight", "bn.bias"] + ([] if fold_bias else ["conv.bias", "fc.bias"])
-        for n in sgd:  # SGD path: momentum, Nesterov, lr of the group times lr_other_ratio
+        for n in sgd:  # SGD path: momentum, Nesterov, lr of the group times lr_other_ratio (times nu)
             bufs[n] = grads[n] if n not in bufs else mu * bufs[n] + grads[n]
             lr = settings.get(n.split(".")[0], {}).get("lr", 0.1)
-            assert_close(after[n].detach() - before[n], -lr * ratio * (grads[n] + mu * bufs[n]), 1e-14, 1e-10,
-                         f"step {t}: {n}")
+            assert_close(after[n].detach() - before[n], -nu * lr * ratio * (grads[n] + mu * bufs[n]), 1e-14,
+                         1e-10, f"step {t}: {n}")
         for n, p in model.named_parameters():  # the step never writes into a gradient
             assert torch.equal(p.grad, grads[n]), n
     assert opt.state[model.conv.weight]["y_updates"] == 3 and "y_ema" not in opt.state[model.fc.weight]
+    assert (max(nus) < 0.5) == (kl_clip is not None), f"nu per step {nus}: the clip binds exactly when it is on"
 
 
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
@@ -210,7 +222,8 @@ def test_linear_on_sequences_matches_reference(loss_reduction):
     fc = nn.Linear(5, 4).double()
     N, T = 6, 3
     x, target = torch.randn(N, T, 5, dtype=DT), torch.randn(N, T, 4, dtype=DT)
-    opt = KFROG(fc, lr=0.05, eps=1e-2, sample_size=4, fold_bias=True, loss_reduction=loss_reduction, seed=3)
+    opt = KFROG(fc, lr=0.05, eps=1e-2, sample_size=4, fold_bias=True, loss_reduction=loss_reduction, seed=3,
+                kl_clip=None)
     dy = {}
     out = fc(x)
     out.register_hook(lambda g: dy.__setitem__("dy", g.detach()))
@@ -245,7 +258,8 @@ def test_gradient_accumulation_equals_one_batch():
 
 
 def test_weight_decay_is_decoupled_on_preconditioned_layers():
-    """Against the same step without decay: W moves by an extra -lr wd W (decoupled), the SGD path by -lr wd p."""
+    """Against the same step without decay: W moves by an extra -lr wd W (decoupled), the SGD path by -lr wd p (the
+    public algorithm, kl_clip=None; the clip scales the SGD path's coupled decay with the rest of its step)."""
     torch.manual_seed(0)
     model = ConvBNLinear().double()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -254,7 +268,7 @@ def test_weight_decay_is_decoupled_on_preconditioned_layers():
     stepped = []
     for w in (wd, 0.0):
         m = copy.deepcopy(model)
-        opt = KFROG(m, lr=lr, weight_decay=w, seed=0)
+        opt = KFROG(m, lr=lr, weight_decay=w, seed=0, kl_clip=None)
         opt.zero_grad()
         F.cross_entropy(m(x), y).backward()
         opt.step()

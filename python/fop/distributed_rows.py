@@ -232,14 +232,15 @@ def _rows_dims(layers, fold_bias: bool) -> tuple[list[int], list[int]]:
 
 def cost_model(kind: str, layers, world: int, *, cg_iters: int = 4, warm_start: bool = False,
                fold_bias: bool = True, refresh: bool = True, value_bytes: int = 4,
-               diagonal_sizes: list[tuple[int, int]] | None = None) -> dict[str, int]:
+               diagonal_sizes: list[tuple[int, int]] | None = None, kl_clip: bool = True) -> dict[str, int]:
     """Payload bytes one rank hands to the collectives of one step (what `RowsComm.last_step_bytes` reports), for
     `kind` "frog", "kfrog" or "adafisher"; every summed round's buffer carries a one-entry flag.
 
     control: the agreement vector before the step's work, 8 (1 + W L), and the error flag after it, 8. FROG: the
     traces (R per layer), (cg_iters - 1 [+ 1 warm_start]) rounds of the R x D matvec parts, the last iteration's R
     quadratic forms. K-FROG: y_r (R) and the input diagonal's data (C_in kh kw + 1 for a conv, D for a Linear) per
-    layer in one round, then the same CG rounds without a warm start. AdaFisher: on refresh steps only, H and S of
+    layer in one round, then the same CG rounds without a warm start, and with its trust region on (`kl_clip`) one
+    more round of U_r^T A U_r (R) and the input row count (1) per layer. AdaFisher: on refresh steps only, H and S of
     every layer in one round (`diagonal_sizes`: the lengths of each layer's H and S, fop.adafisher.additive_sizes,
     required for "adafisher")."""
     L = len(layers)
@@ -260,6 +261,8 @@ def cost_model(kind: str, layers, world: int, *, cg_iters: int = 4, warm_start: 
                     if isinstance(layer.type, Conv2dType)
                     else layer.weight.shape[1] + int(fold_bias and layer.bias is not None) for layer in layers]
             out["stats"] = value_bytes * (sum(rows) + sum(data) + 1)
+            if kl_clip:
+                out["kl"] = value_bytes * (sum(rows) + L + 1)
         out["cg"] = value_bytes * cg
     out["total"] = sum(out.values())
     return out

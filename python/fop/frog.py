@@ -8,9 +8,16 @@ folded into the row when `fold_bias=True`), on every step:
     t_r  = tr(F_r) / D,    F^_r = F_r / (t_r + 1e-10) + tau I      (tau: `tau` for Conv2d, `tau_linear` for Linear)
     m   <- mu m + g                                        (momentum before preconditioning; Nesterov: g + mu m)
     z_r  = CG(F^_r, m_r)                                   cg_iters iterations from 0 (or the last z: warm_start)
-    W_r <- (1 - lr wd) W_r - lr z_r / sqrt(<z_r, m_r> + 1e-10)
+    U_r  = z_r / sqrt(<z_r, m_r> + 1e-10)                 (every row moves an F^-norm of lr: the public step)
+    nu   = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r q_r)),  q_r = (t_r + 1e-10) U_r^T F^_r U_r   (trust region)
+    W_r <- (1 - lr wd) W_r - nu lr U_r
 
-Every other parameter: SGD with momentum mu, coupled weight decay and learning rate lr * lr_other_ratio.
+Every other parameter: SGD with momentum mu, coupled weight decay and learning rate nu lr lr_other_ratio.
+
+q_r is the squared norm of row r's step in its damped Fisher (t_r + 1e-10) F^_r = F_r + (t_r + 1e-10) tau I, so
+nu bounds the whole step's predicted KL divergence lr^2 sum q_r by kl_clip as K-FAC's clip does (kl_clip=None: nu = 1,
+the public algorithm). CG from zero keeps z_r^T F^_r z_r = <z_r, m_r>, so q_r = (t_r + 1e-10) c_r / (c_r + 1e-10)
+with c_r = max(<z_r, m_r>, 0) (`normalized_step_quadratic`; with warm_start the identity is approximate).
 
 With a mean-reduced loss the autograd output gradient is dy = g / B, so y2 = dy^2 B^2 / s as in the public code;
 the scale cancels in F^_r (trace normalization) except against the 1e-10 guard.
@@ -41,7 +48,8 @@ NORM_EPS = 1e-10
 CHANNELS_LAST_MIN_PIXELS = 1024  # CPU: ConvSystems runs its convs channels-last on inputs of at least 32 x 32
 
 __all__ = ["FROG", "FROGBase", "ConvRowSystems", "ConvSystems", "LinearSystems", "cg_schedule", "conv_row_trace",
-           "linear_row_trace", "row_cg", "row_cg_requests", "row_normalized_step"]
+           "linear_row_trace", "normalized_step_quadratic", "row_cg", "row_cg_requests", "row_normalized_step",
+           "trust_region_factor"]
 
 
 def row_normalized_step(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -50,6 +58,23 @@ def row_normalized_step(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     (CG from zero keeps z_r^T F^_r z_r = z_r^T m_r after any number of iterations, so this holds for inexact
     solves too.) A row with <z_r, m_r> < 0 (impossible in exact arithmetic) is treated as 0."""
     return z * (rowdot(z, m).clamp_min(0.0) + NORM_EPS).rsqrt()[:, None]
+
+
+def normalized_step_quadratic(z: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sum_r (t_r + 1e-10) c_r / (c_r + 1e-10), c_r = max(<z_r, m_r>, 0): the squared norm of
+    row_normalized_step(z, m) in the damped row Fishers (t_r + 1e-10) F^_r, since CG from zero keeps
+    z_r^T F^_r z_r = <z_r, m_r> (a row treated as 0 counts 0). A 0-d tensor."""
+    c = rowdot(z, m).clamp_min(0.0)
+    return ((t + TRACE_EPS) * c / (c + NORM_EPS)).sum()
+
+
+def trust_region_factor(terms: list[tuple[float, torch.Tensor]], kl_clip: float) -> torch.Tensor:
+    """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 q_l)) from (lr_l, q_l) per layer, q_l the squared norm of layer l's
+    step in its metric: scaled by nu, the step's predicted KL divergence is at most kl_clip (as fop.kfac's clip).
+    A 0-d tensor in float64 when any q_l is, else float32 (no host sync)."""
+    dtype = torch.float64 if any(q.dtype == torch.float64 for _, q in terms) else torch.float32
+    total = torch.stack([q.to(dtype) * (lr * lr) for lr, q in terms]).sum()
+    return torch.sqrt(kl_clip / total.clamp_min(1e-30)).clamp(max=1.0)
 
 
 def conv_row_trace(x_s: torch.Tensor, y2: torch.Tensor, weight_shape, stride, padding, dilation, groups: int,
@@ -185,11 +210,14 @@ frog_layer_support.__doc__ = ("FROG preconditions nn.Linear and nn.Conv2d (any g
 
 class FROGBase(CurvatureOptimizer):
     """What FROG and K-FROG share: the optimizer's own sample generator (its state in `state_dict`), momentum applied
-    to the gradient before preconditioning, and the outer update: decoupled `W <- (1 - lr wd) W - lr U` on the
-    preconditioned parameters, SGD (coupled weight decay, momentum, lr * lr_other_ratio) on the others.
-    Subclasses set `self.sample_size` and implement `_curvature_step`."""
+    to the gradient before preconditioning, the trust region (`_trust_region`) and the outer update: decoupled
+    `W <- (1 - lr wd) W - nu lr U` on the preconditioned parameters, SGD (coupled weight decay, momentum,
+    nu lr lr_other_ratio) on the others. Subclasses set `self.sample_size` and `self.kl_clip` and implement
+    `_curvature_step`."""
 
     sample_size: int | None = None
+    kl_clip: float | None = None
+    _step_scale: torch.Tensor | None = None  # this step's nu (None: 1), set by _trust_region
 
     def __init__(self, params_or_model, defaults: dict, *, seed: int | None, distributed=None, **kwargs):
         if seed is None:
@@ -268,8 +296,21 @@ class FROGBase(CurvatureOptimizer):
         if b is not None:
             directions[id(b)] = U[:, d_w]
 
+    def _trust_region(self, directions: dict[int, torch.Tensor],
+                      terms: list[tuple[float, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """The directions times nu = trust_region_factor(terms, kl_clip) (terms: (lr, q) per preconditioned layer);
+        nu is kept for the SGD path of this step. Unchanged, nu = 1, with kl_clip=None or no preconditioned layer."""
+        self._step_scale = None
+        if self.kl_clip is None or not terms:
+            return directions
+        nu = trust_region_factor(terms, self.kl_clip)
+        self._step_scale = nu
+        return {k: d * nu.to(d.dtype) for k, d in directions.items()}
+
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
-        """Preconditioned: W <- (1 - lr wd) W - lr U.  Others: SGD, coupled wd, momentum, lr * lr_other_ratio."""
+        """Preconditioned: W <- (1 - lr wd) W - lr U (U already scaled by nu).  Others: SGD, coupled wd, momentum,
+        nu lr lr_other_ratio (the momentum buffer itself is not scaled)."""
+        nu = self._step_scale
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -282,7 +323,8 @@ class FROGBase(CurvatureOptimizer):
                     p.add_(d.to(p.dtype), alpha=-lr)
                     continue
                 g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
-                p.add_(self._momentum(p, g, mu, group["nesterov"]), alpha=-lr * group["lr_other_ratio"])
+                step = self._momentum(p, g, mu, group["nesterov"])
+                p.add_(step if nu is None else step * nu.to(step.dtype), alpha=-lr * group["lr_other_ratio"])
 
     # -- extra state -----------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
@@ -312,8 +354,10 @@ class FROG(FROGBase):
         weight_decay: decoupled `W <- (1 - lr wd) W` on preconditioned layers, coupled `g + wd p` elsewhere.
         sample_size: s, whole samples drawn afresh per layer and step for the Fisher (24; None: the whole batch).
         cg_iters: CG iterations from zero (4, no convergence test).
-        tau: damping of the Conv2d rows relative to their mean Fisher diagonal (1e-6, the public code's), a float
-            or a callable of the step count.
+        tau: damping of the Conv2d rows relative to their mean Fisher diagonal (1e-2; the public code's 1e-6 lets a
+            unit-F^-norm step grow ~1/sqrt(tau) in the directions the s samples do not span: one step multiplied the
+            digits CNN's second conv rows by 6 at lr 0.1, docs/frog_adafisher.md), a float or a callable of the step
+            count.
         tau_linear: the same for Linear rows (0.3). Beyond the public code (Conv2d only): a Linear row Fisher from
             s samples has rank <= s, usually below D, and with tau 1e-6 the unit-F^-norm step is huge in the
             directions no sample saw; 0.3 trained the digits CNN best (docs/frog_adafisher.md).
@@ -323,6 +367,9 @@ class FROG(FROGBase):
         fold_bias: solve a layer's bias together with its weight rows as an input column of ones (True); False
             sends biases to the SGD path as the public code does.
         warm_start: start CG from the previous step's solution (one extra matvec per step) instead of zero.
+        kl_clip: the trust region (module docstring): the step is scaled so that its predicted KL divergence in the
+            damped row Fishers is at most kl_clip (1e-3, as K-FAC's; None: the public step, every row moving lr).
+            With kl_clip=None and tau=1e-6 FROG is the public algorithm.
         seed: seed of the sample draws (default: drawn from torch's global generator at construction); the
             generator's state is part of `state_dict`.
         loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
@@ -335,13 +382,15 @@ class FROG(FROGBase):
     group_checks = {**CurvatureOptimizer.group_checks, "lr_other_ratio": dict(low=0.0)}
 
     def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-6,
+                 weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-2,
                  lr_other_ratio: float = 0.25, exclude=(), *, tau_linear=0.3, fold_bias: bool = True,
-                 warm_start: bool = False, seed: int | None = None, model: nn.Module | None = None,
-                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
+                 warm_start: bool = False, kl_clip: float | None = 1e-3, seed: int | None = None,
+                 model: nn.Module | None = None, loss_reduction: str = "mean", check_finite: bool = True,
+                 grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         check_nesterov(nesterov, momentum)
         self.sample_size = None if sample_size is None else check_int("sample_size", sample_size)
+        self.kl_clip = None if kl_clip is None else check_float("kl_clip", kl_clip, low=0.0, low_open=True)
         check_int("cg_iters", cg_iters)
         check_schedule("tau", tau)
         check_schedule("tau_linear", tau_linear)
@@ -386,6 +435,7 @@ class FROG(FROGBase):
             return self._curvature_step_distributed(inv_scale)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         directions: dict[int, torch.Tensor] = {}
+        terms: list[tuple[float, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
             W, b = layer.weight, layer.bias if self.fold_bias else None
             if W.grad is None:
@@ -401,26 +451,29 @@ class FROG(FROGBase):
             tau = eval_schedule(key, group[key], self.steps)
             state = self.state[W]
             x0 = state.get("cg_solution") if self.warm_start else None
-            z = self._solve(layer, x_s, y2, m, tau, group["cg_iters"], b is not None, x0)
+            z, t = self._solve(layer, x_s, y2, m, tau, group["cg_iters"], b is not None, x0)
             if self.warm_start:
                 state["cg_solution"] = z.clone()
+            if self.kl_clip is not None:
+                terms.append((group["lr"], normalized_step_quadratic(z, m, t)))
             self._set_directions(directions, row_normalized_step(z, m), W, b)
-        return directions
+        return self._trust_region(directions, terms)
 
     @staticmethod
     def _solve(layer, x_s, y2, m, tau, iters, bias, x0):
-        """z = CG(F^, m) for the rows of one layer: convs for Conv2d, fop_kernels.batched_cg for Linear."""
+        """(z = CG(F^, m), the traces t) for the rows of one layer: convs for Conv2d, fop_kernels.batched_cg for
+        Linear."""
         if isinstance(layer.type, Conv2dType):
             c = layer.conv
             rows = ConvRowSystems(x_s, y2, layer.weight.shape, c["stride"], c["padding"], c["dilation"],
                                   c["groups"], bias, tau)
-            return row_cg(rows.matvec, rows.quad, m, iters, x0)
+            return row_cg(rows.matvec, rows.quad, m, iters, x0), rows.trace
         X = x_s.reshape(-1, x_s.shape[-1])
         if bias:
             X = torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
-        w = y2.reshape(-1, y2.shape[-1]) * X.shape[0]  # batched_cg divides F_r by its row count
-        z, _ = fop_kernels.batched_cg(X, w, m, tau, iters=iters, x0=x0)
-        return z
+        y2 = y2.reshape(-1, y2.shape[-1])
+        z, _ = fop_kernels.batched_cg(X, y2 * X.shape[0], m, tau, iters=iters, x0=x0)  # it divides F_r by the rows
+        return z, linear_row_trace(X, y2)
 
     def _curvature_step_distributed(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """The same across ranks (fop.distributed_rows): each rank's sampled samples' parts of the traces and of
@@ -498,9 +551,12 @@ class FROG(FROGBase):
         zs = lockstep_row_cg(comm, [it[5] for it in info], [it[3]["cg_iters"] for it in info], warm, round_dtype,
                              build)
         directions: dict[int, torch.Tensor] = {}
-        for (_, W, b, _, dtype, _), z, m in zip(info, zs, ms):
+        terms: list[tuple[float, torch.Tensor]] = []
+        for (_, W, b, group, dtype, _), z, m, t in zip(info, zs, ms, summed):
             z = z.to(dtype)
             if self.warm_start:
                 self.state[W]["cg_solution"] = z.clone()
+            if self.kl_clip is not None:
+                terms.append((group["lr"], normalized_step_quadratic(z, m, t.to(dtype))))
             self._set_directions(directions, row_normalized_step(z, m), W, b)
-        return directions
+        return self._trust_region(directions, terms)

@@ -10,12 +10,19 @@ in_features; with `fold_bias=True` a bias is an extra input column of ones), on 
     A     = sum_{n in S, l} x_{n,l} x_{n,l}^T / s + eps I   S: s whole samples drawn afresh per layer and step
     Z_r   = CG(A, P1_r)                                   cg_iters iterations from zero, all rows at once
     U_r   = Z_r * sqrt(diag(A - eps I))                   entrywise: the post-scaling that imitates A^{-1/2}
-    W_r  <- (1 - lr wd) W_r - lr U_r
+    nu    = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r q_r)),  q_r = (y^_r + eps) U_r^T A U_r / L   (trust region)
+    W_r  <- (1 - lr wd) W_r - nu lr U_r
 
 x_{n,l} is the input patch at output position l (Linear: the input row at position l of a (N, ..., in) input). A
 grouped conv's row r sees only its group's input channels, so A is per group. A is applied matrix-free: Conv2d as
 a conv and a weight-gradient conv over the s sampled inputs (fop.frog.ConvSystems, no im2col), Linear through
-fop_kernels.batched_cg. Every other parameter: SGD with momentum mu, coupled weight decay, lr * lr_other_ratio.
+fop_kernels.batched_cg. Every other parameter: SGD with momentum mu, coupled weight decay, nu lr lr_other_ratio.
+
+q_r is the squared norm of row r's step in K-FROG's damped Kronecker row Fisher (y^_r + eps) A / L, L the output
+positions per sample (conv: Ho Wo; Linear: the positions of a (N, ..., in) input): y_r / L is the mean squared output
+gradient per position and A sums x x^T over the positions, so that is FROG's F_r = sum_{n,l} g^2 x x^T / s with g^2
+and x independent. nu bounds the step's predicted KL divergence by kl_clip as K-FAC's and FROG's clips do
+(kl_clip=None: nu = 1, the public algorithm). It costs one more product with A (a conv over the s samples).
 
 With a mean-reduced loss the autograd output gradient is dy = g / N, so y_r = N sum dy^2 as in the public code
 (which multiplies by the subsample count s; the two agree when s >= N, the public default s 256 at batch <= 256).
@@ -39,10 +46,11 @@ from fop.frog import (
     check_nesterov,
     frog_layer_support,
     row_cg,
+    rowdot,
 )
 
 __all__ = ["KFROG", "conv_input_diag", "conv_input_sq", "expand_input_diag", "kfrog_conv_solve", "kfrog_linear_solve",
-           "linear_input_diag"]
+           "kfrog_step_quadratic", "linear_input_diag"]
 
 
 def conv_input_sq(x_s: torch.Tensor, weight_shape, stride, padding, dilation) -> tuple[torch.Tensor, int]:
@@ -100,6 +108,23 @@ def kfrog_linear_solve(X: torch.Tensor, s: int, B: torch.Tensor, eps: float, ite
     return z
 
 
+def _system_rows(systems) -> int:
+    """The input rows (samples times output positions) of this rank's part of a ConvSystems or LinearSystems."""
+    if isinstance(systems, ConvSystems):
+        s, _, H, W = systems.x_s.shape
+        (kh, kw), (stride, padding, dilation, _) = systems.weight_shape[2:], systems.geometry
+        Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        return s * Ho * Wo
+    return systems.X.shape[0]
+
+
+def kfrog_step_quadratic(quad: torch.Tensor, y: torch.Tensor, eps: float, positions) -> torch.Tensor:
+    """sum_r (y_r + eps) quad_r / L, quad_r = U_r^T A U_r of the step rows U and L the output positions per sample:
+    the squared norm of U in the damped Kronecker row Fisher (y_r + eps) A / L. A 0-d tensor."""
+    return ((y + eps) * quad).sum() / positions
+
+
 class KFROG(FROGBase):
     r"""K-FROG: the row scaling from squared output gradients, CG on the input factor, diagonal post-scaling (see
     the module docstring for the formulas).
@@ -122,6 +147,9 @@ class KFROG(FROGBase):
         exclude: modules or module names left to the SGD path.
         fold_bias: solve a layer's bias with its weight rows as an input column of ones (False: the bias takes the
             SGD path, as in the public code).
+        kl_clip: the trust region (module docstring): the step, the SGD path's included, is scaled so that its
+            predicted KL divergence in the damped Kronecker row Fisher is at most kl_clip (1e-3, as K-FAC's; None:
+            the public algorithm).
         seed: seed of the sample draws (default: drawn from torch's global generator at construction); the
             generator's state is part of `state_dict`. Per step, the layers draw in order.
         loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
@@ -134,12 +162,14 @@ class KFROG(FROGBase):
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, y_momentum: float = 0.0, sample_size: int | None = 256,
                  cg_iters: int = 4, eps: float = 1e-6, lr_other_ratio: float = 1.0, exclude=(), *,
-                 fold_bias: bool = False, seed: int | None = None, model: nn.Module | None = None,
+                 fold_bias: bool = False, kl_clip: float | None = 1e-3, seed: int | None = None,
+                 model: nn.Module | None = None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         check_nesterov(nesterov, momentum)
         check_float("y_momentum", y_momentum, low=0.0, high=1.0, high_open=True)
         self.sample_size = None if sample_size is None else check_int("sample_size", sample_size)
+        self.kl_clip = None if kl_clip is None else check_float("kl_clip", kl_clip, low=0.0, low_open=True)
         check_int("cg_iters", cg_iters)
         check_float("eps", eps, low=0.0, low_open=True)
         check_float("lr_other_ratio", lr_other_ratio, low=0.0)
@@ -203,6 +233,7 @@ class KFROG(FROGBase):
             return self._curvature_step_distributed(inv_scale)
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         directions: dict[int, torch.Tensor] = {}
+        terms: list[tuple[float, torch.Tensor]] = []
         for i, layer in enumerate(self.layers):
             W, b = layer.weight, layer.bias if self.fold_bias else None
             recs = self.capture.done(i)
@@ -215,17 +246,24 @@ class KFROG(FROGBase):
             x_s = self._sampled_inputs(recs, dtype)
             P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]  # never in place: m may be .grad
             bias = b is not None
+            s = x_s.shape[0]
             if isinstance(layer.type, Conv2dType):
                 c = layer.conv
                 geometry = (c["stride"], c["padding"], c["dilation"], c["groups"])
                 Z = kfrog_conv_solve(x_s, P1, W.shape, *geometry, bias, eps, iters)
                 diag = conv_input_diag(x_s, W.shape, *geometry, bias)
+                systems = ConvSystems(x_s, 1.0 / s, W.shape, *geometry, bias, eps)
             else:
                 X = _rows(x_s, bias)
-                Z = kfrog_linear_solve(X, x_s.shape[0], P1, eps, iters)
-                diag = linear_input_diag(X, x_s.shape[0])
-            self._set_directions(directions, Z.mul_(diag.sqrt_()), W, b)
-        return directions
+                Z = kfrog_linear_solve(X, s, P1, eps, iters)
+                diag = linear_input_diag(X, s)
+                systems = LinearSystems(X, 1.0 / s, eps)
+            U = Z.mul_(diag.sqrt_())
+            if self.kl_clip is not None:
+                L = _system_rows(systems) / s
+                terms.append((group["lr"], kfrog_step_quadratic(systems.quad(U), y, eps, L)))
+            self._set_directions(directions, U, W, b)
+        return self._trust_region(directions, terms)
 
     def _curvature_step_distributed(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """The same across ranks (fop.distributed_rows): every rank's part of y_r (all its samples) and of diag(A)
@@ -284,6 +322,7 @@ class KFROG(FROGBase):
         ys, sqs = summed[0::2], summed[1::2]
         sizes = [len(draw) if draw is not None else sum(comm.counts[i]) for i, draw in jobs]
         P1s: list = []
+        built: list = []  # per job: (systems, y^)
 
         def build():
             items = []
@@ -299,16 +338,31 @@ class KFROG(FROGBase):
                     systems = LinearSystems(data, 1.0 / s, eps)
                 items.append((systems, P1, None))
                 P1s.append(P1)
+                built.append((systems, y))
             return items
 
         Zs = lockstep_row_cg(comm, [it[5] for it in info], [it[3]["cg_iters"] for it in info],
                              [False] * len(info), round_dtype, build)
-        directions: dict[int, torch.Tensor] = {}
+        Us = []
         for (layer, W, b, _, dtype, _, _), Z, sq, s in zip(info, Zs, sqs, sizes):
             sq = sq.to(dtype)
             if isinstance(layer.type, Conv2dType):
                 diag = expand_input_diag(sq[:-1], s, W.shape[0], layer.conv["groups"], b is not None, sq[-1] / s)
             else:
                 diag = (sq / s).expand(W.shape[0], -1)
-            self._set_directions(directions, Z.to(dtype).mul_(diag.sqrt()), W, b)
-        return directions
+            Us.append(Z.to(dtype).mul_(diag.sqrt()))
+        terms: list[tuple[float, torch.Tensor]] = []
+        if self.kl_clip is not None:  # one more round: every rank's part of U^T A U and of its input rows
+            def quads():
+                return [torch.cat([systems.quad_data(U), U.new_full((1,), float(_system_rows(systems)))])
+                        for (systems, _), U in zip(built, Us)]
+
+            summed_q = comm.round("kl", [(it[5][0] + 1,) for it in info], round_dtype, quads)
+            for (_, _, _, group, dtype, _, _), (systems, y), U, q, s in zip(info, built, Us, summed_q, sizes):
+                q = q.to(dtype)
+                quad = q[:-1] + systems.damping * rowdot(U, U)
+                terms.append((group["lr"], kfrog_step_quadratic(quad, y, group["eps"], q[-1] / s)))
+        directions: dict[int, torch.Tensor] = {}
+        for (_, W, b, _, _, _, _), U in zip(info, Us):
+            self._set_directions(directions, U, W, b)
+        return self._trust_region(directions, terms)
