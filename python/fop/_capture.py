@@ -34,7 +34,6 @@ from typing import Callable
 
 import torch
 
-import fop_kernels
 from fop._attention import observe_attention
 from fop._layers import TOKEN_MODES, Layer
 
@@ -165,8 +164,9 @@ class Capture:
             g = layer.type.output_grad(layer, grad.detach())
             if self.mc_active:  # only G needs it: reduce it now rather than hold a batch of output gradients
                 rows = layer.type.output_rows(layer, g, self.tokens)
-                rec.gram_mc = torch.empty(rows.shape[-1], rows.shape[-1], dtype=self.stat_dtype, device=g.device)
-                fop_kernels.accumulate_factor(rec.gram_mc, rows, 1.0, check_finite=False)
+                rec.gram_mc = torch.empty(layer.type.output_factor_shape(layer), dtype=self.stat_dtype,
+                                          device=g.device)
+                layer.type.update_output_factor(layer, rec.gram_mc, [rows], 1.0)
                 return
             rec.backward_done = True
             if self.half_grads and rec.rows is None:  # linear in dy: several backwards add up
@@ -275,7 +275,7 @@ class Capture:
         scale = 1.0 / n_total if self.loss_reduction == "sum" else float(n_total)
         if dy_scale is not None:
             rows = [dy * dy_scale.to(device=dy.device, dtype=torch.float32) for dy in rows]
-        fop_kernels.accumulate_factor(G, rows, decay, scale=scale, check_finite=False)
+        layer.type.update_output_factor(layer, G, rows, decay, scale)
         return True
 
     def half_batch_grad(self, i: int, dtype: torch.dtype, dy_scale: torch.Tensor | None = None) -> torch.Tensor:

@@ -141,9 +141,19 @@ class LayerType:
         x = inputs[0] if inputs else kwargs.get("input")
         return x if isinstance(x, torch.Tensor) else None
 
+    def blocks(self, layer: Layer) -> int:
+        """Independent diagonal blocks of the layer's K-FAC Fisher (a grouped conv: its groups), each with its own
+        Kronecker factors; the gradient matrix's rows split evenly over them (out / blocks rows each)."""
+        return 1
+
     def input_factor_shape(self, layer: Layer) -> tuple[int, ...]:
-        """The shape of the stored factor A: in x in (a diagonal type: (in,), the diagonal alone)."""
+        """The shape of the stored factor A: in x in (a diagonal type: (in,), the diagonal alone; blocks > 1:
+        (blocks, in, in), one factor per block)."""
         return (layer.in_dim, layer.in_dim)
+
+    def output_factor_shape(self, layer: Layer) -> tuple[int, ...]:
+        """The shape of the stored factor G: out x out (blocks > 1: (blocks, out / blocks, out / blocks))."""
+        return (layer.out_dim, layer.out_dim)
 
     def input(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         """The layer input in the form the statistics read (conv1d: as a 2-D conv's N x C x 1 x L)."""
@@ -156,6 +166,11 @@ class LayerType:
     def output_rows(self, layer: Layer, dy: torch.Tensor, tokens: str = "expand") -> torch.Tensor:
         """Rows of G: an (..., out) tensor, every leading index a row."""
         return dy
+
+    def update_output_factor(self, layer: Layer, G: torch.Tensor, rows: list[torch.Tensor], decay: float,
+                             scale: float = 1.0) -> None:
+        """G <- (1-decay) G + decay scale sum_rows g g^T over the records' `output_rows`."""
+        fop_kernels.accumulate_factor(G, rows, decay, scale=scale, check_finite=False)
 
     def update_input_factor(self, layer: Layer, A: torch.Tensor, xs: list[torch.Tensor], decay: float,
                             tokens: str = "expand") -> None:
@@ -269,9 +284,44 @@ def _same_padding(module) -> tuple[int, ...] | None:
     return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
 
 
+def _grouped_patches(x: torch.Tensor, c: dict, bias: bool, dtype: torch.dtype) -> torch.Tensor:
+    """im2col rows of x per group, (groups, N*L, C/groups kh kw [+1]): group j's rows hold the patches of its input
+    channels alone (the columns of its block of the weight), with a column of ones for a bias."""
+    g = c["groups"]
+    cols = F_nn.unfold(x.to(dtype), c["kernel_size"], dilation=c["dilation"], padding=c["padding"],
+                       stride=c["stride"])  # N x (C kh kw) x L, channel-major: group j's columns are contiguous
+    n, width, L = cols.shape
+    d = width // g
+    P = cols.new_empty(g, n * L, d + int(bias))
+    P[..., :d].view(g, n, L, d).copy_(cols.view(n, g, d, L).permute(1, 0, 3, 2))
+    if bias:
+        P[..., d] = 1.0
+    return P
+
+
+_GROUPED_CHUNK = 2**22  # im2col entries per chunk of samples of the grouped input factor (16 MiB in float32)
+
+
+def _ema_(state: torch.Tensor, update: torch.Tensor, decay: float) -> None:
+    """state <- (1-decay) state + decay update; state is not read when decay == 1."""
+    if decay == 1.0:
+        state.copy_(update)
+    else:
+        state.mul_(1.0 - decay).add_(update.to(state.dtype), alpha=decay)
+
+
+def _accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 class Conv2dType(LayerType):
     """nn.Conv2d: A from im2col patches (divided by the positions), G from the output gradients at every position
-    (Grosse and Martens 2016, KFC). K-FAC/FOP: groups=1 and zero padding; AdaFisher and FROG: any groups."""
+    (Grosse and Martens 2016, KFC). K-FAC/FOP: zero padding, any groups; AdaFisher and FROG: any groups.
+
+    A grouped conv (groups g, depthwise included) is g independent convs: its K-FAC Fisher is block-diagonal over the
+    groups, block j = A_j kron G_j with A_j = sum_{n,l} p_j p_j^T / (N L) over the patches p_j of group j's input
+    channels and G_j = sum_{n,l} g_j g_j^T / N over group j's output channels; stored stacked, (g, a, a) and
+    (g, out/g, out/g), and the gradient matrix out x a splits into g blocks of out/g rows."""
 
     name = "conv2d"
     modules = (nn.Conv2d,)
@@ -284,8 +334,6 @@ class Conv2dType(LayerType):
             return f"padding_mode={module.padding_mode!r}"
         if family != "kfac":
             return None
-        if module.groups != 1:
-            return f"grouped conv (groups={module.groups})"
         if isinstance(module.padding, str):
             if module.padding == "same" and _same_padding(module) is None:
                 return "padding='same' with an even kernel extent (asymmetric padding)"
@@ -316,12 +364,47 @@ class Conv2dType(LayerType):
         """The weight's shape as a 2-D conv kernel (out, in/groups, kh, kw)."""
         return tuple(layer.weight.shape)
 
+    def blocks(self, layer):
+        return layer.conv["groups"]
+
+    def input_factor_shape(self, layer):
+        g = self.blocks(layer)
+        return (layer.in_dim,) * 2 if g == 1 else (g, layer.in_dim, layer.in_dim)
+
+    def output_factor_shape(self, layer):
+        g = self.blocks(layer)
+        return (layer.out_dim,) * 2 if g == 1 else (g, layer.out_dim // g, layer.out_dim // g)
+
     def output_rows(self, layer, dy, tokens="expand"):
         return dy.movedim(1, -1)  # rows are (sample, position) pairs: a channels-last view, no copy
+
+    def update_output_factor(self, layer, G, rows, decay, scale=1.0):
+        g = self.blocks(layer)
+        if g == 1:
+            return super().update_output_factor(layer, G, rows, decay, scale)
+        dtype = _accumulation_dtype(G, *rows)
+        total = None
+        for r in rows:  # (..., out) -> (g, rows, out/g): group j's output channels
+            Y = r.reshape(-1, g, r.shape[-1] // g).to(dtype).transpose(0, 1)
+            part = torch.bmm(Y.mT, Y)
+            total = part if total is None else total.add_(part)
+        _ema_(G, total.mul_(scale), decay)
 
     def update_input_factor(self, layer, A, xs, decay, tokens="expand"):
         bias = layer.bias is not None
         c = layer.conv
+        if c["groups"] != 1:  # per group, in chunks of samples: sum_rows P_j^T P_j / rows
+            dtype = _accumulation_dtype(A, *xs)
+            total = torch.zeros(A.shape, dtype=dtype, device=A.device)
+            rows = 0
+            for x in xs:
+                per_sample = x[0].numel() * c["kernel_size"][0] * c["kernel_size"][1]
+                for chunk in x.split(max(1, _GROUPED_CHUNK // max(per_sample, 1))):
+                    P = _grouped_patches(chunk, c, bias, dtype)
+                    total.baddbmm_(P.mT, P)
+                    rows += P.shape[1]
+            _ema_(A, total.div_(rows), decay)
+            return
         if all(x.shape[1:] == xs[0].shape[1:] for x in xs):
             x = xs[0] if len(xs) == 1 else torch.cat(xs)
             fop_kernels.accumulate_conv_factor(A, x, decay, c["kernel_size"], c["stride"], c["padding"],
@@ -332,7 +415,12 @@ class Conv2dType(LayerType):
         fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
 
     def factor_input_rows(self, layer, xs, tokens="expand"):
-        return torch.cat([_patches(x, layer.conv, layer.bias is not None) for x in xs])  # im2col rows
+        """im2col rows (rows, a); a grouped conv: per group, (groups, rows, a) (A_j = X_j^T X_j / rows)."""
+        bias = layer.bias is not None
+        if layer.conv["groups"] != 1:
+            dtype = _accumulation_dtype(*xs)
+            return torch.cat([_grouped_patches(x, layer.conv, bias, dtype) for x in xs], dim=1)
+        return torch.cat([_patches(x, layer.conv, bias) for x in xs])  # im2col rows
 
     def sub_batch_grad(self, layer, a, dy, dtype):
         a, dy = a.to(dtype), dy.to(dtype)

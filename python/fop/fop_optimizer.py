@@ -28,6 +28,16 @@ def _layer_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
 
 
+def _layer_sums(sums: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """Per-block rows of `sums` (entries x 5, the buckets' entries in order; `shapes` (layers, blocks) per bucket)
+    summed over the blocks of each layer and repeated back to every block: the Fisher of a grouped layer is
+    block-diagonal, so its inner products <x, F y> and <x, P y> are the sums over its blocks."""
+    parts = []
+    for part, (n, g) in zip(sums.split([n * g for n, g in shapes]), shapes):
+        parts.append(part if g == 1 else part.view(n, g, -1).sum(1).repeat_interleave(g, dim=0))
+    return torch.cat(parts)
+
+
 def _multi_rank() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
@@ -158,7 +168,8 @@ class FOP(KFAC):
     _step_attrs = KFAC._step_attrs + ("_stats",)
 
     def _precondition(self, buckets, damping: float, inv_scale):
-        self._order = [i for b in buckets for i in b.index]
+        self._order = [i for b in buckets for i in b.entry_layers()]  # the layer of every block
+        self._shapes = [(len(b.index), b.groups) for b in buckets]
         counts = {i: self.capture.sample_counts_of(i) for i in self._order}
         if self.split == "backward":
             passes = {self._passes.get(id(p), 0) for i in self._order for p in self.layers[i].params}
@@ -214,9 +225,11 @@ class FOP(KFAC):
         PV, PD = bucket.precondition(V), bucket.precondition(D)  # PV as K-FAC's, so beta=0, eta=1 is K-FAC exactly
         sums = torch.stack([_layer_dot(V, FV), _layer_dot(D, FV), _layer_dot(V, PV), _layer_dot(D, PV),
                             _layer_dot(D, PD)], dim=1)
+        if bucket.groups > 1:  # one s_proj, beta, eta per layer, from the sums over its blocks
+            sums = _layer_sums(sums, [(len(bucket.index), bucket.groups)])
         scalars = fop_kernels.combine_scalars(sums, beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                               eta_clip=self._kernel_eta_clip)
-        self._stat_parts.append((bucket.index, sums, scalars))
+        self._stat_parts.append((bucket.entry_layers(), sums, scalars))
         s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
         return eta * (PV + beta * (PD - s * PV))
 
@@ -225,6 +238,8 @@ class FOP(KFAC):
             self._stats = None
             return super()._combine(A_rot, None, lG, lA, damping)
         sums = fop_kernels.fisher_inner_products(A_rot, D_rot, lG, lA, damping, self.damping_mode)
+        if any(g > 1 for _, g in self._shapes):  # one s_proj, beta, eta per layer, from the sums over its blocks
+            sums = _layer_sums(sums, self._shapes)
         U_rot, scalars = fop_kernels.project_combine(A_rot, D_rot, sums, lG, lA, damping, self.damping_mode,
                                                      beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                                      eta_clip=self._kernel_eta_clip)
@@ -244,7 +259,7 @@ class FOP(KFAC):
         factor = self._eta_factor
         if self.kl_clip is None:
             return (None if factor == 1.0 else updates[0].new_tensor(factor)), None
-        scalars = self._stats[2].split([len(b.index) for b in buckets])
+        scalars = self._stats[2].split([b.size for b in buckets])
         quadratic = []
         for U, V, D, sc in zip(updates, V_stacks, D_stacks, scalars):
             s, beta, eta = (t.to(U.dtype) for t in sc.unbind(1))

@@ -34,13 +34,57 @@ FISHER_TYPES = ("empirical", "mc")
 INVERSE_METHODS = ("auto", "eigh", "cholesky")
 
 
-class Bucket:
-    """Layers whose gradient matrices have one shape (out x in): their eigenvectors stacked for bmm. QA is None for
-    layers with a diagonal input factor (embeddings): its eigenbasis is the identity and lA the diagonal itself."""
+def _stack(tensors: list[torch.Tensor], groups: int) -> torch.Tensor:
+    """Per-layer tensors as one stack of entries: stacked (groups 1), or their (groups, ...) blocks concatenated."""
+    return torch.stack(tensors) if groups == 1 else torch.cat(tensors)
 
-    def __init__(self, index: list[int], QG, lG, QA, lA):
+
+class Blocks:
+    """The entries of a bucket's stacks: `groups` consecutive blocks per layer (a grouped conv's groups, each with
+    its own factors; 1 for every other layer), entry j * groups + k the block k of layer index[j]."""
+
+    index: list[int]
+    groups: int = 1
+
+    @property
+    def size(self) -> int:
+        """Entries of the stacks."""
+        return len(self.index) * self.groups
+
+    def entries(self, keep: list[int]) -> list[int]:
+        """The entries of the layers at positions `keep`."""
+        g = self.groups
+        return keep if g == 1 else [j * g + k for j in keep for k in range(g)]
+
+    def entry_layers(self) -> list[int]:
+        """The layer index of every entry."""
+        return [i for i in self.index for _ in range(self.groups)]
+
+    def of_layer(self, j: int):
+        """The entries of the layer at position j: j itself, or the slice of its blocks."""
+        g = self.groups
+        return j if g == 1 else slice(j * g, (j + 1) * g)
+
+    def as_blocks(self, M: torch.Tensor | None) -> torch.Tensor | None:
+        """A (layers, out, in) stack of gradient matrices as its (layers groups, out / groups, in) blocks (a view:
+        block k of a layer is its rows k out/groups to (k+1) out/groups - 1)."""
+        g = self.groups
+        return M if g == 1 or M is None else M.reshape(-1, M.shape[1] // g, M.shape[2])
+
+    def layer_matrix(self, U: torch.Tensor, j: int) -> torch.Tensor:
+        """The out x in matrix of the layer at position j from an entry stack."""
+        return U[j] if self.groups == 1 else U[self.of_layer(j)].reshape(-1, U.shape[2])
+
+
+class Bucket(Blocks):
+    """Layers whose gradient matrices have one shape (out x in) and one block count: their eigenvectors stacked for
+    bmm, one entry per block (Blocks). QA is None for layers with a diagonal input factor (embeddings): its eigenbasis
+    is the identity and lA the diagonal itself."""
+
+    def __init__(self, index: list[int], QG, lG, QA, lA, groups: int = 1):
         self.index = index  # layer indices
-        self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i) or None, (B,i)
+        self.groups = groups
+        self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i) or None, (B,i); B entries
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,8 +102,9 @@ class Bucket:
 
     def subset(self, keep: list[int]) -> Bucket:
         """The bucket of the layers at positions `keep` (copies; for a step where some layers have no gradient)."""
-        return Bucket([self.index[j] for j in keep], self.QG[keep], self.lG[keep],
-                      None if self.QA is None else self.QA[keep], self.lA[keep])
+        e = self.entries(keep)
+        return Bucket([self.index[j] for j in keep], self.QG[e], self.lG[e], None if self.QA is None else self.QA[e],
+                      self.lA[e], self.groups)
 
 
 def _eigh_forms(M: torch.Tensor):
@@ -247,14 +292,15 @@ class DampedFactor:
         return torch.linalg.solve_triangular(self.chol.mT, Y, upper=True)
 
 
-class InverseBucket:
-    """Layers of one shape (and, for inverse_method="auto", one support size and form per side) for the damped-inverse
-    path: the factors of the last inversion (G, A, stacked for bmm) and their damped inverses (G + lambda_G I)^-1,
-    (A + lambda_A I)^-1 as fop.inverse_choice.Side objects; `samples` the sample rows (ZG, ZA) they were built from
-    (lists per layer, None where a side was held densely; for state_dict)."""
+class InverseBucket(Blocks):
+    """Layers of one shape and block count (and, for inverse_method="auto", one support size and form per side) for
+    the damped-inverse path: the factors of the last inversion (G, A, stacked for bmm, one entry per block) and their
+    damped inverses (G + lambda_G I)^-1, (A + lambda_A I)^-1 as fop.inverse_choice.Side objects; `samples` the sample
+    rows (ZG, ZA) they were built from (lists per layer, None where a side was held densely; for state_dict)."""
 
-    def __init__(self, index: list[int], G, A, Ginv: Side, Ainv: Side, samples=None):
+    def __init__(self, index: list[int], G, A, Ginv: Side, Ainv: Side, samples=None, groups: int = 1):
         self.index = index
+        self.groups = groups
         self.G, self.A, self.Ginv, self.Ainv = G, A, Ginv, Ainv  # (B,o,o), (B,i,i), damped inverses
         self.samples = samples or ([None] * len(index), [None] * len(index))
 
@@ -271,8 +317,9 @@ class InverseBucket:
         return self.Ginv.factor_left(self.Ainv.factor_right(M))
 
     def subset(self, keep: list[int]) -> InverseBucket:
-        return InverseBucket([self.index[j] for j in keep], self.G[keep], self.A[keep], self.Ginv.subset(keep),
-                             self.Ainv.subset(keep), tuple([z[j] for j in keep] for z in self.samples))
+        e = self.entries(keep)
+        return InverseBucket([self.index[j] for j in keep], self.G[e], self.A[e], self.Ginv.subset(e),
+                             self.Ainv.subset(e), tuple([z[j] for j in keep] for z in self.samples), self.groups)
 
 
 class KFAC(CurvatureOptimizer):
@@ -406,6 +453,11 @@ class KFAC(CurvatureOptimizer):
         if diagonal and (self.inverse_method == "cholesky" or self.comm.active):
             raise ValueError(f"layers {diagonal} have a diagonal input factor (embeddings), which K-FAC/FOP support "
                              "with inverse_method='eigh' or 'auto' in one process; leave them out with exclude=[...]")
+        grouped = [layer.name for layer in self.layers if layer.type.blocks(layer) > 1]
+        if grouped and self.comm.active:  # fop.distributed averages and shards one matrix per factor and layer
+            raise ValueError(f"layers {grouped} are grouped convs (one Kronecker block per group), which distributed "
+                             "K-FAC/FOP do not support; leave them out with exclude=[...] (they then take the "
+                             "unpreconditioned update)")
         # the sample rows are kept in one process only (distributed factors are averaged densely over ranks), for the
         # empirical Fisher (the MC Fisher's hook reduces its output gradients to Grams at once)
         self._tracks_samples = (self.inverse_method == "auto" and self.uses_inverses and not self.comm.active
@@ -503,15 +555,15 @@ class KFAC(CurvatureOptimizer):
                 if self.factors_A[i] is None:
                     decay, dev = 1.0, layer.weight.device
                     A = torch.zeros(layer.type.input_factor_shape(layer), dtype=self.factor_dtype, device=dev)
-                    G = torch.zeros(layer.out_dim, layer.out_dim, dtype=self.factor_dtype, device=dev)
+                    G = torch.zeros(layer.type.output_factor_shape(layer), dtype=self.factor_dtype, device=dev)
                 else:
                     decay, A, G = self.factor_decay, self.factors_A[i].clone(), self.factors_G[i].clone()
                 self.capture.update_input_factor(i, A, decay)
                 self.capture.update_output_factor(i, G, decay, mc=mc, dy_scale=inv_scale)
-                for M in (A, G) if A.dim() == 2 else (G,):  # fp32 GEMMs leave rounding-level asymmetry
+                for M in (A, G) if A.dim() > 1 else (G,):  # fp32 GEMMs leave rounding-level asymmetry
                     M.copy_(0.5 * (M + M.mT))
                 new_A[i], new_G[i] = A, G
-                if self._tracks_samples:
+                if self._tracks_samples and layer.type.blocks(layer) == 1:  # grouped: held densely per block
                     new_ZA[i], new_ZG[i] = self._grown_samples(i, decay, self.factors_A[i] is None, inv_scale)
         self.comm.all_reduce_factors(new_A, new_G)  # distributed: average over ranks
         for i in active:
@@ -554,14 +606,24 @@ class KFAC(CurvatureOptimizer):
             self._invert()
             return
         ready = self._ready()
-        dense = [i for i in ready if self.factors_A[i].dim() == 2]  # a diagonal A (embeddings) is its own eigenbasis
-        mats = [self.factors_A[i] for i in dense] + [self.factors_G[i] for i in ready]
-        names = ([f"factor A of layer {self.layers[i].name}" for i in dense]
-                 + [f"factor G of layer {self.layers[i].name}" for i in ready])
-        prev = {i: (None if b.QA is None else b.QA[j], b.QG[j]) for b in self.buckets if isinstance(b, Bucket)
-                for j, i in enumerate(b.index)}
+        dense = [i for i in ready if self.factors_A[i].dim() > 1]  # a diagonal A (embeddings) is its own eigenbasis
+        groups = {i: self.layers[i].type.blocks(self.layers[i]) for i in ready}
+
+        def blocks(M: torch.Tensor, i: int) -> list[torch.Tensor]:  # a grouped layer's factors: one per block
+            return [M] if groups[i] == 1 else list(M.unbind(0))
+
+        def block_names(side: str, i: int) -> list[str]:
+            name = f"factor {side} of layer {self.layers[i].name}"
+            return [name] if groups[i] == 1 else [f"{name} group {k}" for k in range(groups[i])]
+
+        mats = ([M for i in dense for M in blocks(self.factors_A[i], i)]
+                + [M for i in ready for M in blocks(self.factors_G[i], i)])
+        names = [n for i in dense for n in block_names("A", i)] + [n for i in ready for n in block_names("G", i)]
+        prev = {i: (None if b.QA is None else b.QA[b.of_layer(j)], b.QG[b.of_layer(j)]) for b in self.buckets
+                if isinstance(b, Bucket) for j, i in enumerate(b.index)}
         if self.eigh_refresh_iters and all(i in prev for i in ready) and prev and not self.comm.active:
-            previous = [prev[i][0] for i in dense] + [prev[i][1] for i in ready]
+            previous = ([M for i in dense for M in blocks(prev[i][0], i)]
+                        + [M for i in ready for M in blocks(prev[i][1], i)])
             try:
                 evals, evecs = fop_kernels.eigh_refresh(mats, previous, iters=self.eigh_refresh_iters, clamp=True)
             except RuntimeError as err:
@@ -569,34 +631,41 @@ class KFAC(CurvatureOptimizer):
                 evals, evecs = robust_eigh(mats, names)
         else:
             evals, evecs = self.comm.eigh(mats, names) if self.comm.active else robust_eigh(mats, names)
-        n = len(dense)
         as_layers = [[None] * len(self.layers) for _ in range(4)]
-        for k, i in enumerate(dense):
-            as_layers[0][i], as_layers[1][i] = evals[k], evecs[k]
-        for k, i in enumerate(ready):
-            as_layers[2][i], as_layers[3][i] = evals[n + k], evecs[n + k]
+        k = 0
+        for side, index in ((0, dense), (2, ready)):
+            for i in index:  # a grouped layer's eigenpairs stacked over its blocks: (g, d), (g, d, d)
+                g = groups[i]
+                l, Q = (evals[k], evecs[k]) if g == 1 else (torch.stack(evals[k:k + g]), torch.stack(evecs[k:k + g]))
+                as_layers[side][i], as_layers[side + 1][i] = l, Q
+                k += g
+        for i in ready:
             if self.factors_A[i].dim() == 1:
                 as_layers[0][i] = self.factors_A[i].clamp_min(0)
         self._set_buckets(*as_layers)
         self.decomposed_at = self.steps
 
     def _by_shape(self, like: list[torch.Tensor | None]) -> list[list[int]]:
-        """Indices of the layers with `like[i]` grouped by (gradient shape, device, dtype of `like[i]`), in layer
-        order."""
+        """Indices of the layers with `like[i]` grouped by (gradient shape, blocks, device, dtype of `like[i]`), in
+        layer order."""
         by_shape: dict[tuple, list[int]] = {}
         for i, layer in enumerate(self.layers):
             if like[i] is not None:
-                by_shape.setdefault((layer.shape, like[i].device, like[i].dtype, like[i].dim()), []).append(i)
+                key = (layer.shape, layer.type.blocks(layer), like[i].device, like[i].dtype, like[i].dim())
+                by_shape.setdefault(key, []).append(i)
         return list(by_shape.values())
 
     def _make_buckets(self, lA, QA, lG, QG) -> list[Bucket]:
         """Buckets of the layers i with lA[i] (lists indexed by layer, None where a layer has none; QA[i] None for
         a diagonal input factor: such layers form their own buckets)."""
         like = [QA[i] if QA[i] is not None else lA[i] for i in range(len(self.layers))]
-        return [Bucket(idx, torch.stack([QG[i] for i in idx]), torch.stack([lG[i] for i in idx]),
-                       None if QA[idx[0]] is None else torch.stack([QA[i] for i in idx]),
-                       torch.stack([lA[i] for i in idx]))
-                for idx in self._by_shape(like)]
+        out = []
+        for idx in self._by_shape(like):
+            g = self.layers[idx[0]].type.blocks(self.layers[idx[0]])
+            out.append(Bucket(idx, _stack([QG[i] for i in idx], g), _stack([lG[i] for i in idx], g),
+                              None if QA[idx[0]] is None else _stack([QA[i] for i in idx], g),
+                              _stack([lA[i] for i in idx], g), g))
+        return out
 
     def _set_buckets(self, lA, QA, lG, QG) -> None:
         self.buckets = self._make_buckets(lA, QA, lG, QG)
@@ -614,54 +683,65 @@ class KFAC(CurvatureOptimizer):
         self.decomposed_at = self.steps
 
     def _inverse_buckets(self, idx: list[int], Gs, As, ZGs, ZAs, root: float) -> list[InverseBucket]:
-        """InverseBuckets of the layers `idx` (one gradient shape) from their factors and sample rows (None: held
-        densely). inverse_method="cholesky": one bucket, dense inverses of the whole factors (the Cholesky factor
-        kept where `keeps_cholesky_factor`); "auto": per factor its support and the cheapest form of its block
-        (fop.inverse_choice.choose_form), layers grouped by (support sizes, forms, sample ranks)."""
-        G, A = torch.stack(Gs), torch.stack(As)
+        """InverseBuckets of the layers `idx` (one gradient shape and block count) from their factors and sample rows
+        (None: held densely). inverse_method="cholesky": one bucket, dense inverses of the whole factors (the
+        Cholesky factor kept where `keeps_cholesky_factor`); "auto": per factor its support and the cheapest form of
+        its block (fop.inverse_choice.choose_form), layers grouped by (support sizes, forms, sample ranks). A
+        grouped layer (g blocks per factor, each damped with its own pi) keeps its blocks in one bucket: they are
+        held densely, on their whole width (no support, no sample rows), in the form choose_form picks for that
+        width."""
+        g = self.layers[idx[0]].type.blocks(self.layers[idx[0]])
+        G, A = _stack(Gs, g), _stack(As, g)
         mean_A = A.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
         mean_G = G.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
         pi = torch.sqrt(mean_A / mean_G)
         lam_G, lam_A = root / pi, root * pi
-        o, i = self.layers[idx[0]].shape
-        names = [self.layers[j].name for j in idx]
+        o, i = G.shape[1], A.shape[1]  # a block's gradient matrix is o x i
+
+        def entries(js: list[int]) -> list[int]:
+            return js if g == 1 else [j * g + k for j in js for k in range(g)]
+
+        names = [n for j in idx for n in ([self.layers[j].name] if g == 1 else
+                                          [f"{self.layers[j].name} group {k}" for k in range(g)])]
         if self.inverse_method == "cholesky":
             keep_G, keep_A = (keeps_cholesky_factor(n, m, self.inverse_interval) for n, m in ((o, i), (i, o)))
             return [InverseBucket(idx, G, A, *(
                 Side(M.shape[1], None, lam, DenseBlock(M, DampedFactor.of(M, lam, keep, [f"factor {side} of layer {n}"
                                                                                           for n in names])),
                      "cholesky" if keep else "inverse")
-                for M, lam, keep, side in ((G, lam_G, keep_G, "G"), (A, lam_A, keep_A, "A"))))]
+                for M, lam, keep, side in ((G, lam_G, keep_G, "G"), (A, lam_A, keep_A, "A"))), groups=g)]
         plans = []
         for j in range(len(idx)):
             plan = []
             for M, Z, m in ((Gs[j], ZGs[j], i), (As[j], ZAs[j], o)):
-                sup = support(M)
-                s = M.shape[0] if sup is None else sup.numel()
-                form = inverse_choice.choose_form(s, m, self.inverse_interval, None if Z is None else Z.shape[0])
-                plan.append((sup, s, form, None if form != "woodbury" else Z.shape[0]))
+                sup = support(M) if g == 1 else None
+                s = M.shape[-1] if sup is None else sup.numel()
+                rank = None if Z is None or g != 1 else Z.shape[0]
+                form = inverse_choice.choose_form(s, m, self.inverse_interval, rank)
+                plan.append((sup, s, form, None if form != "woodbury" else rank))
             plans.append(plan)
         groups: dict[tuple, list[int]] = {}
         for j, plan in enumerate(plans):
             groups.setdefault(tuple((s, form, r) for _, s, form, r in plan), []).append(j)
         out = []
         for key, js in groups.items():
+            ents = entries(js)
             sides = []
             for k, (M, Zs, lam, side) in enumerate(((G, ZGs, lam_G, "G"), (A, ZAs, lam_A, "A"))):
                 s, form, _ = key[k]
-                sups = [plans[j][k][0] for j in js]
+                sups = [plans[j][k][0] for j in js] if g == 1 else [None] * len(ents)
                 index = None if sups[0] is None else torch.stack(sups)
-                lam_k = lam[js]
+                lam_k = lam[ents]
                 if form == "woodbury":
                     Z = torch.stack([Zs[j] if sup is None else Zs[j][:, sup] for j, sup in zip(js, sups)])
                     core = Woodbury(Z, lam_k)
                 else:
-                    block = torch.stack([M[j] if sup is None else M[j][sup][:, sup] for j, sup in zip(js, sups)])
+                    block = torch.stack([M[e] if sup is None else M[e][sup][:, sup] for e, sup in zip(ents, sups)])
                     core = DenseBlock(block, DampedFactor.of(block, lam_k, form == "cholesky",
-                                                             [f"factor {side} of layer {names[j]}" for j in js]))
+                                                             [f"factor {side} of layer {names[e]}" for e in ents]))
                 sides.append(Side(M.shape[1], index, lam_k, core, form))
-            out.append(InverseBucket([idx[j] for j in js], G[js], A[js], *sides,
-                                     samples=([ZGs[j] for j in js], [ZAs[j] for j in js])))
+            out.append(InverseBucket([idx[j] for j in js], G[ents], A[ents], *sides,
+                                     samples=([ZGs[j] for j in js], [ZAs[j] for j in js]), groups=g))
         return out
 
     def _active_buckets(self) -> list:
@@ -713,14 +793,14 @@ class KFAC(CurvatureOptimizer):
         V_stacks, D_stacks, updates = [], [], []
         if self.uses_inverses:
             for b in buckets:
-                V, D = self._bucket_gradients(b, inv_scale)
+                V, D = (b.as_blocks(M) for M in self._bucket_gradients(b, inv_scale))
                 V_stacks.append(V)
                 D_stacks.append(D)
                 updates.append(self._inverse_update(b, V, D))
         else:
             A_rot, D_rot, lG, lA = [], [], [], []
             for b in buckets:
-                V, D = self._bucket_gradients(b, inv_scale)
+                V, D = (b.as_blocks(M) for M in self._bucket_gradients(b, inv_scale))
                 V_stacks.append(V)
                 D_stacks.append(D)
                 A_rot.extend(b.rotate(V).unbind(0))
@@ -732,8 +812,8 @@ class KFAC(CurvatureOptimizer):
             U_rot = self._combine(A_rot, D_rot if have_diff else None, lG, lA, damping)
             start = 0
             for b in buckets:
-                updates.append(b.unrotate(torch.stack(U_rot[start:start + len(b.index)])))
-                start += len(b.index)
+                updates.append(b.unrotate(torch.stack(U_rot[start:start + b.size])))
+                start += b.size
         scale, nu = self._update_scale(buckets, updates, V_stacks, D_stacks)
         if scale is not None:
             for U in updates:
@@ -742,7 +822,7 @@ class KFAC(CurvatureOptimizer):
         for b, U in zip(buckets, updates):
             for j, i in enumerate(b.index):
                 layer = self.layers[i]
-                for p, d in zip(layer.params, layer.split(U[j])):
+                for p, d in zip(layer.params, layer.split(b.layer_matrix(U, j))):
                     directions[id(p)] = d
         self._unpreconditioned_directions(directions, nu)
         if self.max_update_norm is not None:
@@ -796,12 +876,14 @@ class KFAC(CurvatureOptimizer):
         return nu, nu
 
     def _kl_factor(self, buckets: list, quadratic: list[torch.Tensor]) -> torch.Tensor:
-        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 q_l)) from q_l = <U_l, F_w U_l> per layer (a tensor per bucket;
-        K-FAC's U = F_w^-1 V gives q = <U, V>): scaled by nu, the step's predicted KL divergence (its squared
-        F_w-norm) is at most kl_clip. On the device."""
+        """nu = min(1, sqrt(kl_clip / sum_l lr_l^2 q_l)) from q_l = <U_l, F_w U_l> per layer (a tensor per bucket,
+        one entry per block; K-FAC's U = F_w^-1 V gives q = <U, V>): scaled by nu, the step's predicted KL
+        divergence (its squared F_w-norm) is at most kl_clip. On the device."""
         lr_of = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
         total = None
         for b, q in zip(buckets, quadratic):
+            if b.groups > 1:  # one q per block: a layer's q is the sum over its blocks
+                q = q.view(len(b.index), b.groups).sum(1)
             lrs = torch.tensor([lr_of[id(self.layers[i].weight)] ** 2 for i in b.index], dtype=q.dtype)
             part = (q * lrs.to(q.device)).sum()
             total = part if total is None else total + part
@@ -814,18 +896,19 @@ class KFAC(CurvatureOptimizer):
         inverse = [None] * len(self.layers)
         for b in self.buckets:
             for j, i in enumerate(b.index):
+                e = b.of_layer(j)  # a grouped layer's entries: (groups, ...) stacks
                 if isinstance(b, InverseBucket):
-                    inverse[i] = {"A": b.A[j], "G": b.G[j]}
+                    inverse[i] = {"A": b.A[e], "G": b.G[e]}
                     if self.inverse_method == "cholesky":
-                        inverse[i].update({f"A{k}": v[j] for k, v in b.Ainv.core.core.state.items()})
-                        inverse[i].update({f"G{k}": v[j] for k, v in b.Ginv.core.core.state.items()})
+                        inverse[i].update({f"A{k}": v[e] for k, v in b.Ainv.core.core.state.items()})
+                        inverse[i].update({f"G{k}": v[e] for k, v in b.Ginv.core.core.state.items()})
                     else:  # "auto": rebuilt on load from the factors and samples of the last inversion
                         inverse[i].update({k: Z[j] for k, Z in (("ZG", b.samples[0]), ("ZA", b.samples[1]))
                                            if Z[j] is not None})
                 else:
-                    eig[i] = {"lA": b.lA[j], "QG": b.QG[j], "lG": b.lG[j]}
+                    eig[i] = {"lA": b.lA[e], "QG": b.QG[e], "lG": b.lG[e]}
                     if b.QA is not None:
-                        eig[i]["QA"] = b.QA[j]
+                        eig[i]["QA"] = b.QA[e]
         extra.update(inverse_method=self.inverse_method, factor_updates=self.factor_updates,
                      decomposed_at=self.decomposed_at,
                      factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
@@ -871,7 +954,7 @@ class KFAC(CurvatureOptimizer):
         for i, (layer, f) in enumerate(zip(self.layers, factors)):
             if f is not None:
                 new["factors_A"][i] = self._loaded(f, "A", layer.type.input_factor_shape(layer), layer, "factor A")
-                new["factors_G"][i] = self._loaded(f, "G", (layer.out_dim,) * 2, layer, "factor G")
+                new["factors_G"][i] = self._loaded(f, "G", layer.type.output_factor_shape(layer), layer, "factor G")
         samples = extra.get("samples") or [{}] * n
         if not isinstance(samples, list) or len(samples) != n:
             raise ValueError(f"state_dict holds samples of {len(samples) if isinstance(samples, list) else '?'} "
@@ -895,24 +978,25 @@ class KFAC(CurvatureOptimizer):
             if new["factors_A"][i] is None:
                 raise ValueError(f"state_dict has a decomposition but no factors for layer {layer.name}")
             o, d = layer.out_dim, layer.in_dim
-            if key == "eigen":
-                shapes = {"QA": (d, d), "lA": (d,), "QG": (o, o), "lG": (o,)}
+            shape_A, shape_G = layer.type.input_factor_shape(layer), layer.type.output_factor_shape(layer)
+            if key == "eigen":  # a grouped layer's: stacked over its blocks, (g, d, d) and (g, d)
+                shapes = {"QA": shape_A, "lA": shape_A[:-1], "QG": shape_G, "lG": shape_G[:-1]}
                 if new["factors_A"][i].dim() == 1:  # a diagonal input factor has no QA
-                    del shapes["QA"]
+                    shapes = {"lA": shape_A, "QG": shape_G, "lG": shape_G[:-1]}
             elif self.inverse_method == "auto":
-                shapes = {"A": (d, d), "G": (o, o)}
+                shapes = {"A": shape_A, "G": shape_G}
                 moved[i] = {k: self._loaded(e, k, shape, layer, f"{key} {k}") for k, shape in shapes.items()}
                 moved[i].update(ZA=self._loaded_samples(e, "ZA", d, layer, "inverse ZA"),
                                 ZG=self._loaded_samples(e, "ZG", o, layer, "inverse ZG"))
                 continue
             else:
-                shapes = {"A": (d, d), "G": (o, o)}
-                for side, dim in (("A", d), ("G", o)):
+                shapes = {"A": shape_A, "G": shape_G}
+                for side, shape in (("A", shape_A), ("G", shape_G)):
                     forms = [f for f in ("inv", "chol") if side + f in e]
                     if len(forms) != 1:
                         raise ValueError(f"state_dict inverse of layer {layer.name} needs one of {side}inv, "
                                          f"{side}chol")
-                    shapes[side + forms[0]] = (dim, dim)
+                    shapes[side + forms[0]] = shape
             moved[i] = {k: self._loaded(e, k, shape, layer, f"{key} {k}") for k, shape in shapes.items()}
         if new["decomposed_at"] >= 0 and any(A is not None for A in new["factors_A"]) and not any(moved):
             raise ValueError(f"state_dict says a decomposition was made at step {new['decomposed_at']} but holds "
@@ -930,7 +1014,7 @@ class KFAC(CurvatureOptimizer):
             return new
 
         def stacked(idx, key):
-            return torch.stack([moved[i][key] for i in idx])
+            return _stack([moved[i][key] for i in idx], self.layers[idx[0]].type.blocks(self.layers[idx[0]]))
 
         def damped(idx, side):
             form = "inv" if side + "inv" in moved[idx[0]] else "chol"
@@ -938,6 +1022,7 @@ class KFAC(CurvatureOptimizer):
             return Side(M.shape[1], None, None, DenseBlock(M, DampedFactor(**{form: stacked(idx, side + form)})),
                         "inverse" if form == "inv" else "cholesky")
 
-        new["buckets"] = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"))
+        new["buckets"] = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"),
+                                        groups=self.layers[idx[0]].type.blocks(self.layers[idx[0]]))
                           for idx in groups]
         return new
