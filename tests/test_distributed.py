@@ -170,6 +170,12 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                     make_optimizer("fop", DDP(make_model()), distributed=DistributedOptions(split="ranks"))
                 except ValueError as err:
                     results["odd_ranks_error"] = str(err)
+            for kind in ("kfac", "fop"):  # a grouped conv: one Kronecker block per group, not distributed
+                try:
+                    make_optimizer(kind, DDP(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(),
+                                                           nn.Linear(4, 3))))
+                except ValueError as err:
+                    results[f"grouped_error_{kind}"] = str(err)
             for name, kwargs in runs:
                 decomposed.clear()
                 model = MODELS.get(name.split("_")[-1], make_model)()
@@ -447,6 +453,14 @@ def test_two_ranks_with_cholesky_inverses_equal_one_process(two_ranks):
         assert results[rank]["fop_cholesky"]["decomposed"] == []  # no eigendecomposition at all
     # the same update as the eigenbasis with the factored damping (float64: equal to rounding)
     assert_rel_close(expected, reference("fop", 2, "halves", damping_mode="factored"), rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["fop", "kfac"])
+def test_grouped_convs_raise_at_construction_naming_the_layer(two_ranks, kind):
+    _, results = two_ranks
+    for rank in range(2):
+        message = results[rank][f"grouped_error_{kind}"]
+        assert "layers ['0'] are grouped convs" in message and "exclude=" in message
 
 
 def test_primary_secondary_split_equals_rank_batches_as_sub_batches(two_ranks):
