@@ -313,6 +313,9 @@ def test_grouped_conv_factors_and_half_batch_match_explicit_per_group(make, shap
     layers, _ = discover_layers(m)
     layer, g = layers[0], conv.groups
     assert layer.type.blocks(layer) == g and layer.shape == (conv.out_channels, conv.weight[0].numel() + bias)
+    o = conv.out_channels // g
+    assert layer.describe().endswith(f"groups={g} weight{tuple(conv.weight.shape)}{'+bias' if bias else ''} -> "
+                                     f"{g} blocks of G {o}x{o}, A {layer.in_dim}x{layer.in_dim}")
     cap = armed_capture(layers)
     F.cross_entropy(m(x), y).backward()
     ref = hook_free_copy(m)
@@ -337,7 +340,7 @@ def test_grouped_conv_factors_and_half_batch_match_explicit_per_group(make, shap
     A2 = old.clone()
     cap.update_input_factor(0, A2, 0.25)
     assert_close(A2, 0.75 * old + 0.25 * A, 1e-13, 1e-12, "A's EMA")
-    # each sample's weight gradient is block-diagonal: group j's rows are sum_l g_j p_j^T over its own patches
+    # each sample's weight gradient in blocks: group j's rows are sum_l g_j p_j^T over its own patches and channels
     for n in (0, N - 1):
         ref.zero_grad()
         F.cross_entropy(ref(x[n:n + 1]), y[n:n + 1]).backward()
@@ -464,10 +467,39 @@ def test_kfac_step_on_grouped_convs_with_a_layer_without_gradient():
         assert_close(moved[i], _layer_update(opt, i, V[i], 1e-2), 1e-9, 1e-7, f"update of {opt.layers[i].name}")
 
 
+def test_a_failing_block_decomposition_is_retried_and_named_by_its_group(monkeypatch, caplog):
+    """robust_eigh's fallbacks see a grouped layer's blocks one by one: a block LAPACK fails on is retried in a
+    safer form, the warning names its layer and group, and the step is still the block-diagonal solve."""
+    import fop_kernels
+
+    torch.manual_seed(19)
+    m = _grouped_model("2d")
+    x, y = _grouped_batch("2d")
+    opt = KFAC(m, lr=0.5, momentum=0.0, damping=1e-2, kl_clip=None, factor_dtype=DT, inverse_method="eigh")
+    eigh = fop_kernels.eigh
+
+    def failing(mats, *args, **kwargs):  # layer 0's input blocks are the only 19 x 19 matrices
+        if any(M.shape[0] == 19 for M in mats):
+            raise RuntimeError("did not converge")
+        return eigh(mats, *args, **kwargs)
+
+    monkeypatch.setattr(fop_kernels, "eigh", failing)
+    before = [p.detach().clone() for p in m.parameters()]
+    F.cross_entropy(m(x), y).backward()
+    V = _layer_grads(opt, m, [p.grad.clone() for p in m.parameters()])
+    with caplog.at_level(logging.WARNING, logger="fop"):
+        opt.step()
+    for k in range(2):
+        assert f"eigendecomposition of factor A of layer 0 group {k} failed" in caplog.text
+    moved = _layer_grads(opt, m, [(b - p.detach()) / 0.5 for b, p in zip(before, m.parameters())])
+    for i, layer in enumerate(opt.layers):
+        assert_close(moved[i], _layer_update(opt, i, V[i], 1e-2), 1e-9, 1e-7, f"update of {layer.name}")
+
+
 @pytest.mark.parametrize("inverse_method", ["eigh", "cholesky", "auto"])
 def test_fop_on_grouped_convs_projects_per_layer_over_its_blocks(inverse_method):
     """FOP's s_proj, beta and eta of a grouped layer come from the inner products of the whole layer, the sums over
-    its blocks (the Fisher is block-diagonal), and its update is eta (P g + beta (P g_diff - s P g)) per block."""
+    its blocks (K-FAC's Fisher is block-diagonal), and its update is eta (P g + beta (P g_diff - s P g)) per block."""
     import fop_kernels
 
     torch.manual_seed(15)

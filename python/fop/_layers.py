@@ -2,19 +2,20 @@
 
 A layer type (a `LayerType` subclass, one instance in the registry) says how to recognise a module (by capability:
 `isinstance`, so a subclass of nn.LayerNorm is a LayerNorm), which optimizer families have a form for it, how its
-gradient is laid out as one matrix `[W | b]` (out x in; conv weights flattened to out x (C_in kh kw); a bias is an
-extra input column of ones, as in docs/design.md), and what its hooks read: the input rows of the factor A, the
-output-gradient rows of G, the sub-batch gradient sum dy a^T (FOP's half batch), the diagonals AdaFisher uses, and
-the rank below which an input has no batch dimension. Adding a type is one subclass and `register_layer_type`
+gradient is laid out as one matrix `[W | b]` (out x in; conv weights flattened to out x (C_in/groups kh kw); a bias
+is an extra input column of ones, as in docs/design.md), and what its hooks read: the input rows of the factor A,
+the output-gradient rows of G, the sub-batch gradient sum dy a^T (FOP's half batch), the diagonals AdaFisher uses,
+and the rank below which an input has no batch dimension. Adding a type is one subclass and `register_layer_type`
 (docs/layers.md has a worked example and the factor formulas of every built-in type).
 
 Built in: nn.Linear (any leading dims), transformers' `Conv1D` (a Linear with an in x out weight, matched by class
-name), nn.Conv2d and nn.Conv1d (groups=1 for K-FAC/FOP; any groups for AdaFisher), nn.Embedding/EmbeddingBag,
-nn.MultiheadAttention with packed weights (two Linear layers: its input and out projections, whose calls
-fop._attention shows to the hooks), and for AdaFisher also nn.BatchNorm2d and nn.LayerNorm (subclasses included;
-timm's channels-first `LayerNorm2d` by class name). Everything else (grouped or depthwise convs under K-FAC,
-circular padding, recurrent layers) is not preconditioned: its parameters get the optimizer's outer update on the
-plain gradient, and `CurvatureOptimizer.coverage()` says how much that is.
+name), nn.Conv2d and nn.Conv1d (any groups; under K-FAC/FOP a grouped or depthwise conv is one Kronecker block per
+group, A_j kron G_j, its factors stacked (groups, a, a) and (groups, out/groups, out/groups): `blocks`,
+`input_factor_shape`, `output_factor_shape`), nn.Embedding/EmbeddingBag, nn.MultiheadAttention with packed weights
+(two Linear layers: its input and out projections, whose calls fop._attention shows to the hooks), and for AdaFisher
+also nn.BatchNorm2d and nn.LayerNorm (subclasses included; timm's channels-first `LayerNorm2d` by class name).
+Everything else (circular padding, recurrent layers) is not preconditioned: its parameters get the optimizer's outer
+update on the plain gradient, and `CurvatureOptimizer.coverage()` says how much that is.
 """
 
 from __future__ import annotations
@@ -318,10 +319,11 @@ class Conv2dType(LayerType):
     """nn.Conv2d: A from im2col patches (divided by the positions), G from the output gradients at every position
     (Grosse and Martens 2016, KFC). K-FAC/FOP: zero padding, any groups; AdaFisher and FROG: any groups.
 
-    A grouped conv (groups g, depthwise included) is g independent convs: its K-FAC Fisher is block-diagonal over the
-    groups, block j = A_j kron G_j with A_j = sum_{n,l} p_j p_j^T / (N L) over the patches p_j of group j's input
-    channels and G_j = sum_{n,l} g_j g_j^T / N over group j's output channels; stored stacked, (g, a, a) and
-    (g, out/g, out/g), and the gradient matrix out x a splits into g blocks of out/g rows."""
+    A grouped conv (groups g, depthwise included) is g convs side by side; K-FAC treats each group as a layer of its
+    own, so its Fisher approximation is block-diagonal over the groups, block j = A_j kron G_j with
+    A_j = sum_{n,l} p_j p_j^T / (N L) over the patches p_j of group j's input channels and G_j = sum_{n,l} g_j g_j^T / N
+    over group j's output channels; stored stacked, (g, a, a) and (g, out/g, out/g), and the gradient matrix out x a
+    splits into g blocks of out/g rows."""
 
     name = "conv2d"
     modules = (nn.Conv2d,)
@@ -790,8 +792,10 @@ class Layer:
 
     def describe(self) -> str:
         bias = "+bias" if self.bias is not None else ""
+        g, o = self.type.blocks(self), self.out_dim // self.type.blocks(self)
+        blocks = "" if g == 1 else f"{g} blocks of "
         return (f"{self.name}: {type(self.module).__name__}{self.type.describe(self)} weight{tuple(self.weight.shape)}"
-                f"{bias} -> G {self.out_dim}x{self.out_dim}, A {self.in_dim}x{self.in_dim}")
+                f"{bias} -> {blocks}G {o}x{o}, A {self.in_dim}x{self.in_dim}")
 
 
 def _resolve_exclude(model: nn.Module, exclude) -> set[int]:

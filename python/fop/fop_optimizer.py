@@ -30,7 +30,7 @@ def _layer_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _layer_sums(sums: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
     """Per-block rows of `sums` (entries x 5, the buckets' entries in order; `shapes` (layers, blocks) per bucket)
-    summed over the blocks of each layer and repeated back to every block: the Fisher of a grouped layer is
+    summed over the blocks of each layer and repeated back to every block: K-FAC's Fisher of a grouped layer is
     block-diagonal, so its inner products <x, F y> and <x, P y> are the sums over its blocks."""
     parts = []
     for part, (n, g) in zip(sums.split([n * g for n, g in shapes]), shapes):

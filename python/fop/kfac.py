@@ -325,7 +325,8 @@ class InverseBucket(Blocks):
 class KFAC(CurvatureOptimizer):
     r"""K-FAC with eigenbasis preconditioning (docs/design.md, "K-FAC").
 
-    Per preconditioned layer with gradient matrix V = [dW | db] (out x in):
+    Per preconditioned layer with gradient matrix V = [dW | db] (out x in), or per block of a grouped conv (its
+    groups: V_j the block's out/groups rows, A_j, G_j its factors; K-FAC's Fisher is block-diagonal over them):
 
     - every `factor_interval` steps: A <- (1-rho) A + rho a^T a / rows,  G <- (1-rho) G + rho g^T g / N
       (rho = `factor_decay`; the first update sets A, G to the batch statistics); before the first interval has
@@ -372,7 +373,8 @@ class KFAC(CurvatureOptimizer):
         inverse_method: "auto" (default): with damping_mode="factored", each damped factor on its support (rows not
             exactly zero) as an explicit inverse, a kept Cholesky factor or the Woodbury form over the EMA's sample
             rows, whichever fop.inverse_choice's cost model prices lowest; with "eigen" damping or
-            eigh_refresh_iters, the eigenbasis ("eigh", each factor decomposed on its support). "eigh", or
+            eigh_refresh_iters, the eigenbasis ("eigh", each factor decomposed on its support); a grouped conv's
+            blocks are held densely (an inverse or a Cholesky factor per block, docs/layers.md). "eigh", or
             "cholesky" (needs damping_mode="factored"): dense Cholesky inverses of the whole factors. On the
             damped-inverse paths a damping schedule is read on inverse steps only, since the damping is inside the
             inverses. Cholesky inverses cost about a fifth of an eigendecomposition on CPU (bench/RESULTS.md);
@@ -389,7 +391,8 @@ class KFAC(CurvatureOptimizer):
             G = sum_n g_n g_n^T / N (cheaper: N rows instead of N T). docs/layers.md has the measurement.
         exclude, loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
         distributed: None (on when torch.distributed runs more than one rank), False, True or a
-            fop.distributed.DistributedOptions: factors averaged over ranks, eigendecompositions sharded.
+            fop.distributed.DistributedOptions: factors averaged over ranks, eigendecompositions sharded (grouped
+            convs and embeddings raise: one process only).
     """
 
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, *,
