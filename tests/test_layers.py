@@ -538,6 +538,33 @@ def test_fop_on_grouped_convs_projects_per_layer_over_its_blocks(inverse_method)
         assert_close(moved[i], U, 1e-9, 1e-7, f"update of {layer.name}")
 
 
+@pytest.mark.parametrize("inverse_method", ["eigh", "cholesky"])
+def test_fop_split_backward_on_grouped_convs_equals_the_half_batch_split(inverse_method):
+    """FOP's two backward passes on the halves (split="backward") and one backward split in halves agree on grouped
+    convs too: the passes' gradients are split into blocks like the half-batch sums."""
+    torch.manual_seed(20)
+    m_half = _grouped_model("2d")
+    m_back = copy.deepcopy(m_half)
+    kw = dict(lr=0.1, factor_interval=2, inverse_interval=3, damping=1e-2, factor_dtype=DT,
+              inverse_method=inverse_method)
+    o_half, o_back = FOP(m_half, **kw), FOP(m_back, split="backward", **kw)
+    for step in range(4):
+        x, y = _grouped_batch("2d", seed=step)
+        o_half.zero_grad()
+        F.cross_entropy(m_half(x), y).backward()
+        o_half.step()
+        o_back.zero_grad()
+        for xb, yb in zip(x.chunk(2), y.chunk(2)):
+            (F.cross_entropy(m_back(xb), yb) / 2).backward()
+        o_back.step()
+        assert set(o_back.last_stats()) == {layer.name for layer in o_half.layers}
+        for name, stats in o_half.last_stats().items():
+            for key, v in stats.items():
+                torch.testing.assert_close(o_back.last_stats()[name][key], v, rtol=1e-9, atol=1e-12)
+    for (n, p1), p2 in zip(m_half.named_parameters(), m_back.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-9, atol=1e-12, msg=n)
+
+
 @pytest.mark.parametrize("kind", ["2d", "1d"])
 @pytest.mark.parametrize("cls", [KFAC, FOP])
 def test_depthwise_separable_cnn_trains_the_digits_at_defaults_with_its_convs_preconditioned(cls, kind):
