@@ -97,6 +97,8 @@ def make_optimizer(kind: str, model, **kwargs):
     from fop import FOP, KFAC
 
     cls = KFAC if kind == "kfac" else FOP
+    if not isinstance(model, nn.parallel.DistributedDataParallel):  # one process: the layers the ranks precondition
+        kwargs.setdefault("exclude", [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)] or None)
     return cls(model, **{**HYPER, **kwargs})
 
 
@@ -171,11 +173,9 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                 except ValueError as err:
                     results["odd_ranks_error"] = str(err)
             for kind in ("kfac", "fop"):  # a grouped conv: one Kronecker block per group, not distributed
-                try:
-                    make_optimizer(kind, DDP(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(),
-                                                           nn.Linear(4, 3))))
-                except ValueError as err:
-                    results[f"grouped_error_{kind}"] = str(err)
+                opt = make_optimizer(kind, DDP(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(),
+                                                             nn.Linear(4, 3))))
+                results[f"grouped_{kind}"] = ([layer.name for layer in opt.layers], dict(opt.not_preconditioned()))
             for name, kwargs in runs:
                 decomposed.clear()
                 model = MODELS.get(name.split("_")[-1], make_model)()
@@ -456,11 +456,14 @@ def test_two_ranks_with_cholesky_inverses_equal_one_process(two_ranks):
 
 
 @pytest.mark.parametrize("kind", ["fop", "kfac"])
-def test_grouped_convs_raise_at_construction_naming_the_layer(two_ranks, kind):
+def test_block_diagonal_layers_are_left_out_with_the_reason(two_ranks, kind):
+    """Grouped convs and norm layers (one Kronecker block per group or feature) take the unpreconditioned update
+    under distributed K-FAC/FOP, with the reason, instead of failing the construction; make_model's LayerNorm is
+    left out the same way (the references below exclude it)."""
     _, results = two_ranks
     for rank in range(2):
-        message = results[rank][f"grouped_error_{kind}"]
-        assert "layers ['0'] are grouped convs" in message and "exclude=" in message
+        names, reasons = results[rank][f"grouped_{kind}"]
+        assert names == ["2"] and reasons["0"].startswith("block-diagonal factors") and "distributed" in reasons["0"]
 
 
 def test_primary_secondary_split_equals_rank_batches_as_sub_batches(two_ranks):
@@ -520,11 +523,10 @@ def test_decompositions_sharded_by_owner(two_ranks):
 
 def test_communicated_bytes_follow_the_cost_model(two_ranks):
     _, results = two_ranks
-    from fop import FOP
     from fop.distributed import cost_model
     from fop.kfac import on_schedule
 
-    layers = FOP(make_model(), lr=0.1).layers
+    layers = make_optimizer("fop", make_model()).layers
     for kind in ("fop", "kfac"):
         for rank in range(2):
             for step, got in enumerate(results[rank][kind]["bytes"]):
@@ -618,7 +620,7 @@ def test_world_size_one_is_the_plain_path():
     batches = global_batches(1)
     for kind in ("fop", "kfac"):
         plain_model = make_model()
-        plain = make_optimizer(kind, plain_model)
+        plain = make_optimizer(kind, plain_model, exclude=None)  # world size 1 preconditions its LayerNorm too
         for batch in batches:
             train_step(plain, plain_model, *batch)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{PORTS['single']}", rank=0, world_size=1,

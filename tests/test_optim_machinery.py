@@ -36,7 +36,7 @@ def test_discover_supported_and_skipped():
     assert layers[3].shape == (3, 5)  # the embedding's gradient matrix: dim x vocab
     reasons = dict(skipped)
     assert "circular" in reasons["3"]
-    assert reasons["4"] == "layer type not supported"
+    assert reasons["4"].startswith("norm layer: takes the unpreconditioned step")
 
 
 def test_exclude_by_module_and_name_and_unknown():

@@ -12,9 +12,12 @@ Built in: nn.Linear (any leading dims), transformers' `Conv1D` (a Linear with an
 name), nn.Conv2d and nn.Conv1d (any groups; under K-FAC/FOP a grouped or depthwise conv is one Kronecker block per
 group, A_j kron G_j, its factors stacked (groups, a, a) and (groups, out/groups, out/groups): `blocks`,
 `input_factor_shape`, `output_factor_shape`), nn.Embedding/EmbeddingBag, nn.MultiheadAttention with packed weights
-(two Linear layers: its input and out projections, whose calls fop._attention shows to the hooks), and for AdaFisher
-also nn.BatchNorm2d and nn.LayerNorm (subclasses included; timm's channels-first `LayerNorm2d` by class name).
-Everything else (circular padding, recurrent layers) is not preconditioned: its parameters get the optimizer's outer
+(two Linear layers: its input and out projections, whose calls fop._attention shows to the hooks), nn.LayerNorm
+(subclasses included; timm's channels-first `LayerNorm2d` by class name) and nn.RMSNorm (under K-FAC/FOP with
+precondition_norms=True: one Kronecker block per feature, as a depthwise 1 x 1 conv on the normalized input), and
+for AdaFisher also
+nn.BatchNorm2d and nn.LayerNorm's EFIM blocks. Everything else (circular padding, norms under K-FAC/FOP by
+default, recurrent layers) is not preconditioned: its parameters get the optimizer's outer
 update on the plain gradient, and `CurvatureOptimizer.coverage()` says how much that is.
 """
 
@@ -595,6 +598,11 @@ class NormType(LayerType):
 
     forms = frozenset({"adafisher"})
 
+    def reason(self, module, family):
+        if family == "kfac" and "adafisher" in self.forms and "kfac" not in self.forms:
+            return "batch statistics: a sub-batch's normalized input needs the whole batch's statistics"
+        return super().reason(module, family)
+
     def reduced(self, t: torch.Tensor, features: int) -> tuple[torch.Tensor, int, int]:
         """(sum over the normalization's reduced dims per feature, N samples, T positions per sample)."""
         rows = t.reshape(-1, features)  # (N, ..., *normalized_shape): reduce every leading dim
@@ -608,9 +616,79 @@ class NormType(LayerType):
         return F.to(dtype).reshape(layer.weight.shape)
 
 
-class LayerNormType(NormType):
+class PerSampleNormType(NormType):
+    """A norm that normalizes each sample on its own (LayerNorm, RMSNorm), y = w * xhat (+ b) per feature. K-FAC/FOP:
+    the affine map is a per-feature linear layer on xhat, so its Fisher block is block-diagonal over the features,
+    feature c's block A_c kron G_c (Kronecker per unit, a depthwise 1 x 1 conv's form) with
+        A_c = mean over rows of [xhat_c, 1]^T [xhat_c, 1]   (2 x 2; 1 x 1 without a bias)
+        G_c = sum over rows of g_c^2 / N                    (1 x 1)
+    over rows = samples x positions (tokens), xhat recomputed from the captured input; the gradient matrix is
+    features x [w | b]. Stored as the grouped layers' blocks (`blocks` = the features)."""
+
+    forms = frozenset({"adafisher", "kfac"})
+
+    def features(self, layer) -> int:
+        return layer.weight.numel()
+
+    def normalized(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """xhat of the captured input (in the form `input` returns it), without the affine map."""
+        raise NotImplementedError
+
+    def out_dim(self, layer):
+        return self.features(layer)
+
+    def weight_columns(self, layer):
+        return 1
+
+    def blocks(self, layer):
+        return self.features(layer)
+
+    def input_factor_shape(self, layer):
+        return (self.features(layer), layer.in_dim, layer.in_dim)
+
+    def output_factor_shape(self, layer):
+        return (self.features(layer), 1, 1)
+
+    def _rows(self, layer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.normalized(layer, x.to(dtype)).reshape(-1, self.features(layer))
+
+    def update_input_factor(self, layer, A, xs, decay, tokens="expand"):
+        dtype = _accumulation_dtype(A, *xs)
+        X = torch.cat([self._rows(layer, x, dtype) for x in xs])
+        total = torch.empty(A.shape, dtype=dtype, device=A.device)
+        total[:, 0, 0] = X.square().mean(0)
+        if layer.bias is not None:
+            total[:, 0, 1] = total[:, 1, 0] = X.mean(0)
+            total[:, 1, 1] = 1.0
+        _ema_(A, total, decay)
+
+    def factor_input_rows(self, layer, xs, tokens="expand"):
+        dtype = _accumulation_dtype(*xs)
+        X = torch.cat([self._rows(layer, x, dtype) for x in xs]).T.unsqueeze(-1)  # (features, rows, 1)
+        return torch.cat([X, torch.ones_like(X)], dim=-1) if layer.bias is not None else X
+
+    def output_rows(self, layer, dy, tokens="expand"):
+        return dy.reshape(-1, self.features(layer))
+
+    def update_output_factor(self, layer, G, rows, decay, scale=1.0):
+        dtype = _accumulation_dtype(G, *rows)
+        total = sum(r.to(dtype).square().sum(0) for r in rows) * scale
+        _ema_(G, total.view(-1, 1, 1), decay)
+
+    def sub_batch_grad(self, layer, a, dy, dtype):
+        X, Y = self._rows(layer, a, dtype), dy.to(dtype).reshape(-1, self.features(layer))
+        cols = [(Y * X).sum(0)] + ([Y.sum(0)] if layer.bias is not None else [])
+        return torch.stack(cols, dim=1)
+
+
+class LayerNormType(PerSampleNormType):
     name = "layernorm"
     modules = (nn.LayerNorm,)
+    unbatched_dim = 2
+
+    def normalized(self, layer, x):
+        m = layer.module
+        return F_nn.layer_norm(x, m.normalized_shape, eps=m.eps)
 
 
 class ChannelsFirstLayerNormType(LayerNormType):
@@ -622,11 +700,27 @@ class ChannelsFirstLayerNormType(LayerNormType):
     def matches(self, module):
         return isinstance(module, nn.LayerNorm) and type(module).__name__ == "LayerNorm2d"
 
+    unbatched_dim = 4
+
     def input(self, layer, x):
         return x.movedim(1, -1)
 
     def output_grad(self, layer, g):
         return g.movedim(1, -1)
+
+
+class RMSNormType(PerSampleNormType):
+    """nn.RMSNorm (torch >= 2.4): xhat = x / sqrt(mean(x^2) + eps) over the normalized shape, a scale and no shift.
+    K-FAC/FOP only (AdaFisher's EFIM is a LayerNorm's)."""
+
+    name = "rmsnorm"
+    modules = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+    forms = frozenset({"kfac"})
+    unbatched_dim = 2
+
+    def normalized(self, layer, x):
+        m = layer.module
+        return F_nn.rms_norm(x, m.normalized_shape, eps=m.eps)
 
 
 class BatchNorm2dType(NormType):
@@ -686,7 +780,7 @@ class MultiheadAttentionType(LayerType):
 
 BUILTIN_TYPES: tuple[LayerType, ...] = (TransposedLinearType(), LinearType(), Conv2dType(), Conv1dType(),
                                         EmbeddingType(), MultiheadAttentionType(), BatchNorm2dType(),
-                                        ChannelsFirstLayerNormType(), LayerNormType())
+                                        ChannelsFirstLayerNormType(), LayerNormType(), RMSNormType())
 _registered: list[LayerType] = []  # the user's, newest first: they take precedence over the built-in ones
 
 
@@ -735,7 +829,35 @@ def support_for(family: str) -> Callable[[nn.Module], str | None]:
     return support
 
 
-unsupported_reason = support_for("kfac")
+def without_norms(support: Callable[[nn.Module], str | None]) -> Callable[[nn.Module], str | None]:
+    """`support`, leaving out LayerNorm/RMSNorm (PerSampleNormType): K-FAC/FOP with precondition_norms=False."""
+
+    def restricted(module: nn.Module) -> str | None:
+        reason = support(module)
+        if reason is None and isinstance(layer_type_of(module), PerSampleNormType):
+            return "norm layer: takes the unpreconditioned step (precondition_norms=True: one block per feature)"
+        return reason
+
+    return restricted
+
+
+kfac_support = support_for("kfac")  # the registry's K-FAC/FOP forms, norm layers included (precondition_norms=True)
+unsupported_reason = without_norms(kfac_support)  # K-FAC/FOP's default
+
+
+def without_blocks(support: Callable[[nn.Module], str | None], who: str) -> Callable[[nn.Module], str | None]:
+    """`support`, leaving out the modules whose layers have block-diagonal factors (grouped convs, norm layers:
+    `LayerType.blocks` > 1), with the reason that `who` has no form for them."""
+
+    def restricted(module: nn.Module) -> str | None:
+        reason = support(module)
+        t = layer_type_of(module)
+        if reason is None and t is not None and any(t.blocks(layer) > 1 for layer in t.layers_of("", module)):
+            return f"block-diagonal factors (one Kronecker block per group or feature): not supported by {who}"
+        return reason
+
+    return restricted
+
 
 
 @dataclass
@@ -788,7 +910,7 @@ class Layer:
         w = self.type.weight_from_matrix(self, matrix[:, : self.type.weight_columns(self)])
         if self.bias is None:
             return [w]
-        return [w, matrix[:, -1]]
+        return [w, matrix[:, -1].reshape(self.bias.shape)]  # a LayerNorm over (2, 3): a 2-D bias
 
     def describe(self) -> str:
         bias = "+bias" if self.bias is not None else ""

@@ -150,6 +150,13 @@ def own_group(options: DistributedOptions, base):
     return dist.new_group(ranks=dist.get_process_group_ranks(base), timeout=timeout)
 
 
+def will_synchronize(model: nn.Module | None, distributed) -> bool:
+    """Whether make_comm will return a real communicator (a process group of more than one rank), decided before the
+    optimizer is built (its layers depend on it); raises as make_comm would on an invalid `distributed`."""
+    resolved = resolve_distributed(model, distributed)
+    return resolved is not None and dist.get_world_size(resolved[2]) > 1
+
+
 def make_comm(view: CommView, model: nn.Module, distributed, has_sub_batches: bool) -> NullComm | Comm:
     """The communicator of a KFAC/FOP optimizer (`view`: what it reads of it; `has_sub_batches`: FOP).
     `distributed`: None (on when a process group with more than one rank is initialized), False (off: each rank
