@@ -77,6 +77,18 @@ def train_steps(model, opt, batches, scaler=None) -> None:
             scaler.update()
 
 
+def step_losses(opt, loss_of, steps: int) -> list[float]:
+    """`steps` optimizer steps on `loss_of()` (zero_grad, backward, step); the loss before each step."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 INVERSES = ["eigh", "cholesky-inverse", "cholesky-factor", "auto"]
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fop import _attention
 from fop._attention import observe_attention
 from fop._layers import discover_layers
+from helpers import step_losses
 from torch import nn
 
 OPTIMIZERS = {"kfac": fop.KFAC, "fop": fop.FOP, "adafisher": fop.AdaFisher, "frog": fop.FROG, "kfrog": fop.KFROG}
@@ -253,14 +254,8 @@ def test_cross_attention_trains_with_the_input_projection_plain(name, caplog):
     opt = OPTIMIZERS[name](net, lr=0.05)
     x = torch.randn(64, 5, 4)
     y = (x[:, :, 0].sum(1) > 0).long() + (x[:, :, 1].sum(1) > 0).long()  # a learnable target
-    losses = []
     with caplog.at_level("WARNING", logger="fop"):
-        for _ in range(20):
-            opt.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = step_losses(opt, lambda: F.cross_entropy(net(x), y), 20)
     assert losses[-1] < 0.8 * losses[0]
     if name in ("kfac", "fop"):
         assert caplog.text.count("layer attention.in_proj takes the plain update on this step: cross-attention") == 1
@@ -387,14 +382,8 @@ def test_encoder_decoder_transformer_trains(name, caplog):
     assert kinds.count("attention_in_proj") == 3 and kinds.count("attention_out_proj") == 3
     src = torch.randint(1, 7, (32, 6))
     tgt_in, tgt_out = torch.cat([torch.zeros(32, 1, dtype=torch.long), src[:, :-1]], 1), src
-    losses = []
     with caplog.at_level("WARNING", logger="fop"):
-        for _ in range(25):
-            opt.zero_grad()
-            loss = F.cross_entropy(net(src, tgt_in).flatten(0, 1), tgt_out.flatten())
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = step_losses(opt, lambda: F.cross_entropy(net(src, tgt_in).flatten(0, 1), tgt_out.flatten()), 25)
     assert losses[-1] < 0.6 * losses[0], losses
     warned = [line for line in caplog.text.splitlines() if "cross-attention" in line]
     assert len(warned) == 1 and "core.decoder.layers.0.multihead_attn.in_proj" in warned[0]

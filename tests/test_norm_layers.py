@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from fop._capture import Capture
 from fop._layers import discover_layers, kfac_support
+from helpers import step_losses
 from torch import nn
 
 DT = torch.float64
@@ -145,11 +146,5 @@ def test_channels_first_layernorm_and_two_dim_shapes():
         opt = fop.FOP(net, lr=0.1, precondition_norms=True)
         assert opt.coverage()["total"]["share"] == 1.0
         y = torch.randint(0, 3, (16,))
-        losses = []
-        for _ in range(10):
-            opt.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = step_losses(opt, lambda net=net, x=x, y=y: F.cross_entropy(net(x), y), 10)
         assert losses[-1] < losses[0]
