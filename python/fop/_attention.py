@@ -54,8 +54,9 @@ class _Interceptor:
                         mha.register_forward_hook(self._exit, always_call=True)]
 
     def _enter(self, module, args):
-        if torch.is_grad_enabled() and any(c.active() for c in self.consumers):
-            mode = _Mode([c for c in self.consumers if c.active()])
+        active = [c for c in self.consumers if c.active()] if torch.is_grad_enabled() else []
+        if active:
+            mode = _Mode(active)
             mode.__enter__()
             self.modes.append(mode)
 
@@ -102,6 +103,18 @@ def _observed(consumers: list[_Consumer], which: str, x: torch.Tensor, y: torch.
     return ys.transpose(0, 1) if batched else ys.squeeze(0)
 
 
+def _identity(w: torch.Tensor) -> torch.Tensor:
+    """The E x E identity in w's dtype and device (E = w's columns), made once per configuration and reused."""
+    key = (w.shape[1], w.dtype, w.device)
+    eye = _IDENTITIES.get(key)
+    if eye is None:
+        eye = _IDENTITIES[key] = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+    return eye
+
+
+_IDENTITIES: dict[tuple, torch.Tensor] = {}
+
+
 def explicit_attention(func, args: tuple, kwargs: dict, consumers: list[_Consumer]):
     """F.multi_head_attention_forward(*args, **kwargs) with its projections as explicit, observed linear calls."""
     bound = _SIGNATURE.bind(*args, **kwargs)
@@ -113,7 +126,7 @@ def explicit_attention(func, args: tuple, kwargs: dict, consumers: list[_Consume
     packed = not call["use_separate_proj_weight"] and call["static_k"] is None and call["static_v"] is None
     if wants_in and packed and query is key and key is value:
         y = _observed(consumers, "in", query, F_nn.linear(query, w_in, b_in))
-        eye = torch.eye(w_in.shape[1], dtype=w_in.dtype, device=w_in.device)
+        eye = _identity(w_in)
         q, k, v = y.chunk(3, dim=-1)
         call.update(query=q, key=k, value=v, use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
                     v_proj_weight=eye, in_proj_weight=None, in_proj_bias=None)
@@ -124,8 +137,7 @@ def explicit_attention(func, args: tuple, kwargs: dict, consumers: list[_Consume
     if not any("out" in c.hooks for c in consumers):
         return func(**call)
     b_out = call["out_proj_bias"]
-    call.update(out_proj_weight=torch.eye(w_out.shape[1], dtype=w_out.dtype, device=w_out.device),
-                out_proj_bias=None)
+    call.update(out_proj_weight=_identity(w_out), out_proj_bias=None)
     z, weights = func(**call)
     return _observed(consumers, "out", z, F_nn.linear(z, w_out, b_out)), weights
 

@@ -598,11 +598,6 @@ class NormType(LayerType):
 
     forms = frozenset({"adafisher"})
 
-    def reason(self, module, family):
-        if family == "kfac" and "adafisher" in self.forms and "kfac" not in self.forms:
-            return "batch statistics: a sub-batch's normalized input needs the whole batch's statistics"
-        return super().reason(module, family)
-
     def reduced(self, t: torch.Tensor, features: int) -> tuple[torch.Tensor, int, int]:
         """(sum over the normalization's reduced dims per feature, N samples, T positions per sample)."""
         rows = t.reshape(-1, features)  # (N, ..., *normalized_shape): reduce every leading dim
@@ -726,6 +721,11 @@ class RMSNormType(PerSampleNormType):
 class BatchNorm2dType(NormType):
     name = "batchnorm2d"
     modules = (nn.BatchNorm2d,)
+
+    def reason(self, module, family):
+        if family == "kfac":
+            return "batch statistics: a sub-batch's normalized input needs the whole batch's statistics"
+        return super().reason(module, family)
 
     def reduced(self, t, features):  # N x C x H x W: reduce N, H, W
         return t.sum((0, 2, 3)), t.shape[0], t.shape[2] * t.shape[3]
@@ -987,16 +987,17 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
             if claimed[id(m)] is not None:
                 skipped.append((name, claimed[id(m)]))
             continue
+        has_params = next(m.parameters(recurse=False), None) is not None
         if id(m) in excluded:
-            if any(True for _ in m.parameters(recurse=False)):
+            if has_params:
                 skipped.append((name, "excluded"))
             continue
         matched = layer_type_of(m)
-        reason = support(m) if any(True for _ in m.parameters(recurse=False)) or matched is not None else None
+        reason = support(m) if has_params or matched is not None else None
         for child in matched.claimed(m) if matched is not None else []:
             claimed[id(child)] = None if reason is None else \
                 f"applied by {type(m).__name__} {name or type(m).__name__}, which is not preconditioned ({reason})"
-        if not any(True for _ in m.parameters(recurse=False)):
+        if not has_params:
             continue
         if reason is None and matched is None:
             raise ValueError(f"support() accepted module {name or type(m).__name__} ({type(m).__name__}), which "
