@@ -228,8 +228,11 @@ def test_step_equals_the_step_on_explicit_linear_layers(name, batch_first):
              (a.head.weight, b.head.weight)]
     moved = (a.attention.in_proj_weight - start).abs().max()
     assert moved > 1e-3
+    # K-FROG's eps under 1/sqrt(y) amplifies the two computations' float64 rounding to a few 1e-7 relative in 4 steps
+    # (which entries depends on the BLAS threads); every other optimizer agrees to 1e-7
+    rtol, atol = (1e-6, 1e-8) if name == "kfrog" else (1e-7, 1e-9)
     for p, q in pairs:
-        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -161,44 +161,36 @@ class FOP(KFAC):
         self._forget_passes()
 
     def _fallback(self, why: str) -> None:
+        """Warn once that this step takes the K-FAC update, and why; None (no sub-batches)."""
         if not self._warned_fallback:
             logger.warning("FOP step %d: %s; using the K-FAC update for this step (warned once)", self.steps, why)
             self._warned_fallback = True
 
     _step_attrs = KFAC._step_attrs + ("_stats",)
 
-    def _precondition(self, buckets, damping: float, inv_scale):
-        self._order = [i for b in buckets for i in b.entry_layers()]  # the layer of every block
-        self._shapes = [(len(b.index), b.groups) for b in buckets]
-        counts = {i: self.capture.sample_counts_of(i) for i in self._order}
+    def _sub_batches(self, buckets) -> dict[int, tuple[int, int]] | None:
+        """{layer: (N, N1)} sample counts of the step and of its first sub-batch, or None (with a warning once) when
+        this step has no second sub-batch and falls back to K-FAC."""
+        counts = {i: self.capture.sample_counts_of(i) for b in buckets for i in b.index}
         if self.split == "backward":
-            passes = {self._passes.get(id(p), 0) for i in self._order for p in self.layers[i].params}
-            self._counts = None
+            passes = {self._passes.get(id(p), 0) for i in counts for p in self.layers[i].params}
             if len(passes) != 1:
-                self._fallback(f"split='backward': the preconditioned parameters saw different numbers of backward "
-                               f"passes ({sorted(passes)})")
-            elif passes.pop() < 2:
-                self._fallback("split='backward' needs at least two backward passes per step")
-            else:
-                self._counts = counts
-        elif self.comm.active:  # distributed: sub-batches over all ranks, the same decision on every rank
-            self._counts = None if self.comm.fallback_reason else counts
-            if self.comm.fallback_reason:
-                self._fallback(self.comm.fallback_reason)
-        elif any(n == 0 for n, _ in counts.values()):
-            self._fallback("no half-batch capture (was the forward pass run before the optimizer was built?)")
-            self._counts = None
-        elif any(n1 == 0 for _, n1 in counts.values()):
-            self._fallback("a batch of 1 sample has no second half")
-            self._counts = None
-        else:
-            self._counts = counts
-        self._stat_parts = []
-        return super()._precondition(buckets, damping, inv_scale)
+                return self._fallback(f"split='backward': the preconditioned parameters saw different numbers of "
+                                      f"backward passes ({sorted(passes)})")
+            if passes.pop() < 2:
+                return self._fallback("split='backward' needs at least two backward passes per step")
+            return counts
+        if self.comm.active:  # distributed: sub-batches over all ranks, the same decision on every rank
+            return self._fallback(self.comm.fallback_reason) if self.comm.fallback_reason else counts
+        if any(n == 0 for n, _ in counts.values()):
+            return self._fallback("no half-batch capture (was the forward pass run before the optimizer was built?)")
+        if any(n1 == 0 for _, n1 in counts.values()):
+            return self._fallback("a batch of 1 sample has no second half")
+        return counts
 
-    def _bucket_gradients(self, bucket: Bucket, inv_scale):
-        V, _ = super()._bucket_gradients(bucket, inv_scale)
-        if self._counts is None:
+    def _bucket_gradients(self, bucket: Bucket, inv_scale, sub_batches):
+        V, _ = super()._bucket_gradients(bucket, inv_scale, sub_batches)
+        if sub_batches is None:
             return V, None
         dtype = V.dtype
         if self.split == "backward":
@@ -212,13 +204,14 @@ class FOP(KFAC):
             S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, inv_scale)
             return V, w1 * S1 - w2 * (V - S1)
         S1 = torch.stack([self.capture.half_batch_grad(i, dtype, inv_scale) for i in bucket.index])
-        n = torch.tensor([self._counts[i][0] for i in bucket.index], dtype=torch.float64)
-        n1 = torch.tensor([self._counts[i][1] for i in bucket.index], dtype=torch.float64)
+        n = torch.tensor([sub_batches[i][0] for i in bucket.index], dtype=torch.float64)
+        n1 = torch.tensor([sub_batches[i][1] for i in bucket.index], dtype=torch.float64)
         w1 = (n / n1).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g1 = (N/N1) S1
         w2 = (n / (n - n1)).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g2 = (N/N2)(g_avg - S1)
         return V, w1 * S1 - w2 * (V - S1)
 
     def _inverse_update(self, bucket: InverseBucket, V, D):
+        """(eta (P V + beta (P D - s_proj P V)), (the bucket's block layers, its sums, its scalars))."""
         if D is None:
             return super()._inverse_update(bucket, V, D)
         FV = bucket.fisher(V)
@@ -229,33 +222,32 @@ class FOP(KFAC):
             sums = _layer_sums(sums, [(len(bucket.index), bucket.groups)])
         scalars = fop_kernels.combine_scalars(sums, beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                               eta_clip=self._kernel_eta_clip)
-        self._stat_parts.append((bucket.entry_layers(), sums, scalars))
         s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
-        return eta * (PV + beta * (PD - s * PV))
+        return eta * (PV + beta * (PD - s * PV)), (bucket.entry_layers(), sums, scalars)
 
-    def _combine(self, A_rot, D_rot, lG, lA, damping):
+    def _combine(self, buckets, A_rot, D_rot, lG, lA, damping):
+        """(U~ per block from project_combine, (the layer of every block, the sums, the scalars))."""
         if D_rot is None:
-            self._stats = None
-            return super()._combine(A_rot, None, lG, lA, damping)
+            return super()._combine(buckets, A_rot, None, lG, lA, damping)
+        shapes = [(len(b.index), b.groups) for b in buckets]
         sums = fop_kernels.fisher_inner_products(A_rot, D_rot, lG, lA, damping, self.damping_mode)
-        if any(g > 1 for _, g in self._shapes):  # one s_proj, beta, eta per layer, from the sums over its blocks
-            sums = _layer_sums(sums, self._shapes)
+        if any(g > 1 for _, g in shapes):  # one s_proj, beta, eta per layer, from the sums over its blocks
+            sums = _layer_sums(sums, shapes)
         U_rot, scalars = fop_kernels.project_combine(A_rot, D_rot, sums, lG, lA, damping, self.damping_mode,
                                                      beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                                      eta_clip=self._kernel_eta_clip)
-        self._stats = (self._order, sums, scalars)
-        return U_rot
+        return U_rot, ([i for b in buckets for i in b.entry_layers()], sums, scalars)
 
-    def _update_scale(self, buckets, updates, V_stacks, D_stacks):
+    def _update_scale(self, buckets, updates, V_stacks, D_stacks, stats):
         """eta's normalization (1/2) folded into one multiply with the KL clip. The clip's quadratic form: U = eta P u
         with u = g_avg + beta (g_diff - s_proj g_avg) and P = F_w^-1, so <U, F_w U> = eta <U, u> =
-        eta ((1 - beta s_proj) <U, g_avg> + beta <U, g_diff>) >= 0: at beta = 0, eta = 1 K-FAC's <U, V> bit for bit."""
-        if self.uses_inverses:  # the buckets' sums and scalars, in bucket order
-            parts = self._stat_parts
-            self._stats = (([i for idx, _, _ in parts for i in idx], torch.cat([su for _, su, _ in parts]),
-                            torch.cat([sc for _, _, sc in parts])) if parts else None)
+        eta ((1 - beta s_proj) <U, g_avg> + beta <U, g_diff>) >= 0: at beta = 0, eta = 1 K-FAC's <U, V> bit for bit.
+        Keeps the step's statistics (the parts concatenated in bucket order) for `last_stats`."""
+        self._stats = None if stats is None else ([i for layers, _, _ in stats for i in layers],
+                                                  torch.cat([sums for _, sums, _ in stats]),
+                                                  torch.cat([scalars for _, _, scalars in stats]))
         if self._stats is None:  # a K-FAC fallback step
-            return super()._update_scale(buckets, updates, V_stacks, D_stacks)
+            return super()._update_scale(buckets, updates, V_stacks, D_stacks, stats)
         factor = self._eta_factor
         if self.kl_clip is None:
             return (None if factor == 1.0 else updates[0].new_tensor(factor)), None

@@ -781,48 +781,60 @@ class KFAC(CurvatureOptimizer):
         damping = None if self.uses_inverses else eval_schedule("damping", self.damping, step, low_open=True)
         return self._precondition(buckets, damping, inv_scale)
 
-    def _bucket_gradients(self, bucket: Bucket, inv_scale) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _sub_batches(self, buckets: list):
+        """What a step needs to form its second gradient (FOP: the sample counts of the sub-batches), or None for a
+        step with one gradient. K-FAC: None."""
+        return None
+
+    def _bucket_gradients(self, bucket: Bucket, inv_scale, sub_batches) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(V stack, difference stack or None) for a bucket: K-FAC has no second gradient."""
         return torch.stack([self.layers[i].grad_matrix(bucket.dtype) for i in bucket.index]), None
 
-    def _combine(self, A_rot: list, D_rot: list | None, lG: list, lA: list, damping: float) -> list:
-        """The rotated update U~ per layer; K-FAC: V~ / w through project_combine with beta=0, eta=1."""
+    def _combine(self, buckets: list, A_rot: list, D_rot: list | None, lG: list, lA: list,
+                 damping: float) -> tuple[list, tuple | None]:
+        """(the rotated update U~ per block, the step's statistics or None); K-FAC: V~ / w through project_combine
+        with beta=0, eta=1, no statistics."""
         sums = A_rot[0].new_zeros(len(A_rot), 5)
         U_rot, _ = fop_kernels.project_combine(A_rot, A_rot, sums, lG, lA, damping, self.damping_mode,
                                                beta=0.0, eta=1.0)
-        return U_rot
+        return U_rot, None
 
-    def _inverse_update(self, bucket: InverseBucket, V: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
-        """inverse_method="cholesky": the update stack of a bucket; K-FAC: G_d^-1 V A_d^-1."""
-        return bucket.precondition(V)
+    def _inverse_update(self, bucket: InverseBucket, V: torch.Tensor,
+                        D: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
+        """Damped inverses: (the update stack of a bucket, its statistics or None); K-FAC: G_d^-1 V A_d^-1, None."""
+        return bucket.precondition(V), None
 
     def _precondition(self, buckets: list, damping: float | None, inv_scale) -> dict[int, torch.Tensor]:
-        """{id(param): direction} of the layers in `buckets` (and, under the KL clip, of every other parameter)."""
-        V_stacks, D_stacks, updates = [], [], []
+        """{id(param): direction} of the layers in `buckets` (and, under the KL clip, of every other parameter).
+
+        The template steps hand their values on explicitly: `_sub_batches` -> `_bucket_gradients` (V, D per bucket)
+        -> `_inverse_update` per bucket or `_combine` over all blocks (updates and statistics parts) ->
+        `_update_scale` (the KL clip over updates, gradients and statistics)."""
+        sub_batches = self._sub_batches(buckets)
+        V_stacks, D_stacks, updates, stats = [], [], [], []
+        for b in buckets:
+            V, D = (b.as_blocks(M) for M in self._bucket_gradients(b, inv_scale, sub_batches))
+            V_stacks.append(V)
+            D_stacks.append(D)
         if self.uses_inverses:
-            for b in buckets:
-                V, D = (b.as_blocks(M) for M in self._bucket_gradients(b, inv_scale))
-                V_stacks.append(V)
-                D_stacks.append(D)
-                updates.append(self._inverse_update(b, V, D))
+            for b, V, D in zip(buckets, V_stacks, D_stacks):
+                U, part = self._inverse_update(b, V, D)
+                updates.append(U)
+                stats.append(part)
         else:
-            A_rot, D_rot, lG, lA = [], [], [], []
-            for b in buckets:
-                V, D = (b.as_blocks(M) for M in self._bucket_gradients(b, inv_scale))
-                V_stacks.append(V)
-                D_stacks.append(D)
-                A_rot.extend(b.rotate(V).unbind(0))
-                if D is not None:
-                    D_rot.extend(b.rotate(D).unbind(0))
-                lG.extend(b.lG.unbind(0))
-                lA.extend(b.lA.unbind(0))
             have_diff = all(D is not None for D in D_stacks)
-            U_rot = self._combine(A_rot, D_rot if have_diff else None, lG, lA, damping)
+            A_rot = [M for b, V in zip(buckets, V_stacks) for M in b.rotate(V).unbind(0)]
+            D_rot = [M for b, D in zip(buckets, D_stacks) for M in b.rotate(D).unbind(0)] if have_diff else None
+            lG = [M for b in buckets for M in b.lG.unbind(0)]
+            lA = [M for b in buckets for M in b.lA.unbind(0)]
+            U_rot, part = self._combine(buckets, A_rot, D_rot, lG, lA, damping)
+            stats.append(part)
             start = 0
             for b in buckets:
                 updates.append(b.unrotate(torch.stack(U_rot[start:start + b.size])))
                 start += b.size
-        scale, nu = self._update_scale(buckets, updates, V_stacks, D_stacks)
+        scale, nu = self._update_scale(buckets, updates, V_stacks, D_stacks,
+                                       None if any(part is None for part in stats) else stats)
         if scale is not None:
             for U in updates:
                 U.mul_(scale.to(U.dtype))
@@ -874,9 +886,11 @@ class KFAC(CurvatureOptimizer):
             directions[id(p)] = d * factor.to(d.dtype)
 
     def _update_scale(self, buckets: list, updates: list[torch.Tensor], V_stacks: list[torch.Tensor],
-                      D_stacks: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      D_stacks: list[torch.Tensor | None],
+                      stats: list[tuple] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(the factor every update is multiplied by, the KL clip's nu for every other parameter): 0-d device tensors,
-        None for 1. K-FAC: both are the KL clip's nu."""
+        None for 1. `stats`: the statistics parts of `_combine`/`_inverse_update`, None if any is None.
+        K-FAC: both are the KL clip's nu."""
         if self.kl_clip is None:
             return None, None
         nu = self._kl_factor(buckets, [torch.linalg.vecdot(U.flatten(1), V.flatten(1))
