@@ -14,10 +14,9 @@ import argparse
 import ast
 import math
 
+import fop
 import torch
 import torch.nn.functional as F
-
-import fop
 from fop_train.data import load_mnist
 from fop_train.models import build_model
 
