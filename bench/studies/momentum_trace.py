@@ -23,7 +23,8 @@ from fop_train.models import build_model
 
 def trace(data, optimizer: str, lr: float, momentum: float, steps: int, warmup: int, batch: int,
           extra: dict) -> list[tuple[int, float, float, float]]:
-    """(step, loss, max |logit|, ||parameters||) per step; stops at a non-finite loss."""
+    """(step, loss, max |logit| of the step's forward, ||parameters|| after its update) per step; stops at a
+    non-finite loss."""
     torch.manual_seed(0)
     model = build_model("cnn", tuple(data.train_x.shape[1:]), data.num_classes, width=8)
     opt = getattr(fop, optimizer)(model, lr=lr, momentum=momentum, **extra)
@@ -37,15 +38,16 @@ def trace(data, optimizer: str, lr: float, momentum: float, steps: int, warmup: 
         logits = model(data.train_x[idx])
         loss = F.cross_entropy(logits, data.train_y[idx])
         opt.zero_grad()
-        if getattr(opt, "fisher", None) == "mc":
+        if opt.fisher == "mc":
             opt.fisher_backward(logits)
         loss.backward()
         value = float(loss.detach())
-        norm = math.sqrt(sum(float(p.detach().square().sum()) for p in model.parameters()))
-        rows.append((step, value, float(logits.detach().abs().max()), norm))
         if not math.isfinite(value):
+            rows.append((step, value, float(logits.detach().abs().max()), math.nan))
             break
         opt.step()
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()])))
+        rows.append((step, value, float(logits.detach().abs().max()), float(norm)))
     return rows
 
 
