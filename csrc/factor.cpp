@@ -208,19 +208,49 @@ Geometry geometry(const at::Tensor& x, at::IntArrayRef k, at::IntArrayRef s, at:
   return g;
 }
 
+// Whether kernel tap `i` of an axis (first read position i d - p, then every s) reads a pixel inside [0, size) for
+// any of the `out` outputs; a tap that never does multiplies zero padding alone: its patch columns are exactly zero.
+bool tap_reads_image(int64_t i, int64_t d, int64_t p, int64_t s, int64_t out, int64_t size) {
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t q = o * s - p + i * d;
+    if (q >= 0 && q < size) return true;
+  }
+  return false;
+}
+
 // The Gram P^T P of the patch matrix with columns in (i, j, c) order, from a channels-last copy of the padded
 // input viewed as (N, oh, ow, kh, kw, C) patches: one contiguous gather (no at::im2col, whose N x D x L layout needs
-// a second transposing copy), then the tiled syrk. Any stride. Returns D x D in (c, i, j) order.
+// a second transposing copy), then the tiled syrk over the taps that read the image. Any stride. Returns D x D in
+// (c, i, j) order. Taps that see only padding (the off-centre taps of a 3x3 conv on a 1x1 map: 8 of 9) have zero
+// columns: the syrk skips them and their rows and columns of the result are zero, so the work is (live taps x C)^2,
+// not D^2.
 at::Tensor gram_by_patches(const at::Tensor& x, const Geometry& g) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), D = C * g.kh * g.kw;
   auto xp = at::zeros({N, H + 2 * g.ph, W + 2 * g.pw, C}, x.options());
   xp.narrow(1, g.ph, H).narrow(2, g.pw, W).copy_(x.permute({0, 2, 3, 1}));
   const int64_t sN = xp.stride(0), sH = xp.stride(1), sW = xp.stride(2);
   auto P = xp.as_strided({N, g.oh, g.ow, g.kh, g.kw, C}, {sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, 1})
-               .reshape({N * g.oh * g.ow, D});
-  auto G = at::empty({D, D}, x.options());
-  syrk_ema(G, P, 0.0, 1.0);
-  return G.view({g.kh, g.kw, C, g.kh, g.kw, C}).permute({2, 0, 1, 5, 3, 4}).reshape({D, D});
+               .reshape({N * g.oh * g.ow, g.kh * g.kw, C});
+  std::vector<int64_t> live;  // taps t = i kw + j that read the image
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j)
+      if (tap_reads_image(i, g.dh, g.ph, g.sh, g.oh, H) && tap_reads_image(j, g.dw, g.pw, g.sw, g.ow, W))
+        live.push_back(i * g.kw + j);
+  const int64_t T = g.kh * g.kw, n = static_cast<int64_t>(live.size());
+  if (n == T) {
+    auto G = at::empty({D, D}, x.options());
+    syrk_ema(G, P.reshape({N * g.oh * g.ow, D}), 0.0, 1.0);
+    return G.view({g.kh, g.kw, C, g.kh, g.kw, C}).permute({2, 0, 1, 5, 3, 4}).reshape({D, D});
+  }
+  auto out = at::zeros({C, T, C, T}, x.options());  // (c, t) x (c', t'): the (c, i, j) order
+  if (n == 0) return out.view({D, D});
+  const auto taps = at::tensor(live, x.options().dtype(at::kLong));
+  auto G = at::empty({n * C, n * C}, x.options());
+  syrk_ema(G, P.index_select(1, taps).reshape({N * g.oh * g.ow, n * C}), 0.0, 1.0);
+  const auto blocks = G.view({n, C, n, C});
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t b = 0; b < n; ++b) out.select(3, live[b]).select(1, live[a]).copy_(blocks.select(2, b).select(0, a));
+  return out.view({D, D});
 }
 
 // [begin, end) of the image rows (or columns) that a stride-1 kernel tap starting at `first` reads for `out` outputs.

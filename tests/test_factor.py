@@ -208,6 +208,12 @@ CONV_CASES = [
     (2, 5, 5, 9, (3, 1), 1, (0, 2), 1, True),
     (1, 1, 1, 1, 1, 1, 0, 1, True),
     (2, 16, 6, 6, 3, 1, 1, 1, True),
+    # taps that read only padding (zero patch columns, skipped by the patch method): a 1x1 map (8 of 9), a strided
+    # 2x2 map (5 of 9), one image row (6 of 9), a dilation that leaves only the centre tap
+    (2, 4, 1, 1, 3, 1, 1, 1, True),
+    (3, 3, 2, 2, 3, 2, 1, 1, False),
+    (2, 3, 1, 3, 3, 1, 1, 1, True),
+    (2, 2, 3, 3, 3, 1, 2, 3, False),
 ]
 CONV_IDS = [f"N{c[0]}C{c[1]}H{c[2]}W{c[3]}-k{c[4]}-s{c[5]}-p{c[6]}-d{c[7]}-b{int(c[8])}" for c in CONV_CASES]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from fop import FOP, KFAC, inverse_choice
 from fop.inverse_choice import DenseBlock, Side, Woodbury, choose_form, form_costs, keeps_samples, support
-from fop.kfac import DampedFactor, deflated_eigh
+from fop.kfac import DampedFactor, InverseBucket, deflated_eigh
 from helpers import TOLERANCES, assert_close
 from torch import nn
 
@@ -75,6 +75,41 @@ def test_side_on_a_support_matches_the_dense_damped_inverse(form, dtype):
     assert_close(side.factor_left(X.mT.to(dtype)), M @ X.mT, atol * 10, rtol * 10, "factor_left")
     sub = side.subset([1])
     assert_close(sub.right(X[1:].to(dtype)), X[1:] @ dense[1:], atol * 100, rtol * 10, "subset right")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("outside", ["zero", "nonzero"])
+def test_bucket_products_with_a_support_on_the_input_side(outside, dtype):
+    """InverseBucket.precondition and .fisher where A's inverse is held on a support: a gradient exactly zero
+    outside it (a conv's padding-only taps; the G side then works on the support columns alone) and one that is
+    not (every column goes through), against the dense float64 products; every element compared."""
+    B, o, n, r = 2, 4, 12, 3
+    g = torch.Generator().manual_seed(11)
+    sup = [torch.tensor([0, 3, 4, 9]), torch.tensor([1, 2, 7, 11])]
+    ZA = torch.zeros(B, r, n, dtype=torch.float64)
+    for b, idx in enumerate(sup):
+        ZA[b][:, idx] = torch.randn(r, idx.numel(), generator=g, dtype=torch.float64)
+    A = ZA.mT @ ZA
+    ZG = torch.randn(B, 2 * o, o, generator=g, dtype=torch.float64)
+    G = ZG.mT @ ZG
+    lam_A, lam_G = torch.tensor([0.3, 0.05], dtype=torch.float64), torch.tensor([0.2, 0.1], dtype=torch.float64)
+    block = torch.stack([A[b][idx][:, idx] for b, idx in enumerate(sup)]).to(dtype)
+    Ainv = Side(n, torch.stack(sup), lam_A, DenseBlock(block, DampedFactor.of(block, lam_A, False)), "inverse")
+    Ginv = Side(o, None, lam_G, DenseBlock(G.to(dtype), DampedFactor.of(G.to(dtype), lam_G, False)), "inverse")
+    bucket = InverseBucket([0, 1], list(G.to(dtype)), list(A.to(dtype)), Ginv, Ainv)
+    M = torch.randn(B, o, n, generator=g, dtype=torch.float64)
+    if outside == "zero":
+        M = Ainv.scatter_columns(torch.zeros_like(M), Ainv.support_columns(M))
+    eye = torch.eye(n, dtype=torch.float64)
+    expected = (torch.linalg.inv(G + lam_G[:, None, None] * torch.eye(o, dtype=torch.float64)) @ M
+                @ torch.linalg.inv(A + lam_A[:, None, None] * eye))
+    atol, rtol = TOLERANCES[dtype]
+    got = bucket.precondition(M.to(dtype))
+    assert got.dtype == dtype and got.shape == M.shape
+    assert_close(got, expected, atol * 100 * float(expected.abs().max()), rtol * 10, f"precondition {outside}")
+    fisher = G @ M @ A
+    assert_close(bucket.fisher(M.to(dtype)), fisher, atol * 10 * float(fisher.abs().max()), rtol * 10,
+                 f"fisher {outside}")
 
 
 def test_support_is_none_for_a_full_factor_and_exact_for_zero_rows():

@@ -143,13 +143,20 @@ class Side:
     def _rows(self, X: torch.Tensor) -> torch.Tensor:
         return self.index[:, :, None].expand(X.shape[0], -1, X.shape[2])
 
+    def support_columns(self, X: torch.Tensor) -> torch.Tensor:
+        """The support columns of a (B, m, n) stack: (B, m, s)."""
+        return X.gather(2, self._cols(X))
+
+    def scatter_columns(self, out: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """`out` (B, m, n) with its support columns set to Y (B, m, s), in place."""
+        return out.scatter_(2, self._cols(out), Y)
+
     def right(self, X: torch.Tensor) -> torch.Tensor:
         """X (M + lam)^-1 for a (B, m, n) stack: the support columns through the core, the others / lam."""
         if self.index is None:
             return self.core.right(X)
-        idx = self._cols(X)
         out = X / self.lam.to(X.dtype)[:, None, None]
-        return out.scatter_(2, idx, self.core.right(X.gather(2, idx)))
+        return self.scatter_columns(out, self.core.right(self.support_columns(X)))
 
     def left(self, X: torch.Tensor) -> torch.Tensor:
         """(M + lam)^-1 X for a (B, n, m) stack."""
@@ -163,8 +170,7 @@ class Side:
         """X M (undamped) for a (B, m, n) stack: zero outside the support columns."""
         if self.index is None:
             return self.core.factor_right(X)
-        idx = self._cols(X)
-        return torch.zeros_like(X).scatter_(2, idx, self.core.factor_right(X.gather(2, idx)))
+        return self.scatter_columns(torch.zeros_like(X), self.core.factor_right(self.support_columns(X)))
 
     def factor_left(self, X: torch.Tensor) -> torch.Tensor:
         """M X (undamped) for a (B, n, m) stack."""

@@ -252,6 +252,7 @@ class DampedFactor:
     def _repaired_cholesky(M: torch.Tensor, lam: torch.Tensor, name: str) -> torch.Tensor:
         if not bool(torch.isfinite(M).all()):
             raise FloatingPointError(f"{name} is non-finite (NaN or inf); nothing was changed")
+        M = 0.5 * (M + M.mT)  # the factor's rounding-level asymmetry (Cholesky itself reads one triangle)
         lam = lam.to(M.dtype)
         try:
             repaired = fop_kernels.damped_inverse([M], lam, power=1.0)[0]
@@ -298,28 +299,43 @@ class InverseBucket(Blocks):
     damped inverses (G + lambda_G I)^-1, (A + lambda_A I)^-1 as fop.inverse_choice.Side objects; `samples` the sample
     rows (ZG, ZA) they were built from (lists per layer, None where a side was held densely; for state_dict)."""
 
-    def __init__(self, index: list[int], G, A, Ginv: Side, Ainv: Side, samples=None, groups: int = 1):
+    def __init__(self, index: list[int], Gs: list[torch.Tensor], As: list[torch.Tensor], Ginv: Side, Ainv: Side,
+                 samples=None, groups: int = 1):
         self.index = index
         self.groups = groups
-        self.G, self.A, self.Ginv, self.Ainv = G, A, Ginv, Ainv  # (B,o,o), (B,i,i), damped inverses
+        self.Gs, self.As = Gs, As  # per layer, the factors of the last inversion (references: factors are immutable)
+        self.Ginv, self.Ainv = Ginv, Ainv  # damped inverses
         self.samples = samples or ([None] * len(index), [None] * len(index))
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.A.dtype
+        return self.As[0].dtype
 
     def precondition(self, M: torch.Tensor) -> torch.Tensor:
-        """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack."""
-        return self.Ginv.left(self.Ainv.right(M))
+        """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack. Where A's inverse is held on a support S,
+        the columns of M outside S are M's / lambda_A; on the host, when they are exactly zero (a conv's taps that
+        only ever see padding, channels dead on this batch) the G side works on the |S| support columns alone (one
+        count of nonzeros, no device to sync; on an accelerator every column goes through)."""
+        A = self.Ainv
+        if A.index is not None and M.device.type == "cpu":
+            inside = A.support_columns(M)
+            if int(torch.count_nonzero(inside)) == int(torch.count_nonzero(M)):
+                return A.scatter_columns(torch.zeros_like(M), self.Ginv.left(A.core.right(inside)))
+        return self.Ginv.left(A.right(M))
 
     def fisher(self, M: torch.Tensor) -> torch.Tensor:
-        """G M A (the undamped factors of the last inversion) for a (B, o, i) stack."""
-        return self.Ginv.factor_left(self.Ainv.factor_right(M))
+        """G M A (the undamped factors of the last inversion) for a (B, o, i) stack: zero outside A's support, so
+        the G side works on the support columns alone."""
+        A = self.Ainv
+        if A.index is None:
+            return self.Ginv.factor_left(A.factor_right(M))
+        inside = self.Ginv.factor_left(A.core.factor_right(A.support_columns(M)))
+        return A.scatter_columns(torch.zeros_like(M), inside)
 
     def subset(self, keep: list[int]) -> InverseBucket:
         e = self.entries(keep)
-        return InverseBucket([self.index[j] for j in keep], self.G[e], self.A[e], self.Ginv.subset(e),
-                             self.Ainv.subset(e), tuple([z[j] for j in keep] for z in self.samples), self.groups)
+        return InverseBucket([self.index[j] for j in keep], [self.Gs[j] for j in keep], [self.As[j] for j in keep],
+                             self.Ginv.subset(e), self.Ainv.subset(e), tuple([z[j] for j in keep] for z in self.samples), self.groups)
 
 
 class KFAC(CurvatureOptimizer):
@@ -569,8 +585,6 @@ class KFAC(CurvatureOptimizer):
                     decay, A, G = self.factor_decay, self.factors_A[i].clone(), self.factors_G[i].clone()
                 self.capture.update_input_factor(i, A, decay)
                 self.capture.update_output_factor(i, G, decay, mc=mc, dy_scale=inv_scale)
-                for M in (A, G) if A.dim() > 1 else (G,):  # fp32 GEMMs leave rounding-level asymmetry
-                    M.copy_(0.5 * (M + M.mT))
                 new_A[i], new_G[i] = A, G
                 if self._tracks_samples and layer.type.blocks(layer) == 1:  # grouped: held densely per block
                     new_ZA[i], new_ZG[i] = self._grown_samples(i, decay, self.factors_A[i] is None, inv_scale)
@@ -625,8 +639,9 @@ class KFAC(CurvatureOptimizer):
             name = f"factor {side} of layer {self.layers[i].name}"
             return [name] if groups[i] == 1 else [f"{name} group {k}" for k in range(groups[i])]
 
-        mats = ([M for i in dense for M in blocks(self.factors_A[i], i)]
-                + [M for i in ready for M in blocks(self.factors_G[i], i)])
+        # a factor may carry rounding-level asymmetry (GEMMs of X^T X in torch); the eigensolvers need it exact
+        mats = [0.5 * (M + M.mT) for M in ([M for i in dense for M in blocks(self.factors_A[i], i)]
+                                           + [M for i in ready for M in blocks(self.factors_G[i], i)])]
         names = [n for i in dense for n in block_names("A", i)] + [n for i in ready for n in block_names("G", i)]
         prev = {i: (None if b.QA is None else b.QA[b.of_layer(j)], b.QG[b.of_layer(j)]) for b in self.buckets
                 if isinstance(b, Bucket) for j, i in enumerate(b.index)}
@@ -700,12 +715,17 @@ class KFAC(CurvatureOptimizer):
         held densely, on their whole width (no support, no sample rows), in the form choose_form picks for that
         width."""
         g = self.layers[idx[0]].type.blocks(self.layers[idx[0]])
-        G, A = _stack(Gs, g), _stack(As, g)
-        mean_A = A.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
-        mean_G = G.diagonal(dim1=1, dim2=2).double().mean(1).clamp_min(1e-30)
-        pi = torch.sqrt(mean_A / mean_G)
+
+        def entries_of(Ms: list[torch.Tensor]) -> list[torch.Tensor]:  # one matrix per block, views of the factors
+            return [B for M in Ms for B in ([M] if g == 1 else M.unbind(0))]
+
+        def mean_diagonal(Ms: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([M.diagonal(dim1=-2, dim2=-1).double().mean(-1).reshape(-1) for M in Ms]).clamp_min(1e-30)
+
+        pi = torch.sqrt(mean_diagonal(As) / mean_diagonal(Gs))
         lam_G, lam_A = root / pi, root * pi
-        o, i = G.shape[1], A.shape[1]  # a block's gradient matrix is o x i
+        G_ents, A_ents = entries_of(Gs), entries_of(As)
+        o, i = G_ents[0].shape[0], A_ents[0].shape[0]  # a block's gradient matrix is o x i
 
         def entries(js: list[int]) -> list[int]:
             return js if g == 1 else [j * g + k for j in js for k in range(g)]
@@ -714,11 +734,12 @@ class KFAC(CurvatureOptimizer):
                                           [f"{self.layers[j].name} group {k}" for k in range(g)])]
         if self.inverse_method == "cholesky":
             keep_G, keep_A = (keeps_cholesky_factor(n, m, self.inverse_interval) for n, m in ((o, i), (i, o)))
-            return [InverseBucket(idx, G, A, *(
+            return [InverseBucket(idx, Gs, As, *(
                 Side(M.shape[1], None, lam, DenseBlock(M, DampedFactor.of(M, lam, keep, [f"factor {side} of layer {n}"
                                                                                           for n in names])),
                      "cholesky" if keep else "inverse")
-                for M, lam, keep, side in ((G, lam_G, keep_G, "G"), (A, lam_A, keep_A, "A"))), groups=g)]
+                for M, lam, keep, side in ((_stack(Gs, g), lam_G, keep_G, "G"), (_stack(As, g), lam_A, keep_A, "A"))),
+                groups=g)]
         plans = []
         for j in range(len(idx)):
             plan = []
@@ -736,7 +757,7 @@ class KFAC(CurvatureOptimizer):
         for key, js in groups.items():
             ents = entries(js)
             sides = []
-            for k, (M, Zs, lam, side) in enumerate(((G, ZGs, lam_G, "G"), (A, ZAs, lam_A, "A"))):
+            for k, (Ms, Zs, lam, side) in enumerate(((G_ents, ZGs, lam_G, "G"), (A_ents, ZAs, lam_A, "A"))):
                 s, form, _ = key[k]
                 sups = [plans[j][k][0] for j in js] if g == 1 else [None] * len(ents)
                 index = None if sups[0] is None else torch.stack(sups)
@@ -745,11 +766,11 @@ class KFAC(CurvatureOptimizer):
                     Z = torch.stack([Zs[j] if sup is None else Zs[j][:, sup] for j, sup in zip(js, sups)])
                     core = Woodbury(Z, lam_k)
                 else:
-                    block = torch.stack([M[e] if sup is None else M[e][sup][:, sup] for e, sup in zip(ents, sups)])
+                    block = torch.stack([Ms[e] if sup is None else Ms[e][sup][:, sup] for e, sup in zip(ents, sups)])
                     core = DenseBlock(block, DampedFactor.of(block, lam_k, form == "cholesky",
                                                              [f"factor {side} of layer {names[e]}" for e in ents]))
-                sides.append(Side(M.shape[1], index, lam_k, core, form))
-            out.append(InverseBucket([idx[j] for j in js], G[ents], A[ents], *sides,
+                sides.append(Side(Ms[0].shape[0], index, lam_k, core, form))
+            out.append(InverseBucket([idx[j] for j in js], [Gs[j] for j in js], [As[j] for j in js], *sides,
                                      samples=([ZGs[j] for j in js], [ZAs[j] for j in js]), groups=g))
         return out
 
@@ -921,7 +942,7 @@ class KFAC(CurvatureOptimizer):
             for j, i in enumerate(b.index):
                 e = b.of_layer(j)  # a grouped layer's entries: (groups, ...) stacks
                 if isinstance(b, InverseBucket):
-                    inverse[i] = {"A": b.A[e], "G": b.G[e]}
+                    inverse[i] = {"A": b.As[j], "G": b.Gs[j]}
                     if self.inverse_method == "cholesky":
                         inverse[i].update({f"A{k}": v[e] for k, v in b.Ainv.core.core.state.items()})
                         inverse[i].update({f"G{k}": v[e] for k, v in b.Ginv.core.core.state.items()})
@@ -1045,7 +1066,8 @@ class KFAC(CurvatureOptimizer):
             return Side(M.shape[1], None, None, DenseBlock(M, DampedFactor(**{form: stacked(idx, side + form)})),
                         "inverse" if form == "inv" else "cholesky")
 
-        new["buckets"] = [InverseBucket(idx, stacked(idx, "G"), stacked(idx, "A"), damped(idx, "G"), damped(idx, "A"),
+        new["buckets"] = [InverseBucket(idx, [moved[i]["G"] for i in idx], [moved[i]["A"] for i in idx],
+                                        damped(idx, "G"), damped(idx, "A"),
                                         groups=self.layers[idx[0]].type.blocks(self.layers[idx[0]]))
                           for idx in groups]
         return new
