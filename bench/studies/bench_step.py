@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import os
 import resource
@@ -197,7 +198,7 @@ def memory(args):
     out = {}
     for n in args.only or OPTIMIZERS:
         cmd = [sys.executable, __file__, "--memory-child", n, "--model", args.model, "--width", str(args.width),
-               "--batch", str(args.batch),
+               "--batch", str(args.batch), "--damping", str(args.damping),
                "--eigh-refresh-iters", str(args.eigh_refresh_iters), "--damping-mode", args.damping_mode,
                "--inverse-method", args.inverse_method, "--split", args.split,
                *(["--same-passes"] if args.same_passes else []),
@@ -270,11 +271,11 @@ def main():
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--damping", type=float, default=1e-2)
+    p.add_argument("--damping", type=float, help="KFAC/FOP damping (default: the library's)")
     p.add_argument("--eigh-refresh-iters", type=int, default=0, help="KFAC/FOP eigh_refresh_iters")
-    p.add_argument("--damping-mode", choices=("eigen", "factored"), default="eigen")
-    p.add_argument("--inverse-method", choices=INVERSE_METHODS, default="eigh",
-                   help="cholesky needs --damping-mode factored")
+    p.add_argument("--damping-mode", choices=("eigen", "factored"), help="default: the library's")
+    p.add_argument("--inverse-method", choices=INVERSE_METHODS,
+                   help="default: the library's; cholesky needs --damping-mode factored")
     p.add_argument("--split", choices=("half_batch", "backward"), default="half_batch",
                    help="FOP's split; backward: FOP and KFAC run two half-batch passes per step (SGD, AdamW one)")
     p.add_argument("--same-passes", action="store_true",
@@ -287,6 +288,10 @@ def main():
                    help="steps per memory subprocess (steps 0, 1, 2 are refreshes: 3 covers one)")
     p.add_argument("--memory-child", choices=OPTIMIZERS, help=argparse.SUPPRESS)
     args = p.parse_args()
+    defaults = inspect.signature(KFAC).parameters  # unset curvature options: the library's defaults
+    for name in ("damping", "damping_mode", "inverse_method"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name].default)
     if args.memory_child:
         memory_child(args)
         return
