@@ -44,6 +44,15 @@ def test_woodbury_matches_dense_damped_inverse(B, r, s, m, dtype):
         assert_close(got, expected, atol=atol * scale * 10, rtol=rtol * 10, what=f"{what} {dtype} {(B, r, s, m)}")
 
 
+def _supported_samples(B, r, n, g):
+    """Two fixed supports of 4 of n columns and sample rows Z (B, r, n) nonzero only on them (float64)."""
+    sup = [torch.tensor([0, 3, 4, 9]), torch.tensor([1, 2, 7, 11])]
+    Z = torch.zeros(B, r, n, dtype=torch.float64)
+    for b, idx in enumerate(sup):
+        Z[b][:, idx] = torch.randn(r, idx.numel(), generator=g, dtype=torch.float64)
+    return sup, Z
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("form", ["inverse", "cholesky", "woodbury"])
 def test_side_on_a_support_matches_the_dense_damped_inverse(form, dtype):
@@ -51,10 +60,7 @@ def test_side_on_a_support_matches_the_dense_damped_inverse(form, dtype):
     The result tensors are written in full: every element is compared (no NaN from a missed column)."""
     B, n, r, m = 2, 12, 3, 5
     g = torch.Generator().manual_seed(3)
-    sup = [torch.tensor([0, 3, 4, 9]), torch.tensor([1, 2, 7, 11])]
-    Z = torch.zeros(B, r, n, dtype=torch.float64)
-    for b, idx in enumerate(sup):
-        Z[b][:, idx] = torch.randn(r, idx.numel(), generator=g, dtype=torch.float64)
+    sup, Z = _supported_samples(B, r, n, g)
     M = Z.mT @ Z
     lam = torch.tensor([0.3, 0.05], dtype=torch.float64)
     for b, idx in enumerate(sup):
@@ -85,10 +91,7 @@ def test_bucket_products_with_a_support_on_the_input_side(outside, dtype):
     not (every column goes through), against the dense float64 products; every element compared."""
     B, o, n, r = 2, 4, 12, 3
     g = torch.Generator().manual_seed(11)
-    sup = [torch.tensor([0, 3, 4, 9]), torch.tensor([1, 2, 7, 11])]
-    ZA = torch.zeros(B, r, n, dtype=torch.float64)
-    for b, idx in enumerate(sup):
-        ZA[b][:, idx] = torch.randn(r, idx.numel(), generator=g, dtype=torch.float64)
+    sup, ZA = _supported_samples(B, r, n, g)
     A = ZA.mT @ ZA
     ZG = torch.randn(B, 2 * o, o, generator=g, dtype=torch.float64)
     G = ZG.mT @ ZG
