@@ -335,7 +335,8 @@ class InverseBucket(Blocks):
     def subset(self, keep: list[int]) -> InverseBucket:
         e = self.entries(keep)
         return InverseBucket([self.index[j] for j in keep], [self.Gs[j] for j in keep], [self.As[j] for j in keep],
-                             self.Ginv.subset(e), self.Ainv.subset(e), tuple([z[j] for j in keep] for z in self.samples), self.groups)
+                             self.Ginv.subset(e), self.Ainv.subset(e),
+                             tuple([z[j] for j in keep] for z in self.samples), self.groups)
 
 
 class KFAC(CurvatureOptimizer):
