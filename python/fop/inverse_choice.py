@@ -151,6 +151,10 @@ class Side:
         """`out` (B, m, n) with its support columns set to Y (B, m, s), in place."""
         return out.scatter_(2, self._cols(out), Y)
 
+    def on_support_columns(self, X: torch.Tensor, fn) -> torch.Tensor:
+        """fn applied to the support columns of a (B, m, n) stack, zero in the other columns."""
+        return self.scatter_columns(torch.zeros_like(X), fn(self.support_columns(X)))
+
     def right(self, X: torch.Tensor) -> torch.Tensor:
         """X (M + lam)^-1 for a (B, m, n) stack: the support columns through the core, the others / lam."""
         if self.index is None:
@@ -170,7 +174,7 @@ class Side:
         """X M (undamped) for a (B, m, n) stack: zero outside the support columns."""
         if self.index is None:
             return self.core.factor_right(X)
-        return self.scatter_columns(torch.zeros_like(X), self.core.factor_right(self.support_columns(X)))
+        return self.on_support_columns(X, self.core.factor_right)
 
     def factor_left(self, X: torch.Tensor) -> torch.Tensor:
         """M X (undamped) for a (B, n, m) stack."""

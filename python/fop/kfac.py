@@ -318,7 +318,7 @@ class InverseBucket(Blocks):
         count of nonzeros, no device to sync; on an accelerator every column goes through)."""
         A = self.Ainv
         if A.index is not None and M.device.type == "cpu":
-            inside = A.support_columns(M)
+            inside = A.support_columns(M)  # gathered once: counted, then multiplied
             if int(torch.count_nonzero(inside)) == int(torch.count_nonzero(M)):
                 return A.scatter_columns(torch.zeros_like(M), self.Ginv.left(A.core.right(inside)))
         return self.Ginv.left(A.right(M))
@@ -329,8 +329,7 @@ class InverseBucket(Blocks):
         A = self.Ainv
         if A.index is None:
             return self.Ginv.factor_left(A.factor_right(M))
-        inside = self.Ginv.factor_left(A.core.factor_right(A.support_columns(M)))
-        return A.scatter_columns(torch.zeros_like(M), inside)
+        return A.on_support_columns(M, lambda X: self.Ginv.factor_left(A.core.factor_right(X)))
 
     def subset(self, keep: list[int]) -> InverseBucket:
         e = self.entries(keep)
