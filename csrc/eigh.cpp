@@ -8,9 +8,10 @@
 //                                                  previous eigenvectors, then Rayleigh quotients l = diag(Q^T M Q)
 //
 // LAPACK (syevd) through ATen. The matrices are cut into work items -- one large matrix, or a chunk of
-// equal-size small ones decomposed by one batched ATen call -- sorted largest first and pulled from a shared
-// counter by at::parallel_for's threads (dynamic longest-first scheduling; each item runs single-threaded
-// inside the parallel region). Every input is checked for finiteness and symmetry inside its work item, and
+// equal-size small ones decomposed by one batched ATen call. Matrices of 1024 and more run one by one with
+// LAPACK on all threads; the other items, sorted largest first, are pulled from a shared counter by
+// at::parallel_for's threads (dynamic longest-first scheduling; each item runs single-threaded inside the
+// parallel region). Every input is checked for finiteness and symmetry inside its work item, and
 // every output for finiteness: errors name the matrix index; a NaN is never returned.
 //
 // ATen and torch/library.h only (no torch/extension.h): this unit compiles in seconds.
@@ -36,6 +37,10 @@ using TensorVec = std::vector<at::Tensor>;
 
 // Matrices at least this large are decomposed one per work item; smaller ones of equal size are batched.
 constexpr int64_t kBatchMaxN = 160;
+// Matrices at least this large are decomposed one after another outside the parallel region, so that LAPACK
+// (syevd's tridiagonal reduction and back-transformation are level-3 BLAS) uses every thread on each: inside
+// the region a 4609-wide factor ran on one thread, 1.8x slower than the plain loop on two cores.
+constexpr int64_t kThreadedLapackMinN = 1024;
 // Equal-size groups are cut into about this many chunks per thread, so that the dynamic schedule balances.
 constexpr int64_t kChunksPerThread = 4;
 // Chunks of matrices for eigh_small_batch hold a multiple of its widest lane group (16 floats per vector).
@@ -43,6 +48,7 @@ constexpr int64_t kSmallGroup = 16;
 
 struct WorkItem {
   std::vector<int64_t> idx;  // matrices of one size
+  int64_t n;                 // their size
   double cost;               // ~ count * n^3
 };
 
@@ -59,24 +65,33 @@ std::vector<WorkItem> plan_work(at::TensorList mats) {
     for (int64_t s = 0; s < count; s += chunk) {
       WorkItem w;
       w.idx.assign(idx.begin() + s, idx.begin() + std::min(count, s + chunk));
+      w.n = n;
       w.cost = static_cast<double>(w.idx.size()) * static_cast<double>(n) * n * n;
       items.push_back(std::move(w));
     }
   }
-  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  // Matrices for threaded LAPACK first (run_work takes them inline), then the rest largest first.
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) {
+    const bool ta = a.n >= kThreadedLapackMinN, tb = b.n >= kThreadedLapackMinN;
+    return ta != tb ? ta : a.cost > b.cost;
+  });
   return items;
 }
 
-// Runs fn(item) for every item: one item inline (ATen/LAPACK may use all threads), more through a shared
-// counter so that each thread takes the largest item still waiting.
+// Runs fn(item) for every item (sorted largest first): matrices of kThreadedLapackMinN and more one by one
+// inline, where ATen/LAPACK uses all threads on each; the rest through a shared counter so that each thread
+// takes the largest item still waiting (inline too when only one is left).
 template <class F>
 void run_work(const std::vector<WorkItem>& items, const F& fn) {
-  if (items.size() == 1) {
-    fn(items[0]);
+  size_t first = 0;
+  while (first < items.size() && items[first].n >= kThreadedLapackMinN) fn(items[first++]);
+  const size_t rest = items.size() - first;
+  if (rest <= 1) {
+    if (rest == 1) fn(items[first]);
     return;
   }
-  std::atomic<size_t> next{0};
-  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), static_cast<int64_t>(items.size()));
+  std::atomic<size_t> next{first};
+  const int64_t workers = std::min<int64_t>(std::max(1, at::get_num_threads()), static_cast<int64_t>(rest));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (size_t k = next.fetch_add(1); k < items.size(); k = next.fetch_add(1)) fn(items[k]);
   });

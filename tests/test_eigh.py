@@ -173,6 +173,30 @@ def test_resnet18_factor_set_small(dtype):
     check_decomposition(mats, evals, evecs, what="resnet18/cpp")
 
 
+def test_threaded_lapack_matrices_beside_small_ones():
+    """Matrices of 1024 and more are decomposed one by one outside the parallel region (LAPACK on every thread),
+    the rest inside it: both paths in one call, each output in its own slot, for all three ops."""
+    sizes = [5, 1024, 64, 64, 1031, 200, 24, 24]
+    mats = mixed_list(sizes, torch.float64, kinds=("spd", "rank_deficient"))
+    evals, evecs = fop_kernels.eigh(mats, backend="cpp")
+    check_decomposition(mats, evals, evecs, what="threaded")
+    ref_l, _ = ref.eigh(mats)
+    for i, (a, b) in enumerate(zip(evals, ref_l)):
+        assert_close(a, b, atol=16 * sizes[i] * EPS[torch.float64] * float(mats[i].abs().max()), rtol=0,
+                     what=f"evals[{i}] vs reference")
+    inv = fop_kernels.damped_inverse(mats, 1e-2, backend="cpp")
+    for i, (h, e) in enumerate(zip(inv, ref.damped_inverse(mats, 1e-2))):
+        assert_close(h, e, atol=1e-9 * float(e.abs().max()), rtol=0, what=f"damped_inverse[{i}] vs reference")
+    l, _ = fop_kernels.eigh_refresh(mats, evecs, backend="cpp")
+    for i in range(len(mats)):
+        assert_close(l[i], evals[i], atol=1e-9 * float(evals[i].abs().max()), rtol=0, what=f"refresh evals[{i}]")
+    broken = list(mats)
+    broken[4] = broken[4].clone()
+    broken[4][3, 7] = float("nan")
+    with pytest.raises(RuntimeError, match=r"mats\[4\] contains non-finite"):
+        fop_kernels.eigh(broken, backend="cpp")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_resnet18_factor_set_full(dtype):
