@@ -118,17 +118,17 @@ def test_conv_path_equals_batched_cg_on_patches(dtype):
 
 
 # -- the optimizer step against the explicit systems ------------------------------------------------------------------
-def _step_and_systems(cg_iters, momentum=0.0, kl_clip=None, lr=0.05):
+def _step_and_systems(cg_iters, momentum=0.0, kl_clip=None, lr=0.05, loss_scale=1.0, **kwargs):
     """One step of FROG (the public step with kl_clip=None) and the explicit F^_r and t_r of its layers."""
     torch.manual_seed(1)
     model = ConvBNLinear().double()
     x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 4, (6,))
     tau, tau_lin = 1e-3, 0.5
     opt = FROG(model, lr=lr, momentum=momentum, sample_size=None, cg_iters=cg_iters, tau=tau, tau_linear=tau_lin,
-               kl_clip=kl_clip)
+               kl_clip=kl_clip, **kwargs)
     io, handles = record_layer_io(model)
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    (loss_scale * F.cross_entropy(model(x), y)).backward()
     for h in handles:
         h.remove()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -177,12 +177,14 @@ def test_step_with_exact_cg_is_normalized_natural_gradient():
         assert_close(after[n] - before[n], -lr * 0.25 * grads[n], 1e-15, 1e-12, n)
 
 
-@pytest.mark.parametrize("lr", [0.05, 3.0])
-def test_trust_region_scales_the_step_to_kl_clip(lr):
-    """kl_clip: the public step times nu = min(1, sqrt(kl_clip / (lr^2 sum_r (t_r + 1e-10) U_r^T F^_r U_r))) on every
-    parameter (the SGD path too), U_r the unit-F^-norm row step; exact CG (80 iterations), explicit matrices."""
+@pytest.mark.parametrize("lr, kl_damping", [(0.05, 1e-3), (3.0, 1e-3), (3.0, 0.0), (3.0, 0.5)])
+def test_trust_region_scales_the_step_to_kl_clip(lr, kl_damping):
+    """kl_clip: the public step times nu = min(1, sqrt(kl_clip / (lr^2 sum_r (t_r + 1e-10) U_r^T F^_r U_r
+    + kl_damping |U_r|^2))) on every parameter (the SGD path too), U_r the unit-F^-norm row step; exact CG
+    (80 iterations), explicit matrices."""
     kl_clip = 1e-3
-    model, opt, lr, before, grads, systems = _step_and_systems(cg_iters=80, kl_clip=kl_clip, lr=lr)
+    model, opt, lr, before, grads, systems = _step_and_systems(cg_iters=80, kl_clip=kl_clip, lr=lr,
+                                                               kl_damping=kl_damping)
     after = {n: p.detach() for n, p in model.named_parameters()}
     units, q = {}, 0.0
     for name in ("conv", "fc"):
@@ -191,12 +193,29 @@ def test_trust_region_scales_the_step_to_kl_clip(lr):
         units[name] = z / ((z * g).sum(1, keepdim=True) + 1e-10).sqrt()
         q = q + ((systems["traces"][name] + 1e-10) * torch.einsum("ri,rij,rj->r", units[name], systems[name],
                                                                    units[name])).sum()
+        q = q + kl_damping * units[name].square().sum()
     nu = min(1.0, math.sqrt(kl_clip / (lr * lr * float(q))))
     assert (nu < 0.5) == (lr > 1), f"nu = {nu}: the clip should bind at lr {lr} only if large"
     for name in ("conv", "fc"):
         assert_close(_rows(after, name) - _rows(before, name), -lr * nu * units[name], 1e-12, 1e-7, f"{name} step")
     for n in ("bn.weight", "bn.bias"):
-        assert_close(after[n] - before[n], -lr * 0.25 * nu * grads[n], 1e-15, 1e-10, n)
+        assert_close(after[n] - before[n], -lr * 0.25 * nu * grads[n], 1e-15, 1e-8, n)
+
+
+@pytest.mark.parametrize("kl_damping", [1e-3, 1e-2])
+def test_kl_damping_bounds_the_step_when_the_fisher_vanishes(kl_damping):
+    """A fitted model's Fisher is tiny (here: the loss scaled by 1e-6, so F by 1e-12). The row step is scale-free
+    (unit F^-norm) and the clip alone lets nu lr grow as 1 / sqrt(F); kl_damping caps the preconditioned step's
+    squared Euclidean norm at kl_clip / kl_damping."""
+    kl_clip = 1e-3
+    norms = {}
+    for damping in (0.0, kl_damping):
+        model, _, _, before, _, _ = _step_and_systems(cg_iters=4, kl_clip=kl_clip, lr=1.0, loss_scale=1e-6,
+                                                       kl_damping=damping)
+        after = {n: p.detach() for n, p in model.named_parameters()}
+        norms[damping] = sum(float((_rows(after, n) - _rows(before, n)).square().sum()) for n in ("conv", "fc"))
+    assert norms[kl_damping] <= kl_clip / kl_damping * (1 + 1e-9), norms
+    assert norms[0.0] > 100 * kl_clip / kl_damping, f"without kl_damping the step should be unbounded: {norms}"
 
 
 def test_sgd_path_matches_torch_sgd_and_bias_unfolded():
@@ -361,7 +380,7 @@ def test_gradscaler_skips_overflow_and_unscales():
     (dict(sample_size=0), "sample_size"), (dict(cg_iters=0), "cg_iters"), (dict(tau=-1e-6), "tau"),
     (dict(tau_linear=float("nan")), "tau_linear"), (dict(lr_other_ratio=-0.5), "lr_other_ratio"),
     (dict(nesterov=True), "nesterov"), (dict(exclude=["nope"]), "nope"), (dict(kl_clip=0.0), "kl_clip"),
-    (dict(kl_clip=float("nan")), "kl_clip"),
+    (dict(kl_clip=float("nan")), "kl_clip"), (dict(kl_damping=-1e-3), "kl_damping"),
 ])
 def test_invalid_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

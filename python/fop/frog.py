@@ -9,15 +9,18 @@ folded into the row when `fold_bias=True`), on every step:
     m   <- mu m + g                                        (momentum before preconditioning; Nesterov: g + mu m)
     z_r  = CG(F^_r, m_r)                                   cg_iters iterations from 0 (or the last z: warm_start)
     U_r  = z_r / sqrt(<z_r, m_r> + 1e-10)                 (every row moves an F^-norm of lr: the public step)
-    nu   = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r q_r)),  q_r = (t_r + 1e-10) U_r^T F^_r U_r   (trust region)
-    W_r <- (1 - lr wd) W_r - nu lr U_r
+    nu   = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r q_r)),  q_r = (t_r + 1e-10) U_r^T F^_r U_r + lambda |U_r|^2
+    W_r <- (1 - lr wd) W_r - nu lr U_r                    (trust region; lambda: kl_damping)
 
 Every other parameter: SGD with momentum mu, coupled weight decay and learning rate nu lr lr_other_ratio.
 
-q_r is the squared norm of row r's step in its damped Fisher (t_r + 1e-10) F^_r = F_r + (t_r + 1e-10) tau I, so
-nu bounds the whole step's predicted KL divergence lr^2 sum q_r by kl_clip as K-FAC's clip does (kl_clip=None: nu = 1,
-the public algorithm). CG from zero keeps z_r^T F^_r z_r = <z_r, m_r>, so q_r = (t_r + 1e-10) c_r / (c_r + 1e-10)
-with c_r = max(<z_r, m_r>, 0) (`normalized_step_quadratic`; with warm_start the identity is approximate).
+q_r is the squared norm of row r's step in its damped Fisher (t_r + 1e-10) F^_r + lambda I = F_r + ((t_r + 1e-10) tau
++ lambda) I, so nu bounds the whole step's predicted KL divergence lr^2 sum q_r by kl_clip as K-FAC's clip does
+(kl_clip=None: nu = 1, the public algorithm). tau is relative to the Fisher's scale, lambda is not: as the model
+fits, the Fisher shrinks and without lambda the clipped step grows without bound (sqrt(kl_clip / sum t_r)); lambda
+caps its Euclidean norm at sqrt(kl_clip / lambda) as K-FAC's absolute damping does. CG from zero keeps z_r^T F^_r z_r
+= <z_r, m_r>, so q_r = (t_r + 1e-10) c_r / (c_r + 1e-10) + lambda |z_r|^2 / (c_r + 1e-10) with
+c_r = max(<z_r, m_r>, 0) (`normalized_step_quadratic`; with warm_start the identity is approximate).
 
 With a mean-reduced loss the autograd output gradient is dy = g / B, so y2 = dy^2 B^2 / s as in the public code;
 the scale cancels in F^_r (trace normalization) except against the 1e-10 guard.
@@ -60,12 +63,13 @@ def row_normalized_step(z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return z * (rowdot(z, m).clamp_min(0.0) + NORM_EPS).rsqrt()[:, None]
 
 
-def normalized_step_quadratic(z: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """sum_r (t_r + 1e-10) c_r / (c_r + 1e-10), c_r = max(<z_r, m_r>, 0): the squared norm of
-    row_normalized_step(z, m) in the damped row Fishers (t_r + 1e-10) F^_r, since CG from zero keeps
-    z_r^T F^_r z_r = <z_r, m_r> (a row treated as 0 counts 0). A 0-d tensor."""
+def normalized_step_quadratic(z: torch.Tensor, m: torch.Tensor, t: torch.Tensor, kl_damping: float) -> torch.Tensor:
+    """sum_r (t_r + 1e-10) c_r / (c_r + 1e-10) + kl_damping |z_r|^2 / (c_r + 1e-10), c_r = max(<z_r, m_r>, 0): the
+    squared norm of U = row_normalized_step(z, m) in the metric (t_r + 1e-10) F^_r + kl_damping I, since CG from
+    zero keeps z_r^T F^_r z_r = <z_r, m_r> and |U_r|^2 = |z_r|^2 / (c_r + 1e-10) (the first term counts a row
+    treated as 0 as 0; the second counts the step that row takes). A 0-d tensor."""
     c = rowdot(z, m).clamp_min(0.0)
-    return ((t + TRACE_EPS) * c / (c + NORM_EPS)).sum()
+    return ((t + TRACE_EPS) * c / (c + NORM_EPS)).sum() + kl_damping * (rowdot(z, z) / (c + NORM_EPS)).sum()
 
 
 def trust_region_factor(terms: list[tuple[float, torch.Tensor]], kl_clip: float) -> torch.Tensor:
@@ -370,6 +374,9 @@ class FROG(FROGBase):
         kl_clip: the trust region (module docstring): the step is scaled so that its predicted KL divergence in the
             damped row Fishers is at most kl_clip (1e-3, as K-FAC's; None: the public step, every row moving lr).
             With kl_clip=None and tau=1e-6 FROG is the public algorithm.
+        kl_damping: lambda, an absolute damping of the trust region's metric (1e-3, K-FAC's damping): it bounds
+            the step's Euclidean norm by sqrt(kl_clip / kl_damping) when the Fisher vanishes (a fitted model), where
+            the relative tau cannot. 0: the metric of the damped row Fishers alone. Unused with kl_clip=None.
         seed: seed of the sample draws (default: drawn from torch's global generator at construction); the
             generator's state is part of `state_dict`.
         loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
@@ -384,13 +391,14 @@ class FROG(FROGBase):
     def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-2,
                  lr_other_ratio: float = 0.25, exclude=(), *, tau_linear=0.3, fold_bias: bool = True,
-                 warm_start: bool = False, kl_clip: float | None = 1e-3, seed: int | None = None,
-                 model: nn.Module | None = None, loss_reduction: str = "mean", check_finite: bool = True,
-                 grad_scaler=None, distributed=None):
+                 warm_start: bool = False, kl_clip: float | None = 1e-3, kl_damping: float = 1e-3,
+                 seed: int | None = None, model: nn.Module | None = None, loss_reduction: str = "mean",
+                 check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         check_nesterov(nesterov, momentum)
         self.sample_size = None if sample_size is None else check_int("sample_size", sample_size)
         self.kl_clip = None if kl_clip is None else check_float("kl_clip", kl_clip, low=0.0, low_open=True)
+        self.kl_damping = check_float("kl_damping", kl_damping, low=0.0)
         check_int("cg_iters", cg_iters)
         check_schedule("tau", tau)
         check_schedule("tau_linear", tau_linear)
@@ -455,7 +463,7 @@ class FROG(FROGBase):
             if self.warm_start:
                 state["cg_solution"] = z.clone()
             if self.kl_clip is not None:
-                terms.append((group["lr"], normalized_step_quadratic(z, m, t)))
+                terms.append((group["lr"], normalized_step_quadratic(z, m, t, self.kl_damping)))
             self._set_directions(directions, row_normalized_step(z, m), W, b)
         return self._trust_region(directions, terms)
 
@@ -557,6 +565,6 @@ class FROG(FROGBase):
             if self.warm_start:
                 self.state[W]["cg_solution"] = z.clone()
             if self.kl_clip is not None:
-                terms.append((group["lr"], normalized_step_quadratic(z, m, t.to(dtype))))
+                terms.append((group["lr"], normalized_step_quadratic(z, m, t.to(dtype), self.kl_damping)))
             self._set_directions(directions, row_normalized_step(z, m), W, b)
         return self._trust_region(directions, terms)
