@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import fop
 import pytest
@@ -16,6 +17,7 @@ import torch
 from fop_train.cli import RunConfig, run_one
 from fop_train.data import load_digits
 from fop_train.models import EncoderViT
+from helpers import load_script
 from torch import nn
 
 
@@ -209,3 +211,23 @@ def test_frog_stays_down_at_lr_1(kl_damping, stays_down):
     record = constant_lr_run("frog", "cnn", 256, 1.0, epochs=4, target=101.0, overrides=overrides)
     losses = [p["train_loss"] for p in record["history"]]
     assert (not record["diverged"] and max(losses[2:]) < 0.5) == stays_down, losses
+
+
+# -- models no default was chosen on (bench/studies/model_zoo.py) ------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def model_zoo():
+    study = load_script(Path(__file__).resolve().parents[1] / "bench" / "studies" / "model_zoo.py", "model_zoo")
+    return study, study.tasks()
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "lstm", "groupnorm", "deep-tanh"])
+@pytest.mark.parametrize("optimizer", ["kfac", "fop", "frog"])
+def test_defaults_on_models_no_default_was_chosen_on(model, optimizer):
+    """lr 1, the top of the range, 150 steps at batch 128 (the study's cells): no divergence, a final training loss
+    below a quarter of the start and no batch loss after step 50 above the start. The autoencoder's ConvTranspose2d
+    decoder and the LSTM are not preconditioned; FROG blew up on the GroupNorm CNN and the autoencoder here before
+    its trust region had an absolute damping (kl_damping)."""
+    study, tasks = model_zoo()
+    record = study.run_cell(tasks[model], optimizer, 1.0, steps=150, batch=128)
+    assert record["diverged_step"] is None, record
+    assert record["final"] < 0.25 * record["start"] and record["peak"] < record["start"], record

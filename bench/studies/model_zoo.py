@@ -1,0 +1,202 @@
+"""The defaults on models no default was chosen on: every optimizer with only `lr` set, on six small models whose
+layers, losses and normalizations differ from the robustness matrix's (bench/studies/robustness.py), a fixed budget
+of steps, the final training loss over the whole training set.
+
+    python bench/studies/model_zoo.py --out out/model-zoo
+    python bench/studies/model_zoo.py --models lstm,autoencoder --optimizers frog,kfrog --lrs 0.1,1.0
+
+Models (sklearn's digits, 8 x 8, standardized; the regression task is synthetic):
+  - mobilenet: conv -> BN -> ReLU6, a depthwise 3x3 conv (groups = channels), a pointwise conv, global pooling
+  - autoencoder: two strided convs, two ConvTranspose2d (not preconditioned by any optimizer here), MSE on the image
+  - lstm: an LSTM reading the image's 8 rows (not preconditioned) and a Linear head
+  - groupnorm: two convs with GroupNorm and SiLU, a Linear head on 2048 features
+  - deep-tanh: a 10-layer tanh MLP of width 64
+  - regression: a GELU MLP fitting y = 3 sin(0.3 x W) + 5 on 16 inputs, MSE (a loss far from 1 at the start)
+
+Each cell is one constant-lr run (no warm-up, no schedule) of --steps steps at batch --batch, seed 0, with the
+optimizer built from the library's defaults: fop's optimizers get the model and `lr` only; SGD momentum 0.9 (as
+fop-train builds it); AdamW torch's defaults. A cell shows the final training loss, and "peak" the largest batch
+loss after the first third of the run (a late spike shows there, and a non-finite loss ends the run as "diverged").
+Writes `model_zoo.md` and `model_zoo.json` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+
+import fop
+import torch
+from fop_train.data import load_digits
+from torch import nn
+from torch.nn import functional as F
+
+OPTIMIZERS = {  # name: (builder, default lrs)
+    "sgd": (lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), "0.01,0.1"),
+    "adamw": (lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr), "0.001,0.01"),
+    "kfac": (lambda model, lr: fop.KFAC(model, lr=lr), "0.01,0.1,1.0"),
+    "fop": (lambda model, lr: fop.FOP(model, lr=lr), "0.01,0.1,1.0"),
+    "adafisher": (lambda model, lr: fop.AdaFisher(model, lr=lr), "0.01,0.1,1.0"),
+    "frog": (lambda model, lr: fop.FROG(model, lr=lr), "0.01,0.1,1.0"),
+    "kfrog": (lambda model, lr: fop.KFROG(model, lr=lr), "0.01,0.1,1.0"),
+}
+
+
+class MobileNetBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6(),
+            nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class ConvAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                    nn.Conv2d(16, 8, 3, stride=2, padding=1))
+        self.decode = nn.Sequential(nn.ConvTranspose2d(8, 16, 2, stride=2), nn.ReLU(),
+                                    nn.ConvTranspose2d(16, 1, 2, stride=2))
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+class RowLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 32, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h, _ = self.lstm(x.squeeze(1))
+        return self.head(h[:, -1])
+
+
+def groupnorm_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.SiLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.SiLU(), nn.Flatten(),
+                         nn.Linear(32 * 64, 10))
+
+
+def deep_tanh_mlp() -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(64, 64), nn.Tanh()]
+    for _ in range(8):
+        layers += [nn.Linear(64, 64), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(64, 10))
+
+
+def regression_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
+
+
+def tasks() -> dict:
+    """name: (model constructor, inputs, targets, loss)."""
+    digits = load_digits()
+    x = digits.train_x.float()
+    x = (x - x.mean()) / x.std()
+    y = digits.train_y
+    gen = torch.Generator().manual_seed(0)
+    xr = torch.randn(2048, 16, generator=gen)
+    yr = 3 * torch.sin(0.3 * xr @ torch.randn(16, 4, generator=gen)) + 5
+    return {
+        "mobilenet": (MobileNetBlock, x, y, F.cross_entropy),
+        "autoencoder": (ConvAutoencoder, x, x, F.mse_loss),
+        "lstm": (RowLSTM, x, y, F.cross_entropy),
+        "groupnorm": (groupnorm_cnn, x, y, F.cross_entropy),
+        "deep-tanh": (deep_tanh_mlp, x, y, F.cross_entropy),
+        "regression": (regression_mlp, xr, yr, F.mse_loss),
+    }
+
+
+def run_cell(task, optimizer: str, lr: float, steps: int, batch: int) -> dict:
+    make_model, x, y, loss_fn = task
+    torch.manual_seed(0)
+    model = make_model()
+    with warnings.catch_warnings():  # "preconditions only x% of the parameters": expected for the LSTM and decoder
+        warnings.simplefilter("ignore", UserWarning)
+        opt = OPTIMIZERS[optimizer][0](model, lr)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        start = float(loss_fn(model(x), y))
+    peak, t0 = 0.0, time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        opt.zero_grad()
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return {"start": start, "final": None, "peak": None, "diverged_step": step}
+        if step >= steps // 3:
+            peak = max(peak, value)
+        try:
+            opt.step()
+        except FloatingPointError:
+            return {"start": start, "final": None, "peak": None, "diverged_step": step}
+    with torch.no_grad():
+        final = float(loss_fn(model(x), y))
+    return {"start": start, "final": final, "peak": peak, "diverged_step": None,
+            "seconds": time.perf_counter() - t0}
+
+
+def cell_text(record: dict) -> str:
+    if record["diverged_step"] is not None:
+        return f"diverged@{record['diverged_step']}"
+    return f"{record['final']:.3g} (peak {record['peak']:.2g})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mobilenet,autoencoder,lstm,groupnorm,deep-tanh,regression")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--lrs", default=None, help="one grid for every optimizer (default: each its own)")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="out/model-zoo")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    all_tasks = tasks()
+    models, optimizers = args.models.split(","), args.optimizers.split(",")
+    unknown = [m for m in models if m not in all_tasks] + [o for o in optimizers if o not in OPTIMIZERS]
+    if unknown:
+        p.error(f"unknown models/optimizers {unknown}; models: {list(all_tasks)}, optimizers: {list(OPTIMIZERS)}")
+    records = []
+    for model in models:
+        for optimizer in optimizers:
+            for lr in map(float, (args.lrs or OPTIMIZERS[optimizer][1]).split(",")):
+                record = {"model": model, "optimizer": optimizer, "lr": lr,
+                          **run_cell(all_tasks[model], optimizer, lr, args.steps, args.batch)}
+                records.append(record)
+                print(f"{model:12s} {optimizer:10s} lr {lr:<6g} start {record['start']:.3g}: {cell_text(record)}",
+                      flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"steps": args.steps, "batch": args.batch, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    with open(os.path.join(args.out, "model_zoo.json"), "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1)
+    lines = [f"Final training loss after {args.steps} steps at batch {args.batch} (peak: the largest batch loss after "
+             f"step {args.steps // 3}); only lr set. {meta['date']}, torch {meta['torch']}.", ""]
+    for model in models:
+        rows = [r for r in records if r["model"] == model]
+        lines += [f"**{model}** (loss at the start {rows[0]['start']:.3g})", "", "| optimizer | lr | final (peak) |",
+                  "| --- | --- | --- |"]
+        lines += [f"| {r['optimizer']} | {r['lr']:g} | {cell_text(r)} |" for r in rows]
+        lines.append("")
+    with open(os.path.join(args.out, "model_zoo.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
