@@ -202,15 +202,15 @@ def test_frog_trust_region_catches_what_stalls_without_it(optimizer, public):
     assert not safe["diverged"] and safe["history"][-1]["train_loss"] < 0.5 * 2.3026, safe["history"]
 
 
-@pytest.mark.parametrize("kl_damping, stays_down", [(0.0, False), (None, True)])
-def test_frog_stays_down_at_lr_1(kl_damping, stays_down):
-    """Once the training samples are fitted their per-sample gradients (the Fisher FROG measures the KL in) vanish
-    and, with a damping relative to that Fisher alone (kl_damping=0), nu lr grows back: one step kicked the loss from
-    0.15 to ~60 in epoch 4 at lr 1. The default kl_damping caps the step's Euclidean norm and the loss stays down."""
-    overrides = {} if kl_damping is None else {"kl_damping": kl_damping}
-    record = constant_lr_run("frog", "cnn", 256, 1.0, epochs=4, target=101.0, overrides=overrides)
+def test_frog_stays_down_at_lr_1():
+    """Once the training samples are fitted their per-sample gradients (the Fisher FROG measures the KL in) vanish,
+    and with a damping relative to that Fisher alone nu lr grows back: on the machine where it was found one step
+    kicked the loss from 0.16 to 266 in epoch 4 at lr 1 (kl_damping=0). Whether and when that kick comes depends on
+    the machine's rounding, so the mechanism is tested exactly in test_optim_frog.py
+    (test_kl_damping_bounds_the_step_when_the_fisher_vanishes); here the default keeps the loss down."""
+    record = constant_lr_run("frog", "cnn", 256, 1.0, epochs=4, target=101.0)
     losses = [p["train_loss"] for p in record["history"]]
-    assert (not record["diverged"] and max(losses[2:]) < 0.5) == stays_down, losses
+    assert not record["diverged"] and max(losses[2:]) < 0.5, losses
 
 
 # -- models no default was chosen on (bench/studies/model_zoo.py) ------------------------------------------------------
