@@ -375,6 +375,19 @@ def _corruptions(cls):
         ]
     if cls is FROG:
         out += [("bad generator", lambda sd: sd["curvature"].update(generator=torch.zeros(3)), "generator")]
+    if cls.layer_state_keys:
+        out += [
+            ("truncated layer_state", lambda sd: sd["curvature"]["layer_state"].pop(), "one dict per preconditioned"),
+            ("no layer_state", lambda sd: sd["curvature"].pop("layer_state"), "one dict per preconditioned"),
+            ("unknown layer_state key", lambda sd: sd["curvature"]["layer_state"][0].update(x=torch.zeros(2)),
+             "keys among"),
+        ]
+    if cls in (AdaFisher, AdaFisherW):
+        out += [
+            ("shorter H", lambda sd: sd["curvature"]["layer_state"][1].update(fisher_H=torch.ones(3)),
+             r"'fisher_H' of layer 2 has shape \(3,\), expected \(9,\)"),
+            ("NaN S", lambda sd: sd["curvature"]["layer_state"][0]["fisher_S"].fill_(float("nan")), "non-finite"),
+        ]
     return out
 
 

@@ -264,7 +264,7 @@ def test_grouped_conv_and_warm_start_and_tau_schedule():
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert {0, 1, 2} <= set(taus)
-    assert all("cg_solution" in opt.state[m.weight] for m in (model[0], model[2], model[4]))
+    assert all("cg_solution" in opt.layer_state[i] for i in range(3)) and len(opt.layers) == 3
 
 
 def test_samples_are_drawn_per_layer_and_step():

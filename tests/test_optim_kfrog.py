@@ -210,7 +210,7 @@ def test_steps_match_reference(fold_bias, sample_size, kl_clip):
                          1e-10, f"step {t}: {n}")
         for n, p in model.named_parameters():  # the step never writes into a gradient
             assert torch.equal(p.grad, grads[n]), n
-    assert opt.state[model.conv.weight]["y_updates"] == 3 and "y_ema" not in opt.state[model.fc.weight]
+    assert opt.layer_state[0]["y_updates"] == 3 and "y_ema" not in opt.layer_state[1]
     assert (max(nus) < 0.5) == (kl_clip is not None), f"nu per step {nus}: the clip binds exactly when it is on"
 
 
@@ -334,7 +334,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
     train_steps(model2, opt2, batches[3:])
     for (n, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), n
-    assert opt2.state[model2.conv.weight]["y_updates"] == 6
+    assert opt2.layer_state[0]["y_updates"] == 6
 
 
 def test_gradscaler_skips_overflow_and_unscales():

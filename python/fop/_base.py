@@ -116,6 +116,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     group_checks = {"lr": dict(low=0.0), "momentum": dict(low=0.0, high=1.0, high_open=True),
                     "weight_decay": dict(low=0.0)}
     _step_attrs: tuple[str, ...] = ()  # attributes a step may rebind before committing (restored on failure)
+    # keys of the per-layer curvature statistics a subclass keeps in layer_state[i] (saved under "curvature")
+    layer_state_keys: tuple[str, ...] = ()
     layer_support = staticmethod(unsupported_reason)  # module -> None if preconditioned, else why not
 
     def __init__(self, params_or_model, defaults: dict, *, model: nn.Module | None = None, exclude=None,
@@ -144,6 +146,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.param_to_layer = parameter_map(self.layers)
         self.param_names = {id(p): n for n, p in self.model.named_parameters()}
         self.capture = Capture(self.layers, loss_reduction)
+        self.layer_state: list[dict] = [{} for _ in self.layers]  # per-layer curvature statistics, layer order
         self.check_finite = bool(check_finite)
         self.grad_scaler = grad_scaler
         self.steps = 0  # completed (not skipped) steps; a host int so schedules never sync
@@ -315,17 +318,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "overflowed or the damping is too small for it; nothing was changed") from cause
 
     def _save_step_state(self):
-        """What a step may rebind before it commits: the counters, each parameter's state dict (shallow) and the
-        subclass's `_step_attrs` (shallow). A step never changes a state tensor in place before its commit, so
-        putting these references back restores the optimizer exactly."""
-        return (self.steps, {p: dict(s) for p, s in self.state.items()},
+        """What a step may rebind before it commits: the counters, each parameter's state dict and each layer's
+        (shallow) and the subclass's `_step_attrs` (shallow). A step never changes a state tensor in place before
+        its commit, so putting these references back restores the optimizer exactly."""
+        return (self.steps, {p: dict(s) for p, s in self.state.items()}, [dict(s) for s in self.layer_state],
                 {a: copy.copy(getattr(self, a)) for a in self._step_attrs})
 
     def _restore_step_state(self, saved) -> None:
-        steps, state, attrs = saved
+        steps, state, layer_state, attrs = saved
         self.steps = steps
         self.state.clear()
         self.state.update(state)
+        self.layer_state = layer_state
         for a, v in attrs.items():
             setattr(self, a, v)
 
@@ -427,8 +431,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # -- extra state -----------------------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
-        """Curvature state beyond torch's per-parameter state (subclasses extend it)."""
-        return {"optimizer": type(self).__name__, "steps": self.steps, "layers": [layer.name for layer in self.layers]}
+        """The curvature state (saved as `state_dict()["curvature"]`; subclasses extend it): the class, the step
+        counter, the preconditioned layers' names and, where the class keeps some, `layer_state` (one dict per
+        layer). torch's per-parameter `state` holds the outer update's moments only (docs/design.md, "State")."""
+        extra = {"optimizer": type(self).__name__, "steps": self.steps, "layers": [layer.name for layer in self.layers]}
+        if self.layer_state_keys:
+            extra["layer_state"] = [dict(s) for s in self.layer_state]
+        return extra
 
     def _load_extra_state(self, extra: dict) -> dict:
         """Check `extra` against this optimizer and return {attribute: new value} to assign; change nothing
@@ -440,7 +449,41 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if extra.get("layers") != names:
             raise ValueError(f"state_dict was saved for preconditioned layers {extra.get('layers')}, "
                              f"but this optimizer preconditions {names}")
-        return {"steps": state_counter(extra, "steps")}
+        new = {"steps": state_counter(extra, "steps")}
+        if self.layer_state_keys:
+            new["layer_state"] = self._load_layer_state(extra.get("layer_state"))
+        return new
+
+    def _layer_state_shape(self, i: int, key: str) -> tuple[int, ...]:
+        """The shape of layer i's `layer_state` tensor `key` (subclasses with layer_state_keys define it)."""
+        raise NotImplementedError
+
+    def _load_layer_state(self, saved) -> list[dict]:
+        """The saved per-layer statistics checked (one dict per layer, known keys, finite tensors of the expected
+        shapes, counters >= 0) and moved to each layer's device, dtype kept; ValueError naming what does not fit."""
+        if not isinstance(saved, list) or len(saved) != len(self.layers):
+            got = f"{len(saved)} entries" if isinstance(saved, list) else repr(type(saved).__name__)
+            raise ValueError(f"state_dict curvature['layer_state'] must hold one dict per preconditioned layer "
+                             f"({len(self.layers)}), got {got}")
+        out = []
+        for i, (layer, entry) in enumerate(zip(self.layers, saved)):
+            if not isinstance(entry, dict) or not set(entry) <= set(self.layer_state_keys):
+                raise ValueError(f"state_dict layer_state of layer {layer.name} must be a dict with keys among "
+                                 f"{self.layer_state_keys}, got {entry!r:.200}")
+            loaded = {}
+            for key, value in entry.items():
+                what = f"state_dict layer_state {key!r} of layer {layer.name}"
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    shape = self._layer_state_shape(i, key)
+                    if tuple(value.shape) != shape:
+                        raise ValueError(f"{what} has shape {tuple(value.shape)}, expected {shape}")
+                    if not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"{what} contains non-finite values")
+                    loaded[key] = layer_device_tensor(value, layer.weight)
+                else:
+                    loaded[key] = state_counter(entry, key, what)
+            out.append(loaded)
+        return out
 
     def _check_param_state(self, state_dict: dict) -> None:
         """torch's part of a state_dict: groups of matching sizes with valid hyperparameters, and per-parameter

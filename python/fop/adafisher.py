@@ -110,6 +110,13 @@ def additive_diagonals(layer, recs, N: int, rank_n: int, dtype) -> tuple[torch.T
     return u_in, u_out
 
 
+def running_diagonal_shapes(layer) -> tuple[tuple[int], tuple[int]]:
+    """The shapes of a layer's running (H, S): its factor diagonals, or for a norm layer H's two entries (the sum of
+    squares and the feature count) and S one entry per feature."""
+    h, s = additive_sizes(layer)
+    return ((2,) if isinstance(layer.type, NormType) else (h,)), (s,)
+
+
 def finish_diagonals(layer, H: torch.Tensor, S: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, S) from the sums over ranks of `additive_diagonals`."""
     if not isinstance(layer.type, NormType):
@@ -139,6 +146,7 @@ def _fisher_tilde(layer, which: str, H: torch.Tensor, S: torch.Tensor, damping: 
 class _AdaFisherBase(CurvatureOptimizer):
     """Shared by AdaFisher (coupled weight decay) and AdaFisherW (decoupled); see the module docstring."""
 
+    layer_state_keys = ("fisher_H", "fisher_S")
     layer_support = staticmethod(adafisher_layer_support)
     decoupled_weight_decay = False
     group_checks = {"lr": dict(low=0.0), "beta": dict(low=0.0, high=1.0, high_open=True),
@@ -176,8 +184,11 @@ class _AdaFisherBase(CurvatureOptimizer):
 
     def diagonals(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(H, S) of layer i, or None before its first refresh."""
-        state = self.state.get(self.layers[i].weight, {})
+        state = self.layer_state[i]
         return (state["fisher_H"], state["fisher_S"]) if "fisher_H" in state else None
+
+    def _layer_state_shape(self, i, key):
+        return running_diagonal_shapes(self.layers[i])[key == "fisher_S"]
 
     def fisher_range(self) -> dict[str, tuple[float, float]]:
         """Per layer (min, max) of F~ / damping over its entries (host syncs: for logging and measurement)."""
@@ -211,17 +222,17 @@ class _AdaFisherBase(CurvatureOptimizer):
             S = sum(output_diagonal(layer, r.dy) * (r.n / n_total) for r in recs)
             if inv_scale is not None:
                 S = S * inv_scale.to(device=S.device, dtype=S.dtype).square()
-            self._fold_in(layer, H, S)
+            self._fold_in(i, H, S)
         return {}
 
     def _local_sample_counts(self) -> list[int]:
         """Per layer, the samples of this rank's full records (the distributed agreement sums them)."""
         return [sum(r.n for r in self.capture.done(i) if r.full) for i in range(len(self.layers))]
 
-    def _fold_in(self, layer, H: torch.Tensor, S: torch.Tensor) -> None:
-        """Min-max normalize the fresh diagonals and fold them into the running ones (ones before the first), as new
-        tensors, not in place: the step commits only once everything is computed (CurvatureOptimizer.step)."""
-        state = self.state[layer.weight]
+    def _fold_in(self, i: int, H: torch.Tensor, S: torch.Tensor) -> None:
+        """Min-max normalize layer i's fresh diagonals and fold them into the running ones (ones before the first),
+        as new tensors, not in place: the step commits only once everything is computed (CurvatureOptimizer.step)."""
+        layer, state = self.layers[i], self.layer_state[i]
         H_run, S_run = ((state[k].clone() for k in ("fisher_H", "fisher_S")) if "fisher_H" in state
                         else (torch.ones_like(H), torch.ones_like(S)))
         state["fisher_H"] = running_update_(H_run, min_max_normalize(H), self.gamma, self.ema)
@@ -255,7 +266,7 @@ class _AdaFisherBase(CurvatureOptimizer):
                 S = S * inv_scale.to(device=S.device, dtype=S.dtype).square()
             like = dict(device=layer.weight.device,
                         dtype=torch.float64 if layer.weight.dtype == torch.float64 else torch.float32)
-            self._fold_in(layer, H.to(**like), S.to(**like))
+            self._fold_in(i, H.to(**like), S.to(**like))
 
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
         """m <- beta m + (1-beta) g; theta <- theta - nu lr/(1-beta^t) m / F~, weight decay coupled or decoupled;

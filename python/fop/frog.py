@@ -386,6 +386,11 @@ class FROG(FROGBase):
     """
 
     layer_support = staticmethod(frog_layer_support)
+    layer_state_keys = ("cg_solution",)  # the last CG solution of each layer's row systems (warm_start)
+
+    def _layer_state_shape(self, i, key):
+        layer = self.layers[i]
+        return (layer.weight.shape[0], layer.weight[0].numel() + int(self.fold_bias and layer.bias is not None))
     group_checks = {**CurvatureOptimizer.group_checks, "lr_other_ratio": dict(low=0.0)}
 
     def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
@@ -457,7 +462,7 @@ class FROG(FROGBase):
             m = self._momentum_rows(W, b, group, dtype)
             key = "tau" if isinstance(layer.type, Conv2dType) else "tau_linear"
             tau = eval_schedule(key, group[key], self.steps)
-            state = self.state[W]
+            state = self.layer_state[i]
             x0 = state.get("cg_solution") if self.warm_start else None
             z, t = self._solve(layer, x_s, y2, m, tau, group["cg_iters"], b is not None, x0)
             if self.warm_start:
@@ -539,7 +544,7 @@ class FROG(FROGBase):
 
         def build():
             items = []
-            for (layer, W, b, group, dtype, _), (data, y2), t in zip(info, local, summed):
+            for (i, _), (layer, W, b, group, dtype, _), (data, y2), t in zip(jobs, info, local, summed):
                 key = "tau" if isinstance(layer.type, Conv2dType) else "tau_linear"
                 tau = eval_schedule(key, group[key], self.steps)
                 t = t.to(dtype)
@@ -550,20 +555,20 @@ class FROG(FROGBase):
                 else:
                     systems = LinearSystems(data, y2 / (t + TRACE_EPS), tau)
                 m = self._momentum_rows(W, b, group, dtype)
-                items.append((systems, m, self.state[W].get("cg_solution") if self.warm_start else None))
+                items.append((systems, m, self.layer_state[i].get("cg_solution") if self.warm_start else None))
                 ms.append(m)
             return items
 
         ms: list = []
-        warm = [self.warm_start and "cg_solution" in self.state[it[1]] for it in info]
+        warm = [self.warm_start and "cg_solution" in self.layer_state[i] for i, _ in jobs]
         zs = lockstep_row_cg(comm, [it[5] for it in info], [it[3]["cg_iters"] for it in info], warm, round_dtype,
                              build)
         directions: dict[int, torch.Tensor] = {}
         terms: list[tuple[float, torch.Tensor]] = []
-        for (_, W, b, group, dtype, _), z, m, t in zip(info, zs, ms, summed):
+        for (i, _), (_, W, b, group, dtype, _), z, m, t in zip(jobs, info, zs, ms, summed):
             z = z.to(dtype)
             if self.warm_start:
-                self.state[W]["cg_solution"] = z.clone()
+                self.layer_state[i]["cg_solution"] = z.clone()
             if self.kl_clip is not None:
                 terms.append((group["lr"], normalized_step_quadratic(z, m, t.to(dtype), self.kl_damping)))
             self._set_directions(directions, row_normalized_step(z, m), W, b)

@@ -158,6 +158,10 @@ class KFROG(FROGBase):
     """
 
     layer_support = staticmethod(frog_layer_support)
+    layer_state_keys = ("y_ema", "y_updates")  # each layer's row-scale EMA and its update count (y_momentum > 0)
+
+    def _layer_state_shape(self, i, key):
+        return (self.layers[i].weight.shape[0],)
 
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, y_momentum: float = 0.0, sample_size: int | None = 256,
@@ -208,11 +212,12 @@ class KFROG(FROGBase):
             y.mul_(inv_scale.to(device=y.device, dtype=dtype).square())
         return y
 
-    def _smoothed(self, W: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
-        """v <- b v + (1 - b) y (v = 0 before the first update), returned as v / (1 - b^t); y itself when b = 0."""
+    def _smoothed(self, i: int, y: torch.Tensor, beta: float) -> torch.Tensor:
+        """Layer i's v <- b v + (1 - b) y (v = 0 before the first update), returned as v / (1 - b^t); y itself when
+        b = 0."""
         if beta == 0:
             return y
-        state = self.state[W]
+        state = self.layer_state[i]
         v = state.get("y_ema")
         t = state.get("y_updates", 0) + 1
         # new tensors, never in place: a step that fails later restores the old state (CurvatureOptimizer.step)
@@ -242,7 +247,7 @@ class KFROG(FROGBase):
             group = group_of[id(W)]
             eps, iters = group["eps"], group["cg_iters"]
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-            y = self._smoothed(W, self._row_scale(layer, recs, inv_scale, dtype), group["y_momentum"])
+            y = self._smoothed(i, self._row_scale(layer, recs, inv_scale, dtype), group["y_momentum"])
             x_s = self._sampled_inputs(recs, dtype)
             P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]  # never in place: m may be .grad
             bias = b is not None
@@ -326,9 +331,9 @@ class KFROG(FROGBase):
 
         def build():
             items = []
-            for (layer, W, b, group, dtype, _, _), data, y, s in zip(info, local, ys, sizes):
+            for (i, _), (layer, W, b, group, dtype, _, _), data, y, s in zip(jobs, info, local, ys, sizes):
                 eps = group["eps"]
-                y = self._smoothed(W, y.to(dtype), group["y_momentum"])
+                y = self._smoothed(i, y.to(dtype), group["y_momentum"])
                 P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]
                 if isinstance(layer.type, Conv2dType):
                     c = layer.conv
