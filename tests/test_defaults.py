@@ -192,7 +192,8 @@ def test_frog_and_kfrog_train_the_digits_cnn_at_any_lr(optimizer, lr):
         assert losses[-1] < 0.5 * 2.3026 and best_accuracy(record) > 90.0, (losses, best_accuracy(record))
 
 
-@pytest.mark.parametrize("optimizer, public", [("frog", {"kl_clip": None, "tau": 1e-6}), ("kfrog", {"kl_clip": None})])
+@pytest.mark.parametrize("optimizer, public", [("frog", {"kl_clip": None, "tau": 1e-6, "unpreconditioned": "sgd"}),
+                                              ("kfrog", {"kl_clip": None, "unpreconditioned": "sgd"})])
 def test_frog_trust_region_catches_what_stalls_without_it(optimizer, public):
     """lr 1, batch 256, 2 epochs: the public algorithm's loss ends above ln 10 (FROG's weights blow up: loss in the
     thousands; K-FROG ~3), the defaults' below half of it."""

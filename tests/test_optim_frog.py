@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fop.frog import CHANNELS_LAST_MIN_PIXELS, FROG, ConvRowSystems, row_cg
+from fop.kfrog import KFROG
 from helpers import assert_close, train_steps
 from models import ConvBNLinear, record_layer_io
 from torch import nn
@@ -118,14 +119,16 @@ def test_conv_path_equals_batched_cg_on_patches(dtype):
 
 
 # -- the optimizer step against the explicit systems ------------------------------------------------------------------
-def _step_and_systems(cg_iters, momentum=0.0, kl_clip=None, lr=0.05, loss_scale=1.0, **kwargs):
-    """One step of FROG (the public step with kl_clip=None) and the explicit F^_r and t_r of its layers."""
+def _step_and_systems(cg_iters, momentum=0.0, kl_clip=None, lr=0.05, loss_scale=1.0, unpreconditioned="sgd",
+                      **kwargs):
+    """One step of FROG (the public step with kl_clip=None and unpreconditioned="sgd") and the explicit F^_r and t_r
+    of its layers."""
     torch.manual_seed(1)
     model = ConvBNLinear().double()
     x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 4, (6,))
     tau, tau_lin = 1e-3, 0.5
     opt = FROG(model, lr=lr, momentum=momentum, sample_size=None, cg_iters=cg_iters, tau=tau, tau_linear=tau_lin,
-               kl_clip=kl_clip, **kwargs)
+               kl_clip=kl_clip, unpreconditioned=unpreconditioned, **kwargs)
     io, handles = record_layer_io(model)
     opt.zero_grad()
     (loss_scale * F.cross_entropy(model(x), y)).backward()
@@ -220,13 +223,13 @@ def test_kl_damping_bounds_the_step_when_the_fisher_vanishes(kl_damping):
 
 def test_sgd_path_matches_torch_sgd_and_bias_unfolded():
     """Other parameters (and biases with fold_bias=False) follow torch.optim.SGD with lr * lr_other_ratio (the
-    public algorithm: kl_clip=None)."""
+    public algorithm: kl_clip=None, unpreconditioned="sgd")."""
     torch.manual_seed(0)
     model = ConvBNLinear().double()
     ref = copy.deepcopy(model)
     lr, mu, wd, ratio = 0.1, 0.9, 1e-2, 0.5
     opt = FROG(model, lr=lr, momentum=mu, nesterov=True, weight_decay=wd, lr_other_ratio=ratio, fold_bias=False,
-               kl_clip=None)
+               kl_clip=None, unpreconditioned="sgd")
     others = ["bn.weight", "bn.bias", "conv.bias", "fc.bias"]
     ref_params = dict(ref.named_parameters())
     sgd = torch.optim.SGD([ref_params[n] for n in others], lr=lr * ratio, momentum=mu, nesterov=True,
@@ -241,6 +244,39 @@ def test_sgd_path_matches_torch_sgd_and_bias_unfolded():
     params = dict(model.named_parameters())
     for n in others:
         assert_close(params[n], ref_params[n], 1e-14, 1e-12, n)
+    assert [line.split(":")[0] for line in opt.preconditioned()] == ["conv", "fc"]
+
+
+@pytest.mark.parametrize("cls", [FROG, KFROG])
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_graft_moves_the_other_parameters_at_the_preconditioned_scale(cls, kl_clip):
+    """unpreconditioned="graft" (the default): each other parameter (BatchNorm, the unfolded biases) takes
+    d = g / (sqrt(v / (1 - b2^t)) + 1e-8) s + wd p, v <- b2 v + (1 - b2) g^2 (b2 = 0.999), s the RMS per entry of
+    this step's preconditioned updates (nu included), then momentum (Nesterov) and lr * lr_other_ratio."""
+    torch.manual_seed(0)
+    model = ConvBNLinear().double()
+    lr, mu, wd, ratio = 0.1, 0.9, 1e-2, 0.5
+    opt = cls(model, lr=lr, momentum=mu, nesterov=True, weight_decay=wd, lr_other_ratio=ratio, fold_bias=False,
+              kl_clip=kl_clip)
+    params = dict(model.named_parameters())
+    others, pre = ["bn.weight", "bn.bias", "conv.bias", "fc.bias"], ["conv.weight", "fc.weight"]
+    v, buf = {}, {}
+    for t in range(1, 4):
+        x, y = torch.randn(8, 2, 5, 5, dtype=DT), torch.randint(0, 4, (8,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in params.items()}
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        opt.step()
+        # the preconditioned update is p <- (1 - lr wd) p - lr U: recover U, then its RMS per entry
+        U = [((1 - lr * wd) * before[n] - params[n].detach()) / lr for n in pre]
+        s = torch.sqrt(sum(u.square().sum() for u in U) / sum(u.numel() for u in U))
+        for n in others:
+            g = grads[n]
+            v[n] = (1 - 0.999) * g * g if t == 1 else 0.999 * v[n] + (1 - 0.999) * g * g
+            d = g / ((v[n] / (1 - 0.999**t)).sqrt() + 1e-8) * s + wd * before[n]
+            buf[n] = d if t == 1 else mu * buf[n] + d
+            assert_close(params[n].detach(), before[n] - lr * ratio * (d + mu * buf[n]), 1e-12, 1e-14, f"{n} step {t}")
     assert [line.split(":")[0] for line in opt.preconditioned()] == ["conv", "fc"]
 
 
@@ -381,10 +417,14 @@ def test_gradscaler_skips_overflow_and_unscales():
     (dict(tau_linear=float("nan")), "tau_linear"), (dict(lr_other_ratio=-0.5), "lr_other_ratio"),
     (dict(nesterov=True), "nesterov"), (dict(exclude=["nope"]), "nope"), (dict(kl_clip=0.0), "kl_clip"),
     (dict(kl_clip=float("nan")), "kl_clip"), (dict(kl_damping=-1e-3), "kl_damping"),
+    (dict(unpreconditioned="adam"), "unpreconditioned"),
 ])
 def test_invalid_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FROG(ConvBNLinear(), **kwargs)
+    if "unpreconditioned" in kwargs:
+        with pytest.raises(ValueError, match=match):
+            KFROG(ConvBNLinear(), **kwargs)
 
 
 def test_nonfinite_gradient_or_bad_tau_schedule_changes_nothing():

@@ -152,7 +152,8 @@ def test_steps_match_reference(fold_bias, sample_size, kl_clip):
     """Three steps with momentum, Nesterov, a y EMA with bias correction and per-group settings; every update is
     -nu lr times the reference direction U (sampled inputs drawn as documented: per layer in order, from the seed),
     nu = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r (y^_r + eps) U_r^T (A + eps I) U_r / L)) with L the output
-    positions per sample, on the SGD path too; kl_clip=None: nu = 1, the public algorithm."""
+    positions per sample, on the SGD path too (unpreconditioned="sgd"); kl_clip=None: nu = 1, the public
+    algorithm."""
     torch.manual_seed(0)
     model = ConvBNLinear().double()
     seed, N = 7, 6
@@ -162,7 +163,7 @@ def test_steps_match_reference(fold_bias, sample_size, kl_clip):
               dict(params=list(model.bn.parameters()))]
     mu, ratio = 0.5, 0.5
     opt = KFROG(groups, model=model, lr=0.1, momentum=mu, nesterov=True, sample_size=sample_size, cg_iters=4,
-                lr_other_ratio=ratio, fold_bias=fold_bias, seed=seed, kl_clip=kl_clip)
+                lr_other_ratio=ratio, fold_bias=fold_bias, seed=seed, kl_clip=kl_clip, unpreconditioned="sgd")
     nus = []
     draws = torch.Generator().manual_seed(seed)
     bufs, y_ema = {}, {"conv": torch.zeros(3, dtype=DT)}

@@ -260,7 +260,7 @@ def bench_agree(args, public_frog, public_ada) -> list[str]:
         base = resnet18(8).double()
         ours, pub = copy.deepcopy(base), copy.deepcopy(base)
         o1 = FROG(ours, lr=0.01, momentum=0.9, sample_size=None, fold_bias=False, tau=1e-6, kl_clip=None,
-                  exclude=_linear_names(ours))  # the public algorithm
+                  unpreconditioned="sgd", exclude=_linear_names(ours))  # the public algorithm
         o2 = public_frog(pub.parameters(), pub, lr=0.01, momentum=0.9, sample_size=None)
         for m, o in ((ours, o1), (pub, o2)):
             o.zero_grad()

@@ -54,7 +54,8 @@ def _linear_names(model: nn.Module) -> list[str]:
 
 def ours_as_public(model: nn.Module, **kw) -> KFROG:
     """KFROG computing what the public code computes: Conv2d only, biases on the SGD path at lr, no trust region."""
-    return KFROG(model, fold_bias=False, lr_other_ratio=1.0, exclude=_linear_names(model), seed=0, kl_clip=None, **kw)
+    return KFROG(model, fold_bias=False, lr_other_ratio=1.0, exclude=_linear_names(model), seed=0, kl_clip=None,
+                 unpreconditioned="sgd", **kw)
 
 
 def _one_step(model, opt, x, y) -> None:

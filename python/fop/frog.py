@@ -12,7 +12,9 @@ folded into the row when `fold_bias=True`), on every step:
     nu   = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r q_r)),  q_r = (t_r + 1e-10) U_r^T F^_r U_r + lambda |U_r|^2
     W_r <- (1 - lr wd) W_r - nu lr U_r                    (trust region; lambda: kl_damping)
 
-Every other parameter: SGD with momentum mu, coupled weight decay and learning rate nu lr lr_other_ratio.
+Every other parameter: unpreconditioned="graft" (default) the Adam-like direction g / (sqrt(v^) + 1e-8) times the RMS
+per entry of this step's preconditioned updates (K-FAC's graft), or "sgd" (the public code) the gradient times nu;
+then coupled weight decay, momentum mu and learning rate lr lr_other_ratio.
 
 q_r is the squared norm of row r's step in its damped Fisher (t_r + 1e-10) F^_r + lambda I = F_r + ((t_r + 1e-10) tau
 + lambda) I, so nu bounds the whole step's predicted KL divergence lr^2 sum q_r by kl_clip as K-FAC's clip does
@@ -28,6 +30,8 @@ the scale cancels in F^_r (trace normalization) except against the 1e-10 guard.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F_nn
@@ -35,12 +39,15 @@ from torch import nn
 
 import fop_kernels
 from fop._base import (
+    UNPRECONDITIONED,
     CurvatureOptimizer,
+    check_choice,
     check_float,
     check_int,
     check_outer_hyperparameters,
     check_schedule,
     eval_schedule,
+    graft_denominator,
 )
 from fop._layers import Conv2dType, _rows, support_for
 from fop.distributed_rows import lockstep_row_cg, make_rows_comm
@@ -215,15 +222,17 @@ frog_layer_support.__doc__ = ("FROG preconditions nn.Linear and nn.Conv2d (any g
 class FROGBase(CurvatureOptimizer):
     """What FROG and K-FROG share: the optimizer's own sample generator (its state in `state_dict`), momentum applied
     to the gradient before preconditioning, the trust region (`_trust_region`) and the outer update: decoupled
-    `W <- (1 - lr wd) W - nu lr U` on the preconditioned parameters, SGD (coupled weight decay, momentum,
-    nu lr lr_other_ratio) on the others. Subclasses set `self.sample_size` and `self.kl_clip` and implement
-    `_curvature_step`."""
+    `W <- (1 - lr wd) W - nu lr U` on the preconditioned parameters, the grafted step or SGD (`unpreconditioned`;
+    coupled weight decay, momentum, lr lr_other_ratio) on the others. Subclasses set `self.sample_size` and
+    `self.kl_clip` and implement `_curvature_step`."""
 
     sample_size: int | None = None
     kl_clip: float | None = None
     _step_scale: torch.Tensor | None = None  # this step's nu (None: 1), set by _trust_region
 
-    def __init__(self, params_or_model, defaults: dict, *, seed: int | None, distributed=None, **kwargs):
+    def __init__(self, params_or_model, defaults: dict, *, seed: int | None, distributed=None,
+                 unpreconditioned: str = "graft", **kwargs):
+        self.unpreconditioned = check_choice("unpreconditioned", unpreconditioned, UNPRECONDITIONED)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
@@ -303,7 +312,8 @@ class FROGBase(CurvatureOptimizer):
     def _trust_region(self, directions: dict[int, torch.Tensor],
                       terms: list[tuple[float, torch.Tensor]]) -> dict[int, torch.Tensor]:
         """The directions times nu = trust_region_factor(terms, kl_clip) (terms: (lr, q) per preconditioned layer);
-        nu is kept for the SGD path of this step. Unchanged, nu = 1, with kl_clip=None or no preconditioned layer."""
+        nu is kept for the other parameters' path of this step. Unchanged, nu = 1, with kl_clip=None or no
+        preconditioned layer."""
         self._step_scale = None
         if self.kl_clip is None or not terms:
             return directions
@@ -311,10 +321,21 @@ class FROGBase(CurvatureOptimizer):
         self._step_scale = nu
         return {k: d * nu.to(d.dtype) for k, d in directions.items()}
 
+    def _graft_scale(self, directions: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """s = sqrt(sum_l ||U_l||^2 / sum_l numel(U_l)), the RMS per entry of this step's preconditioned directions
+        (after the trust region's nu), for unpreconditioned="graft"; None with "sgd" or nothing preconditioned."""
+        if self.unpreconditioned != "graft" or not directions:
+            return None
+        pre = list(directions.values())
+        norms = torch.stack([n.double() for n in torch._foreach_norm(pre)])
+        return torch.linalg.vector_norm(norms) / math.sqrt(sum(d.numel() for d in pre))
+
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
-        """Preconditioned: W <- (1 - lr wd) W - lr U (U already scaled by nu).  Others: SGD, coupled wd, momentum,
-        nu lr lr_other_ratio (the momentum buffer itself is not scaled)."""
-        nu = self._step_scale
+        """Preconditioned: W <- (1 - lr wd) W - lr U (U already scaled by nu). Others, with coupled wd, momentum and
+        learning rate lr lr_other_ratio: unpreconditioned="graft" the Adam-like direction g / (sqrt(v^) + 1e-8)
+        times `_graft_scale` (so they move at the preconditioned entries' scale, nu included), as K-FAC grafts;
+        "sgd" the gradient times nu (the momentum buffer itself is not scaled)."""
+        nu, scale = self._step_scale, self._graft_scale(directions)
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -325,6 +346,12 @@ class FROGBase(CurvatureOptimizer):
                     if wd != 0:
                         p.mul_(1 - lr * wd)
                     p.add_(d.to(p.dtype), alpha=-lr)
+                    continue
+                if scale is not None:
+                    denom = graft_denominator(self.state[p], p.grad)
+                    g = (p.grad.to(denom.dtype) / denom).mul_(scale.to(denom.device)).to(p.dtype)
+                    g = g if wd == 0 else g.add_(p, alpha=wd)
+                    p.add_(self._momentum(p, g, mu, group["nesterov"]), alpha=-lr * group["lr_other_ratio"])
                     continue
                 g = p.grad if wd == 0 else p.grad.add(p, alpha=wd)
                 step = self._momentum(p, g, mu, group["nesterov"])
@@ -366,10 +393,13 @@ class FROG(FROGBase):
             s samples has rank <= s, usually below D, and with tau 1e-6 the unit-F^-norm step is huge in the
             directions no sample saw; 0.3 trained the digits CNN best (docs/frog_adafisher.md).
         lr_other_ratio: the other parameters (norm layers, embeddings, excluded modules, and the biases when
-            `fold_bias=False`) take SGD with learning rate `lr * lr_other_ratio` (0.25).
-        exclude: modules or module names left to the SGD path.
+            `fold_bias=False`) take the `unpreconditioned` step with learning rate `lr * lr_other_ratio` (0.25).
+        unpreconditioned: "graft" (default): the other parameters take an Adam-like diagonal direction scaled to
+            the RMS per entry of this step's preconditioned updates, as K-FAC grafts (docs/frog_adafisher.md has
+            the measurement); "sgd": the gradient times the trust region's nu (the public code).
+        exclude: modules or module names left to the other parameters' path (`unpreconditioned`).
         fold_bias: solve a layer's bias together with its weight rows as an input column of ones (True); False
-            sends biases to the SGD path as the public code does.
+            sends biases to the other parameters' path as the public code does.
         warm_start: start CG from the previous step's solution (one extra matvec per step) instead of zero.
         kl_clip: the trust region (module docstring): the step is scaled so that its predicted KL divergence in the
             damped row Fishers is at most kl_clip (1e-3, as K-FAC's; None: the public step, every row moving lr).
@@ -397,8 +427,8 @@ class FROG(FROGBase):
                  weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-2,
                  lr_other_ratio: float = 0.25, exclude=(), *, tau_linear=0.3, fold_bias: bool = True,
                  warm_start: bool = False, kl_clip: float | None = 1e-3, kl_damping: float = 1e-3,
-                 seed: int | None = None, model: nn.Module | None = None, loss_reduction: str = "mean",
-                 check_finite: bool = True, grad_scaler=None, distributed=None):
+                 unpreconditioned: str = "graft", seed: int | None = None, model: nn.Module | None = None,
+                 loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         check_nesterov(nesterov, momentum)
         self.sample_size = None if sample_size is None else check_int("sample_size", sample_size)
@@ -414,7 +444,7 @@ class FROG(FROGBase):
                         tau=tau, tau_linear=tau_linear, lr_other_ratio=lr_other_ratio)
         super().__init__(params_or_model, defaults, seed=seed, model=model, exclude=exclude or None,
                          loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler,
-                         distributed=distributed)
+                         distributed=distributed, unpreconditioned=unpreconditioned)
         self._arm()
 
     def _arm(self) -> None:
@@ -456,7 +486,7 @@ class FROG(FROGBase):
             group = group_of[id(W)]
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
             samples = self._layer_samples(i, inv_scale, dtype)
-            if samples is None:  # the layer ran no forward with grad this step: it takes the SGD path
+            if samples is None:  # no forward with grad this step: the layer takes the other parameters' path
                 continue
             x_s, y2 = samples
             m = self._momentum_rows(W, b, group, dtype)

@@ -16,7 +16,9 @@ in_features; with `fold_bias=True` a bias is an extra input column of ones), on 
 x_{n,l} is the input patch at output position l (Linear: the input row at position l of a (N, ..., in) input). A
 grouped conv's row r sees only its group's input channels, so A is per group. A is applied matrix-free: Conv2d as
 a conv and a weight-gradient conv over the s sampled inputs (fop.frog.ConvSystems, no im2col), Linear through
-fop_kernels.batched_cg. Every other parameter: SGD with momentum mu, coupled weight decay, nu lr lr_other_ratio.
+fop_kernels.batched_cg. Every other parameter: the grafted step (unpreconditioned="graft", as FROG's: an Adam-like
+direction at the RMS per entry of the preconditioned updates) or SGD times nu ("sgd", the public code), with
+momentum mu, coupled weight decay and learning rate lr lr_other_ratio.
 
 q_r is the squared norm of row r's step in K-FROG's damped Kronecker row Fisher (y^_r + eps) A / L, L the output
 positions per sample (conv: Ho Wo; Linear: the positions of a (N, ..., in) input): y_r / L is the mean squared output
@@ -143,13 +145,15 @@ class KFROG(FROGBase):
         cg_iters: CG iterations from zero (4, public; no convergence test).
         eps: added to y_r under the square root and to A's diagonal (1e-6, public).
         lr_other_ratio: parameters without a preconditioner (norm layers, embeddings, excluded modules, the biases
-            when `fold_bias=False`) take SGD at `lr * lr_other_ratio` (1.0: the public code uses lr for all).
-        exclude: modules or module names left to the SGD path.
+            when `fold_bias=False`) take the `unpreconditioned` step at `lr * lr_other_ratio` (1.0: the public code
+            uses lr for all).
+        exclude: modules or module names left to the other parameters' path (`unpreconditioned`).
         fold_bias: solve a layer's bias with its weight rows as an input column of ones (False: the bias takes the
-            SGD path, as in the public code).
-        kl_clip: the trust region (module docstring): the step, the SGD path's included, is scaled so that its
+            other parameters' path, as in the public code).
+        kl_clip: the trust region (module docstring): the step, the other parameters' included, is scaled so that its
             predicted KL divergence in the damped Kronecker row Fisher is at most kl_clip (1e-3, as K-FAC's; None:
             the public algorithm).
+        unpreconditioned: "graft" (default) or "sgd" (the public code), as for FROG.
         seed: seed of the sample draws (default: drawn from torch's global generator at construction); the
             generator's state is part of `state_dict`. Per step, the layers draw in order.
         loss_reduction, check_finite, grad_scaler: see CurvatureOptimizer.
@@ -166,8 +170,8 @@ class KFROG(FROGBase):
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, y_momentum: float = 0.0, sample_size: int | None = 256,
                  cg_iters: int = 4, eps: float = 1e-6, lr_other_ratio: float = 1.0, exclude=(), *,
-                 fold_bias: bool = False, kl_clip: float | None = 1e-3, seed: int | None = None,
-                 model: nn.Module | None = None,
+                 fold_bias: bool = False, kl_clip: float | None = 1e-3, unpreconditioned: str = "graft",
+                 seed: int | None = None, model: nn.Module | None = None,
                  loss_reduction: str = "mean", check_finite: bool = True, grad_scaler=None, distributed=None):
         check_outer_hyperparameters(lr, momentum, weight_decay)
         check_nesterov(nesterov, momentum)
@@ -184,7 +188,7 @@ class KFROG(FROGBase):
                         y_momentum=y_momentum, cg_iters=cg_iters, eps=eps, lr_other_ratio=lr_other_ratio)
         super().__init__(params_or_model, defaults, seed=seed, model=model, exclude=exclude or None,
                          loss_reduction=loss_reduction, check_finite=check_finite, grad_scaler=grad_scaler,
-                         distributed=distributed)
+                         distributed=distributed, unpreconditioned=unpreconditioned)
         self._arm()
 
     def _arm(self) -> None:
@@ -242,7 +246,7 @@ class KFROG(FROGBase):
         for i, layer in enumerate(self.layers):
             W, b = layer.weight, layer.bias if self.fold_bias else None
             recs = self.capture.done(i)
-            if W.grad is None or not recs:  # no forward with grad this step: the layer takes the SGD path
+            if W.grad is None or not recs:  # no forward with grad this step: the other parameters' path
                 continue
             group = group_of[id(W)]
             eps, iters = group["eps"], group["cg_iters"]
