@@ -274,13 +274,139 @@ def test_transformer_encoder_is_covered_but_its_norms():
     assert {name for name, _ in skipped} == {f"layers.{i}.norm{j}" for i in range(2) for j in (1, 2)}
 
 
-def test_separate_projection_weights_are_not_preconditioned():
+def test_separate_projection_weights_are_three_layers():
+    """kdim or vdim != embed_dim: q_proj_weight, k_proj_weight, v_proj_weight and out_proj, each a Linear on its own
+    input; the shared in_proj_bias belongs to none of them and takes the plain update."""
     mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
-    layers, skipped = discover_layers(nn.Sequential(mha))
-    reasons = dict(skipped)
-    assert layers == []
-    assert reasons["0"] == "separate q/k/v projection weights (kdim or vdim != embed_dim)"
-    assert reasons["0.out_proj"].startswith("applied by MultiheadAttention 0, which is not preconditioned")
+    opt = fop.KFAC(nn.Sequential(mha), lr=0.1)
+    assert [(layer.name, layer.kind, layer.shape) for layer in opt.layers] == [
+        ("0.q_proj", "attention_q_proj", (8, 8)), ("0.k_proj", "attention_k_proj", (8, 6)),
+        ("0.v_proj", "attention_v_proj", (8, 5)), ("0.out_proj", "attention_out_proj", (8, 9))]
+    assert opt.skipped == []
+    table = opt.coverage()["MultiheadAttention"]
+    assert table["total"] - table["preconditioned"] == mha.in_proj_bias.numel()
+
+
+class _SeparateRecorder(_Recorder):
+    def __init__(self):
+        super().__init__()
+        self.seen = {k: [] for k in ("q", "k", "v", "out")}
+        self.grads = {k: [] for k in ("q", "k", "v", "out")}
+
+    def hooks(self):
+        made = super().hooks()
+        out = made.pop("out")
+
+        def make(which):
+            def hook(inputs, output):
+                self.seen[which].append((inputs[0].detach().clone(), output.detach().clone()))
+                output.register_hook(lambda g: self.grads[which].append(g.detach().clone()))
+            return hook
+        return {"q": make("q"), "k": make("k"), "v": make("v"), "out": out}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_separate_weights_explicit_form_equals_torch(batch_first):
+    """Separate q/k/v weights on three different inputs (query length 4, key and value length 6): outputs and every
+    gradient equal torch's own forward; each projection is shown batch-first with its own input, and its weight
+    gradient is sum dy a^T over what the consumer saw."""
+    mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=batch_first)
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+    N = 3
+    shapes = {"q": (4, 8), "k": (6, 6), "v": (6, 5)}
+    inputs = {k: torch.randn(N, L, E) if batch_first else torch.randn(L, N, E) for k, (L, E) in shapes.items()}
+    mask = torch.zeros(N, 6, dtype=torch.bool)
+    mask[0, -2:] = True
+    rec, results = _SeparateRecorder(), []
+    for observed in (False, True):
+        handle = observe_attention(mha, rec.hooks(), active=lambda: True) if observed else None
+        xs = {k: x.clone().requires_grad_() for k, x in inputs.items()}
+        out, _ = mha(xs["q"], xs["k"], xs["v"], key_padding_mask=mask)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), {k: x.grad for k, x in xs.items()},
+                        {n: p.grad.clone() for n, p in mha.named_parameters()}))
+        mha.zero_grad()
+        if handle is not None:
+            handle.remove()
+    (o0, gx0, gp0), (o1, gx1, gp1) = results
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
+    for k in gx0:
+        torch.testing.assert_close(gx1[k], gx0[k], rtol=1e-5, atol=1e-6)
+    for name in gp0:
+        torch.testing.assert_close(gp1[name], gp0[name], rtol=1e-5, atol=1e-6)
+    for k in ("q", "k", "v"):
+        (a, y), = rec.seen[k]
+        (g,) = rec.grads[k]
+        xb = inputs[k] if batch_first else inputs[k].transpose(0, 1)
+        torch.testing.assert_close(a, xb)
+        torch.testing.assert_close(y, F.linear(xb, getattr(mha, f"{k}_proj_weight"),
+                                               mha.in_proj_bias.chunk(3)["qkv".index(k)]))
+        torch.testing.assert_close(torch.einsum("nlo,nli->oi", g, a), gp0[f"{k}_proj_weight"], rtol=1e-4, atol=1e-5)
+
+
+class _SeparateNet(nn.Module):
+    """Query, key and value from three inputs of widths 8, 6 and 5 through nn.MultiheadAttention with separate
+    weights (no biases), or the same attention written with four nn.Linear modules."""
+
+    def __init__(self, mha: nn.MultiheadAttention, explicit: bool = False):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.ModuleDict({k: nn.Linear(4, w) for k, w in (("q", 8), ("k", 6), ("v", 5))})
+        self.head = nn.Linear(8, 3)
+        self.explicit, self.heads = explicit, mha.num_heads
+        if explicit:
+            self.proj = nn.ModuleDict({k: nn.Linear(w.shape[1], w.shape[0], bias=False)
+                                       for k, w in (("q", mha.q_proj_weight), ("k", mha.k_proj_weight),
+                                                    ("v", mha.v_proj_weight), ("out", mha.out_proj.weight))})
+            with torch.no_grad():
+                for k in "qkv":
+                    self.proj[k].weight.copy_(getattr(mha, f"{k}_proj_weight"))
+                self.proj["out"].weight.copy_(mha.out_proj.weight)
+        else:
+            self.attention = mha
+
+    def forward(self, x):
+        q, k, v = (self.embed[key](x) for key in "qkv")
+        if not self.explicit:
+            h, _ = self.attention(q, k, v, need_weights=False)
+            return self.head(h.mean(dim=1))
+        n, length, e = q.shape
+        q, k, v = (self.proj[key](t).reshape(n, length, self.heads, e // self.heads).transpose(1, 2)
+                   for key, t in zip("qkv", (q, k, v)))
+        z = F.scaled_dot_product_attention(q, k, v)
+        return self.head(self.proj["out"](z.transpose(1, 2).reshape(n, length, e)).mean(dim=1))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_separate_weights_step_equals_the_step_on_explicit_linear_layers(name):
+    """Every optimizer at its defaults: 4 steps on nn.MultiheadAttention with separate q/k/v weights equal the steps
+    on the same attention as four nn.Linear."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, bias=False, batch_first=True).double()
+    start = mha.k_proj_weight.detach().clone()
+    nets = [_SeparateNet(mha).double(), _SeparateNet(mha, explicit=True).double()]
+    extra = {"kfac": dict(factor_interval=1, inverse_interval=1), "fop": dict(factor_interval=1, inverse_interval=1),
+             "kfrog": dict(kl_clip=None)}.get(name, {})
+    opts = [OPTIMIZERS[name](net, lr=0.05, **extra) for net in nets]
+    assert [layer.kind for layer in opts[0].layers if layer.name.startswith("attention")] == [
+        f"attention_{k}_proj" for k in ("q", "k", "v", "out")]
+    torch.manual_seed(4)
+    batches = [(torch.randn(16, 5, 4, dtype=torch.float64), torch.randint(0, 3, (16,))) for _ in range(4)]
+    for net, opt in zip(nets, opts):
+        torch.manual_seed(5)
+        for x, y in batches:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    a, b = nets
+    assert (a.attention.k_proj_weight - start).abs().max() > 1e-3
+    rtol, atol = (1e-6, 1e-8) if name == "kfrog" else (1e-7, 1e-9)
+    for k in "qkv":
+        torch.testing.assert_close(getattr(a.attention, f"{k}_proj_weight"), b.proj[k].weight, rtol=rtol, atol=atol)
+        torch.testing.assert_close(a.embed[k].weight, b.embed[k].weight, rtol=rtol, atol=atol)
+    torch.testing.assert_close(a.attention.out_proj.weight, b.proj["out"].weight, rtol=rtol, atol=atol)
+    torch.testing.assert_close(a.head.weight, b.head.weight, rtol=rtol, atol=atol)
 
 
 def test_excluding_the_out_projection_keeps_the_input_projection():

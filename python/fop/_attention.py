@@ -10,15 +10,19 @@ projections are explicit:
     z, w = F.multi_head_attention_forward(q, k, v, ..., q/k/v projection = I, out projection = I)
     y    = F.linear(z, W_o, b_o)
 
-(q, k, v the three column blocks of y_in; multiplying by the identity is exact in every dtype), so that every mask,
+(q, k, v the three column blocks of y_in; multiplying by the identity is exact in every dtype). With separate
+weights (kdim or vdim != embed_dim) the input projections are three calls, `q = F.linear(query, W_q, b_q)`,
+`k = F.linear(key, W_k, b_k)`, `v = F.linear(value, W_v, b_v)` (b_q, b_k, b_v the blocks of `in_proj_bias`), each
+shown to its own hook, whatever the three inputs are. So every mask,
 dropout, bias_k/bias_v and head option keeps torch's own semantics. Each consumer sees the two linear calls as a
 Linear layer's forward hook sees its call, with the tensors batch-first (N x L x E, one sample per row of dim 0,
 whatever `batch_first` is; an unbatched call is a batch of 1). The identity projections cost about as much as the
 real ones (4 E^2 multiply-adds per token) on the steps the optimizer captures; unarmed forwards run unchanged.
 
-Cross-attention (query not key or value) applies the three row blocks of `in_proj_weight` to different inputs, which
-one Kronecker factor pair does not describe: its input projection is then not captured, and the consumer is told
-(`on_skip`), so that the optimizer gives it the plain update on that step. Its out projection is captured as usual.
+Cross-attention with packed weights (query not key or value) applies the three row blocks of `in_proj_weight` to
+different inputs, which one Kronecker factor pair does not describe: its input projection is then not captured, and
+the consumer is told (`on_skip`), so that the optimizer gives it the plain update on that step. Its out projection is
+captured as usual. (Separate weights have no such case: each projection has its one input.)
 """
 
 from __future__ import annotations
@@ -122,17 +126,25 @@ def explicit_attention(func, args: tuple, kwargs: dict, consumers: list[_Consume
     call = dict(bound.arguments)
     query, key, value = call["query"], call["key"], call["value"]
     w_in, b_in, w_out = call["in_proj_weight"], call["in_proj_bias"], call["out_proj_weight"]
-    wants_in = any("in" in c.hooks for c in consumers)
-    packed = not call["use_separate_proj_weight"] and call["static_k"] is None and call["static_v"] is None
-    if wants_in and packed and query is key and key is value:
+    wanted = {w for c in consumers for w in c.hooks}
+    wants_in = bool(wanted & {"in", "q", "k", "v"})
+    plain = call["static_k"] is None and call["static_v"] is None
+    if "in" in wanted and plain and not call["use_separate_proj_weight"] and query is key and key is value:
         y = _observed(consumers, "in", query, F_nn.linear(query, w_in, b_in))
         eye = _identity(w_in)
         q, k, v = y.chunk(3, dim=-1)
         call.update(query=q, key=k, value=v, use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
                     v_proj_weight=eye, in_proj_weight=None, in_proj_bias=None)
+    elif wanted & {"q", "k", "v"} and plain and call["use_separate_proj_weight"]:
+        biases = (None,) * 3 if b_in is None else b_in.chunk(3)
+        q, k, v = (_observed(consumers, p, x, F_nn.linear(x, call[f"{p}_proj_weight"], b))
+                   for p, x, b in zip("qkv", (query, key, value), biases))
+        eye = _identity(call["q_proj_weight"])
+        call.update(query=q, key=k, value=v, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+                    in_proj_bias=None)
     elif wants_in:
         for c in consumers:
-            if "in" in c.hooks and c.on_skip is not None:
+            if c.on_skip is not None and set(c.hooks) & {"in", "q", "k", "v"}:
                 c.on_skip(CROSS_ATTENTION)
     if not any("out" in c.hooks for c in consumers):
         return func(**call)
@@ -165,9 +177,10 @@ class ConsumerHandle:
 
 def observe_attention(mha: nn.MultiheadAttention, hooks: dict[str, Callable], active: Callable[[], bool],
                       on_skip: Callable[[str], None] | None = None) -> ConsumerHandle:
-    """Call `hooks["in"]` / `hooks["out"]` as `hook(inputs, output)` on the input / out projection of every
-    forward of `mha` with grad enabled while `active()`; `on_skip(reason)` when the input projection is not
-    captured (cross-attention). Returns a handle whose remove() undoes it."""
+    """Call `hooks["in"]` (packed weights), `hooks["q"]`, `hooks["k"]`, `hooks["v"]` (separate weights) and
+    `hooks["out"]` as `hook(inputs, output)` on that projection of every forward of `mha` with grad enabled while
+    `active()`; `on_skip(reason)` when the input projection is not captured (cross-attention with packed weights,
+    static keys or values). Returns a handle whose remove() undoes it."""
     interceptor = _interceptors.get(mha)
     if interceptor is None:
         interceptor = _interceptors[mha] = _Interceptor(mha)

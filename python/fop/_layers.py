@@ -11,8 +11,9 @@ and the rank below which an input has no batch dimension. Adding a type is one s
 Built in: nn.Linear (any leading dims), transformers' `Conv1D` (a Linear with an in x out weight, matched by class
 name), nn.Conv2d and nn.Conv1d (any groups; under K-FAC/FOP a grouped or depthwise conv is one Kronecker block per
 group, A_j kron G_j, its factors stacked (groups, a, a) and (groups, out/groups, out/groups): `blocks`,
-`input_factor_shape`, `output_factor_shape`), nn.Embedding/EmbeddingBag, nn.MultiheadAttention with packed weights
-(two Linear layers: its input and out projections, whose calls fop._attention shows to the hooks), nn.LayerNorm
+`input_factor_shape`, `output_factor_shape`), nn.Embedding/EmbeddingBag, nn.MultiheadAttention (packed weights: two
+Linear layers, its input and out projections; separate q/k/v weights: four; fop._attention shows their calls to the
+hooks), nn.LayerNorm
 (subclasses included; timm's channels-first `LayerNorm2d` by class name) and nn.RMSNorm (under K-FAC/FOP with
 precondition_norms=True: one Kronecker block per feature, as a depthwise 1 x 1 conv on the normalized input), and
 for AdaFisher also
@@ -732,16 +733,17 @@ class BatchNorm2dType(NormType):
 
 
 class AttentionProjectionType(LinearType):
-    """A projection of nn.MultiheadAttention as a Linear over its batch-first N x L x E tokens: the input
-    projection (`in_proj_weight`, 3E x E, on the query of a self-attention call) or `out_proj` (on the attention
-    output). Its module never calls it: fop._attention shows the call to the hooks. Made by MultiheadAttentionType
-    only (`modules` is empty: never matched on its own)."""
+    """A projection of nn.MultiheadAttention as a Linear over its batch-first N x L x E tokens: the packed input
+    projection (`in_proj_weight`, 3E x E, on the query of a self-attention call), one of the separate ones
+    (`q_proj_weight` E x E on the query, `k_proj_weight` E x kdim on the key, `v_proj_weight` E x vdim on the value)
+    or `out_proj` (on the attention output). Its module never calls it: fop._attention shows the call to the hooks.
+    Made by MultiheadAttentionType only (`modules` is empty: never matched on its own)."""
 
     modules = ()
 
     def __init__(self, projection: str):
         super().__init__()
-        self.projection = projection  # "in" | "out": which call of the attention forward (fop._attention)
+        self.projection = projection  # "in" | "q" | "k" | "v" | "out": which call of the forward (fop._attention)
         self.name = f"attention_{projection}_proj"
 
     def __repr__(self) -> str:
@@ -749,30 +751,30 @@ class AttentionProjectionType(LinearType):
 
 
 ATTENTION_IN_PROJ = AttentionProjectionType("in")
+ATTENTION_SEPARATE_PROJ = {p: AttentionProjectionType(p) for p in ("q", "k", "v")}
 ATTENTION_OUT_PROJ = AttentionProjectionType("out")
 
 
 class MultiheadAttentionType(LayerType):
-    """nn.MultiheadAttention (packed `in_proj_weight`): two Linear layers, its input projection (3E outputs, one
-    A over the query tokens and one G over q, k and v together) and its out projection, each with K-FAC-expand or
-    -reduce token rows as a Linear. Separate q/k/v weights (kdim or vdim != embed_dim) are not preconditioned."""
+    """nn.MultiheadAttention. Packed `in_proj_weight` (kdim = vdim = embed_dim): two Linear layers, its input
+    projection (3E outputs, one A over the query tokens and one G over q, k and v together) and its out projection.
+    Separate weights (kdim or vdim != embed_dim): four, `q_proj_weight`, `k_proj_weight`, `v_proj_weight` (each with
+    the A of its own input: query, key, value) and the out projection; their shared `in_proj_bias` (3E) belongs to no
+    one layer and takes the plain update. Each with K-FAC-expand or -reduce token rows as a Linear."""
 
     name = "multihead_attention"
     modules = (nn.MultiheadAttention,)
 
-    def reason(self, module, family):
-        if family not in self.forms:
-            return NOT_SUPPORTED
-        if not module._qkv_same_embed_dim or module.in_proj_weight is None:
-            return "separate q/k/v projection weights (kdim or vdim != embed_dim)"
-        return None
-
     def layers_of(self, name, module):
         out = module.out_proj
         prefix = f"{name}." if name else ""
-        return [Layer(f"{prefix}in_proj", module, module.in_proj_weight, module.in_proj_bias, ATTENTION_IN_PROJ,
-                      host=module),
-                Layer(f"{prefix}out_proj", out, out.weight, out.bias, ATTENTION_OUT_PROJ, host=module)]
+        if module._qkv_same_embed_dim and module.in_proj_weight is not None:
+            inputs = [Layer(f"{prefix}in_proj", module, module.in_proj_weight, module.in_proj_bias, ATTENTION_IN_PROJ,
+                            host=module)]
+        else:
+            inputs = [Layer(f"{prefix}{p}_proj", module, getattr(module, f"{p}_proj_weight"), None, t, host=module)
+                      for p, t in ATTENTION_SEPARATE_PROJ.items()]
+        return [*inputs, Layer(f"{prefix}out_proj", out, out.weight, out.bias, ATTENTION_OUT_PROJ, host=module)]
 
     def claimed(self, module):
         return [module.out_proj]
