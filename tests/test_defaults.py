@@ -232,3 +232,14 @@ def test_defaults_on_models_no_default_was_chosen_on(model, optimizer):
     record = study.run_cell(tasks[model], optimizer, 1.0, steps=150, batch=128)
     assert record["diverged_step"] is None, record
     assert record["final"] < 0.25 * record["start"] and record["peak"] < record["start"], record
+
+
+@pytest.mark.parametrize("lr", [0.1, 1.0])
+@pytest.mark.parametrize("optimizer", ["kfac", "fop"])
+def test_defaults_train_transformers_bert(optimizer, lr):
+    """The model zoo's BERT cell (transformers' BertForSequenceClassification from a tiny config, random weights, the
+    synthetic order task): no divergence and the final training loss below a quarter of its start (ln 2)."""
+    pytest.importorskip("transformers")
+    study, tasks = model_zoo()
+    record = study.run_cell(tasks["bert"], optimizer, lr, steps=150, batch=128)
+    assert record["diverged_step"] is None and record["final"] < 0.25 * record["start"], record

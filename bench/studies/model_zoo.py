@@ -12,6 +12,8 @@ Models (sklearn's digits, 8 x 8, standardized; the regression task is synthetic)
   - groupnorm: two convs with GroupNorm and SiLU, a Linear head on 2048 features
   - deep-tanh: a 10-layer tanh MLP of width 64
   - regression: a GELU MLP fitting y = 3 sin(0.3 x W) + 5 on 16 inputs, MSE (a loss far from 1 at the start)
+  - bert: transformers' BertForSequenceClassification from a tiny config (2 layers of width 64, random weights) on a
+    synthetic order task: 16 tokens, is token 5 before token 7 (left out when transformers does not import)
 
 Each cell is one constant-lr run (no warm-up, no schedule) of --steps steps at batch --batch, seed 0, with the
 optimizer built from the library's defaults: fop's optimizers get the model and `lr` only; SGD momentum 0.9 (as
@@ -99,8 +101,34 @@ def regression_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 4))
 
 
+class TinyBert(nn.Module):
+    """transformers' BERT classifier (2 layers, width 64, 2 heads, random weights) returning the logits."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=128, max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        self.bert = BertForSequenceClassification(config)
+
+    def forward(self, ids):
+        return self.bert(input_ids=ids).logits
+
+
+def order_task(n: int = 1536, length: int = 16, vocab: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences over ids 8..vocab-1 with one 5 and one 7 at random places; label 1 when the 5 comes first."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(8, vocab, (n, length), generator=gen)
+    places = torch.rand(n, length, generator=gen).argsort(dim=1)[:, :2]
+    rows = torch.arange(n)
+    ids[rows, places[:, 0]], ids[rows, places[:, 1]] = 5, 7
+    return ids, (places[:, 0] < places[:, 1]).long()
+
+
 def tasks() -> dict:
-    """name: (model constructor, inputs, targets, loss)."""
+    """name: (model constructor, inputs, targets, loss); "bert" only where transformers imports."""
     digits = load_digits()
     x = digits.train_x.float()
     x = (x - x.mean()) / x.std()
@@ -115,7 +143,16 @@ def tasks() -> dict:
         "groupnorm": (groupnorm_cnn, x, y, F.cross_entropy),
         "deep-tanh": (deep_tanh_mlp, x, y, F.cross_entropy),
         "regression": (regression_mlp, xr, yr, F.mse_loss),
+        **({"bert": (lambda: TinyBert(32), *order_task(), F.cross_entropy)} if _has_transformers() else {}),
     }
+
+
+def _has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_cell(task, optimizer: str, lr: float, steps: int, batch: int) -> dict:
@@ -157,7 +194,7 @@ def cell_text(record: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="mobilenet,autoencoder,lstm,groupnorm,deep-tanh,regression")
+    p.add_argument("--models", default=None, help="comma-separated (default: every task that can run here)")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     p.add_argument("--lrs", default=None, help="one grid for every optimizer (default: each its own)")
     p.add_argument("--steps", type=int, default=150)
@@ -168,7 +205,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     all_tasks = tasks()
-    models, optimizers = args.models.split(","), args.optimizers.split(",")
+    models = list(all_tasks) if args.models is None else args.models.split(",")
+    optimizers = args.optimizers.split(",")
     unknown = [m for m in models if m not in all_tasks] + [o for o in optimizers if o not in OPTIMIZERS]
     if unknown:
         p.error(f"unknown models/optimizers {unknown}; models: {list(all_tasks)}, optimizers: {list(OPTIMIZERS)}")
