@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -338,6 +339,147 @@ class InverseBucket(Blocks):
                              tuple([z[j] for j in keep] for z in self.samples), self.groups)
 
 
+@dataclass
+class BucketFactors:
+    """What one shape class of layers (`idx`: one gradient shape and block count) brings to the damped-inverse forms:
+    their factors G, A and sample rows ZG, ZA (None: held densely) per layer, the block count `groups`, the damping of
+    each block's sides (`lam_G`, `lam_A`: the factored damping split by pi) and each block's name for errors."""
+
+    idx: list[int]
+    Gs: list[torch.Tensor]
+    As: list[torch.Tensor]
+    ZGs: list
+    ZAs: list
+    groups: int
+    lam_G: torch.Tensor
+    lam_A: torch.Tensor
+    names: list[str]
+
+    def entries(self, js: list[int]) -> list[int]:
+        """The block entries of the layers at positions `js` (one per layer, `groups` per grouped layer)."""
+        g = self.groups
+        return js if g == 1 else [j * g + k for j in js for k in range(g)]
+
+    def blocks(self, Ms: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One matrix per block, views of the per-layer factors."""
+        return [B for M in Ms for B in ([M] if self.groups == 1 else M.unbind(0))]
+
+
+class DenseInverses:
+    """inverse_method="cholesky", as ASDL and the official code: one InverseBucket per shape class, dense damped
+    inverses of the whole factors, each kept as its Cholesky factor where `keeps_cholesky_factor` says so. The
+    inverses themselves are saved in the state (keys Ainv|Achol, Ginv|Gchol) and restored as they were."""
+
+    method = "cholesky"
+    keeps_samples = False
+
+    def buckets(self, f: BucketFactors, interval: int) -> list[InverseBucket]:
+        o, i = f.blocks(f.Gs)[0].shape[0], f.blocks(f.As)[0].shape[0]  # a block's gradient matrix is o x i
+        keep_G, keep_A = (keeps_cholesky_factor(n, m, interval) for n, m in ((o, i), (i, o)))
+        sides = []
+        for Ms, lam, keep, side in ((f.Gs, f.lam_G, keep_G, "G"), (f.As, f.lam_A, keep_A, "A")):
+            M = _stack(Ms, f.groups)
+            damped = DampedFactor.of(M, lam, keep, [f"factor {side} of layer {n}" for n in f.names])
+            sides.append(Side(M.shape[1], None, lam, DenseBlock(M, damped), "cholesky" if keep else "inverse"))
+        return [InverseBucket(f.idx, f.Gs, f.As, *sides, groups=f.groups)]
+
+    def saved(self, bucket: InverseBucket, j: int, e) -> dict[str, torch.Tensor]:
+        """Layer j's damped inverses (or Cholesky factors), `e` its block entries."""
+        out = {f"A{k}": v[e] for k, v in bucket.Ainv.core.core.state.items()}
+        out.update({f"G{k}": v[e] for k, v in bucket.Ginv.core.core.state.items()})
+        return out
+
+    def loaded(self, kfac: KFAC, entry: dict, layer, shape_A: tuple, shape_G: tuple) -> dict:
+        shapes = {"A": shape_A, "G": shape_G}
+        for side, shape in (("A", shape_A), ("G", shape_G)):
+            forms = [form for form in ("inv", "chol") if side + form in entry]
+            if len(forms) != 1:
+                raise ValueError(f"state_dict inverse of layer {layer.name} needs one of {side}inv, {side}chol")
+            shapes[side + forms[0]] = shape
+        return {k: kfac._loaded(entry, k, shape, layer, f"inverse {k}") for k, shape in shapes.items()}
+
+    def restored(self, kfac: KFAC, groups: list[list[int]], moved: list, decomposed_at: int) -> list[InverseBucket]:
+        """The saved inverses, stacked per shape class as `buckets` stacks them."""
+        def damped(idx, side):
+            form = "inv" if side + "inv" in moved[idx[0]] else "chol"
+            g = kfac.layers[idx[0]].type.blocks(kfac.layers[idx[0]])
+            M, core = (_stack([moved[i][k] for i in idx], g) for k in (side, side + form))
+            return Side(M.shape[1], None, None, DenseBlock(M, DampedFactor(**{form: core})),
+                        "inverse" if form == "inv" else "cholesky")
+
+        return [InverseBucket(idx, [moved[i]["G"] for i in idx], [moved[i]["A"] for i in idx], damped(idx, "G"),
+                              damped(idx, "A"), groups=kfac.layers[idx[0]].type.blocks(kfac.layers[idx[0]]))
+                for idx in groups]
+
+
+class ChosenInverses:
+    """inverse_method="auto" with factored damping: per factor its support (fop.inverse_choice.support) and the form
+    the cost model prices lowest (`choose_form`: explicit inverse, kept Cholesky factor or Woodbury on the sample
+    rows), layers grouped by (support sizes, forms, sample ranks). A grouped layer keeps its blocks in one bucket,
+    held densely on their whole width. The state keeps the factors and samples of the last inversion, from which a
+    load redoes it (the inverses are not saved)."""
+
+    method = "auto"
+    keeps_samples = True
+
+    def buckets(self, f: BucketFactors, interval: int) -> list[InverseBucket]:
+        g = f.groups
+        G_ents, A_ents = f.blocks(f.Gs), f.blocks(f.As)
+        o, i = G_ents[0].shape[0], A_ents[0].shape[0]
+        plans = []
+        for j in range(len(f.idx)):
+            plan = []
+            for M, Z, m in ((f.Gs[j], f.ZGs[j], i), (f.As[j], f.ZAs[j], o)):
+                sup = support(M) if g == 1 else None
+                width = M.shape[-1] if sup is None else sup.numel()
+                rank = None if Z is None or g != 1 else Z.shape[0]
+                form = inverse_choice.choose_form(width, m, interval, rank)
+                plan.append((sup, width, form, None if form != "woodbury" else rank))
+            plans.append(plan)
+        classes: dict[tuple, list[int]] = {}
+        for j, plan in enumerate(plans):
+            classes.setdefault(tuple((w, form, r) for _, w, form, r in plan), []).append(j)
+        out = []
+        for key, js in classes.items():
+            ents = f.entries(js)
+            sides = []
+            for k, (Ms, Zs, lam, side) in enumerate(((G_ents, f.ZGs, f.lam_G, "G"), (A_ents, f.ZAs, f.lam_A, "A"))):
+                _, form, _ = key[k]
+                sups = [plans[j][k][0] for j in js] if g == 1 else [None] * len(ents)
+                index = None if sups[0] is None else torch.stack(sups)
+                lam_k = lam[ents]
+                if form == "woodbury":
+                    Z = torch.stack([Zs[j] if sup is None else Zs[j][:, sup] for j, sup in zip(js, sups)])
+                    core = Woodbury(Z, lam_k)
+                else:
+                    block = torch.stack([Ms[e] if sup is None else Ms[e][sup][:, sup] for e, sup in zip(ents, sups)])
+                    core = DenseBlock(block, DampedFactor.of(block, lam_k, form == "cholesky",
+                                                             [f"factor {side} of layer {f.names[e]}" for e in ents]))
+                sides.append(Side(Ms[0].shape[0], index, lam_k, core, form))
+            out.append(InverseBucket([f.idx[j] for j in js], [f.Gs[j] for j in js], [f.As[j] for j in js], *sides,
+                                     samples=([f.ZGs[j] for j in js], [f.ZAs[j] for j in js]), groups=g))
+        return out
+
+    def saved(self, bucket: InverseBucket, j: int, e) -> dict[str, torch.Tensor]:
+        """Layer j's sample rows of the last inversion, where a side was held by them."""
+        return {k: Z[j] for k, Z in (("ZG", bucket.samples[0]), ("ZA", bucket.samples[1])) if Z[j] is not None}
+
+    def loaded(self, kfac: KFAC, entry: dict, layer, shape_A: tuple, shape_G: tuple) -> dict:
+        out = {k: kfac._loaded(entry, k, shape, layer, f"inverse {k}") for k, shape in (("A", shape_A), ("G", shape_G))}
+        out.update(ZA=kfac._loaded_samples(entry, "ZA", layer.in_dim, layer, "inverse ZA"),
+                   ZG=kfac._loaded_samples(entry, "ZG", layer.out_dim, layer, "inverse ZG"))
+        return out
+
+    def restored(self, kfac: KFAC, groups: list[list[int]], moved: list, decomposed_at: int) -> list[InverseBucket]:
+        """The inversion of the last decomposition step redone from its factors and samples, at its damping."""
+        root = math.sqrt(eval_schedule("damping", kfac.damping, max(decomposed_at, 0), low_open=True))
+        return [b for idx in groups for b in kfac._inverse_buckets(
+            idx, *([moved[i][k] for i in idx] for k in ("G", "A", "ZG", "ZA")), root)]
+
+
+INVERSE_FORMS = {"cholesky": DenseInverses, "auto": ChosenInverses}  # the damped-inverse paths by inverse_method
+
+
 class KFAC(CurvatureOptimizer):
     r"""K-FAC with eigenbasis preconditioning (docs/design.md, "K-FAC").
 
@@ -483,9 +625,11 @@ class KFAC(CurvatureOptimizer):
         if diagonal and (self.inverse_method == "cholesky" or self.comm.active):
             raise ValueError(f"layers {diagonal} have a diagonal input factor (embeddings), which K-FAC/FOP support "
                              "with inverse_method='eigh' or 'auto' in one process; leave them out with exclude=[...]")
+        # the damped-inverse path's forms (DenseInverses, ChosenInverses), None on the eigenbasis path
+        self.inverses = INVERSE_FORMS[self.inverse_method]() if self.uses_inverses else None
         # the sample rows are kept in one process only (distributed factors are averaged densely over ranks), for the
         # empirical Fisher (the MC Fisher's hook reduces its output gradients to Grams at once)
-        self._tracks_samples = (self.inverse_method == "auto" and self.uses_inverses and not self.comm.active
+        self._tracks_samples = (self.inverses is not None and self.inverses.keeps_samples and not self.comm.active
                                 and self.fisher == "empirical")
         self._arm()
 
@@ -708,71 +852,19 @@ class KFAC(CurvatureOptimizer):
 
     def _inverse_buckets(self, idx: list[int], Gs, As, ZGs, ZAs, root: float) -> list[InverseBucket]:
         """InverseBuckets of the layers `idx` (one gradient shape and block count) from their factors and sample rows
-        (None: held densely). inverse_method="cholesky": one bucket, dense inverses of the whole factors (the
-        Cholesky factor kept where `keeps_cholesky_factor`); "auto": per factor its support and the cheapest form of
-        its block (fop.inverse_choice.choose_form), layers grouped by (support sizes, forms, sample ranks). A
-        grouped layer (g blocks per factor, each damped with its own pi) keeps its blocks in one bucket: they are
-        held densely, on their whole width (no support, no sample rows), in the form choose_form picks for that
-        width."""
+        (None: held densely), in the forms of this optimizer's inverse method (`self.inverses`: DenseInverses,
+        ChosenInverses). The factored damping sqrt(lambda) is split per block by pi = sqrt((tr A / dim A) / (tr G /
+        dim G)): lambda_G = sqrt(lambda) / pi, lambda_A = sqrt(lambda) pi."""
         g = self.layers[idx[0]].type.blocks(self.layers[idx[0]])
-
-        def entries_of(Ms: list[torch.Tensor]) -> list[torch.Tensor]:  # one matrix per block, views of the factors
-            return [B for M in Ms for B in ([M] if g == 1 else M.unbind(0))]
 
         def mean_diagonal(Ms: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat([M.diagonal(dim1=-2, dim2=-1).double().mean(-1).reshape(-1) for M in Ms]).clamp_min(1e-30)
 
         pi = torch.sqrt(mean_diagonal(As) / mean_diagonal(Gs))
-        lam_G, lam_A = root / pi, root * pi
-        G_ents, A_ents = entries_of(Gs), entries_of(As)
-        o, i = G_ents[0].shape[0], A_ents[0].shape[0]  # a block's gradient matrix is o x i
-
-        def entries(js: list[int]) -> list[int]:
-            return js if g == 1 else [j * g + k for j in js for k in range(g)]
-
         names = [n for j in idx for n in ([self.layers[j].name] if g == 1 else
                                           [f"{self.layers[j].name} group {k}" for k in range(g)])]
-        if self.inverse_method == "cholesky":
-            keep_G, keep_A = (keeps_cholesky_factor(n, m, self.inverse_interval) for n, m in ((o, i), (i, o)))
-            return [InverseBucket(idx, Gs, As, *(
-                Side(M.shape[1], None, lam, DenseBlock(M, DampedFactor.of(M, lam, keep, [f"factor {side} of layer {n}"
-                                                                                          for n in names])),
-                     "cholesky" if keep else "inverse")
-                for M, lam, keep, side in ((_stack(Gs, g), lam_G, keep_G, "G"), (_stack(As, g), lam_A, keep_A, "A"))),
-                groups=g)]
-        plans = []
-        for j in range(len(idx)):
-            plan = []
-            for M, Z, m in ((Gs[j], ZGs[j], i), (As[j], ZAs[j], o)):
-                sup = support(M) if g == 1 else None
-                s = M.shape[-1] if sup is None else sup.numel()
-                rank = None if Z is None or g != 1 else Z.shape[0]
-                form = inverse_choice.choose_form(s, m, self.inverse_interval, rank)
-                plan.append((sup, s, form, None if form != "woodbury" else rank))
-            plans.append(plan)
-        groups: dict[tuple, list[int]] = {}
-        for j, plan in enumerate(plans):
-            groups.setdefault(tuple((s, form, r) for _, s, form, r in plan), []).append(j)
-        out = []
-        for key, js in groups.items():
-            ents = entries(js)
-            sides = []
-            for k, (Ms, Zs, lam, side) in enumerate(((G_ents, ZGs, lam_G, "G"), (A_ents, ZAs, lam_A, "A"))):
-                s, form, _ = key[k]
-                sups = [plans[j][k][0] for j in js] if g == 1 else [None] * len(ents)
-                index = None if sups[0] is None else torch.stack(sups)
-                lam_k = lam[ents]
-                if form == "woodbury":
-                    Z = torch.stack([Zs[j] if sup is None else Zs[j][:, sup] for j, sup in zip(js, sups)])
-                    core = Woodbury(Z, lam_k)
-                else:
-                    block = torch.stack([Ms[e] if sup is None else Ms[e][sup][:, sup] for e, sup in zip(ents, sups)])
-                    core = DenseBlock(block, DampedFactor.of(block, lam_k, form == "cholesky",
-                                                             [f"factor {side} of layer {names[e]}" for e in ents]))
-                sides.append(Side(Ms[0].shape[0], index, lam_k, core, form))
-            out.append(InverseBucket([idx[j] for j in js], [Gs[j] for j in js], [As[j] for j in js], *sides,
-                                     samples=([ZGs[j] for j in js], [ZAs[j] for j in js]), groups=g))
-        return out
+        factors = BucketFactors(idx, Gs, As, ZGs, ZAs, g, root / pi, root * pi, names)
+        return self.inverses.buckets(factors, self.inverse_interval)
 
     def _active_buckets(self) -> list:
         """The buckets restricted to the layers with a gradient this step (the buckets themselves when all have)."""
@@ -942,13 +1034,7 @@ class KFAC(CurvatureOptimizer):
             for j, i in enumerate(b.index):
                 e = b.of_layer(j)  # a grouped layer's entries: (groups, ...) stacks
                 if isinstance(b, InverseBucket):
-                    inverse[i] = {"A": b.As[j], "G": b.Gs[j]}
-                    if self.inverse_method == "cholesky":
-                        inverse[i].update({f"A{k}": v[e] for k, v in b.Ainv.core.core.state.items()})
-                        inverse[i].update({f"G{k}": v[e] for k, v in b.Ginv.core.core.state.items()})
-                    else:  # "auto": rebuilt on load from the factors and samples of the last inversion
-                        inverse[i].update({k: Z[j] for k, Z in (("ZG", b.samples[0]), ("ZA", b.samples[1]))
-                                           if Z[j] is not None})
+                    inverse[i] = {"A": b.As[j], "G": b.Gs[j], **self.inverses.saved(b, j, e)}
                 else:
                     eig[i] = {"lA": b.lA[e], "QG": b.QG[e], "lG": b.lG[e]}
                     if b.QA is not None:
@@ -1021,26 +1107,14 @@ class KFAC(CurvatureOptimizer):
                 continue
             if new["factors_A"][i] is None:
                 raise ValueError(f"state_dict has a decomposition but no factors for layer {layer.name}")
-            o, d = layer.out_dim, layer.in_dim
             shape_A, shape_G = layer.type.input_factor_shape(layer), layer.type.output_factor_shape(layer)
-            if key == "eigen":  # a grouped layer's: stacked over its blocks, (g, d, d) and (g, d)
-                shapes = {"QA": shape_A, "lA": shape_A[:-1], "QG": shape_G, "lG": shape_G[:-1]}
-                if new["factors_A"][i].dim() == 1:  # a diagonal input factor has no QA
-                    shapes = {"lA": shape_A, "QG": shape_G, "lG": shape_G[:-1]}
-            elif self.inverse_method == "auto":
-                shapes = {"A": shape_A, "G": shape_G}
-                moved[i] = {k: self._loaded(e, k, shape, layer, f"{key} {k}") for k, shape in shapes.items()}
-                moved[i].update(ZA=self._loaded_samples(e, "ZA", d, layer, "inverse ZA"),
-                                ZG=self._loaded_samples(e, "ZG", o, layer, "inverse ZG"))
+            if key == "inverse":
+                moved[i] = self.inverses.loaded(self, e, layer, shape_A, shape_G)
                 continue
-            else:
-                shapes = {"A": shape_A, "G": shape_G}
-                for side, shape in (("A", shape_A), ("G", shape_G)):
-                    forms = [f for f in ("inv", "chol") if side + f in e]
-                    if len(forms) != 1:
-                        raise ValueError(f"state_dict inverse of layer {layer.name} needs one of {side}inv, "
-                                         f"{side}chol")
-                    shapes[side + forms[0]] = shape
+            # a grouped layer's: stacked over its blocks, (g, d, d) and (g, d)
+            shapes = {"QA": shape_A, "lA": shape_A[:-1], "QG": shape_G, "lG": shape_G[:-1]}
+            if new["factors_A"][i].dim() == 1:  # a diagonal input factor has no QA
+                shapes = {"lA": shape_A, "QG": shape_G, "lG": shape_G[:-1]}
             moved[i] = {k: self._loaded(e, k, shape, layer, f"{key} {k}") for k, shape in shapes.items()}
         if new["decomposed_at"] >= 0 and any(A is not None for A in new["factors_A"]) and not any(moved):
             raise ValueError(f"state_dict says a decomposition was made at step {new['decomposed_at']} but holds "
@@ -1048,26 +1122,7 @@ class KFAC(CurvatureOptimizer):
         if key == "eigen":
             new["buckets"] = self._make_buckets(*([None if e is None else e.get(k) for e in moved]
                                                   for k in ("lA", "QA", "lG", "QG")))
-            return new
-
-        groups = self._by_shape([None if e is None else e["A"] for e in moved])
-        if self.inverse_method == "auto":  # the inversion of the last decomposition step, redone
-            root = math.sqrt(eval_schedule("damping", self.damping, max(new["decomposed_at"], 0), low_open=True))
-            new["buckets"] = [b for idx in groups for b in self._inverse_buckets(
-                idx, *([moved[i][k] for i in idx] for k in ("G", "A", "ZG", "ZA")), root)]
-            return new
-
-        def stacked(idx, key):
-            return _stack([moved[i][key] for i in idx], self.layers[idx[0]].type.blocks(self.layers[idx[0]]))
-
-        def damped(idx, side):
-            form = "inv" if side + "inv" in moved[idx[0]] else "chol"
-            M = stacked(idx, side)
-            return Side(M.shape[1], None, None, DenseBlock(M, DampedFactor(**{form: stacked(idx, side + form)})),
-                        "inverse" if form == "inv" else "cholesky")
-
-        new["buckets"] = [InverseBucket(idx, [moved[i]["G"] for i in idx], [moved[i]["A"] for i in idx],
-                                        damped(idx, "G"), damped(idx, "A"),
-                                        groups=self.layers[idx[0]].type.blocks(self.layers[idx[0]]))
-                          for idx in groups]
+        else:
+            groups = self._by_shape([None if e is None else e["A"] for e in moved])
+            new["buckets"] = self.inverses.restored(self, groups, moved, new["decomposed_at"])
         return new
