@@ -41,7 +41,7 @@ from torch import nn
 
 from fop._base import UNPRECONDITIONED, CurvatureOptimizer, check_choice, check_float, check_int, graft_denominator
 from fop._layers import NormType, support_for
-from fop.distributed_rows import make_rows_comm
+from fop.distributed_rows import make_rows_comm, rows_view_of
 
 EMA_MODES = ("public", "average")
 MINMAX_EPS = 1e-6
@@ -168,8 +168,8 @@ class _AdaFisherBase(CurvatureOptimizer):
         defaults = dict(lr=lr, beta=beta, damping=damping, weight_decay=weight_decay)
         super().__init__(params_or_model, defaults, model=model, exclude=exclude, check_finite=check_finite,
                          grad_scaler=grad_scaler)
-        self.comm = make_rows_comm(self, params_or_model if isinstance(params_or_model, nn.Module) else model,
-                                   distributed)
+        given = params_or_model if isinstance(params_or_model, nn.Module) else model
+        self.comm = make_rows_comm(rows_view_of(self), given, distributed)
         self._arm()
 
     # -- refresh schedule ----------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,23 +40,44 @@ from fop._layers import Conv2dType
 from fop.distributed import DistributedOptions, NullComm, RankAgreement, own_group, resolve_distributed
 from fop.row_cg import cg_schedule, row_cg_requests, rowdot
 
-__all__ = ["RowsComm", "cost_model", "gather_cost_model", "lockstep_row_cg", "make_rows_comm"]
+__all__ = ["RowsComm", "RowsView", "cost_model", "gather_cost_model", "lockstep_row_cg", "make_rows_comm",
+           "rows_view_of"]
 
 
-def make_rows_comm(optimizer, model: nn.Module, distributed) -> NullComm | RowsComm:
-    """The communicator of a FROG / K-FROG / AdaFisher optimizer. `distributed`: None (on when a process group of
-    more than one rank is initialized), False (off: each rank keeps its own curvature), True, or a
-    fop.distributed.DistributedOptions (process_group and bucket_cap_mb are used; split and overlap are FOP's)."""
+@dataclass
+class RowsView:
+    """What RowsComm needs of its optimizer, and nothing else: the optimizer's name (for errors), its number of
+    preconditioned layers, the device of its parameters, this rank's captured samples per layer, and what to do
+    when a step is abandoned (drop the captures, arm the hooks again)."""
+
+    name: str
+    n_layers: int
+    device: torch.device
+    local_sample_counts: Callable[[], list[int]]
+    after_skipped_step: Callable[[], None]
+
+
+def rows_view_of(optimizer) -> RowsView:
+    """The RowsView of a FROG / K-FROG / AdaFisher optimizer: bound methods and counts, not the optimizer."""
+    first = next(p for g in optimizer.param_groups for p in g["params"])
+    return RowsView(type(optimizer).__name__, len(optimizer.layers), first.device,
+                    optimizer._local_sample_counts, optimizer._after_skipped_step)
+
+
+def make_rows_comm(view: RowsView, model: nn.Module, distributed) -> NullComm | RowsComm:
+    """The communicator of a FROG / K-FROG / AdaFisher optimizer (`view`: what it needs of that optimizer).
+    `distributed`: None (on when a process group of more than one rank is initialized), False (off: each rank keeps
+    its own curvature), True, or a fop.distributed.DistributedOptions (process_group and bucket_cap_mb are used;
+    split and overlap are FOP's)."""
     if isinstance(distributed, DistributedOptions) and distributed.split != "halves":
-        raise ValueError(f"split={distributed.split!r} chooses FOP's two sub-batches; {type(optimizer).__name__} has "
-                         "none")
+        raise ValueError(f"split={distributed.split!r} chooses FOP's two sub-batches; {view.name} has none")
     resolved = resolve_distributed(model, distributed)
     if resolved is None:
         return NullComm()
     options, _, base = resolved
     if dist.get_world_size(base) == 1:
         return NullComm()
-    return RowsComm(optimizer, own_group(options, base), options)
+    return RowsComm(view, own_group(options, base), options)
 
 
 class _RoundFailed(Exception):
@@ -66,12 +89,11 @@ class RowsComm(RankAgreement):
 
     active = True
 
-    def __init__(self, optimizer, group, options: DistributedOptions):
-        self.opt, self.group, self.options = optimizer, group, options
+    def __init__(self, view: RowsView, group, options: DistributedOptions):
+        self.view, self.group, self.options = view, group, options
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        first = next(p for g in optimizer.param_groups for p in g["params"])
-        self.device = first.device if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+        self.device = view.device if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
         self.cap = int(options.bucket_cap_mb * 2**20)
         self.counts: list[list[int]] | None = None  # per layer, the captured samples of every rank
         self.bytes = Counter()
@@ -89,11 +111,11 @@ class RowsComm(RankAgreement):
             yield
         except Exception as err:  # re-raised below, after the other ranks have been told
             error = err
-        L = len(self.opt.layers)
+        L = self.view.n_layers
         local = [0] * L
         if error is None:
             try:
-                local = self.opt._local_sample_counts()
+                local = self.view.local_sample_counts()
             except Exception as err:  # the same: told first, raised after
                 error = err
         vec = torch.zeros(1 + self.world_size * L, dtype=torch.float64)
@@ -110,7 +132,7 @@ class RowsComm(RankAgreement):
 
     def _abandon(self) -> None:
         self.end_step()  # the step is abandoned: its captures are dropped; run forward and backward again
-        self.opt._after_skipped_step()
+        self.view.after_skipped_step()
 
     def offset(self, i: int) -> int:
         """Where this rank's samples of layer i start in the global batch."""

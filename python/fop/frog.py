@@ -50,7 +50,7 @@ from fop._base import (
     graft_denominator,
 )
 from fop._layers import Conv2dType, _rows, support_for
-from fop.distributed_rows import lockstep_row_cg, make_rows_comm
+from fop.distributed_rows import lockstep_row_cg, make_rows_comm, rows_view_of
 from fop.row_cg import cg_schedule, row_cg, row_cg_requests, rowdot
 
 TRACE_EPS = 1e-10
@@ -238,7 +238,7 @@ class FROGBase(CurvatureOptimizer):
         self.generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
         super().__init__(params_or_model, defaults, **kwargs)
         model = params_or_model if isinstance(params_or_model, nn.Module) else kwargs.get("model")
-        self.comm = make_rows_comm(self, model, distributed)
+        self.comm = make_rows_comm(rows_view_of(self), model, distributed)
         if self.comm.active:  # every rank draws the same global samples: rank 0's generator state
             state = self.generator.get_state()
             dist.broadcast(state, src=dist.get_global_rank(self.comm.group, 0), group=self.comm.group)
