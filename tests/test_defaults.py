@@ -19,6 +19,7 @@ from fop_train.data import load_digits
 from fop_train.models import EncoderViT
 from helpers import load_script
 from torch import nn
+from torch.nn import functional as F
 
 
 @functools.lru_cache(maxsize=1)
@@ -243,3 +244,24 @@ def test_defaults_train_transformers_bert(optimizer, lr):
     study, tasks = model_zoo()
     record = study.run_cell(tasks["bert"], optimizer, lr, steps=150, batch=128)
     assert record["diverged_step"] is None and record["final"] < 0.25 * record["start"], record
+
+
+@pytest.mark.parametrize("optimizer", ["KFAC", "FOP"])
+def test_defaults_step_the_standard_resnet18_at_32x32(optimizer):
+    """timm's ResNet-18 layout at width 64 on 32x32 inputs (bench/studies/wide_models.py), which crashed the former
+    default (a 4608-wide eigendecomposition of layer4's input factors, rank <= batch): three default steps at batch
+    8 on one batch run, keep every parameter finite and bring the loss down."""
+    wide = load_script(Path(__file__).resolve().parents[1] / "bench" / "studies" / "wide_models.py", "wide_models")
+    torch.manual_seed(0)
+    model = wide.resnet18_timm(64)
+    opt = getattr(fop, optimizer)(model, lr=0.1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0], losses
