@@ -14,6 +14,9 @@ Models (sklearn's digits, 8 x 8, standardized; the regression task is synthetic)
   - regression: a GELU MLP fitting y = 3 sin(0.3 x W) + 5 on 16 inputs, MSE (a loss far from 1 at the start)
   - bert: transformers' BertForSequenceClassification from a tiny config (2 layers of width 64, random weights) on a
     synthetic order task: 16 tokens, is token 5 before token 7 (left out when transformers does not import)
+  - gpt2: transformers' GPT2LMHeadModel from a tiny config (2 layers of width 64, random weights, its Conv1D
+    projections, lm_head tied to the token embedding), next-byte prediction on the source text of Python's own
+    `textwrap` module (616 windows of 32 bytes; left out when transformers does not import)
 
 Each cell is one constant-lr run (no warm-up, no schedule) of --steps steps at batch --batch, seed 0, with the
 optimizer built from the library's defaults: fop's optimizers get the model and `lr` only; SGD momentum 0.9 (as
@@ -117,6 +120,38 @@ class TinyBert(nn.Module):
         return self.bert(input_ids=ids).logits
 
 
+class TinyGPT2(nn.Module):
+    """transformers' GPT-2 language model (2 layers, width 64, 2 heads, byte vocabulary, random weights) returning
+    the logits."""
+
+    def __init__(self, length: int = 32):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=256, n_positions=length, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0)
+        self.gpt = GPT2LMHeadModel(config)
+
+    def forward(self, ids):
+        return self.gpt(input_ids=ids).logits
+
+
+def byte_windows(length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive windows of the bytes of textwrap's source (Python's standard library, so every install has it)
+    and the same windows shifted by one byte: next-byte targets."""
+    import inspect
+    import textwrap
+
+    data = torch.tensor(list(inspect.getsource(textwrap).encode()), dtype=torch.long)
+    n = (len(data) - 1) // length
+    return data[: n * length].reshape(n, length), data[1: n * length + 1].reshape(n, length)
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean cross entropy over every token of N x T x V logits."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
 def order_task(n: int = 1536, length: int = 16, vocab: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Token sequences over ids 8..vocab-1 with one 5 and one 7 at random places; label 1 when the 5 comes first."""
     gen = torch.Generator().manual_seed(0)
@@ -143,7 +178,8 @@ def tasks() -> dict:
         "groupnorm": (groupnorm_cnn, x, y, F.cross_entropy),
         "deep-tanh": (deep_tanh_mlp, x, y, F.cross_entropy),
         "regression": (regression_mlp, xr, yr, F.mse_loss),
-        **({"bert": (lambda: TinyBert(32), *order_task(), F.cross_entropy)} if _has_transformers() else {}),
+        **({"bert": (lambda: TinyBert(32), *order_task(), F.cross_entropy),
+            "gpt2": (TinyGPT2, *byte_windows(), token_cross_entropy)} if _has_transformers() else {}),
     }
 
 
