@@ -265,21 +265,15 @@ class TransposedLayout:
 
 class TransposedLinearType(TransposedLayout, LinearType):
     """transformers' `Conv1D` (GPT-2): y = a W + b with W in x out (`nf` outputs); a Linear with the weight
-    transposed, matched by class name and attributes (no transformers import). FROG's rows need out x in weights:
-    not preconditioned there."""
+    transposed, matched by class name and attributes (no transformers import). Every optimizer works on its out x in
+    gradient matrix (`weight_matrix`), FROG's rows included."""
 
     name = "conv1d_transposed"
-    forms = frozenset({"kfac", "adafisher"})
 
     def matches(self, module):
         w = getattr(module, "weight", None)
         return (type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(w, torch.Tensor)
                 and w.dim() == 2 and w.shape[1] == module.nf)
-
-    def reason(self, module, family):
-        if family == "frog":
-            return "weight stored in x out (transformers' Conv1D): FROG's row form needs out x in"
-        return super().reason(module, family)
 
 
 

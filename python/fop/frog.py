@@ -215,8 +215,9 @@ def check_nesterov(nesterov, momentum) -> None:
 
 
 frog_layer_support = support_for("frog")
-frog_layer_support.__doc__ = ("FROG preconditions nn.Linear and nn.Conv2d (any groups, stride, padding, dilation; zero "
-                              "padding mode), subclasses included (fop._layers); None when supported.")
+frog_layer_support.__doc__ = ("FROG preconditions nn.Linear, transformers' Conv1D and nn.Conv2d (any groups, stride, "
+                              "padding, dilation; zero padding mode), subclasses included (fop._layers); None when "
+                              "supported.")
 
 
 class FROGBase(CurvatureOptimizer):
@@ -291,21 +292,23 @@ class FROGBase(CurvatureOptimizer):
             state["momentum_buffer"] = buf = buf.mul(mu).add_(grad)
         return grad.add(buf, alpha=mu) if nesterov else buf
 
-    def _momentum_rows(self, W: torch.Tensor, b: torch.Tensor | None, group: dict, dtype: torch.dtype) -> torch.Tensor:
-        """[m_W | m_b] as an R x D matrix in `dtype` (m_W alone when b is None; a bias without gradient counts 0); the
+    def _momentum_rows(self, layer, b: torch.Tensor | None, group: dict, dtype: torch.dtype) -> torch.Tensor:
+        """[m_W | m_b] of `layer` as an R x D matrix in `dtype`, one row per output (the layer type's gradient layout:
+        a Conv1D's in x out weight is transposed; m_W alone when b is None; a bias without gradient counts 0); the
         new momentum buffers are new tensors, so a step that fails later restores the old ones."""
-        mu, nesterov = group["momentum"], group["nesterov"]
-        m = self._momentum(W, W.grad, mu, nesterov, inplace=False).reshape(W.shape[0], -1).to(dtype)
+        mu, nesterov, W = group["momentum"], group["nesterov"], layer.weight
+        m = layer.type.weight_matrix(layer, self._momentum(W, W.grad, mu, nesterov, inplace=False)).to(dtype)
         if b is None:
             return m
         gb = b.grad if b.grad is not None else torch.zeros_like(b)
         return torch.cat([m, self._momentum(b, gb, mu, nesterov, inplace=False).to(dtype)[:, None]], dim=1)
 
     @staticmethod
-    def _set_directions(directions: dict, U: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> None:
-        """Split the R x D direction rows U back into W's shape (and the bias column when b is given)."""
-        d_w = W[0].numel()
-        directions[id(W)] = U[:, :d_w].reshape(W.shape)
+    def _set_directions(directions: dict, U: torch.Tensor, layer, b: torch.Tensor | None) -> None:
+        """Split the R x D direction rows U back into the shape of `layer`'s weight (and the bias column when b is
+        given)."""
+        d_w = layer.type.weight_columns(layer)
+        directions[id(layer.weight)] = layer.type.weight_from_matrix(layer, U[:, :d_w])
         if b is not None:
             directions[id(b)] = U[:, d_w]
 
@@ -420,7 +423,7 @@ class FROG(FROGBase):
 
     def _layer_state_shape(self, i, key):
         layer = self.layers[i]
-        return (layer.weight.shape[0], layer.weight[0].numel() + int(self.fold_bias and layer.bias is not None))
+        return (layer.out_dim, layer.type.weight_columns(layer) + int(self.fold_bias and layer.bias is not None))
     group_checks = {**CurvatureOptimizer.group_checks, "lr_other_ratio": dict(low=0.0)}
 
     def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
@@ -489,7 +492,7 @@ class FROG(FROGBase):
             if samples is None:  # no forward with grad this step: the layer takes the other parameters' path
                 continue
             x_s, y2 = samples
-            m = self._momentum_rows(W, b, group, dtype)
+            m = self._momentum_rows(layer, b, group, dtype)
             key = "tau" if isinstance(layer.type, Conv2dType) else "tau_linear"
             tau = eval_schedule(key, group[key], self.steps)
             state = self.layer_state[i]
@@ -499,7 +502,7 @@ class FROG(FROGBase):
                 state["cg_solution"] = z.clone()
             if self.kl_clip is not None:
                 terms.append((group["lr"], normalized_step_quadratic(z, m, t, self.kl_damping)))
-            self._set_directions(directions, row_normalized_step(z, m), W, b)
+            self._set_directions(directions, row_normalized_step(z, m), layer, b)
         return self._trust_region(directions, terms)
 
     @staticmethod
@@ -531,7 +534,8 @@ class FROG(FROGBase):
             layer = self.layers[i]
             W, b = layer.weight, layer.bias if self.fold_bias else None
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-            info.append((layer, W, b, group_of[id(W)], dtype, (W.shape[0], W[0].numel() + int(b is not None))))
+            info.append((layer, W, b, group_of[id(W)], dtype,
+                         (layer.out_dim, layer.type.weight_columns(layer) + int(b is not None))))
         round_dtype = torch.float64 if any(it[4] == torch.float64 for it in info) else torch.float32
         local: list = []
 
@@ -563,7 +567,7 @@ class FROG(FROGBase):
                                        b is not None) if recs else W.new_zeros(R, dtype=dtype)
                     local.append((x_s, y2))
                 else:
-                    X = _rows(x_s.reshape(-1, W.shape[1]), b is not None)
+                    X = _rows(x_s.reshape(-1, layer.type.weight_columns(layer)), b is not None)
                     y2 = y2.reshape(-1, R)
                     t = linear_row_trace(X, y2)
                     local.append((X, y2))
@@ -584,7 +588,7 @@ class FROG(FROGBase):
                                              c["groups"], b is not None, tau, trace=t)
                 else:
                     systems = LinearSystems(data, y2 / (t + TRACE_EPS), tau)
-                m = self._momentum_rows(W, b, group, dtype)
+                m = self._momentum_rows(layer, b, group, dtype)
                 items.append((systems, m, self.layer_state[i].get("cg_solution") if self.warm_start else None))
                 ms.append(m)
             return items
@@ -595,11 +599,11 @@ class FROG(FROGBase):
                              build)
         directions: dict[int, torch.Tensor] = {}
         terms: list[tuple[float, torch.Tensor]] = []
-        for (i, _), (_, W, b, group, dtype, _), z, m, t in zip(jobs, info, zs, ms, summed):
+        for (i, _), (layer, _, b, group, dtype, _), z, m, t in zip(jobs, info, zs, ms, summed):
             z = z.to(dtype)
             if self.warm_start:
                 self.layer_state[i]["cg_solution"] = z.clone()
             if self.kl_clip is not None:
                 terms.append((group["lr"], normalized_step_quadratic(z, m, t.to(dtype), self.kl_damping)))
-            self._set_directions(directions, row_normalized_step(z, m), W, b)
+            self._set_directions(directions, row_normalized_step(z, m), layer, b)
         return self._trust_region(directions, terms)

@@ -165,7 +165,7 @@ class KFROG(FROGBase):
     layer_state_keys = ("y_ema", "y_updates")  # each layer's row-scale EMA and its update count (y_momentum > 0)
 
     def _layer_state_shape(self, i, key):
-        return (self.layers[i].weight.shape[0],)
+        return (self.layers[i].out_dim,)
 
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, y_momentum: float = 0.0, sample_size: int | None = 256,
@@ -253,7 +253,7 @@ class KFROG(FROGBase):
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
             y = self._smoothed(i, self._row_scale(layer, recs, inv_scale, dtype), group["y_momentum"])
             x_s = self._sampled_inputs(recs, dtype)
-            P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]  # never in place: m may be .grad
+            P1 = self._momentum_rows(layer, b, group, dtype) / (y + eps).sqrt_()[:, None]  # m may be .grad
             bias = b is not None
             s = x_s.shape[0]
             if isinstance(layer.type, Conv2dType):
@@ -271,7 +271,7 @@ class KFROG(FROGBase):
             if self.kl_clip is not None:
                 L = _system_rows(systems) / s
                 terms.append((group["lr"], kfrog_step_quadratic(systems.quad(U), y, eps, L)))
-            self._set_directions(directions, U, W, b)
+            self._set_directions(directions, U, layer, b)
         return self._trust_region(directions, terms)
 
     def _curvature_step_distributed(self, inv_scale: torch.Tensor | None) -> dict[int, torch.Tensor]:
@@ -289,9 +289,9 @@ class KFROG(FROGBase):
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
             conv = isinstance(layer.type, Conv2dType)
             d_data = (W.shape[1] * layer.conv["groups"] * W.shape[2] * W.shape[3] + 1 if conv
-                      else W.shape[1] + int(b is not None))
-            info.append((layer, W, b, group_of[id(W)], dtype, (W.shape[0], W[0].numel() + int(b is not None)),
-                         d_data))
+                      else layer.type.weight_columns(layer) + int(b is not None))
+            info.append((layer, W, b, group_of[id(W)], dtype,
+                         (layer.out_dim, layer.type.weight_columns(layer) + int(b is not None)), d_data))
         round_dtype = torch.float64 if any(it[4] == torch.float64 for it in info) else torch.float32
         local: list = []  # per job: this rank's sampled inputs (conv: s_r x C x H x W; Linear: rows x D)
 
@@ -320,7 +320,8 @@ class KFROG(FROGBase):
                     local.append(x_s)  # the last entry: positions per sample summed over samples (the bias entry)
                     out += [y, torch.cat([sq.reshape(-1), sq.new_full((1,), float(positions * x_s.shape[0]))])]
                 else:
-                    x = torch.cat([r.a for r in recs]) if recs else W.new_zeros((0, W.shape[1]), dtype=dtype)
+                    x = torch.cat([r.a for r in recs]) if recs else \
+                        W.new_zeros((0, layer.type.weight_columns(layer)), dtype=dtype)
                     X = _rows(x.index_select(0, idx.to(x.device)).to(dtype), b is not None)
                     local.append(X)
                     out += [y, X.square().sum(0)]
@@ -338,7 +339,7 @@ class KFROG(FROGBase):
             for (i, _), (layer, W, b, group, dtype, _, _), data, y, s in zip(jobs, info, local, ys, sizes):
                 eps = group["eps"]
                 y = self._smoothed(i, y.to(dtype), group["y_momentum"])
-                P1 = self._momentum_rows(W, b, group, dtype) / (y + eps).sqrt_()[:, None]
+                P1 = self._momentum_rows(layer, b, group, dtype) / (y + eps).sqrt_()[:, None]
                 if isinstance(layer.type, Conv2dType):
                     c = layer.conv
                     systems = ConvSystems(data, 1.0 / s, W.shape, c["stride"], c["padding"], c["dilation"],
@@ -358,7 +359,7 @@ class KFROG(FROGBase):
             if isinstance(layer.type, Conv2dType):
                 diag = expand_input_diag(sq[:-1], s, W.shape[0], layer.conv["groups"], b is not None, sq[-1] / s)
             else:
-                diag = (sq / s).expand(W.shape[0], -1)
+                diag = (sq / s).expand(layer.out_dim, -1)
             Us.append(Z.to(dtype).mul_(diag.sqrt()))
         terms: list[tuple[float, torch.Tensor]] = []
         if self.kl_clip is not None:  # one more round: every rank's part of U^T A U and of its input rows
@@ -372,6 +373,6 @@ class KFROG(FROGBase):
                 quad = q[:-1] + systems.damping * rowdot(U, U)
                 terms.append((group["lr"], kfrog_step_quadratic(quad, y, group["eps"], q[-1] / s)))
         directions: dict[int, torch.Tensor] = {}
-        for (_, W, b, _, _, _, _), U in zip(info, Us):
-            self._set_directions(directions, U, W, b)
+        for (layer, _, b, _, _, _, _), U in zip(info, Us):
+            self._set_directions(directions, U, layer, b)
         return self._trust_region(directions, terms)
