@@ -27,11 +27,11 @@ def _mha(embed=8, heads=2, seed=0, **kw):
 
 
 class _Recorder:
-    """A consumer of fop._attention: keeps what the two linear calls showed, and their output gradients."""
+    """A consumer of fop._attention: keeps what the linear calls `keys` showed, and their output gradients."""
 
-    def __init__(self):
-        self.seen = {"in": [], "out": []}
-        self.grads = {"in": [], "out": []}
+    def __init__(self, keys=("in", "out")):
+        self.seen = {k: [] for k in keys}
+        self.grads = {k: [] for k in keys}
         self.skips = []
 
     def hooks(self):
@@ -40,7 +40,7 @@ class _Recorder:
                 self.seen[which].append((inputs[0].detach().clone(), output.detach().clone()))
                 output.register_hook(lambda g: self.grads[which].append(g.detach().clone()))
             return hook
-        return {"in": make("in"), "out": make("out")}
+        return {k: make(k) for k in self.seen}
 
 
 CASES = {
@@ -287,24 +287,6 @@ def test_separate_projection_weights_are_three_layers():
     assert table["total"] - table["preconditioned"] == mha.in_proj_bias.numel()
 
 
-class _SeparateRecorder(_Recorder):
-    def __init__(self):
-        super().__init__()
-        self.seen = {k: [] for k in ("q", "k", "v", "out")}
-        self.grads = {k: [] for k in ("q", "k", "v", "out")}
-
-    def hooks(self):
-        made = super().hooks()
-        out = made.pop("out")
-
-        def make(which):
-            def hook(inputs, output):
-                self.seen[which].append((inputs[0].detach().clone(), output.detach().clone()))
-                output.register_hook(lambda g: self.grads[which].append(g.detach().clone()))
-            return hook
-        return {"q": make("q"), "k": make("k"), "v": make("v"), "out": out}
-
-
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_separate_weights_explicit_form_equals_torch(batch_first):
     """Separate q/k/v weights on three different inputs (query length 4, key and value length 6): outputs and every
@@ -318,7 +300,7 @@ def test_separate_weights_explicit_form_equals_torch(batch_first):
     inputs = {k: torch.randn(N, L, E) if batch_first else torch.randn(L, N, E) for k, (L, E) in shapes.items()}
     mask = torch.zeros(N, 6, dtype=torch.bool)
     mask[0, -2:] = True
-    rec, results = _SeparateRecorder(), []
+    rec, results = _Recorder(("q", "k", "v", "out")), []
     for observed in (False, True):
         handle = observe_attention(mha, rec.hooks(), active=lambda: True) if observed else None
         xs = {k: x.clone().requires_grad_() for k, x in inputs.items()}

@@ -216,9 +216,15 @@ def test_frog_stays_down_at_lr_1():
 
 
 # -- models no default was chosen on (bench/studies/model_zoo.py) ------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def study_script(name: str):
+    """bench/studies/<name>.py as a module, loaded once."""
+    return load_script(Path(__file__).resolve().parents[1] / "bench" / "studies" / f"{name}.py", name)
+
+
 @functools.lru_cache(maxsize=1)
 def model_zoo():
-    study = load_script(Path(__file__).resolve().parents[1] / "bench" / "studies" / "model_zoo.py", "model_zoo")
+    study = study_script("model_zoo")
     return study, study.tasks()
 
 
@@ -253,9 +259,8 @@ def test_defaults_step_the_standard_resnet18_at_32x32(optimizer):
     """timm's ResNet-18 layout at width 64 on 32x32 inputs (bench/studies/wide_models.py), which crashed the former
     default (a 4608-wide eigendecomposition of layer4's input factors, rank <= batch): three default steps at batch
     8 on one batch run, keep every parameter finite and bring the loss down."""
-    wide = load_script(Path(__file__).resolve().parents[1] / "bench" / "studies" / "wide_models.py", "wide_models")
     torch.manual_seed(0)
-    model = wide.resnet18_timm(64)
+    model = study_script("wide_models").resnet18_timm(64)
     opt = getattr(fop, optimizer)(model, lr=0.1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     losses = []

@@ -584,11 +584,24 @@ def graft_denominator(state: dict, grad: torch.Tensor) -> torch.Tensor:
     return (sq / (1 - b2 ** t)).sqrt_().add_(GRAFT_EPS)
 
 
+def rms_per_entry(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """s = sqrt(sum_l ||t_l||^2 / sum_l numel(t_l)) over `tensors` (the step's preconditioned directions), a 0-d
+    float64 device tensor: the scale a grafted direction is given."""
+    norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)])
+    return torch.linalg.vector_norm(norms) / math.sqrt(sum(t.numel() for t in tensors))
+
+
+def grafted_direction(state: dict, grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """g / (sqrt(v^) + 1e-8) * scale in g's dtype (`graft_denominator`, which rebinds the state's second moment)."""
+    denom = graft_denominator(state, grad)
+    return (grad.to(denom.dtype) / denom).mul_(scale.to(denom.device)).to(grad.dtype)
+
+
 def layer_device_tensor(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A loaded state tensor moved to the device of `like`, dtype kept (bit-identical resume)."""
     return t.detach().to(device=like.device).clone()
 
 
 __all__ = ["CurvatureOptimizer", "Layer", "check_choice", "check_float", "check_int", "check_range",
-           "check_schedule", "eval_schedule", "check_outer_hyperparameters", "layer_device_tensor", "logger",
-           "state_counter"]
+           "check_schedule", "eval_schedule", "check_outer_hyperparameters", "grafted_direction", "layer_device_tensor",
+           "logger", "rms_per_entry", "state_counter"]

@@ -30,8 +30,6 @@ the scale cancels in F^_r (trace normalization) except against the 1e-10 guard.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F_nn
@@ -47,7 +45,8 @@ from fop._base import (
     check_outer_hyperparameters,
     check_schedule,
     eval_schedule,
-    graft_denominator,
+    grafted_direction,
+    rms_per_entry,
 )
 from fop._layers import Conv2dType, _rows, support_for
 from fop.distributed_rows import lockstep_row_cg, make_rows_comm, rows_view_of
@@ -324,21 +323,14 @@ class FROGBase(CurvatureOptimizer):
         self._step_scale = nu
         return {k: d * nu.to(d.dtype) for k, d in directions.items()}
 
-    def _graft_scale(self, directions: dict[int, torch.Tensor]) -> torch.Tensor | None:
-        """s = sqrt(sum_l ||U_l||^2 / sum_l numel(U_l)), the RMS per entry of this step's preconditioned directions
-        (after the trust region's nu), for unpreconditioned="graft"; None with "sgd" or nothing preconditioned."""
-        if self.unpreconditioned != "graft" or not directions:
-            return None
-        pre = list(directions.values())
-        norms = torch.stack([n.double() for n in torch._foreach_norm(pre)])
-        return torch.linalg.vector_norm(norms) / math.sqrt(sum(d.numel() for d in pre))
-
     def _outer_update(self, directions: dict[int, torch.Tensor]) -> None:
         """Preconditioned: W <- (1 - lr wd) W - lr U (U already scaled by nu). Others, with coupled wd, momentum and
         learning rate lr lr_other_ratio: unpreconditioned="graft" the Adam-like direction g / (sqrt(v^) + 1e-8)
-        times `_graft_scale` (so they move at the preconditioned entries' scale, nu included), as K-FAC grafts;
+        times `rms_per_entry` of the preconditioned directions (their scale, nu included), as K-FAC grafts;
         "sgd" the gradient times nu (the momentum buffer itself is not scaled)."""
-        nu, scale = self._step_scale, self._graft_scale(directions)
+        nu = self._step_scale
+        # the RMS per entry of the preconditioned directions (nu included); None: "sgd", or nothing preconditioned
+        scale = rms_per_entry(list(directions.values())) if self.unpreconditioned == "graft" and directions else None
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -351,8 +343,7 @@ class FROGBase(CurvatureOptimizer):
                     p.add_(d.to(p.dtype), alpha=-lr)
                     continue
                 if scale is not None:
-                    denom = graft_denominator(self.state[p], p.grad)
-                    g = (p.grad.to(denom.dtype) / denom).mul_(scale.to(denom.device)).to(p.dtype)
+                    g = grafted_direction(self.state[p], p.grad, scale)
                     g = g if wd == 0 else g.add_(p, alpha=wd)
                     p.add_(self._momentum(p, g, mu, group["nesterov"]), alpha=-lr * group["lr_other_ratio"])
                     continue
@@ -420,11 +411,11 @@ class FROG(FROGBase):
 
     layer_support = staticmethod(frog_layer_support)
     layer_state_keys = ("cg_solution",)  # the last CG solution of each layer's row systems (warm_start)
+    group_checks = {**CurvatureOptimizer.group_checks, "lr_other_ratio": dict(low=0.0)}
 
     def _layer_state_shape(self, i, key):
         layer = self.layers[i]
         return (layer.out_dim, layer.type.weight_columns(layer) + int(self.fold_bias and layer.bias is not None))
-    group_checks = {**CurvatureOptimizer.group_checks, "lr_other_ratio": dict(low=0.0)}
 
     def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-2,

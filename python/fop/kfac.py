@@ -20,8 +20,9 @@ from fop._base import (
     check_outer_hyperparameters,
     check_schedule,
     eval_schedule,
-    graft_denominator,
+    grafted_direction,
     layer_device_tensor,
+    rms_per_entry,
     state_counter,
 )
 from fop._layers import TOKEN_MODES, kfac_support, without_blocks
@@ -400,16 +401,18 @@ class DenseInverses:
 
     def restored(self, kfac: KFAC, groups: list[list[int]], moved: list, decomposed_at: int) -> list[InverseBucket]:
         """The saved inverses, stacked per shape class as `buckets` stacks them."""
-        def damped(idx, side):
+        def damped(idx, side, g):
             form = "inv" if side + "inv" in moved[idx[0]] else "chol"
-            g = kfac.layers[idx[0]].type.blocks(kfac.layers[idx[0]])
             M, core = (_stack([moved[i][k] for i in idx], g) for k in (side, side + form))
             return Side(M.shape[1], None, None, DenseBlock(M, DampedFactor(**{form: core})),
                         "inverse" if form == "inv" else "cholesky")
 
-        return [InverseBucket(idx, [moved[i]["G"] for i in idx], [moved[i]["A"] for i in idx], damped(idx, "G"),
-                              damped(idx, "A"), groups=kfac.layers[idx[0]].type.blocks(kfac.layers[idx[0]]))
-                for idx in groups]
+        out = []
+        for idx in groups:
+            g = kfac.layers[idx[0]].type.blocks(kfac.layers[idx[0]])
+            out.append(InverseBucket(idx, [moved[i]["G"] for i in idx], [moved[i]["A"] for i in idx],
+                                     damped(idx, "G", g), damped(idx, "A", g), groups=g))
+        return out
 
 
 class ChosenInverses:
@@ -982,11 +985,9 @@ class KFAC(CurvatureOptimizer):
         pre = list(directions.values())
         if not pre:  # nothing preconditioned this step: the plain gradient
             return
-        count = sum(d.numel() for d in pre)
-        scale = torch.linalg.vector_norm(torch.stack([n.double() for n in torch._foreach_norm(pre)])) / math.sqrt(count)
+        scale = rms_per_entry(pre)
         for p in others:
-            denom = graft_denominator(self.state[p], p.grad)
-            directions[id(p)] = (p.grad.to(denom.dtype) / denom).mul_(scale.to(denom.device)).to(p.grad.dtype)
+            directions[id(p)] = grafted_direction(self.state[p], p.grad, scale)
 
     def _clip_update_norm_(self, directions: dict[int, torch.Tensor]) -> None:
         """Every direction (the preconditioned ones and the other parameters' gradients) times
