@@ -83,14 +83,9 @@ def test_side_on_a_support_matches_the_dense_damped_inverse(form, dtype):
     assert_close(sub.right(X[1:].to(dtype)), X[1:] @ dense[1:], atol * 100, rtol * 10, "subset right")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("outside", ["zero", "nonzero"])
-def test_bucket_products_with_a_support_on_the_input_side(outside, dtype):
-    """InverseBucket.precondition and .fisher where A's inverse is held on a support: a gradient exactly zero
-    outside it (a conv's padding-only taps; the G side then works on the support columns alone) and one that is
-    not (every column goes through), against the dense float64 products; every element compared."""
-    B, o, n, r = 2, 4, 12, 3
-    g = torch.Generator().manual_seed(11)
+def _supported_bucket(dtype, g, B=2, o=4, n=12, r=3):
+    """(bucket, G, A, (G + lam_G)^-1, (A + lam_A)^-1): an InverseBucket in `dtype` whose A side is held on the
+    supports of _supported_samples, beside its float64 factors and dense damped inverses."""
     sup, ZA = _supported_samples(B, r, n, g)
     A = ZA.mT @ ZA
     ZG = torch.randn(B, 2 * o, o, generator=g, dtype=torch.float64)
@@ -100,12 +95,31 @@ def test_bucket_products_with_a_support_on_the_input_side(outside, dtype):
     Ainv = Side(n, torch.stack(sup), lam_A, DenseBlock(block, DampedFactor.of(block, lam_A, False)), "inverse")
     Ginv = Side(o, None, lam_G, DenseBlock(G.to(dtype), DampedFactor.of(G.to(dtype), lam_G, False)), "inverse")
     bucket = InverseBucket([0, 1], list(G.to(dtype)), list(A.to(dtype)), Ginv, Ainv)
+    PG = torch.linalg.inv(G + lam_G[:, None, None] * torch.eye(o, dtype=torch.float64))
+    PA = torch.linalg.inv(A + lam_A[:, None, None] * torch.eye(n, dtype=torch.float64))
+    return bucket, G, A, PG, PA
+
+
+def _gradient(bucket, g, zero_outside: bool) -> torch.Tensor:
+    """A random float64 (B, o, n) stack for `bucket`, zero outside its A support when `zero_outside`."""
+    B, o, n = len(bucket.index), bucket.Ginv.n, bucket.Ainv.n
     M = torch.randn(B, o, n, generator=g, dtype=torch.float64)
-    if outside == "zero":
-        M = Ainv.scatter_columns(torch.zeros_like(M), Ainv.support_columns(M))
-    eye = torch.eye(n, dtype=torch.float64)
-    expected = (torch.linalg.inv(G + lam_G[:, None, None] * torch.eye(o, dtype=torch.float64)) @ M
-                @ torch.linalg.inv(A + lam_A[:, None, None] * eye))
+    if zero_outside:
+        A = bucket.Ainv
+        M = A.scatter_columns(torch.zeros_like(M), A.support_columns(M))
+    return M
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("outside", ["zero", "nonzero"])
+def test_bucket_products_with_a_support_on_the_input_side(outside, dtype):
+    """InverseBucket.precondition and .fisher where A's inverse is held on a support: a gradient exactly zero
+    outside it (a conv's padding-only taps; the G side then works on the support columns alone) and one that is
+    not (every column goes through), against the dense float64 products; every element compared."""
+    g = torch.Generator().manual_seed(11)
+    bucket, G, A, PG, PA = _supported_bucket(dtype, g)
+    M = _gradient(bucket, g, outside == "zero")
+    expected = PG @ M @ PA
     atol, rtol = TOLERANCES[dtype]
     got = bucket.precondition(M.to(dtype))
     assert got.dtype == dtype and got.shape == M.shape
@@ -115,6 +129,28 @@ def test_bucket_products_with_a_support_on_the_input_side(outside, dtype):
                  f"fisher {outside}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("outside", ["both zero", "difference nonzero", "both nonzero"])
+def test_fop_update_on_a_support_matches_the_dense_one(outside, dtype):
+    """FOP's damped-inverse update (products, five sums, combination) on A's support columns alone where both
+    gradients are zero outside it, and on every column where one is not, against the dense float64 formulas."""
+    g = torch.Generator().manual_seed(13)
+    bucket, G, A, PG, PA = _supported_bucket(dtype, g)
+    V = _gradient(bucket, g, outside != "both nonzero")
+    D = _gradient(bucket, g, outside == "both zero")
+    opt = FOP(nn.Linear(3, 2))
+    U, (_, sums, scalars) = opt._inverse_update(bucket, V.to(dtype), D.to(dtype))
+    FV, PV, PD = G @ V @ A, PG @ V @ PA, PG @ D @ PA
+    expected_sums = torch.stack([(X * Y).sum((1, 2)) for X, Y in ((V, FV), (D, FV), (V, PV), (D, PV), (D, PD))], 1)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(sums, expected_sums, atol * 100 * float(expected_sums.abs().max()), rtol * 10, f"sums {outside}")
+    s, beta, eta = (t.view(-1, 1, 1) for t in scalars.double().unbind(1))
+    expected = eta * (PV + beta * (PD - s * PV))
+    assert U.dtype == dtype and U.shape == V.shape
+    assert_close(U, expected, atol * 100 * float(expected.abs().max()), rtol * 10, f"update {outside}")
+    assert bool((beta != 0).all())  # the difference enters: a combination that drops PD would fail
+
+
 def test_support_is_none_for_a_full_factor_and_exact_for_zero_rows():
     M = torch.eye(4)
     assert support(M) is None
@@ -122,6 +158,24 @@ def test_support_is_none_for_a_full_factor_and_exact_for_zero_rows():
     assert torch.equal(support(M), torch.tensor([0, 1, 3]))
     M[2, 0] = M[0, 2] = 1e-30  # a tiny entry keeps the row in the support (exact, no threshold)
     assert support(M) is None
+
+
+def test_support_of_a_wide_factor_is_aligned_and_worth_its_gathers():
+    """Wide factors: the support is padded with zero rows to a multiple of 64 (sorted, the nonzero rows all in);
+    none where it would drop less than 1/8 of the rows."""
+    n = 4608
+    M = torch.zeros(n, n)
+    live = torch.arange(4, n, 9)[:-3]  # a 3x3 conv's centre taps, three channels dead: 509 rows
+    M[live, live] = 1.0
+    idx = support(M)
+    assert idx.numel() == 512 and bool((idx.diff() > 0).all()) and bool(torch.isin(live, idx).all())
+    M = torch.eye(2304)
+    M[5, 5] = 0.0  # 2303 of 2304 rows
+    assert support(M) is None
+    M[:300, :300] = 0.0  # 2004 rows, padded to 2048 > 7/8 of 2304 = 2016
+    assert support(M) is None
+    M[:400, :400] = 0.0  # 1904 -> 1920
+    assert support(M).numel() == 1920
 
 
 def test_cost_model_choices():

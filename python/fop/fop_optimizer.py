@@ -7,7 +7,7 @@ import weakref
 import torch
 
 import fop_kernels
-from fop._base import check_choice, check_float, check_range, logger
+from fop._base import check_choice, check_float, check_range, logger, stack_dot
 from fop._capture import remove_handles
 from fop.kfac import KFAC, Bucket, InverseBucket
 
@@ -23,9 +23,10 @@ def _beta_eta(name: str, value):
 SPLITS = ("half_batch", "backward")
 
 
-def _layer_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a_l, b_l> per layer of two (L, out, in) stacks, without an elementwise temporary."""
-    return torch.linalg.vecdot(a.flatten(1), b.flatten(1))
+def _difference(S1: torch.Tensor, V: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """g_diff = g1 - g2 for g1 = w1 S1, g2 = w2 (V - S1), as (w1 + w2) S1 - w2 V in place on S1 (a fresh stack; w1,
+    w2 device tensors that broadcast against it): two passes over the stack instead of four and three temporaries."""
+    return S1.mul_(w1 + w2).addcmul_(V, w2, value=-1)
 
 
 def _layer_sums(sums: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
@@ -199,31 +200,34 @@ class FOP(KFAC):
                               for i in bucket.index])
             if inv_scale is not None:
                 S1 = S1 * inv_scale.to(device=S1.device, dtype=dtype)
-            return V, k * S1 - (k / (k - 1)) * (V - S1)
+            return V, _difference(S1, V, S1.new_tensor(float(k)), S1.new_tensor(k / (k - 1)))
         if self.comm.active:  # g1 = w1 S1 over the first sub-batch of every rank (fop.distributed)
             S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, inv_scale)
-            return V, w1 * S1 - w2 * (V - S1)
+            return V, _difference(S1, V, w1, w2)
         S1 = torch.stack([self.capture.half_batch_grad(i, dtype, inv_scale) for i in bucket.index])
         n = torch.tensor([sub_batches[i][0] for i in bucket.index], dtype=torch.float64)
         n1 = torch.tensor([sub_batches[i][1] for i in bucket.index], dtype=torch.float64)
         w1 = (n / n1).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g1 = (N/N1) S1
         w2 = (n / (n - n1)).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g2 = (N/N2)(g_avg - S1)
-        return V, w1 * S1 - w2 * (V - S1)
+        return V, _difference(S1, V, w1, w2)
 
     def _inverse_update(self, bucket: InverseBucket, V, D):
         """(eta (P V + beta (P D - s_proj P V)), (the bucket's block layers, its sums, its scalars))."""
         if D is None:
             return super()._inverse_update(bucket, V, D)
-        FV = bucket.fisher(V)
-        PV, PD = bucket.precondition(V), bucket.precondition(D)  # PV as K-FAC's, so beta=0, eta=1 is K-FAC exactly
-        sums = torch.stack([_layer_dot(V, FV), _layer_dot(D, FV), _layer_dot(V, PV), _layer_dot(D, PV),
-                            _layer_dot(D, PD)], dim=1)
+        core, (V, D), expand = bucket.on_support([V, D])  # A's support columns alone where the rest is zero
+        FV = core.fisher(V)
+        PV, PD = core.precondition(V), core.precondition(D)  # PV as K-FAC's, so beta=0, eta=1 is K-FAC exactly
+        sums = torch.stack([stack_dot(V, FV), stack_dot(D, FV), stack_dot(V, PV), stack_dot(D, PV),
+                            stack_dot(D, PD)], dim=1)
         if bucket.groups > 1:  # one s_proj, beta, eta per layer, from the sums over its blocks
             sums = _layer_sums(sums, [(len(bucket.index), bucket.groups)])
         scalars = fop_kernels.combine_scalars(sums, beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                               eta_clip=self._kernel_eta_clip)
         s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
-        return eta * (PV + beta * (PD - s * PV)), (bucket.entry_layers(), sums, scalars)
+        # eta (PV + beta (PD - s PV)) = eta (1 - beta s) PV + eta beta PD, in place (at beta = 0: eta PV)
+        U = PV.mul_(eta * (1 - beta * s)).add_(PD.mul_(eta * beta))
+        return expand(U), (bucket.entry_layers(), sums, scalars)
 
     def _combine(self, buckets, A_rot, D_rot, lG, lA, damping):
         """(U~ per block from project_combine, (the layer of every block, the sums, the scalars))."""
@@ -255,7 +259,7 @@ class FOP(KFAC):
         quadratic = []
         for U, V, D, sc in zip(updates, V_stacks, D_stacks, scalars):
             s, beta, eta = (t.to(U.dtype) for t in sc.unbind(1))
-            q = eta * ((1 - beta * s) * _layer_dot(U, V) + beta * _layer_dot(U, D))
+            q = eta * ((1 - beta * s) * stack_dot(U, V) + beta * stack_dot(U, D))
             quadratic.append(q.clamp_min(0) * factor ** 2)
         nu = self._kl_factor(buckets, quadratic)
         return nu * factor, nu

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from fop._base import (
     grafted_direction,
     layer_device_tensor,
     rms_per_entry,
+    stack_dot,
     state_counter,
 )
 from fop._layers import TOKEN_MODES, kfac_support, without_blocks
@@ -313,17 +315,29 @@ class InverseBucket(Blocks):
     def dtype(self) -> torch.dtype:
         return self.As[0].dtype
 
+    def on_support(self, Ms: list[torch.Tensor]) -> tuple[InverseBucket, list[torch.Tensor], Callable]:
+        """(bucket, stacks, expand) for (B, o, i) stacks `Ms` that a step multiplies and combines: where A's inverse
+        is held on a support S and, on the host, every stack is exactly zero outside S (a conv's taps that only
+        ever see padding, channels dead on this batch; one count of nonzeros each, no device to sync), a bucket
+        whose A side is the s x s core, the stacks' S columns, and `expand` that puts a (B, o, s) result back in
+        (B, o, i), zero outside S; otherwise this bucket, `Ms` and the identity (on an accelerator every column goes
+        through). Products, inner products and combinations on the S columns then cost |S| / i of the full ones."""
+        A = self.Ainv
+        if A.index is not None and Ms[0].device.type == "cpu":
+            inside = [A.support_columns(M) for M in Ms]  # gathered once: counted, then multiplied
+            if all(int(torch.count_nonzero(x)) == int(torch.count_nonzero(M)) for x, M in zip(inside, Ms)):
+                inner = Side(A.index.shape[1], None, None, A.core, A.form)
+                core = InverseBucket(self.index, self.Gs, self.As, self.Ginv, inner, self.samples, self.groups)
+                shape = Ms[0].shape
+                return core, inside, lambda Y: A.scatter_columns(Y.new_zeros(shape), Y)
+        return self, Ms, lambda Y: Y
+
     def precondition(self, M: torch.Tensor) -> torch.Tensor:
         """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack. Where A's inverse is held on a support S,
-        the columns of M outside S are M's / lambda_A; on the host, when they are exactly zero (a conv's taps that
-        only ever see padding, channels dead on this batch) the G side works on the |S| support columns alone (one
-        count of nonzeros, no device to sync; on an accelerator every column goes through)."""
-        A = self.Ainv
-        if A.index is not None and M.device.type == "cpu":
-            inside = A.support_columns(M)  # gathered once: counted, then multiplied
-            if int(torch.count_nonzero(inside)) == int(torch.count_nonzero(M)):
-                return A.scatter_columns(torch.zeros_like(M), self.Ginv.left(A.core.right(inside)))
-        return self.Ginv.left(A.right(M))
+        the columns of M outside S are M's / lambda_A (or, when they are zero, on the S columns alone:
+        `on_support`)."""
+        core, (inside,), expand = self.on_support([M])
+        return expand(core.Ginv.left(core.Ainv.right(inside)))
 
     def fisher(self, M: torch.Tensor) -> torch.Tensor:
         """G M A (the undamped factors of the last inversion) for a (B, o, i) stack: zero outside A's support, so
@@ -1008,8 +1022,7 @@ class KFAC(CurvatureOptimizer):
         K-FAC: both are the KL clip's nu."""
         if self.kl_clip is None:
             return None, None
-        nu = self._kl_factor(buckets, [torch.linalg.vecdot(U.flatten(1), V.flatten(1))
-                                       for U, V in zip(updates, V_stacks)])
+        nu = self._kl_factor(buckets, [stack_dot(U, V) for U, V in zip(updates, V_stacks)])
         return nu, nu
 
     def _kl_factor(self, buckets: list, quadratic: list[torch.Tensor]) -> torch.Tensor:
