@@ -218,39 +218,62 @@ bool tap_reads_image(int64_t i, int64_t d, int64_t p, int64_t s, int64_t out, in
   return false;
 }
 
-// The Gram P^T P of the patch matrix with columns in (i, j, c) order, from a channels-last copy of the padded
-// input viewed as (N, oh, ow, kh, kw, C) patches: one contiguous gather (no at::im2col, whose N x D x L layout needs
-// a second transposing copy), then the tiled syrk over the taps that read the image. Any stride. Returns D x D in
-// (c, i, j) order. Taps that see only padding (the off-centre taps of a 3x3 conv on a 1x1 map: 8 of 9) have zero
-// columns: the syrk skips them and their rows and columns of the result are zero, so the work is (live taps x C)^2,
-// not D^2.
-at::Tensor gram_by_patches(const at::Tensor& x, const Geometry& g) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), D = C * g.kh * g.kw;
+// A conv factor's Gram as computed: `G` in the factor's (c, i, j) order (D x D), or, when `live` is set, the Gram
+// of the patch columns of the taps in `live` alone, in (tap, c) order ((n C) x (n C)); the other taps' rows and
+// columns of P^T P are zero.
+struct ConvGram {
+  at::Tensor G;
+  std::vector<int64_t> live;
+  bool by_tap = false;
+
+  void add(const ConvGram& part) { G.add_(part.G); }
+};
+
+// The Gram of the patch matrix from a channels-last copy of the padded input viewed as (N, oh, ow, kh, kw, C)
+// patches: one contiguous gather (no at::im2col, whose N x D x L layout needs a second transposing copy), then the
+// tiled syrk over the taps that read the image. Any stride. Taps that see only padding (the off-centre taps of a
+// 3x3 conv on a 1x1 map: 8 of 9) have zero columns: the syrk skips them, so the work and the result are
+// (live taps x C)^2, not D^2 (by tap: no D x D temporary; ema_conv_gram places the blocks).
+ConvGram gram_by_patches(const at::Tensor& x, const Geometry& g) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   auto xp = at::zeros({N, H + 2 * g.ph, W + 2 * g.pw, C}, x.options());
   xp.narrow(1, g.ph, H).narrow(2, g.pw, W).copy_(x.permute({0, 2, 3, 1}));
   const int64_t sN = xp.stride(0), sH = xp.stride(1), sW = xp.stride(2);
   auto P = xp.as_strided({N, g.oh, g.ow, g.kh, g.kw, C}, {sN, g.sh * sH, g.sw * sW, g.dh * sH, g.dw * sW, 1})
                .reshape({N * g.oh * g.ow, g.kh * g.kw, C});
-  std::vector<int64_t> live;  // taps t = i kw + j that read the image
+  ConvGram out;
+  out.by_tap = true;
   for (int64_t i = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j)
       if (tap_reads_image(i, g.dh, g.ph, g.sh, g.oh, H) && tap_reads_image(j, g.dw, g.pw, g.sw, g.ow, W))
-        live.push_back(i * g.kw + j);
-  const int64_t T = g.kh * g.kw, n = static_cast<int64_t>(live.size());
+        out.live.push_back(i * g.kw + j);
+  const int64_t n = static_cast<int64_t>(out.live.size());
+  out.G = at::empty({n * C, n * C}, x.options());
+  if (n == 0) return out;
+  const auto rows = n == g.kh * g.kw ? P : P.index_select(1, at::tensor(out.live, x.options().dtype(at::kLong)));
+  syrk_ema(out.G, rows.reshape({N * g.oh * g.ow, n * C}), 0.0, 1.0);
+  return out;
+}
+
+// F (D x D, the factor's (c, i, j) order) <- beta F + alpha P^T P from `gram`; F is not read when beta == 0. A Gram by
+// tap is added block by block where its taps go (all taps: one permuted add), the rest of F only scaled.
+void ema_conv_gram(at::Tensor F, const ConvGram& gram, int64_t C, int64_t T, double beta, double alpha) {
+  if (!gram.by_tap) return ema_block(F, gram.G, beta, alpha);
+  if (beta == 0.0)
+    F.zero_();
+  else if (beta != 1.0)
+    F.mul_(beta);
+  const int64_t n = static_cast<int64_t>(gram.live.size());
+  if (n == 0) return;
+  auto Fv = F.view({C, T, C, T});
+  const auto Gv = gram.G.view({n, C, n, C});
   if (n == T) {
-    auto G = at::empty({D, D}, x.options());
-    syrk_ema(G, P.reshape({N * g.oh * g.ow, D}), 0.0, 1.0);
-    return G.view({g.kh, g.kw, C, g.kh, g.kw, C}).permute({2, 0, 1, 5, 3, 4}).reshape({D, D});
+    Fv.add_(Gv.permute({1, 0, 3, 2}), alpha);
+    return;
   }
-  auto out = at::zeros({C, T, C, T}, x.options());  // (c, t) x (c', t'): the (c, i, j) order
-  if (n == 0) return out.view({D, D});
-  const auto taps = at::tensor(live, x.options().dtype(at::kLong));
-  auto G = at::empty({n * C, n * C}, x.options());
-  syrk_ema(G, P.index_select(1, taps).reshape({N * g.oh * g.ow, n * C}), 0.0, 1.0);
-  const auto blocks = G.view({n, C, n, C});
   for (int64_t a = 0; a < n; ++a)
-    for (int64_t b = 0; b < n; ++b) out.select(3, live[b]).select(1, live[a]).copy_(blocks.select(2, b).select(0, a));
-  return out.view({D, D});
+    for (int64_t b = 0; b < n; ++b)
+      Fv.select(3, gram.live[b]).select(1, gram.live[a]).add_(Gv.select(2, b).select(0, a), alpha);
 }
 
 // [begin, end) of the image rows (or columns) that a stride-1 kernel tap starting at `first` reads for `out` outputs.
@@ -290,7 +313,7 @@ std::vector<std::pair<int64_t, int64_t>> outside(std::pair<int64_t, int64_t> win
 // of x with itself (oneDNN on CPU; (2 kh - 1)(2 kw - 1) C^2 multiply-adds per pixel, no patch matrix), and so do
 // the corrections of each distinct strip, for all deltas at once; column strips run on the transposed image, where
 // they are rows. Returns D x D in (c, i, j) order, symmetrized.
-at::Tensor gram_by_correlation(const at::Tensor& x, const Geometry& g) {
+ConvGram gram_by_correlation(const at::Tensor& x, const Geometry& g) {
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3), D = C * g.kh * g.kw;
   const int64_t ph = g.dh * (g.kh - 1), pw = g.dw * (g.kw - 1);
   const auto xc = x.contiguous();
@@ -336,7 +359,7 @@ at::Tensor gram_by_correlation(const at::Tensor& x, const Geometry& g) {
       G.select(1, i).select(1, j).copy_(blk);
     }
   const auto flat = G.view({D, D});
-  return (flat + flat.t()).mul_(0.5);
+  return {(flat + flat.t()).mul_(0.5)};
 }
 
 // Cost of the two methods for a stride-1 conv per sample: the correlations ((2 kh - 1)(2 kw - 1) C^2 per pixel of
@@ -391,14 +414,18 @@ void accumulate_conv_factor_(at::Tensor F, const at::Tensor& x, double decay, do
   const auto type = accumulation_type(F, x);
   const bool correlation = method == 2 || (method == 0 && correlation_is_cheaper(x, g));
   const int64_t step = samples_per_chunk(x, g, correlation, type);
-  at::Tensor gram, image;  // P^T P, and for the bias sum_n x
+  ConvGram gram;  // P^T P
+  at::Tensor image;  // for the bias: sum_n x
   for (int64_t s = 0; s == 0 || s < N; s += step) {
     const auto xa = x.narrow(0, s, std::min(step, N - s)).to(type);
     auto part = correlation ? gram_by_correlation(xa, g) : gram_by_patches(xa, g);
-    gram = s == 0 ? part : gram.add_(part);
+    if (s == 0)
+      gram = std::move(part);
+    else
+      gram.add(part);
     if (bias) image = s == 0 ? xa.sum(0) : image.add_(xa.sum(0));
   }
-  ema_block(F.narrow(0, 0, D).narrow(1, 0, D), gram, 1.0 - decay, coef);
+  ema_conv_gram(F.narrow(0, 0, D).narrow(1, 0, D), gram, x.size(1), g.kh * g.kw, 1.0 - decay, coef);
   if (bias) {  // P^T 1: per tap the sum of the pixels it reads, from the image of sum_n x
     image = at::constant_pad_nd(image, {g.pw, g.pw, g.ph, g.ph});  // C x (H + 2ph) x (W + 2pw)
     auto colsum = at::empty({x.size(1), g.kh, g.kw}, image.options());
