@@ -173,9 +173,12 @@ def test_kfac_and_fop_train_bert_at_the_defaults(optimizer, lr):
 @pytest.mark.parametrize("optimizer", ["KFAC", "FOP"])
 def test_bert_climbs_back_with_the_former_momentum(optimizer):
     """Why the default momentum is 0.5: with the official code's 0.9 the KL-clipped steps keep pushing after BERT has
-    fitted the batch, and the loss climbs back (K-FAC: 0.01 -> 2-3; FOP 0.09 -> 0.8): finite, but not staying down."""
-    losses = overfit(_bert, optimizer, 0.1, momentum=0.9)
-    assert all(map(math.isfinite, losses)) and not falls_and_stays_down(losses), losses
+    fitted the batch, and the loss climbs back to over 3x its lowest (2026-12-03, seeds 0-2: K-FAC 0.07-0.16 -> 0.6-5;
+    FOP 0.09-0.13 -> 1.1-3.6), finite, on at least 2 of 3 seeds (one trajectory moves with the reduction order)."""
+    runs = [overfit(_bert, optimizer, 0.1, momentum=0.9, seed=seed) for seed in (0, 1, 2)]
+    assert all(math.isfinite(x) for losses in runs for x in losses)
+    climbed = [max(losses[losses.index(min(losses)):]) > 3 * min(losses) + 0.05 for losses in runs]
+    assert sum(climbed) >= 2, runs
 
 
 # -- FROG and K-FROG: the KL trust region (kl_clip) at SGD learning rates -------------------------------------------
