@@ -261,6 +261,17 @@ def test_auto_forms_match_the_dense_cholesky_path(opt_cls):
     assert auto.samples_A[1] is None
 
 
+def test_samples_are_kept_at_the_support_width():
+    """A factor's samples are dropped once Woodbury no longer wins at its support (Z's nonzero columns): the conv's
+    28-wide A (support 4) fed 6 rows would be kept at its full width but not at 4; the Linear's dense A is kept."""
+    opt = _run(KFAC, _Sparse().double(), 1)
+    conv = [layer.name for layer in opt.layers].index("conv")
+    fc = [layer.name for layer in opt.layers].index("fc")
+    assert keeps_samples(6, 28, 4, 2) and not keeps_samples(6, 4, 4, 2)
+    assert opt.samples_A[conv] is None
+    assert opt.samples_A[fc] is not None and opt.samples_A[fc].shape == (6, 41)
+
+
 def test_auto_state_dict_resumes_bit_for_bit():
     torch.manual_seed(1)
     m = _Sparse().double()

@@ -762,7 +762,9 @@ class KFAC(CurvatureOptimizer):
         """[Z_A, Z_G] of layer i after this factor update, the EMA kept exactly in sample space:
         Z <- [sqrt(1 - rho) Z; sqrt(rho c) X] (X this update's rows, c their weight: 1/rows for A, N for G), so that
         Z^T Z is the updated factor. None once a side is held densely: when the rank would pass the point where the
-        Woodbury form stops being the cheapest (fop.inverse_choice.keeps_samples)."""
+        Woodbury form stops being the cheapest (fop.inverse_choice.keeps_samples) at the factor's width or, on the
+        host, at its support (Z's nonzero columns, where the inversion works: layer4 of a ResNet-18 at 32x32 would
+        otherwise carry 4608-wide samples long past the rank where its 512-wide support is held densely)."""
         layer = self.layers[i]
         rows = inverse_choice.update_row_count(self.capture, i)
         out = []
@@ -777,7 +779,11 @@ class KFAC(CurvatureOptimizer):
             else:
                 X, c = inverse_choice.output_rows(self.capture, i, inv_scale)
             fresh = X.to(self.factor_dtype) * math.sqrt(decay * c)
-            out.append(fresh if first else torch.cat([old * math.sqrt(1.0 - decay), fresh]))
+            Z = fresh if first else torch.cat([old * math.sqrt(1.0 - decay), fresh])
+            if Z.device.type == "cpu" and not inverse_choice.keeps_samples(rank, int(Z.any(dim=0).sum()), m,
+                                                                            self.inverse_interval):
+                Z = None
+            out.append(Z)
         return out
 
     def _ready(self) -> list[int]:
