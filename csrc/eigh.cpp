@@ -8,11 +8,12 @@
 //                                                  previous eigenvectors, then Rayleigh quotients l = diag(Q^T M Q)
 //
 // LAPACK (syevd) through ATen. The matrices are cut into work items -- one large matrix, or a chunk of
-// equal-size small ones decomposed by one batched ATen call. Matrices of 1024 and more run one by one with
-// LAPACK on all threads; the other items, sorted largest first, are pulled from a shared counter by
-// at::parallel_for's threads (dynamic longest-first scheduling; each item runs single-threaded inside the
-// parallel region). Every input is checked for finiteness and symmetry inside its work item, and
-// every output for finiteness: errors name the matrix index; a NaN is never returned.
+// equal-size small ones decomposed by one batched ATen call. Every item that goes to LAPACK (wider than
+// kSmallMaxN) runs one by one with LAPACK on all threads (concurrent syevd calls inside the parallel region gave
+// wrong eigenvectors: runs_inline); eigh's items for its own solver, sorted largest first, are pulled from a
+// shared counter by at::parallel_for's threads (dynamic longest-first scheduling). Every input is checked for
+// finiteness and symmetry inside its work item, and every output for finiteness: errors name the matrix index; a
+// NaN is never returned.
 //
 // ATen and torch/library.h only (no torch/extension.h): this unit compiles in seconds.
 #include <ATen/ATen.h>
@@ -37,14 +38,12 @@ using TensorVec = std::vector<at::Tensor>;
 
 // Matrices at least this large are decomposed one per work item; smaller ones of equal size are batched.
 constexpr int64_t kBatchMaxN = 160;
-// Matrices at least this large are decomposed one after another outside the parallel region, so that LAPACK
-// (syevd's tridiagonal reduction and back-transformation are level-3 BLAS) uses every thread on each: inside
-// the region a 4609-wide factor ran on one thread, 1.8x slower than the plain loop on two cores.
-constexpr int64_t kThreadedLapackMinN = 1024;
 // Equal-size groups are cut into about this many chunks per thread, so that the dynamic schedule balances.
 constexpr int64_t kChunksPerThread = 4;
 // Chunks of matrices for eigh_small_batch hold a multiple of its widest lane group (16 floats per vector).
 constexpr int64_t kSmallGroup = 16;
+
+bool runs_inline(int64_t n, bool small_solver);
 
 struct WorkItem {
   std::vector<int64_t> idx;  // matrices of one size
@@ -52,7 +51,7 @@ struct WorkItem {
   double cost;               // ~ count * n^3
 };
 
-std::vector<WorkItem> plan_work(at::TensorList mats) {
+std::vector<WorkItem> plan_work(at::TensorList mats, bool small_solver) {
   std::map<int64_t, std::vector<int64_t>> by_size;
   for (size_t i = 0; i < mats.size(); ++i) by_size[mats[i].size(0)].push_back(static_cast<int64_t>(i));
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -70,21 +69,28 @@ std::vector<WorkItem> plan_work(at::TensorList mats) {
       items.push_back(std::move(w));
     }
   }
-  // Matrices for threaded LAPACK first (run_work takes them inline), then the rest largest first.
-  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) {
-    const bool ta = a.n >= kThreadedLapackMinN, tb = b.n >= kThreadedLapackMinN;
+  // The items run_work takes inline first, then the rest largest first.
+  std::stable_sort(items.begin(), items.end(), [small_solver](const WorkItem& a, const WorkItem& b) {
+    const bool ta = runs_inline(a.n, small_solver), tb = runs_inline(b.n, small_solver);
     return ta != tb ? ta : a.cost > b.cost;
   });
   return items;
 }
 
-// Runs fn(item) for every item (sorted largest first): matrices of kThreadedLapackMinN and more one by one
-// inline, where ATen/LAPACK uses all threads on each; the rest through a shared counter so that each thread
-// takes the largest item still waiting (inline too when only one is left).
+// Whether an item runs inline, outside the parallel region: every item that goes to LAPACK (all of them unless
+// `small_solver`: eigh's items of n <= kSmallMaxN, which its own solver decomposes), on all threads. Two syevd calls
+// running concurrently inside the region gave wrong 512-wide eigenvectors (residual 0.25-3.7, float64) once
+// torch.set_num_threads had been called, even with MKL held to one thread per caller (mkl_set_num_threads_local);
+// from two Python threads the same calls are right. So no LAPACK call runs inside the region.
+bool runs_inline(int64_t n, bool small_solver) { return !small_solver || n > kSmallMaxN; }
+
+// Runs fn(item) for every item (sorted inline items first, then largest first): the items that run inline
+// (runs_inline) one by one, where ATen/LAPACK uses all threads on each; the rest through a shared counter so that
+// each thread takes the largest item still waiting (inline too when only one is left).
 template <class F>
-void run_work(const std::vector<WorkItem>& items, const F& fn) {
+void run_work(const std::vector<WorkItem>& items, bool small_solver, const F& fn) {
   size_t first = 0;
-  while (first < items.size() && items[first].n >= kThreadedLapackMinN) fn(items[first++]);
+  while (first < items.size() && runs_inline(items[first].n, small_solver)) fn(items[first++]);
   const size_t rest = items.size() - first;
   if (rest <= 1) {
     if (rest == 1) fn(items[first]);
@@ -216,7 +222,7 @@ std::tuple<TensorVec, TensorVec> eigh_cpu(at::TensorList mats, bool clamp) {
   check_square_list(mats, op, "mats");
   TensorVec evals, evecs;
   allocate_decomposition(mats, evals, evecs);
-  run_work(plan_work(mats), [&](const WorkItem& w) {
+  run_work(plan_work(mats, true), true, [&](const WorkItem& w) {
     auto [l, q] = eigh_batch(gather_checked(mats, w, op), w, op, /*small=*/true);
     if (clamp) l.clamp_min_(0);
     scatter(w, l, q, evals, evecs, op);
@@ -251,7 +257,7 @@ TensorVec damped_inverse_cpu(at::TensorList mats, const at::Tensor& damping, dou
   TensorVec out;
   out.reserve(mats.size());
   for (const at::Tensor& m : mats) out.push_back(at::empty_like(m, at::MemoryFormat::Contiguous));
-  run_work(plan_work(mats), [&](const WorkItem& w) {
+  run_work(plan_work(mats, false), false, [&](const WorkItem& w) {
     at::Tensor l, q;
     if (reuse) {
       l = gather(given_l, w);
@@ -281,7 +287,7 @@ std::tuple<TensorVec, TensorVec> eigh_refresh_cpu(at::TensorList mats, at::Tenso
   TORCH_CHECK(iters >= 1, op, ": iters must be >= 1, got ", iters);
   TensorVec evals, evecs;
   allocate_decomposition(mats, evals, evecs);
-  run_work(plan_work(mats), [&](const WorkItem& w) {
+  run_work(plan_work(mats, false), false, [&](const WorkItem& w) {
     const at::Tensor m = gather_checked(mats, w, op);
     const at::Tensor q0 = gather(prev_evecs, w);
     for (size_t j = 0; j < w.idx.size(); ++j)

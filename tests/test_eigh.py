@@ -466,3 +466,27 @@ def test_native_op_bad_arguments():
         torch.ops.fop_kernels.damped_inverse(mats, torch.tensor(0.5), -1.0, list(l), [q[0], q[0]])
     with pytest.raises(RuntimeError, match="iters must be >= 1"):
         torch.ops.fop_kernels.eigh_refresh(mats, list(q), 0, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_concurrent_lapack_sizes_after_set_num_threads(dtype):
+    """Several 512-wide matrices (and smaller ones) after torch.set_num_threads: two syevd calls running at once
+    inside the parallel region returned wrong eigenvectors (residual 0.25-3.7) once the thread count had been set;
+    every LAPACK item now runs on its own, so all three ops stay exact."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        mats = mixed_list([512, 512, 513, 200, 64, 10], dtype, kinds=("spd", "rank_deficient"), seed=4)
+        evals, evecs = fop_kernels.eigh(mats, backend="cpp")
+        check_decomposition(mats, evals, evecs, what="after set_num_threads")
+        tol = 1e3 * EPS[dtype]  # the bug's errors were O(1)
+        inv = fop_kernels.damped_inverse(mats, 1e-2, backend="cpp")  # batched against one matrix per call
+        for i, (h, m) in enumerate(zip(inv, mats)):
+            alone = fop_kernels.damped_inverse([m], 1e-2, backend="cpp")[0]
+            assert_close(h, alone, atol=tol * float(alone.abs().max()), rtol=0, what=f"inverse[{i}]")
+        l, _ = fop_kernels.eigh_refresh(mats, evecs, backend="cpp")
+        for i in range(len(mats)):
+            assert_close(l[i], evals[i], atol=tol * float(evals[i].abs().max()), rtol=0, what=f"refresh[{i}]")
+    finally:
+        torch.set_num_threads(threads)
+
