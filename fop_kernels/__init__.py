@@ -8,7 +8,7 @@ Every op has a pure-torch reference (fop_kernels.reference) and fast implementat
 from fop_kernels._dispatch import BackendUnavailableError, available_backends, implementations, resolve
 from fop_kernels._version import __version__
 from fop_kernels.ops.cg import batched_cg
-from fop_kernels.ops.eigh import damped_inverse, eigh, eigh_refresh
+from fop_kernels.ops.eigh import damped_cholesky_inverse, damped_inverse, eigh, eigh_refresh
 from fop_kernels.ops.factor import (
     accumulate_conv_factor,
     accumulate_conv_factor_diag,
@@ -27,6 +27,7 @@ __all__ = [
     "available_backends",
     "batched_cg",
     "combine_scalars",
+    "damped_cholesky_inverse",
     "damped_inverse",
     "eigh",
     "eigh_refresh",

@@ -490,3 +490,34 @@ def test_concurrent_lapack_sizes_after_set_num_threads(dtype):
     finally:
         torch.set_num_threads(threads)
 
+
+@pytest.mark.parametrize("backend", backends_for("damped_cholesky_inverse", torch.device("cpu")))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,n", [(1, 1), (2, 5), (3, 64), (2, 130), (1, 600)])
+def test_damped_cholesky_inverse_vs_float64(backend, dtype, B, n):
+    """(M + lam I)^-1 against float64 torch.linalg.inv on fresh random PSD stacks, every element; exactly symmetric;
+    info 0 for positive definite matrices and nonzero (only) for an indefinite one."""
+    g = torch.Generator().manual_seed(B * 1000 + n)
+    Z = torch.randn(B, n, max(1, n // 2), generator=g, dtype=torch.float64)
+    M = Z @ Z.mT / n
+    lam = torch.rand(B, generator=g, dtype=torch.float64) * 0.1 + 1e-2
+    inv, info = fop_kernels.damped_cholesky_inverse(M.to(dtype), lam.to(dtype), backend=backend)
+    expected = torch.linalg.inv(M + lam[:, None, None] * torch.eye(n, dtype=torch.float64))
+    assert inv.shape == M.shape and inv.dtype == dtype and info.dtype == torch.int32 and info.tolist() == [0] * B
+    assert torch.equal(inv, inv.mT)
+    assert_close(inv.double(), expected, atol=1e3 * EPS[dtype] * float(expected.abs().max()), rtol=0,
+                 what=f"{backend} {dtype} {(B, n)}")
+    bad = M.to(dtype).clone()
+    bad[-1].diagonal().sub_(10.0)
+    _, info = fop_kernels.damped_cholesky_inverse(bad, lam.to(dtype), backend=backend)
+    assert info[-1] != 0 and info[:-1].tolist() == [0] * (B - 1)
+
+
+def test_damped_cholesky_inverse_rejects_bad_input():
+    M = torch.eye(3).expand(2, 3, 3).clone()
+    with pytest.raises(ValueError, match="M must be a"):
+        fop_kernels.damped_cholesky_inverse(M[0], torch.ones(2))
+    with pytest.raises(ValueError, match="lam must be"):
+        fop_kernels.damped_cholesky_inverse(M, torch.ones(3))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        fop_kernels.damped_cholesky_inverse(M.half(), torch.ones(2))

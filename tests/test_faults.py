@@ -191,13 +191,13 @@ PHASES = [
     (KFAC, EIGH, fop_kernels, "eigh"),  # decomposition
     (KFAC, EIGH, fop_kernels, "project_combine"),  # preconditioning
     (KFAC, CHOL, fop_kernels, "accumulate_conv_factor"),  # not called by an MLP: then the next phase
-    (KFAC, CHOL, torch.linalg, "cholesky_ex"),  # inversion
-    (KFAC, {}, torch.linalg, "cholesky_ex"),  # the default's per-factor inversion (dense blocks, Woodbury)
+    (KFAC, CHOL, fop_kernels, "damped_cholesky_inverse"),  # inversion
+    (KFAC, {}, fop_kernels, "damped_cholesky_inverse"),  # the default's per-factor inversion (dense blocks)
     (FOP, EIGH, fop_kernels, "fisher_inner_products"),  # FOP's projection
     (FOP, EIGH, fop_kernels, "eigh"),
     (FOP, CHOL, fop_kernels, "combine_scalars"),
     (FOP, {}, fop_kernels, "combine_scalars"),
-    (FOP, CHOL, torch.linalg, "cholesky_ex"),
+    (FOP, CHOL, fop_kernels, "damped_cholesky_inverse"),
     (FROG, {}, fop_kernels, "batched_cg"),
     (AdaFisher, {}, fop_kernels, "accumulate_factor_diag"),
     (AdaFisherW, {}, fop_kernels, "accumulate_factor_diag"),

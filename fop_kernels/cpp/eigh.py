@@ -1,4 +1,5 @@
-"""C++/CUDA batched eigendecomposition (torch.ops.fop_kernels.eigh, damped_inverse, eigh_refresh).
+"""C++/CUDA batched eigendecomposition (torch.ops.fop_kernels.eigh, damped_inverse, eigh_refresh) and the C++
+damped Cholesky inverse (damped_cholesky_inverse, CPU).
 
 Registers the native ops as backend "cpp" for CPU tensors and, when fop_kernels._C was built with its CUDA
 sources, as backend "cuda" for CUDA tensors; adds the fake implementations that let them trace under
@@ -29,6 +30,11 @@ def _damped_inverse_fake(mats, damping, power=-1.0, evals=None, evecs=None):
 @torch.library.register_fake("fop_kernels::eigh_refresh")
 def _eigh_refresh_fake(mats, prev_evecs, iters=1, clamp=False):
     return [m.new_empty(m.shape[:1]) for m in mats], [m.new_empty(m.shape) for m in mats]
+
+
+@torch.library.register_fake("fop_kernels::damped_cholesky_inverse")
+def _damped_cholesky_inverse_fake(M, lam):
+    return M.new_empty(M.shape), M.new_empty(M.shape[:1], dtype=torch.int32)
 
 
 def _damping_tensor(damping, like: torch.Tensor) -> torch.Tensor:
@@ -66,3 +72,9 @@ def eigh_refresh(mats: list[torch.Tensor], prev_evecs: list[torch.Tensor], iters
     """`iters` subspace-iteration steps Q <- qr(M Q) from `prev_evecs`, then l = diag(Q^T M Q) ascending."""
     evals, evecs = torch.ops.fop_kernels.eigh_refresh(list(mats), list(prev_evecs), int(iters), clamp)
     return list(evals), list(evecs)
+
+
+@register("damped_cholesky_inverse", "cpp", ("cpu",))
+def damped_cholesky_inverse(M: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((M_b + lam_b I)^-1, info) by LAPACK potrf/potri in place on one copy (csrc/cholesky.cpp)."""
+    return torch.ops.fop_kernels.damped_cholesky_inverse(M, lam)

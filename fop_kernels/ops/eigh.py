@@ -11,6 +11,7 @@ from fop_kernels._dispatch import register, resolve
 register("eigh", "reference")(ref.eigh)
 register("damped_inverse", "reference")(ref.damped_inverse)
 register("eigh_refresh", "reference")(ref.eigh_refresh)
+register("damped_cholesky_inverse", "reference")(ref.damped_cholesky_inverse)
 
 SYMMETRY_RTOL = 1e-4
 # Backends whose kernels check values themselves (finite, symmetric), next to the data and naming the index.
@@ -113,3 +114,20 @@ def eigh_refresh(mats, prev_evecs, iters: int = 1, clamp: bool = False, *, backe
     iters = _checks.positive_int("iters", iters)
     fn = _resolve("eigh_refresh", mats, backend, prev_evecs=prev_evecs)
     return fn(mats, prev_evecs, iters=iters, clamp=clamp)
+
+
+def damped_cholesky_inverse(M, lam, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """((M_b + lam_b I)^-1, info) for a (B, n, n) stack of symmetric float32/float64 matrices and one damping per
+    matrix (`lam`, shape (B,)), by Cholesky: `info` (int32, (B,)) is nonzero where M_b + lam_b I has no Cholesky
+    factor (not positive definite, or non-finite), and that inverse is then unspecified: the caller repairs or
+    raises. The result is exactly symmetric."""
+    if not isinstance(M, torch.Tensor) or M.dim() != 3 or M.shape[1] != M.shape[2]:
+        raise ValueError(f"M must be a (B, n, n) tensor of square matrices, got "
+                         f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
+    if M.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"M must be float32 or float64, got {M.dtype}")
+    if not isinstance(lam, torch.Tensor) or lam.shape != M.shape[:1] or lam.device != M.device:
+        raise ValueError(f"lam must be a ({M.shape[0]},) tensor on {M.device} (one damping per matrix), got "
+                         f"{tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__}")
+    _, fn = resolve("damped_cholesky_inverse", M.device, backend)
+    return fn(M, lam)

@@ -4,7 +4,7 @@ Imports only torch. One module per op family, with the same function names as th
 """
 
 from fop_kernels.reference.cg import batched_cg
-from fop_kernels.reference.eigh import damped_inverse, eigh, eigh_refresh
+from fop_kernels.reference.eigh import damped_cholesky_inverse, damped_inverse, eigh, eigh_refresh
 from fop_kernels.reference.factor import (
     accumulate_conv_factor,
     accumulate_conv_factor_diag,
@@ -20,6 +20,7 @@ __all__ = [
     "accumulate_factor_diag",
     "batched_cg",
     "combine_scalars",
+    "damped_cholesky_inverse",
     "damped_inverse",
     "damping_weights",
     "eigh",

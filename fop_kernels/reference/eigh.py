@@ -1,4 +1,5 @@
-"""Batched symmetric eigendecomposition and damped inverse: a loop over torch.linalg.eigh."""
+"""Batched symmetric eigendecomposition and damped inverses: a loop over torch.linalg.eigh, and a batched Cholesky
+inverse."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ def damped_inverse(
     """Per matrix Q diag((l + damping)^power) Q^T, l clamped at 0; reuses `eig` = (evals, evecs) if given."""
     evals, evecs = eig if eig is not None else eigh(mats, clamp=True)
     return [(q * (l.clamp_min(0) + damping).pow(power)) @ q.mT for l, q in zip(evals, evecs)]
+
+
+def damped_cholesky_inverse(M: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((M_b + lam_b I)^-1, info) for a (B, n, n) stack by Cholesky: info_b (int32) > 0 where M_b + lam_b I has no
+    Cholesky factor (the inverse is then unspecified)."""
+    damped = M.clone()
+    damped.diagonal(dim1=1, dim2=2).add_(lam.to(M.dtype)[:, None])
+    L, info = torch.linalg.cholesky_ex(damped)
+    return torch.cholesky_inverse(L).mT.contiguous(), (info > 0).to(torch.int32)
 
 
 def eigh_refresh(

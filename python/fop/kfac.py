@@ -241,16 +241,20 @@ class DampedFactor:
         eigendecomposition with eigenvalues clamped at 0 (fop_kernels.damped_inverse with power 1), then in
         float64, then with the damping raised to 1e-6 of the mean diagonal; only if all fail the error names the
         matrix (`names[b]`)."""
+        def repaired(b: int) -> torch.Tensor:
+            return cls._repaired_cholesky(M[b], lam[b], f"matrix {b}" if names is None else names[b])
+
+        if not keep_factor:  # one buffer, LAPACK in place on the host (fop_kernels.damped_cholesky_inverse)
+            inv, info = fop_kernels.damped_cholesky_inverse(M, lam.to(M.dtype))
+            for b in torch.nonzero(info).flatten().tolist():  # one host sync per inversion step
+                inv[b] = torch.cholesky_inverse(repaired(b)).mT
+            return cls(inv=inv)
         damped = M.clone()
         damped.diagonal(dim1=1, dim2=2).add_(lam.to(M.dtype)[:, None])
         L, info = torch.linalg.cholesky_ex(damped)
-        for b in torch.nonzero(info).flatten().tolist():  # one host sync per inversion step
-            L[b] = cls._repaired_cholesky(M[b], lam[b], f"matrix {b}" if names is None else names[b])
-        del damped
-        if keep_factor:
-            return cls(chol=L.contiguous())
-        # LAPACK's inverse is exactly symmetric and column-major: its transpose is the same matrix, row-major
-        return cls(inv=torch.cholesky_inverse(L).mT)
+        for b in torch.nonzero(info).flatten().tolist():
+            L[b] = repaired(b)
+        return cls(chol=L.contiguous())
 
     @staticmethod
     def _repaired_cholesky(M: torch.Tensor, lam: torch.Tensor, name: str) -> torch.Tensor:
