@@ -358,6 +358,9 @@ def test_cli_same_seed_same_initial_model_across_optimizers(tmp_path):
         (["--lr", "lion=0.1"], "unknown optimizer 'lion' in --lr/--opt-arg"),
         (["--optimizers", "sgd", "--opt-arg", "sgd.momentum=-1"], "sgd: Invalid momentum value: -1"),
         (["--optimizers", "sgd", "--opt-arg", "sgd.dampng=0.1"], "sgd: .*unexpected keyword argument 'dampng'"),
+        (["--optimizers", "kfac", "--opt-arg", "kfac.product_dtype=torch.bf16"], "torch.bf16 is not a torch dtype"),
+        (["--optimizers", "kfac", "--opt-arg", "kfac.product_dtype=torch.float16"],
+         "kfac: product_dtype=torch.float16 is"),
     ],
 )
 def test_cli_clear_errors(tmp_path, capsys, args, message):
@@ -415,6 +418,15 @@ def test_cli_merge_of_separate_seed_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--merge", str(tmp_path / "none.json"), "--out", str(tmp_path / "again")])
     assert "cannot read runs from" in capsys.readouterr().err
+
+
+def test_opt_arg_takes_a_torch_dtype(tmp_path):
+    """--opt-arg kfac.product_dtype=torch.bfloat16 reaches the constructor as the dtype (the run records it)."""
+    out = tmp_path / "o"
+    train.main(["--model", "mlp", "--optimizers", "kfac", "--opt-arg", "kfac.product_dtype=torch.bfloat16",
+                "--batch-sizes", "256", "--epochs", "1", "--out", str(out), "--quiet", "--no-stop"])
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 1 and not runs[0]["diverged"]
 
 
 def test_fop_split_backward_trains_with_two_half_batch_passes(caplog):

@@ -116,7 +116,7 @@ class Woodbury:
 
 class DenseBlock:
     """The undamped block M_S (B, s, s) beside a dense damped core (kfac.DampedFactor): the factor products FOP
-    needs."""
+    needs, multiplied in M's dtype (the product dtype) and returned in the input's."""
 
     def __init__(self, M: torch.Tensor, core):
         self.M, self.core = M, core
@@ -131,10 +131,10 @@ class DenseBlock:
         return self.core.left(X)
 
     def factor_right(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(X, self.M)
+        return torch.bmm(X.to(self.M.dtype), self.M).to(X.dtype)
 
     def factor_left(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self.M, X)
+        return torch.bmm(self.M, X.to(self.M.dtype)).to(X.dtype)
 
 
 class Side:

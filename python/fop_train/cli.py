@@ -267,7 +267,7 @@ def _parse_list(text: str) -> list[str]:
 
 
 def _parse_named_value(text: str, what: str) -> tuple[str, str, object]:
-    """'name.key=value' (or 'name=value' for --lr) -> (name, key, literal value)."""
+    """'name.key=value' (or 'name=value' for --lr) -> (name, key, literal value; 'torch.<dtype>': that dtype)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"{what} {text!r}: expected NAME{'.KEY' if what != '--lr' else ''}=VALUE")
     left, raw = text.split("=", 1)
@@ -275,6 +275,11 @@ def _parse_named_value(text: str, what: str) -> tuple[str, str, object]:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
+    if isinstance(value, str) and value.startswith("torch."):
+        dtype = getattr(torch, value[len("torch."):], None)
+        if not isinstance(dtype, torch.dtype):
+            raise argparse.ArgumentTypeError(f"{what} {text!r}: {value} is not a torch dtype")
+        value = dtype
     if what == "--lr":
         return left, "lr", value
     if "." not in left:

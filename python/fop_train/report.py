@@ -14,6 +14,8 @@ import json
 import math
 import statistics
 
+import torch
+
 __all__ = ["PLOT_DPI", "PLOT_PANEL_INCHES", "markdown_table", "plot_curves", "summarize", "write_json"]
 
 PLOT_DPI = 100
@@ -117,6 +119,8 @@ def write_json(path: str, meta: dict, runs: list[dict], rows: list[dict]) -> Non
             return {k: clean(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
             return [clean(v) for v in obj]
+        if isinstance(obj, torch.dtype):  # an --opt-arg such as product_dtype=torch.bfloat16
+            return str(obj)
         return _finite(obj)
 
     with open(path, "w") as f:
