@@ -38,6 +38,7 @@ from fop_train.models import resnet18
 from wide_models import WIDE_MODELS
 
 OPTIMIZERS = ("sgd", "adamw", "kfac", "fop")
+PRODUCT_DTYPES = {"default": None, "bfloat16": torch.bfloat16}
 MODEL_NAMES = ("layout",) + tuple(WIDE_MODELS)
 
 
@@ -54,7 +55,7 @@ def build(args):
 def make_optimizer(name, model, args):
     curvature = dict(lr=args.lr, damping=args.damping, factor_interval=args.interval, inverse_interval=args.interval,
                      weight_decay=5e-4, eigh_refresh_iters=args.eigh_refresh_iters, damping_mode=args.damping_mode,
-                     inverse_method=args.inverse_method)
+                     inverse_method=args.inverse_method, product_dtype=PRODUCT_DTYPES[args.product_dtype])
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     if name == "adamw":
@@ -151,7 +152,7 @@ def summarize(args, names, fb, st, phases, n_params):
     lines = [f"model {args.model}, width {args.width} ({n_params / 1e6:.2f}M params), batch {args.batch}, "
              f"{args.image}x{args.image}, device {args.device}, threads {torch.get_num_threads()}, interval {k}, "
              f"eigh_refresh_iters {args.eigh_refresh_iters}, damping_mode {args.damping_mode}, damping {args.damping}, "
-             f"inverse_method {args.inverse_method}, FOP split {args.split}"
+             f"inverse_method {args.inverse_method}, product_dtype {args.product_dtype}, FOP split {args.split}"
              f"{' (SGD and AdamW too)' if args.same_passes and args.split == 'backward' else ''}, "
              f"{args.steps} measured steps after {args.warmup} warm-up",
              "", "| optimizer | plain step (ms, median) | refresh step (ms, median) | interval mean (ms) | "
@@ -200,7 +201,7 @@ def memory(args):
         cmd = [sys.executable, __file__, "--memory-child", n, "--model", args.model, "--width", str(args.width),
                "--batch", str(args.batch), "--damping", str(args.damping),
                "--eigh-refresh-iters", str(args.eigh_refresh_iters), "--damping-mode", args.damping_mode,
-               "--inverse-method", args.inverse_method, "--split", args.split,
+               "--inverse-method", args.inverse_method, "--split", args.split, "--product-dtype", args.product_dtype,
                *(["--same-passes"] if args.same_passes else []),
                "--image", str(args.image), "--interval", str(args.interval), "--device", args.device,
                "--steps", str(args.memory_steps), "--warmup", "0"]
@@ -276,6 +277,8 @@ def main():
     p.add_argument("--damping-mode", choices=("eigen", "factored"), help="default: the library's")
     p.add_argument("--inverse-method", choices=INVERSE_METHODS,
                    help="default: the library's; cholesky needs --damping-mode factored")
+    p.add_argument("--product-dtype", choices=tuple(PRODUCT_DTYPES), default="default",
+                   help="KFAC/FOP product_dtype (default: the library's, the factors' dtype)")
     p.add_argument("--split", choices=("half_batch", "backward"), default="half_batch",
                    help="FOP's split; backward: FOP and KFAC run two half-batch passes per step (SGD, AdamW one)")
     p.add_argument("--same-passes", action="store_true",
