@@ -147,13 +147,13 @@ def _rows(tensors, bias):
 
 @pytest.mark.parametrize("fold_bias", [False, True])
 @pytest.mark.parametrize("sample_size", [None, 4])
-@pytest.mark.parametrize("kl_clip", [None, 1e-5])
-def test_steps_match_reference(fold_bias, sample_size, kl_clip):
+@pytest.mark.parametrize("kl_clip, kl_damping", [(None, 0.0), (1e-5, 0.0), (1e-5, 1e-3)])
+def test_steps_match_reference(fold_bias, sample_size, kl_clip, kl_damping):
     """Three steps with momentum, Nesterov, a y EMA with bias correction and per-group settings; every update is
     -nu lr times the reference direction U (sampled inputs drawn as documented: per layer in order, from the seed),
-    nu = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r (y^_r + eps) U_r^T (A + eps I) U_r / L)) with L the output
-    positions per sample, on the SGD path too (unpreconditioned="sgd"); kl_clip=None: nu = 1, the public
-    algorithm."""
+    nu = min(1, sqrt(kl_clip / sum_layers lr^2 sum_r ((y^_r + eps) U_r^T (A + eps I) U_r / L + kl_damping |U_r|^2)))
+    with L the output positions per sample, on the SGD path too (unpreconditioned="sgd"); kl_clip=None: nu = 1, the
+    public algorithm."""
     torch.manual_seed(0)
     model = ConvBNLinear().double()
     seed, N = 7, 6
@@ -163,7 +163,8 @@ def test_steps_match_reference(fold_bias, sample_size, kl_clip):
               dict(params=list(model.bn.parameters()))]
     mu, ratio = 0.5, 0.5
     opt = KFROG(groups, model=model, lr=0.1, momentum=mu, nesterov=True, sample_size=sample_size, cg_iters=4,
-                lr_other_ratio=ratio, fold_bias=fold_bias, seed=seed, kl_clip=kl_clip, unpreconditioned="sgd")
+                lr_other_ratio=ratio, fold_bias=fold_bias, seed=seed, kl_clip=kl_clip, kl_damping=kl_damping,
+                unpreconditioned="sgd")
     nus = []
     draws = torch.Generator().manual_seed(seed)
     bufs, y_ema = {}, {"conv": torch.zeros(3, dtype=DT)}
@@ -197,7 +198,8 @@ def test_steps_match_reference(fold_bias, sample_size, kl_clip):
             U = reference_direction(factors, m, yr, cfg["eps"], 4)
             A = factors[0] + cfg["eps"] * torch.eye(factors[0].shape[0], dtype=DT)  # one group in both layers
             L = io[name + ".dy"][0, 0].numel() if name == "conv" else 1
-            q = q + cfg["lr"] ** 2 * ((yr + cfg["eps"]) * torch.einsum("ri,ij,rj->r", U, A, U)).sum() / L
+            q = q + cfg["lr"] ** 2 * (((yr + cfg["eps"]) * torch.einsum("ri,ij,rj->r", U, A, U)).sum() / L
+                                      + kl_damping * U.square().sum())
             expected[name] = (_rows([after[n].detach() - before[n] for n in names], fold_bias), -cfg["lr"] * U)
         nu = 1.0 if kl_clip is None else min(1.0, math.sqrt(kl_clip / float(q)))
         nus.append(nu)
@@ -213,6 +215,34 @@ def test_steps_match_reference(fold_bias, sample_size, kl_clip):
             assert torch.equal(p.grad, grads[n]), n
     assert opt.layer_state[0]["y_updates"] == 3 and "y_ema" not in opt.layer_state[1]
     assert (max(nus) < 0.5) == (kl_clip is not None), f"nu per step {nus}: the clip binds exactly when it is on"
+
+
+@pytest.mark.parametrize("kl_damping", [1e-3, 1e-2])
+def test_kl_damping_bounds_the_step_when_the_fisher_vanishes(kl_damping):
+    """A fitted model's row scales y_r are small (here: the loss scaled by 1e-2, so y_r by 1e-4, still above eps)
+    and the clip alone lets the step grow as 1 / y (its squared norm was 0.0016 at scale 1, 15 at 1e-2 with lr 10);
+    kl_damping caps the preconditioned step's squared norm at kl_clip / kl_damping (the preconditioned layers'
+    weights; fold_bias=True puts the biases in the rows too)."""
+    kl_clip = 1e-3
+    norms = {}
+    for damping in (0.0, kl_damping):
+        torch.manual_seed(0)
+        model = ConvBNLinear().double()
+        opt = KFROG(model, lr=10.0, fold_bias=True, seed=3, kl_clip=kl_clip, kl_damping=damping)
+        x, y = torch.randn(6, 2, 5, 5, dtype=DT), torch.randint(0, 4, (6,))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        (1e-2 * F.cross_entropy(model(x), y)).backward()
+        opt.step()
+        norms[damping] = sum(float((p.detach() - before[n]).square().sum()) for n, p in model.named_parameters()
+                             if n.startswith(("conv.", "fc.")))
+    assert norms[kl_damping] <= kl_clip / kl_damping * (1 + 1e-9), norms
+    assert norms[0.0] > 10 * kl_clip / kl_damping, f"without kl_damping the step should be unbounded: {norms}"
+
+
+def test_kl_damping_is_checked():
+    with pytest.raises(ValueError, match="kl_damping"):
+        KFROG(ConvBNLinear(), lr=0.1, kl_damping=-1.0)
 
 
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
