@@ -95,23 +95,31 @@ class Woodbury:
         out.Z, out.lam, out.L = self.Z[keep], self.lam[keep], self.L[keep]
         return out
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it multiplies in (the factors': the form subtracts, so it is never rounded lower)."""
+        return self.Z.dtype
+
     def right(self, X: torch.Tensor) -> torch.Tensor:
-        """X (Z^T Z + lam)^-1 = (X - (X Z^T) K^-1 Z) / lam for a (B, m, s) stack."""
-        T = torch.cholesky_solve(torch.bmm(X, self.Z.mT).mT, self.L).mT
-        return (X - torch.bmm(T, self.Z)) / self.lam[:, None, None]
+        """X (Z^T Z + lam)^-1 = (X - (X Z^T) K^-1 Z) / lam for a (B, m, s) stack (computed in Z's dtype, returned in
+        X's, as every product here)."""
+        Y = X.to(self.Z.dtype)
+        T = torch.cholesky_solve(torch.bmm(Y, self.Z.mT).mT, self.L).mT
+        return ((Y - torch.bmm(T, self.Z)) / self.lam[:, None, None]).to(X.dtype)
 
     def left(self, X: torch.Tensor) -> torch.Tensor:
         """(Z^T Z + lam)^-1 X = (X - Z^T K^-1 (Z X)) / lam for a (B, s, m) stack."""
-        T = torch.cholesky_solve(torch.bmm(self.Z, X), self.L)
-        return (X - torch.bmm(self.Z.mT, T)) / self.lam[:, None, None]
+        Y = X.to(self.Z.dtype)
+        T = torch.cholesky_solve(torch.bmm(self.Z, Y), self.L)
+        return ((Y - torch.bmm(self.Z.mT, T)) / self.lam[:, None, None]).to(X.dtype)
 
     def factor_right(self, X: torch.Tensor) -> torch.Tensor:
         """X Z^T Z (the undamped block) for a (B, m, s) stack."""
-        return torch.bmm(torch.bmm(X, self.Z.mT), self.Z)
+        return torch.bmm(torch.bmm(X.to(self.Z.dtype), self.Z.mT), self.Z).to(X.dtype)
 
     def factor_left(self, X: torch.Tensor) -> torch.Tensor:
         """Z^T Z X for a (B, s, m) stack."""
-        return torch.bmm(self.Z.mT, torch.bmm(self.Z, X))
+        return torch.bmm(self.Z.mT, torch.bmm(self.Z, X.to(self.Z.dtype))).to(X.dtype)
 
 
 class DenseBlock:
@@ -123,6 +131,11 @@ class DenseBlock:
 
     def subset(self, keep: list[int]) -> DenseBlock:
         return DenseBlock(self.M[keep], self.core.subset(keep))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it multiplies in (the product dtype)."""
+        return self.M.dtype
 
     def right(self, X: torch.Tensor) -> torch.Tensor:
         return self.core.right(X)

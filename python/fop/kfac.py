@@ -304,15 +304,15 @@ class DampedFactor:
         """X (M + lam)^-1 = X L^-T L^-1 for a (B, m, n) stack."""
         if self.inv is not None:
             return torch.bmm(X.to(self.inv.dtype), self.inv).to(X.dtype)
-        Y = torch.linalg.solve_triangular(self.chol.mT, X, upper=True, left=False)
-        return torch.linalg.solve_triangular(self.chol, Y, upper=False, left=False)
+        Y = torch.linalg.solve_triangular(self.chol.mT, X.to(self.chol.dtype), upper=True, left=False)
+        return torch.linalg.solve_triangular(self.chol, Y, upper=False, left=False).to(X.dtype)
 
     def left(self, X: torch.Tensor) -> torch.Tensor:
         """(M + lam)^-1 X = L^-T L^-1 X for a (B, n, m) stack."""
         if self.inv is not None:
             return torch.bmm(self.inv, X.to(self.inv.dtype)).to(X.dtype)
-        Y = torch.linalg.solve_triangular(self.chol, X, upper=False)
-        return torch.linalg.solve_triangular(self.chol.mT, Y, upper=True)
+        Y = torch.linalg.solve_triangular(self.chol, X.to(self.chol.dtype), upper=False)
+        return torch.linalg.solve_triangular(self.chol.mT, Y, upper=True).to(X.dtype)
 
 
 class InverseBucket(Blocks):
@@ -353,17 +353,19 @@ class InverseBucket(Blocks):
     def precondition(self, M: torch.Tensor) -> torch.Tensor:
         """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack. Where A's inverse is held on a support S,
         the columns of M outside S are M's / lambda_A (or, when they are zero, on the S columns alone:
-        `on_support`)."""
+        `on_support`). M is cast to the A side's product dtype once and the result back once (each side casts only
+        what is not in its dtype already)."""
         core, (inside,), expand = self.on_support([M])
-        return expand(core.Ginv.left(core.Ainv.right(inside)))
+        pd = core.Ainv.core.dtype
+        return expand(core.Ginv.left(core.Ainv.right(inside.to(pd))).to(M.dtype))
 
     def fisher(self, M: torch.Tensor) -> torch.Tensor:
         """G M A (the undamped factors of the last inversion) for a (B, o, i) stack: zero outside A's support, so
-        the G side works on the support columns alone."""
-        A = self.Ainv
+        the G side works on the support columns alone. Cast as `precondition`."""
+        A, pd = self.Ainv, self.Ainv.core.dtype
         if A.index is None:
-            return self.Ginv.factor_left(A.factor_right(M))
-        return A.on_support_columns(M, lambda X: self.Ginv.factor_left(A.core.factor_right(X)))
+            return self.Ginv.factor_left(A.factor_right(M.to(pd))).to(M.dtype)
+        return A.on_support_columns(M, lambda X: self.Ginv.factor_left(A.core.factor_right(X.to(pd))).to(M.dtype))
 
     def subset(self, keep: list[int]) -> InverseBucket:
         e = self.entries(keep)
