@@ -69,7 +69,7 @@ def _lowered_matrices(opt) -> list[torch.Tensor]:
                         out.append(core.core.inv)
         else:
             assert isinstance(b, Bucket)
-            out += [Q for Q in b._product_bases() if Q is not None]
+            out += [Q for Q in b.bases if Q is not None]
     return out
 
 

@@ -84,35 +84,30 @@ class Bucket(Blocks):
     """Layers whose gradient matrices have one shape (out x in) and one block count: their eigenvectors stacked for
     bmm, one entry per block (Blocks). QA is None for layers with a diagonal input factor (embeddings): its eigenbasis
     is the identity and lA the diagonal itself. `product_dtype` (None: the factors' dtype): the dtype the rotations
-    multiply in, on copies of the eigenvectors made on first use (the eigenvectors themselves stay exact for the
-    refresh and the state)."""
+    multiply in, by `bases`, the eigenvectors in it (the same tensors in the factors' dtype; the eigenvectors
+    themselves stay exact for the refresh and the state)."""
 
     def __init__(self, index: list[int], QG, lG, QA, lA, groups: int = 1, product_dtype: torch.dtype | None = None):
         self.index = index  # layer indices
         self.groups = groups
         self.QG, self.lG, self.QA, self.lA = QG, lG, QA, lA  # (B,o,o), (B,o), (B,i,i) or None, (B,i); B entries
         self.product_dtype = product_dtype
-        self._bases = None  # (QG, QA) in product_dtype
+        pd = QG.dtype if product_dtype is None else product_dtype
+        self.bases = (QG.to(pd), None if QA is None else QA.to(pd))
 
     @property
     def dtype(self) -> torch.dtype:
         return self.QG.dtype
 
-    def _product_bases(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._bases is None:
-            pd = self.QG.dtype if self.product_dtype is None else self.product_dtype
-            self._bases = (self.QG.to(pd), None if self.QA is None else self.QA.to(pd))
-        return self._bases
-
     def rotate(self, M: torch.Tensor) -> torch.Tensor:
         """Q_G^T M Q_A for a (B, o, i) stack (multiplied in the product dtype, returned in M's)."""
-        QG, QA = self._product_bases()
+        QG, QA = self.bases
         out = torch.bmm(QG.mT, M.to(QG.dtype))
         return (out if QA is None else torch.bmm(out, QA)).to(M.dtype)
 
     def unrotate(self, M: torch.Tensor) -> torch.Tensor:
         """Q_G M Q_A^T for a (B, o, i) stack."""
-        QG, QA = self._product_bases()
+        QG, QA = self.bases
         out = torch.bmm(QG, M.to(QG.dtype))
         return (out if QA is None else torch.bmm(out, QA.mT)).to(M.dtype)
 
@@ -400,19 +395,21 @@ class BucketFactors:
         return [B for M in Ms for B in ([M] if self.groups == 1 else M.unbind(0))]
 
 
-class DenseInverses:
+class InverseForms:
+    """A damped-inverse path's forms (DenseInverses, ChosenInverses), made for one product dtype: the dtype the dense
+    inverses and factor copies are held in (the factors' own dtype by default, where `.to` is no copy)."""
+
+    def __init__(self, product_dtype: torch.dtype):
+        self.product_dtype = product_dtype
+
+
+class DenseInverses(InverseForms):
     """inverse_method="cholesky", as ASDL and the official code: one InverseBucket per shape class, dense damped
     inverses of the whole factors, each kept as its Cholesky factor where `keeps_cholesky_factor` says so. The
     inverses themselves are saved in the state (keys Ainv|Achol, Ginv|Gchol) and restored as they were."""
 
     method = "cholesky"
     keeps_samples = False
-
-    def __init__(self, product_dtype: torch.dtype | None = None):
-        self.product_dtype = product_dtype
-
-    def _lowered(self, M: torch.Tensor) -> torch.Tensor:
-        return M if self.product_dtype is None else M.to(self.product_dtype)
 
     def buckets(self, f: BucketFactors, interval: int) -> list[InverseBucket]:
         o, i = f.blocks(f.Gs)[0].shape[0], f.blocks(f.As)[0].shape[0]  # a block's gradient matrix is o x i
@@ -422,7 +419,7 @@ class DenseInverses:
             M = _stack(Ms, f.groups)
             damped = DampedFactor.of(M, lam, keep, [f"factor {side} of layer {n}" for n in f.names],
                                      self.product_dtype)
-            sides.append(Side(M.shape[1], None, lam, DenseBlock(self._lowered(M), damped),
+            sides.append(Side(M.shape[1], None, lam, DenseBlock(M.to(self.product_dtype), damped),
                               "cholesky" if keep else "inverse"))
         return [InverseBucket(f.idx, f.Gs, f.As, *sides, groups=f.groups)]
 
@@ -448,8 +445,8 @@ class DenseInverses:
             form = "inv" if side + "inv" in moved[idx[0]] else "chol"
             M, core = (_stack([moved[i][k] for i in idx], g) for k in (side, side + form))
             return Side(M.shape[1], None, None,
-                        DenseBlock(self._lowered(M), DampedFactor(**{form: self._lowered(core) if form == "inv"
-                                                                     else core})),
+                        DenseBlock(M.to(self.product_dtype),
+                                   DampedFactor(**{form: core.to(self.product_dtype) if form == "inv" else core})),
                         "inverse" if form == "inv" else "cholesky")
 
         out = []
@@ -460,7 +457,7 @@ class DenseInverses:
         return out
 
 
-class ChosenInverses:
+class ChosenInverses(InverseForms):
     """inverse_method="auto" with factored damping: per factor its support (fop.inverse_choice.support) and the form
     the cost model prices lowest (`choose_form`: explicit inverse, kept Cholesky factor or Woodbury on the sample
     rows), layers grouped by (support sizes, forms, sample ranks). A grouped layer keeps its blocks in one bucket,
@@ -469,9 +466,6 @@ class ChosenInverses:
 
     method = "auto"
     keeps_samples = True
-
-    def __init__(self, product_dtype: torch.dtype | None = None):
-        self.product_dtype = product_dtype
 
     def buckets(self, f: BucketFactors, interval: int) -> list[InverseBucket]:
         g = f.groups
@@ -505,9 +499,8 @@ class ChosenInverses:
                 else:
                     block = torch.stack([Ms[e] if sup is None else Ms[e][sup][:, sup] for e, sup in zip(ents, sups)])
                     names = [f"factor {side} of layer {f.names[e]}" for e in ents]
-                    pd = self.product_dtype
-                    core = DenseBlock(block if pd is None else block.to(pd),
-                                      DampedFactor.of(block, lam_k, form == "cholesky", names, pd))
+                    core = DenseBlock(block.to(self.product_dtype),
+                                      DampedFactor.of(block, lam_k, form == "cholesky", names, self.product_dtype))
                 sides.append(Side(Ms[0].shape[0], index, lam_k, core, form))
             out.append(InverseBucket([f.idx[j] for j in js], [f.Gs[j] for j in js], [f.As[j] for j in js], *sides,
                                      samples=([f.ZGs[j] for j in js], [f.ZAs[j] for j in js]), groups=g))
@@ -643,7 +636,7 @@ class KFAC(CurvatureOptimizer):
                              "1 / damping and float16 overflows past 65504; use torch.bfloat16 (float32's range)")
         product_dtype = check_choice("product_dtype", product_dtype,
                                      (None, torch.bfloat16, torch.float32, torch.float64))
-        self.product_dtype = None if product_dtype == self.factor_dtype else product_dtype  # None: factor_dtype
+        self.product_dtype = self.factor_dtype if product_dtype is None else product_dtype
         self.eigh_refresh_iters = check_int("eigh_refresh_iters", eigh_refresh_iters, low=0)
         self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
         self.linear_tokens = check_choice("linear_tokens", linear_tokens, TOKEN_MODES)
