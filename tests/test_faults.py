@@ -106,8 +106,10 @@ def test_damping_must_be_positive(cls, inverse):
 # -- non-finite curvature and updates from finite gradients ----------------------------------------------------------
 @pytest.mark.parametrize("cls", KFAC_FOP)
 @pytest.mark.parametrize("inverse", ["eigh", "cholesky", "auto"])
-def test_factor_overflow_raises_and_does_not_poison_later_steps(cls, inverse):
-    kw = {"inverse_method": inverse, **({"damping_mode": "factored"} if inverse == "cholesky" else {})}
+@pytest.mark.parametrize("product_dtype", [None, torch.bfloat16])
+def test_factor_overflow_raises_and_does_not_poison_later_steps(cls, inverse, product_dtype):
+    kw = {"inverse_method": inverse, "product_dtype": product_dtype,
+          **({"damping_mode": "factored"} if inverse == "cholesky" else {})}
     m = mlp()
     opt = make(cls, m, **kw)
     train(m, opt, 2)  # step 2 is a factor step
