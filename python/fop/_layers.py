@@ -190,9 +190,10 @@ class LayerType:
 
     def sub_batch_grad(self, layer: Layer, a: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """sum over the samples of dy a^T as an out x in matrix [dW | db] in `dtype` (a, dy as `input` and
-        `output_grad` return them)."""
-        a, dy = a.to(dtype), dy.to(dtype)
-        return _rows(dy, False).T @ _rows(a, layer.bias is not None)
+        `output_grad` return them). The bias column is dy's row sum: no ones column copied onto the inputs."""
+        Y = _rows(dy.to(dtype), False)
+        gw = Y.T @ _rows(a.to(dtype), False)
+        return gw if layer.bias is None else torch.cat([gw, Y.sum(0).unsqueeze(1)], dim=1)
 
     # -- AdaFisher's diagonals (Kronecker layers: H = diag A, S = mean of s^2 over rows) ----------------------------
     def input_diagonal(self, layer: Layer, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
