@@ -63,14 +63,22 @@ def support(M: torch.Tensor) -> torch.Tensor | None:
     """Sorted indices of the rows of the symmetric matrix M with any nonzero entry (padded with zero rows up to a
     multiple of SUPPORT_ALIGN when M is at least 8 SUPPORT_ALIGN wide), or None when that keeps more than
     1 - SUPPORT_MIN_SAVING of the rows (the gathers and scatters would cost more than the rows saved). Exact either
-    way: a zero row is an eigenvector of M with eigenvalue 0 whether or not it is in the support. One host sync."""
+    way: a zero row is an eigenvector of M with eigenvalue 0 whether or not it is in the support. A row with a
+    nonzero diagonal entry is in the support, so where those alone fill more than that share the answer is None
+    without reading the rest of M (a dense factor: n entries read, not n^2). At most two host syncs."""
     n = M.shape[0]
+    align = SUPPORT_ALIGN if n >= 8 * SUPPORT_ALIGN else 1
+
+    def too_wide(count: int) -> bool:
+        return -(-count // align) * align > (1 - SUPPORT_MIN_SAVING) * n
+
+    if too_wide(int(torch.count_nonzero(M.diagonal()))):
+        return None
     nonzero = M.any(dim=1)  # on the values: no boolean copy of M (half the time)
     count = int(nonzero.sum())
-    align = SUPPORT_ALIGN if n >= 8 * SUPPORT_ALIGN else 1
-    size = -(-count // align) * align
-    if size > (1 - SUPPORT_MIN_SAVING) * n:
+    if too_wide(count):
         return None
+    size = -(-count // align) * align
     pad = torch.nonzero(~nonzero).flatten()[:size - count]
     return torch.cat([torch.nonzero(nonzero).flatten(), pad]).sort().values
 
