@@ -121,9 +121,13 @@ def test_bucket_products_with_a_support_on_the_input_side(outside, dtype):
     M = _gradient(bucket, g, outside == "zero")
     expected = PG @ M @ PA
     atol, rtol = TOLERANCES[dtype]
-    got = bucket.precondition(M.to(dtype))
-    assert got.dtype == dtype and got.shape == M.shape
-    assert_close(got, expected, atol * 100 * float(expected.abs().max()), rtol * 10, f"precondition {outside}")
+    core, (inside,), expand = bucket.on_support([M.to(dtype)])  # the step's route: the S columns alone if zero
+    assert (core is not bucket) == (outside == "zero")
+    for route, got in (("every column", bucket.precondition(M.to(dtype))),
+                       ("on_support", expand(core.precondition(inside)))):
+        assert got.dtype == dtype and got.shape == M.shape
+        assert_close(got, expected, atol * 100 * float(expected.abs().max()), rtol * 10,
+                     f"precondition {outside} {route}")
     fisher = G @ M @ A
     assert_close(bucket.fisher(M.to(dtype)), fisher, atol * 10 * float(fisher.abs().max()), rtol * 10,
                  f"fisher {outside}")
@@ -139,7 +143,10 @@ def test_fop_update_on_a_support_matches_the_dense_one(outside, dtype):
     V = _gradient(bucket, g, outside != "both nonzero")
     D = _gradient(bucket, g, outside == "both zero")
     opt = FOP(nn.Linear(3, 2))
-    U, (_, sums, scalars) = opt._inverse_update(bucket, V.to(dtype), D.to(dtype))
+    core, (Vs, Ds), expand = bucket.on_support([V.to(dtype), D.to(dtype)])  # as FOP's step: the support form
+    assert (core is not bucket) == (outside == "both zero") and Vs.shape[2] == (4 if outside == "both zero" else 12)
+    U_core, (_, sums, scalars) = opt._inverse_update(core, Vs, Ds)
+    U = expand(U_core)
     FV, PV, PD = G @ V @ A, PG @ V @ PA, PG @ D @ PA
     expected_sums = torch.stack([(X * Y).sum((1, 2)) for X, Y in ((V, FV), (D, FV), (V, PV), (D, PV), (D, PD))], 1)
     atol, rtol = TOLERANCES[dtype]

@@ -215,9 +215,8 @@ class FOP(KFAC):
         """(eta (P V + beta (P D - s_proj P V)), (the bucket's block layers, its sums, its scalars))."""
         if D is None:
             return super()._inverse_update(bucket, V, D)
-        core, (V, D), expand = bucket.on_support([V, D])  # A's support columns alone where the rest is zero
-        FV = core.fisher(V)
-        PV, PD = core.precondition(V), core.precondition(D)  # PV as K-FAC's, so beta=0, eta=1 is K-FAC exactly
+        FV = bucket.fisher(V)
+        PV, PD = bucket.precondition(V), bucket.precondition(D)  # PV as K-FAC's: beta=0, eta=1 is K-FAC exactly
         sums = torch.stack([stack_dot(V, FV), stack_dot(D, FV), stack_dot(V, PV), stack_dot(D, PV),
                             stack_dot(D, PD)], dim=1)
         if bucket.groups > 1:  # one s_proj, beta, eta per layer, from the sums over its blocks
@@ -227,7 +226,7 @@ class FOP(KFAC):
         s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
         # eta (PV + beta (PD - s PV)) = eta (1 - beta s) PV + eta beta PD, in place (at beta = 0: eta PV)
         U = PV.mul_(eta * (1 - beta * s)).add_(PD.mul_(eta * beta))
-        return expand(U), (bucket.entry_layers(), sums, scalars)
+        return U, (bucket.entry_layers(), sums, scalars)
 
     def _combine(self, buckets, A_rot, D_rot, lG, lA, damping):
         """(U~ per block from project_combine, (the layer of every block, the sums, the scalars))."""

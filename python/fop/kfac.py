@@ -347,12 +347,11 @@ class InverseBucket(Blocks):
 
     def precondition(self, M: torch.Tensor) -> torch.Tensor:
         """(G + lambda_G)^-1 M (A + lambda_A)^-1 for a (B, o, i) stack. Where A's inverse is held on a support S,
-        the columns of M outside S are M's / lambda_A (or, when they are zero, on the S columns alone:
-        `on_support`). M is cast to the A side's product dtype once and the result back once (each side casts only
-        what is not in its dtype already)."""
-        core, (inside,), expand = self.on_support([M])
-        pd = core.Ainv.core.dtype
-        return expand(core.Ginv.left(core.Ainv.right(inside.to(pd))).to(M.dtype))
+        the columns of M outside S are M's / lambda_A (where they are zero, the step calls this on `on_support`'s
+        bucket and S columns alone). M is cast to the A side's product dtype once and the result back once (each
+        side casts only what is not in its dtype already)."""
+        pd = self.Ainv.core.dtype
+        return self.Ginv.left(self.Ainv.right(M.to(pd))).to(M.dtype)
 
     def fisher(self, M: torch.Tensor) -> torch.Tensor:
         """G M A (the undamped factors of the last inversion) for a (B, o, i) stack: zero outside A's support, so
@@ -981,7 +980,8 @@ class KFAC(CurvatureOptimizer):
 
     def _inverse_update(self, bucket: InverseBucket, V: torch.Tensor,
                         D: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
-        """Damped inverses: (the update stack of a bucket, its statistics or None); K-FAC: G_d^-1 V A_d^-1, None."""
+        """Damped inverses: (the update stack of a bucket, its statistics or None); K-FAC: G_d^-1 V A_d^-1, None.
+        `_precondition` hands over the support form where there is one (InverseBucket.on_support)."""
         return bucket.precondition(V), None
 
     def _precondition(self, buckets: list, damping: float | None, inv_scale) -> dict[int, torch.Tensor]:
@@ -989,16 +989,22 @@ class KFAC(CurvatureOptimizer):
 
         The template steps hand their values on explicitly: `_sub_batches` -> `_bucket_gradients` (V, D per bucket)
         -> `_inverse_update` per bucket or `_combine` over all blocks (updates and statistics parts) ->
-        `_update_scale` (the KL clip over updates, gradients and statistics)."""
+        `_update_scale` (the KL clip over updates, gradients and statistics). On the damped-inverse path a bucket
+        whose gradients are zero outside A's support (InverseBucket.on_support) goes through all of these on the
+        support columns alone and is written out at full width once, scaled."""
         sub_batches = self._sub_batches(buckets)
         V_stacks, D_stacks, updates, stats = [], [], [], []
+        expands = [None] * len(buckets)
         for b in buckets:
             V, D = (b.as_blocks(M) for M in self._bucket_gradients(b, inv_scale, sub_batches))
             V_stacks.append(V)
             D_stacks.append(D)
         if self.uses_inverses:
-            for b, V, D in zip(buckets, V_stacks, D_stacks):
-                U, part = self._inverse_update(b, V, D)
+            for k, b in enumerate(buckets):
+                V, D = V_stacks[k], D_stacks[k]
+                core, Ms, expands[k] = b.on_support([V] if D is None else [V, D])
+                V_stacks[k], D_stacks[k] = Ms[0], (None if D is None else Ms[1])
+                U, part = self._inverse_update(core, V_stacks[k], D_stacks[k])
                 updates.append(U)
                 stats.append(part)
         else:
@@ -1018,6 +1024,7 @@ class KFAC(CurvatureOptimizer):
         if scale is not None:
             for U in updates:
                 U.mul_(scale.to(U.dtype))
+        updates = [U if e is None else e(U) for U, e in zip(updates, expands)]
         directions = {}
         for b, U in zip(buckets, updates):
             for j, i in enumerate(b.index):
