@@ -235,8 +235,8 @@ class _Sparse(nn.Module):
 
 
 def _run(opt_cls, model, steps, **kwargs):
-    opt = opt_cls(model, lr=0.1, damping=1e-2, factor_interval=1, inverse_interval=2, kl_clip=None,
-                  factor_dtype=torch.float64, **kwargs)
+    opt = opt_cls(model, **{**dict(lr=0.1, damping=1e-2, factor_interval=1, inverse_interval=2, kl_clip=None,
+                                   factor_dtype=torch.float64), **kwargs})
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         x, y = torch.randn(6, 39, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g)
@@ -266,6 +266,37 @@ def test_auto_forms_match_the_dense_cholesky_path(opt_cls):
     assert ("fc", "woodbury", False) in forms[0]  # the Linear's 41-wide A from 6 rows
     assert ("fc", "woodbury", False) not in forms[-1]  # 36 rows: dense again
     assert auto.samples_A[1] is None
+
+
+@pytest.mark.parametrize("opt_cls", [KFAC, FOP])
+def test_the_trust_region_on_the_support_form_matches_the_dense_path(opt_cls, monkeypatch):
+    """With the KL clip binding (the default kl_clip at lr 1), the step's trust region and scale run on the support
+    columns of the conv's bucket (InverseBucket.on_support, its update written at full width after the scale):
+    the same parameters as the dense Cholesky inverses of the whole factors, over steps that refresh and steps that
+    do not."""
+    routes, nus = [], []
+    on_support, kl_factor = InverseBucket.on_support, KFAC._kl_factor
+
+    def recorded(bucket, Ms):
+        out = on_support(bucket, Ms)
+        routes.append(out[0] is not bucket)
+        return out
+
+    def recorded_nu(opt, buckets, quadratic):
+        nu = kl_factor(opt, buckets, quadratic)
+        nus.append(float(nu))
+        return nu
+
+    monkeypatch.setattr(InverseBucket, "on_support", recorded)
+    monkeypatch.setattr(KFAC, "_kl_factor", recorded_nu)
+    torch.manual_seed(0)
+    m = _Sparse().double()
+    m_auto, m_dense = copy.deepcopy(m), copy.deepcopy(m)
+    _run(opt_cls, m_auto, 4, lr=1.0, kl_clip=1e-3)
+    assert any(routes) and nus and max(nus) < 1.0  # the support route was taken, and the clip bound every step
+    _run(opt_cls, m_dense, 4, lr=1.0, kl_clip=1e-3, inverse_method="cholesky")
+    for p1, p2 in zip(m_auto.parameters(), m_dense.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
 
 
 def test_samples_are_kept_at_the_support_width():
