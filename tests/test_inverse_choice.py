@@ -70,7 +70,7 @@ def test_side_on_a_support_matches_the_dense_damped_inverse(form, dtype):
         core = Woodbury(torch.stack([Z[b][:, idx] for b, idx in enumerate(sup)]).to(dtype), lam)
     else:
         block = torch.stack([M[b][idx][:, idx] for b, idx in enumerate(sup)]).to(dtype)
-        core = DenseBlock(block, DampedFactor.of(block, lam, form == "cholesky"))
+        core = DenseBlock(block, DampedFactor.of(block, lam, form == "cholesky"), block.dtype)
     side = Side(n, index, lam, core, form)
     dense = torch.linalg.inv(M + lam[:, None, None] * torch.eye(n, dtype=torch.float64))
     X = torch.randn(B, m, n, generator=g, dtype=torch.float64)
@@ -92,8 +92,8 @@ def _supported_bucket(dtype, g, B=2, o=4, n=12, r=3):
     G = ZG.mT @ ZG
     lam_A, lam_G = torch.tensor([0.3, 0.05], dtype=torch.float64), torch.tensor([0.2, 0.1], dtype=torch.float64)
     block = torch.stack([A[b][idx][:, idx] for b, idx in enumerate(sup)]).to(dtype)
-    Ainv = Side(n, torch.stack(sup), lam_A, DenseBlock(block, DampedFactor.of(block, lam_A, False)), "inverse")
-    Ginv = Side(o, None, lam_G, DenseBlock(G.to(dtype), DampedFactor.of(G.to(dtype), lam_G, False)), "inverse")
+    Ainv = Side(n, torch.stack(sup), lam_A, DenseBlock(block, DampedFactor.of(block, lam_A, False), dtype), "inverse")
+    Ginv = Side(o, None, lam_G, DenseBlock(G.to(dtype), DampedFactor.of(G.to(dtype), lam_G, False), dtype), "inverse")
     bucket = InverseBucket([0, 1], list(G.to(dtype)), list(A.to(dtype)), Ginv, Ainv)
     PG = torch.linalg.inv(G + lam_G[:, None, None] * torch.eye(o, dtype=torch.float64))
     PA = torch.linalg.inv(A + lam_A[:, None, None] * torch.eye(n, dtype=torch.float64))
@@ -297,6 +297,22 @@ def test_the_trust_region_on_the_support_form_matches_the_dense_path(opt_cls, mo
     _run(opt_cls, m_dense, 4, lr=1.0, kl_clip=1e-3, inverse_method="cholesky")
     for p1, p2 in zip(m_auto.parameters(), m_dense.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("inverse_method", ["auto", "cholesky"])
+def test_only_fop_keeps_the_undamped_blocks(inverse_method):
+    """The dense damped-inverse cores hold the undamped factor block only where the optimizer multiplies by it
+    (FOP's G V A): K-FAC's hold none, and asking one for a factor product says so."""
+    cores = {}
+    for opt_cls in (KFAC, FOP):
+        torch.manual_seed(0)
+        opt = _run(opt_cls, _Sparse().double(), 2, inverse_method=inverse_method)
+        cores[opt_cls] = [side.core for b in opt.buckets for side in (b.Ginv, b.Ainv)
+                          if isinstance(side.core, DenseBlock)]
+        assert cores[opt_cls]
+    assert all(core.M is None for core in cores[KFAC]) and all(core.M is not None for core in cores[FOP])
+    with pytest.raises(RuntimeError, match="without its undamped block"):
+        cores[KFAC][0].factor_right(torch.zeros(1, 1, 1, dtype=torch.float64))
 
 
 def test_samples_are_kept_at_the_support_width():

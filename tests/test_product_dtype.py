@@ -64,7 +64,8 @@ def _lowered_matrices(opt) -> list[torch.Tensor]:
             for side in (b.Ginv, b.Ainv):
                 core = side.core
                 if hasattr(core, "M"):  # DenseBlock (a Woodbury core keeps the factors' dtype)
-                    out.append(core.M)
+                    if core.M is not None:  # the undamped block: FOP's alone (K-FAC keeps none)
+                        out.append(core.M)
                     if core.core.inv is not None:
                         out.append(core.core.inv)
         else:

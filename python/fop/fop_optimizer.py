@@ -90,6 +90,8 @@ class FOP(KFAC):
       `zero_grad()` before the first pass. A step with one pass falls back to the K-FAC update (warned once).
     """
 
+    factor_products = True  # the damped-inverse forms keep the undamped factor blocks for G V A (S1, S2)
+
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.5, weight_decay: float = 0.0, *,
                  beta="adaptive", beta_clip=(-0.5, 0.5), eta=1.0, eta_clip=None, eta_norm: bool = True,
                  split: str = "half_batch", **kwargs):

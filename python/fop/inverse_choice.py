@@ -26,6 +26,8 @@ used only where the eigenbasis itself is needed (damping_mode="eigen").
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FORMS = ("inverse", "cholesky", "woodbury")
@@ -68,19 +70,31 @@ def support(M: torch.Tensor) -> torch.Tensor | None:
     without reading the rest of M (a dense factor: n entries read, not n^2). At most two host syncs."""
     n = M.shape[0]
     align = SUPPORT_ALIGN if n >= 8 * SUPPORT_ALIGN else 1
+    widest = (1 - SUPPORT_MIN_SAVING) * n
 
-    def too_wide(count: int) -> bool:
-        return -(-count // align) * align > (1 - SUPPORT_MIN_SAVING) * n
+    def aligned(count: int) -> int:
+        return -(-count // align) * align
 
-    if too_wide(int(torch.count_nonzero(M.diagonal()))):
+    if aligned(int(torch.count_nonzero(M.diagonal()))) > widest:
         return None
     nonzero = M.any(dim=1)  # on the values: no boolean copy of M (half the time)
     count = int(nonzero.sum())
-    if too_wide(count):
+    size = aligned(count)
+    if size > widest:
         return None
-    size = -(-count // align) * align
     pad = torch.nonzero(~nonzero).flatten()[:size - count]
     return torch.cat([torch.nonzero(nonzero).flatten(), pad]).sort().values
+
+
+def in_own_dtype(product):
+    """A product method `product(self, X)` made to multiply in `self.dtype` (X cast to it) and return the result in
+    X's dtype: every form multiplies in its own dtype, whatever its input's (`.to` is no copy when they agree)."""
+
+    @functools.wraps(product)
+    def run(self, X: torch.Tensor) -> torch.Tensor:
+        return product(self, X.to(self.dtype)).to(X.dtype)
+
+    return run
 
 
 class Woodbury:
@@ -108,42 +122,40 @@ class Woodbury:
         """The dtype it multiplies in (the factors': the form subtracts, so it is never rounded lower)."""
         return self.Z.dtype
 
+    @in_own_dtype
     def right(self, X: torch.Tensor) -> torch.Tensor:
         """X (Z^T Z + lam)^-1 = (X - (X Z^T) K^-1 Z) / lam for a (B, m, s) stack (computed in Z's dtype, returned in
         X's, as every product here)."""
-        Y = X.to(self.Z.dtype)
-        T = torch.cholesky_solve(torch.bmm(Y, self.Z.mT).mT, self.L).mT
-        return ((Y - torch.bmm(T, self.Z)) / self.lam[:, None, None]).to(X.dtype)
+        T = torch.cholesky_solve(torch.bmm(X, self.Z.mT).mT, self.L).mT
+        return (X - torch.bmm(T, self.Z)) / self.lam[:, None, None]
 
+    @in_own_dtype
     def left(self, X: torch.Tensor) -> torch.Tensor:
         """(Z^T Z + lam)^-1 X = (X - Z^T K^-1 (Z X)) / lam for a (B, s, m) stack."""
-        Y = X.to(self.Z.dtype)
-        T = torch.cholesky_solve(torch.bmm(self.Z, Y), self.L)
-        return ((Y - torch.bmm(self.Z.mT, T)) / self.lam[:, None, None]).to(X.dtype)
+        T = torch.cholesky_solve(torch.bmm(self.Z, X), self.L)
+        return (X - torch.bmm(self.Z.mT, T)) / self.lam[:, None, None]
 
+    @in_own_dtype
     def factor_right(self, X: torch.Tensor) -> torch.Tensor:
         """X Z^T Z (the undamped block) for a (B, m, s) stack."""
-        return torch.bmm(torch.bmm(X.to(self.Z.dtype), self.Z.mT), self.Z).to(X.dtype)
+        return torch.bmm(torch.bmm(X, self.Z.mT), self.Z)
 
+    @in_own_dtype
     def factor_left(self, X: torch.Tensor) -> torch.Tensor:
         """Z^T Z X for a (B, s, m) stack."""
-        return torch.bmm(self.Z.mT, torch.bmm(self.Z, X.to(self.Z.dtype))).to(X.dtype)
+        return torch.bmm(self.Z.mT, torch.bmm(self.Z, X))
 
 
 class DenseBlock:
-    """The undamped block M_S (B, s, s) beside a dense damped core (kfac.DampedFactor): the factor products FOP
-    needs, multiplied in M's dtype (the product dtype) and returned in the input's."""
+    """A dense damped core (kfac.DampedFactor) beside the undamped block M_S (B, s, s) for the factor products FOP
+    needs (None where the optimizer needs none: K-FAC keeps no copy), multiplied in `dtype` (the product dtype)
+    and returned in the input's."""
 
-    def __init__(self, M: torch.Tensor, core):
-        self.M, self.core = M, core
+    def __init__(self, M: torch.Tensor | None, core, dtype: torch.dtype):
+        self.M, self.core, self.dtype = M, core, dtype
 
     def subset(self, keep: list[int]) -> DenseBlock:
-        return DenseBlock(self.M[keep], self.core.subset(keep))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype it multiplies in (the product dtype)."""
-        return self.M.dtype
+        return DenseBlock(None if self.M is None else self.M[keep], self.core.subset(keep), self.dtype)
 
     def right(self, X: torch.Tensor) -> torch.Tensor:
         return self.core.right(X)
@@ -151,11 +163,18 @@ class DenseBlock:
     def left(self, X: torch.Tensor) -> torch.Tensor:
         return self.core.left(X)
 
-    def factor_right(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(X.to(self.M.dtype), self.M).to(X.dtype)
+    def _undamped(self) -> torch.Tensor:
+        if self.M is None:
+            raise RuntimeError("this damped inverse was made without its undamped block (factor_products=False)")
+        return self.M
 
+    @in_own_dtype
+    def factor_right(self, X: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(X, self._undamped())
+
+    @in_own_dtype
     def factor_left(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self.M, X.to(self.M.dtype)).to(X.dtype)
+        return torch.bmm(self._undamped(), X)
 
 
 class Side:

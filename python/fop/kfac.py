@@ -295,19 +295,26 @@ class DampedFactor:
     def state(self) -> dict[str, torch.Tensor]:
         return {"inv": self.inv} if self.inv is not None else {"chol": self.chol}
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it multiplies in: the inverse's (the product dtype) or the kept Cholesky factor's."""
+        return (self.chol if self.inv is None else self.inv).dtype
+
+    @inverse_choice.in_own_dtype
     def right(self, X: torch.Tensor) -> torch.Tensor:
         """X (M + lam)^-1 = X L^-T L^-1 for a (B, m, n) stack."""
         if self.inv is not None:
-            return torch.bmm(X.to(self.inv.dtype), self.inv).to(X.dtype)
-        Y = torch.linalg.solve_triangular(self.chol.mT, X.to(self.chol.dtype), upper=True, left=False)
-        return torch.linalg.solve_triangular(self.chol, Y, upper=False, left=False).to(X.dtype)
+            return torch.bmm(X, self.inv)
+        Y = torch.linalg.solve_triangular(self.chol.mT, X, upper=True, left=False)
+        return torch.linalg.solve_triangular(self.chol, Y, upper=False, left=False)
 
+    @inverse_choice.in_own_dtype
     def left(self, X: torch.Tensor) -> torch.Tensor:
         """(M + lam)^-1 X = L^-T L^-1 X for a (B, n, m) stack."""
         if self.inv is not None:
-            return torch.bmm(self.inv, X.to(self.inv.dtype)).to(X.dtype)
-        Y = torch.linalg.solve_triangular(self.chol, X.to(self.chol.dtype), upper=False)
-        return torch.linalg.solve_triangular(self.chol.mT, Y, upper=True).to(X.dtype)
+            return torch.bmm(self.inv, X)
+        Y = torch.linalg.solve_triangular(self.chol, X, upper=False)
+        return torch.linalg.solve_triangular(self.chol.mT, Y, upper=True)
 
 
 class InverseBucket(Blocks):
@@ -395,11 +402,17 @@ class BucketFactors:
 
 
 class InverseForms:
-    """A damped-inverse path's forms (DenseInverses, ChosenInverses), made for one product dtype: the dtype the dense
-    inverses and factor copies are held in (the factors' own dtype by default, where `.to` is no copy)."""
+    """A damped-inverse path's forms (DenseInverses, ChosenInverses), made for one product dtype (the dtype the dense
+    inverses and factor copies are held in: the factors' own dtype by default, where `.to` is no copy) and for an
+    optimizer that multiplies by the undamped factors too (`factor_products`: FOP's G V A) or not (K-FAC)."""
 
-    def __init__(self, product_dtype: torch.dtype):
-        self.product_dtype = product_dtype
+    def __init__(self, product_dtype: torch.dtype, factor_products: bool):
+        self.product_dtype, self.factor_products = product_dtype, factor_products
+
+    def dense_block(self, M: torch.Tensor, damped: DampedFactor) -> DenseBlock:
+        """The dense core of the damped inverse `damped` of the stack M, with M in the product dtype beside it only
+        where the factor products need it."""
+        return DenseBlock(M.to(self.product_dtype) if self.factor_products else None, damped, self.product_dtype)
 
 
 class DenseInverses(InverseForms):
@@ -418,8 +431,7 @@ class DenseInverses(InverseForms):
             M = _stack(Ms, f.groups)
             damped = DampedFactor.of(M, lam, keep, [f"factor {side} of layer {n}" for n in f.names],
                                      self.product_dtype)
-            sides.append(Side(M.shape[1], None, lam, DenseBlock(M.to(self.product_dtype), damped),
-                              "cholesky" if keep else "inverse"))
+            sides.append(Side(M.shape[1], None, lam, self.dense_block(M, damped), "cholesky" if keep else "inverse"))
         return [InverseBucket(f.idx, f.Gs, f.As, *sides, groups=f.groups)]
 
     def saved(self, bucket: InverseBucket, j: int, e) -> dict[str, torch.Tensor]:
@@ -443,10 +455,8 @@ class DenseInverses(InverseForms):
         def damped(idx, side, g):
             form = "inv" if side + "inv" in moved[idx[0]] else "chol"
             M, core = (_stack([moved[i][k] for i in idx], g) for k in (side, side + form))
-            return Side(M.shape[1], None, None,
-                        DenseBlock(M.to(self.product_dtype),
-                                   DampedFactor(**{form: core.to(self.product_dtype) if form == "inv" else core})),
-                        "inverse" if form == "inv" else "cholesky")
+            damped = DampedFactor(**{form: core.to(self.product_dtype) if form == "inv" else core})
+            return Side(M.shape[1], None, None, self.dense_block(M, damped), "inverse" if form == "inv" else "cholesky")
 
         out = []
         for idx in groups:
@@ -498,8 +508,8 @@ class ChosenInverses(InverseForms):
                 else:
                     block = torch.stack([Ms[e] if sup is None else Ms[e][sup][:, sup] for e, sup in zip(ents, sups)])
                     names = [f"factor {side} of layer {f.names[e]}" for e in ents]
-                    core = DenseBlock(block.to(self.product_dtype),
-                                      DampedFactor.of(block, lam_k, form == "cholesky", names, self.product_dtype))
+                    core = self.dense_block(block, DampedFactor.of(block, lam_k, form == "cholesky", names,
+                                                                   self.product_dtype))
                 sides.append(Side(Ms[0].shape[0], index, lam_k, core, form))
             out.append(InverseBucket([f.idx[j] for j in js], [f.Gs[j] for j in js], [f.As[j] for j in js], *sides,
                                      samples=([f.ZGs[j] for j in js], [f.ZAs[j] for j in js]), groups=g))
@@ -610,6 +620,8 @@ class KFAC(CurvatureOptimizer):
             convs and embeddings raise: one process only).
     """
 
+    factor_products = False  # K-FAC multiplies by the damped inverses alone: no undamped factor blocks are kept
+
     def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.5, weight_decay: float = 0.0, *,
                  decoupled: bool = False, damping=1e-3, damping_mode: str = "factored", factor_decay: float = 0.05,
                  factor_interval: int = 10, inverse_interval: int = 10, kl_clip: float | None = 1e-3,
@@ -685,7 +697,8 @@ class KFAC(CurvatureOptimizer):
             raise ValueError(f"layers {diagonal} have a diagonal input factor (embeddings), which K-FAC/FOP support "
                              "with inverse_method='eigh' or 'auto' in one process; leave them out with exclude=[...]")
         # the damped-inverse path's forms (DenseInverses, ChosenInverses), None on the eigenbasis path
-        self.inverses = INVERSE_FORMS[self.inverse_method](self.product_dtype) if self.uses_inverses else None
+        self.inverses = (INVERSE_FORMS[self.inverse_method](self.product_dtype, self.factor_products)
+                         if self.uses_inverses else None)
         # the sample rows are kept in one process only (distributed factors are averaged densely over ranks), for the
         # empirical Fisher (the MC Fisher's hook reduces its output gradients to Grams at once)
         self._tracks_samples = (self.inverses is not None and self.inverses.keeps_samples and not self.comm.active
