@@ -513,6 +513,30 @@ def test_damped_cholesky_inverse_vs_float64(backend, dtype, B, n):
     assert info[-1] != 0 and info[:-1].tolist() == [0] * (B - 1)
 
 
+@pytest.mark.parametrize("backend", backends_for("damped_cholesky_inverse", torch.device("cpu")))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,n", [(1, 1), (2, 5), (3, 64), (2, 130), (1, 600)])
+def test_damped_cholesky_inverse_overwrite_is_the_same_inverse_in_place(backend, dtype, B, n):
+    """overwrite=True writes the inverses into M itself (the result is M, its storage) and they equal the
+    out-of-place op's bit for bit on fresh random stacks, poisoned around the matrices first (M is a view of a NaN
+    buffer's middle: nothing outside it may be read or written); info is the same, an indefinite matrix included."""
+    g = torch.Generator().manual_seed(7 * B + n)
+    Z = torch.randn(B, n, max(1, n // 2), generator=g, dtype=torch.float64)
+    M = (Z @ Z.mT / n).to(dtype)
+    M[-1].diagonal().sub_(10.0 if B > 1 else 0.0)
+    lam = (torch.rand(B, generator=g, dtype=torch.float64) * 0.1 + 1e-2).to(dtype)
+    expected, expected_info = fop_kernels.damped_cholesky_inverse(M, lam, backend=backend)
+    buffer = torch.full((B * n * n + 2 * 17,), float("nan"), dtype=dtype)
+    scratch = buffer[17:17 + B * n * n].view(B, n, n)
+    scratch.copy_(M)
+    inv, info = fop_kernels.damped_cholesky_inverse(scratch, lam, overwrite=True, backend=backend)
+    assert inv.data_ptr() == scratch.data_ptr() and inv.shape == M.shape
+    assert torch.equal(info, expected_info)
+    good = [b for b in range(B) if int(info[b]) == 0]
+    assert torch.equal(inv[good], expected[good])
+    assert bool(buffer[:17].isnan().all()) and bool(buffer[17 + B * n * n:].isnan().all())
+
+
 def test_damped_cholesky_inverse_rejects_bad_input():
     M = torch.eye(3).expand(2, 3, 3).clone()
     with pytest.raises(ValueError, match="M must be a"):
@@ -521,3 +545,7 @@ def test_damped_cholesky_inverse_rejects_bad_input():
         fop_kernels.damped_cholesky_inverse(M, torch.ones(3))
     with pytest.raises(TypeError, match="float32 or float64"):
         fop_kernels.damped_cholesky_inverse(M.half(), torch.ones(2))
+    with pytest.raises(ValueError, match="contiguous"):
+        fop_kernels.damped_cholesky_inverse(M.mT, torch.ones(2), overwrite=True)
+    with pytest.raises(TypeError, match="overwrite"):
+        fop_kernels.damped_cholesky_inverse(M, torch.ones(2), overwrite=1)

@@ -347,3 +347,41 @@ def test_auto_state_dict_resumes_bit_for_bit():
             opt.step()
     for p1, p2 in zip(ref_model.parameters(), resumed_model.parameters()):
         assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,s,m", [(1, 3, 2), (3, 17, 5), (2, 64, 33)])
+def test_dense_block_of_shared_matrices_multiplies_as_the_stack(dtype, B, s, m):
+    """The undamped block held as a list of the matrices themselves (no stacked copy) gives the stacked block's
+    products from both sides, on fresh random inputs of several shapes and dtypes."""
+    g = torch.Generator().manual_seed(B * 100 + s)
+    mats = [torch.randn(s, s, generator=g, dtype=torch.float64).to(dtype) for _ in range(B)]
+    core = DampedFactor(inv=torch.eye(s, dtype=dtype).expand(B, s, s).contiguous())
+    shared, stacked = DenseBlock(mats, core, dtype), DenseBlock(torch.stack(mats), core, dtype)
+    X = torch.randn(B, m, s, generator=g, dtype=dtype)
+    tol = dict(rtol=TOLERANCES[dtype][0], atol=TOLERANCES[dtype][1] * s)
+    torch.testing.assert_close(shared.factor_right(X), stacked.factor_right(X), **tol)
+    torch.testing.assert_close(shared.factor_left(X.mT), stacked.factor_left(X.mT), **tol)
+    keep = [B - 1]
+    torch.testing.assert_close(shared.subset(keep).factor_right(X[keep]), X[keep] @ mats[B - 1], **tol)
+
+
+def test_fop_multiplies_by_its_wide_factors_without_copying_them(monkeypatch):
+    """FOP's dense blocks at least SHARED_BLOCK_MIN wide keep the factors themselves (the very tensors of
+    opt.factors_A, no copy) for G V A, and its steps equal those with stacked copies (the threshold raised past
+    every block) to rounding."""
+    def run(min_width):
+        monkeypatch.setattr(inverse_choice, "SHARED_BLOCK_MIN", min_width)
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(39, 12), nn.Tanh(), nn.Linear(12, 5)).double()
+        opt = _run(FOP, model, 5, inverse_method="cholesky")
+        return model, opt
+
+    (shared_model, shared), (copied_model, _) = run(13), run(10 ** 9)
+    cores = [side.core for b in shared.buckets for side in (b.Ginv, b.Ainv)]
+    lists = [core for core in cores if isinstance(core.M, list)]
+    assert lists and any(isinstance(core.M, torch.Tensor) for core in cores)  # A (40 wide) shared, G (12) not
+    for core in lists:
+        assert all(any(Mj is A for A in shared.factors_A) for Mj in core.M)
+    for p1, p2 in zip(shared_model.parameters(), copied_model.parameters()):
+        torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-14)

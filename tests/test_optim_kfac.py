@@ -344,11 +344,14 @@ def test_cholesky_inverse_needs_factored_damping_and_no_refresh():
         KFAC(tiny_net(), inverse_method="lu")
 
 
+@pytest.mark.parametrize("scratch", [False, True], ids=["copy", "scratch"])
 @pytest.mark.parametrize("keep_factor", [False, True], ids=["inverse", "factor"])
-def test_damped_factor_falls_back_to_clamped_eigenvalues_when_cholesky_fails(keep_factor):
+def test_damped_factor_falls_back_to_clamped_eigenvalues_when_cholesky_fails(keep_factor, scratch):
     """Rounding can leave a factor slightly indefinite; when M + lam I is not positive definite its Cholesky fails
     and that matrix is replaced by its eigendecomposition with eigenvalues clamped at 0, while the others keep their
-    own Cholesky. Both forms (inverse, Cholesky factor) multiply from either side as the damped inverse."""
+    own Cholesky. Both forms (inverse, Cholesky factor) multiply from either side as the damped inverse. With
+    `sources` (the stack is the caller's scratch, inverted in place) the repair reads the source matrix, which the
+    in-place Cholesky did not touch; without, the stack itself is left as it was."""
     torch.manual_seed(21)
     X = torch.randn(6, 4, dtype=torch.float64)
     good = X.T @ X
@@ -356,8 +359,15 @@ def test_damped_factor_falls_back_to_clamped_eigenvalues_when_cholesky_fails(kee
     evals = torch.tensor([-1e-3, 1.0, 2.0, 3.0], dtype=torch.float64)
     indefinite = Q @ torch.diag(evals) @ Q.T
     lam = torch.tensor([0.1, 1e-6], dtype=torch.float64)
-    damped = DampedFactor.of(torch.stack([good, indefinite]), lam, keep_factor)
+    sources = [good.clone(), indefinite.clone()]
+    stack = torch.stack(sources)
+    damped = DampedFactor.of(stack, lam, keep_factor, sources=sources if scratch else None)
     assert (damped.chol is not None) == keep_factor
+    assert torch.equal(sources[0], good) and torch.equal(sources[1], indefinite)
+    if not scratch:
+        assert torch.equal(stack, torch.stack([good, indefinite]))
+    elif not keep_factor:
+        assert damped.inv.data_ptr() == stack.data_ptr()  # inverted in place: no second stack
     expected = torch.stack([torch.linalg.inv(good + 0.1 * torch.eye(4, dtype=torch.float64)),
                             Q @ torch.diag(1.0 / (evals.clamp_min(0) + 1e-6)) @ Q.T])
     M = torch.randn(2, 4, 3, dtype=torch.float64)

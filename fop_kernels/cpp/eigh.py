@@ -37,6 +37,11 @@ def _damped_cholesky_inverse_fake(M, lam):
     return M.new_empty(M.shape), M.new_empty(M.shape[:1], dtype=torch.int32)
 
 
+@torch.library.register_fake("fop_kernels::damped_cholesky_inverse_")
+def _damped_cholesky_inverse_in_place_fake(M, lam):
+    return M.new_empty(M.shape[:1], dtype=torch.int32)
+
+
 def _damping_tensor(damping, like: torch.Tensor) -> torch.Tensor:
     """A float damping becomes a 0-d float64 CPU tensor (no device copy); a tensor is passed as is."""
     if isinstance(damping, torch.Tensor):
@@ -75,6 +80,10 @@ def eigh_refresh(mats: list[torch.Tensor], prev_evecs: list[torch.Tensor], iters
 
 
 @register("damped_cholesky_inverse", "cpp", ("cpu",))
-def damped_cholesky_inverse(M: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """((M_b + lam_b I)^-1, info) by LAPACK potrf/potri in place on one copy (csrc/cholesky.cpp)."""
+def damped_cholesky_inverse(M: torch.Tensor, lam: torch.Tensor,
+                            overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """((M_b + lam_b I)^-1, info) by LAPACK potrf/potri in place on one copy (csrc/cholesky.cpp), or on M itself
+    with `overwrite` (the result is M)."""
+    if overwrite:
+        return M, torch.ops.fop_kernels.damped_cholesky_inverse_(M, lam)
     return torch.ops.fop_kernels.damped_cholesky_inverse(M, lam)

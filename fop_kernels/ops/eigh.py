@@ -116,11 +116,14 @@ def eigh_refresh(mats, prev_evecs, iters: int = 1, clamp: bool = False, *, backe
     return fn(mats, prev_evecs, iters=iters, clamp=clamp)
 
 
-def damped_cholesky_inverse(M, lam, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def damped_cholesky_inverse(M, lam, *, overwrite: bool = False,
+                            backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """((M_b + lam_b I)^-1, info) for a (B, n, n) stack of symmetric float32/float64 matrices and one damping per
     matrix (`lam`, shape (B,)), by Cholesky: `info` (int32, (B,)) is nonzero where M_b + lam_b I has no Cholesky
     factor (not positive definite, or non-finite), and that inverse is then unspecified: the caller repairs or
-    raises. The result is exactly symmetric."""
+    raises. The result is exactly symmetric. `overwrite=True`: M (contiguous, a scratch stack of the caller's) is
+    overwritten with the inverses and returned, and no buffer of its size is made; M is then unspecified where
+    info is nonzero."""
     if not isinstance(M, torch.Tensor) or M.dim() != 3 or M.shape[1] != M.shape[2]:
         raise ValueError(f"M must be a (B, n, n) tensor of square matrices, got "
                          f"{tuple(M.shape) if isinstance(M, torch.Tensor) else type(M).__name__}")
@@ -129,5 +132,9 @@ def damped_cholesky_inverse(M, lam, *, backend: str | None = None) -> tuple[torc
     if not isinstance(lam, torch.Tensor) or lam.shape != M.shape[:1] or lam.device != M.device:
         raise ValueError(f"lam must be a ({M.shape[0]},) tensor on {M.device} (one damping per matrix), got "
                          f"{tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if overwrite and not M.is_contiguous():
+        raise ValueError("overwrite=True needs a contiguous M: the inverses are written into its storage")
     _, fn = resolve("damped_cholesky_inverse", M.device, backend)
-    return fn(M, lam)
+    return fn(M, lam, overwrite)

@@ -27,13 +27,15 @@ def damped_inverse(
     return [(q * (l.clamp_min(0) + damping).pow(power)) @ q.mT for l, q in zip(evals, evecs)]
 
 
-def damped_cholesky_inverse(M: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def damped_cholesky_inverse(M: torch.Tensor, lam: torch.Tensor,
+                            overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """((M_b + lam_b I)^-1, info) for a (B, n, n) stack by Cholesky: info_b (int32) > 0 where M_b + lam_b I has no
-    Cholesky factor (the inverse is then unspecified)."""
+    Cholesky factor (the inverse is then unspecified). `overwrite`: the inverses are written into M, returned."""
     damped = M.clone()
     damped.diagonal(dim1=1, dim2=2).add_(lam.to(M.dtype)[:, None])
     L, info = torch.linalg.cholesky_ex(damped)
-    return torch.cholesky_inverse(L).mT.contiguous(), (info > 0).to(torch.int32)
+    inv = torch.cholesky_inverse(L).mT
+    return (M.copy_(inv) if overwrite else inv.contiguous()), (info > 0).to(torch.int32)
 
 
 def eigh_refresh(

@@ -146,16 +146,25 @@ class Woodbury:
         return torch.bmm(self.Z.mT, torch.bmm(self.Z, X))
 
 
+SHARED_BLOCK_MIN = 256  # FOP's undamped blocks at least this wide are the factors themselves (one GEMM per block),
+# not a stacked copy: at width 64 the copies were two generations of layer3's 3 x 2304^2 stack at a refresh
+
+
 class DenseBlock:
     """A dense damped core (kfac.DampedFactor) beside the undamped block M_S (B, s, s) for the factor products FOP
     needs (None where the optimizer needs none: K-FAC keeps no copy), multiplied in `dtype` (the product dtype)
-    and returned in the input's."""
+    and returned in the input's. M is a (B, s, s) stack, or a list of the B matrices themselves (references to the
+    immutable factors or their support blocks, multiplied one GEMM each: no stack-sized copy)."""
 
-    def __init__(self, M: torch.Tensor | None, core, dtype: torch.dtype):
+    def __init__(self, M: torch.Tensor | list[torch.Tensor] | None, core, dtype: torch.dtype):
         self.M, self.core, self.dtype = M, core, dtype
 
     def subset(self, keep: list[int]) -> DenseBlock:
-        return DenseBlock(None if self.M is None else self.M[keep], self.core.subset(keep), self.dtype)
+        if self.M is None:
+            M = None
+        else:
+            M = [self.M[j] for j in keep] if isinstance(self.M, list) else self.M[keep]
+        return DenseBlock(M, self.core.subset(keep), self.dtype)
 
     def right(self, X: torch.Tensor) -> torch.Tensor:
         return self.core.right(X)
@@ -163,18 +172,32 @@ class DenseBlock:
     def left(self, X: torch.Tensor) -> torch.Tensor:
         return self.core.left(X)
 
-    def _undamped(self) -> torch.Tensor:
+    def _undamped(self) -> torch.Tensor | list[torch.Tensor]:
         if self.M is None:
             raise RuntimeError("this damped inverse was made without its undamped block (factor_products=False)")
         return self.M
 
     @in_own_dtype
     def factor_right(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(X, self._undamped())
+        """X M_S for a (B, m, s) stack."""
+        M = self._undamped()
+        if isinstance(M, torch.Tensor):
+            return torch.bmm(X, M)
+        out = X.new_empty(X.shape[0], X.shape[1], M[0].shape[1])
+        for j, Mj in enumerate(M):
+            torch.mm(X[j], Mj, out=out[j])
+        return out
 
     @in_own_dtype
     def factor_left(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self._undamped(), X)
+        """M_S X for a (B, s, m) stack."""
+        M = self._undamped()
+        if isinstance(M, torch.Tensor):
+            return torch.bmm(M, X)
+        out = X.new_empty(X.shape[0], M[0].shape[0], X.shape[2])
+        for j, Mj in enumerate(M):
+            torch.mm(Mj, X[j], out=out[j])
+        return out
 
 
 class Side:

@@ -244,21 +244,27 @@ class DampedFactor:
 
     @classmethod
     def of(cls, M: torch.Tensor, lam: torch.Tensor, keep_factor: bool, names: list[str] | None = None,
-           product_dtype: torch.dtype | None = None) -> DampedFactor:
+           product_dtype: torch.dtype | None = None, sources: list[torch.Tensor] | None = None) -> DampedFactor:
         """By Cholesky. A matrix whose Cholesky fails (rounding made it indefinite) is retried as its
         eigendecomposition with eigenvalues clamped at 0 (fop_kernels.damped_inverse with power 1), then in
         float64, then with the damping raised to 1e-6 of the mean diagonal; only if all fail the error names the
         matrix (`names[b]`). The inverse is rounded to `product_dtype` (None: M's) once it is made; a kept
-        Cholesky factor stays in M's dtype (triangular solves)."""
-        def repaired(b: int) -> torch.Tensor:
-            return cls._repaired_cholesky(M[b], lam[b], f"matrix {b}" if names is None else names[b])
+        Cholesky factor stays in M's dtype (triangular solves). `sources`: the B matrices M was stacked from, given
+        when M is the caller's scratch copy: it is then overwritten (inverted in place, no second stack-sized
+        buffer) and a repair reads the source."""
+        original = M if sources is None else None
 
-        if not keep_factor:  # one buffer, LAPACK in place on the host (fop_kernels.damped_cholesky_inverse)
-            inv, info = fop_kernels.damped_cholesky_inverse(M, lam.to(M.dtype))
+        def repaired(b: int) -> torch.Tensor:
+            source = original[b] if sources is None else sources[b]
+            return cls._repaired_cholesky(source, lam[b], f"matrix {b}" if names is None else names[b])
+
+        if not keep_factor:  # LAPACK in place on the host (fop_kernels.damped_cholesky_inverse), on M or on a copy
+            inv, info = fop_kernels.damped_cholesky_inverse(M, lam.to(M.dtype),
+                                                            overwrite=sources is not None and M.is_contiguous())
             for b in torch.nonzero(info).flatten().tolist():  # one host sync per inversion step
                 inv[b] = torch.cholesky_inverse(repaired(b)).mT
             return cls(inv=inv if product_dtype is None else inv.to(product_dtype))
-        damped = M.clone()
+        damped = M if sources is not None else M.clone()
         damped.diagonal(dim1=1, dim2=2).add_(lam.to(M.dtype)[:, None])
         L, info = torch.linalg.cholesky_ex(damped)
         for b in torch.nonzero(info).flatten().tolist():
@@ -414,6 +420,22 @@ class InverseForms:
         where the factor products need it."""
         return DenseBlock(M.to(self.product_dtype) if self.factor_products else None, damped, self.product_dtype)
 
+    def inverted_block(self, M: torch.Tensor, lam: torch.Tensor, keep_factor: bool, names: list[str],
+                       sources: list[torch.Tensor]) -> DenseBlock:
+        """The dense core of (M + lam I)^-1 for the fresh stack M of the matrices `sources` (the factors or their
+        support blocks), inverted in place: no second stack-sized buffer. The factor products' undamped block is
+        `sources` itself where it is wide and in the product dtype (inverse_choice.SHARED_BLOCK_MIN), else a copy."""
+        if not self.factor_products:
+            kept = None
+        elif self.product_dtype != M.dtype:
+            kept = M.to(self.product_dtype)
+        elif M.shape[-1] >= inverse_choice.SHARED_BLOCK_MIN:
+            kept = list(sources)
+        else:
+            kept = M.clone()
+        damped = DampedFactor.of(M, lam, keep_factor, names, self.product_dtype, sources)
+        return DenseBlock(kept, damped, self.product_dtype)
+
 
 class DenseInverses(InverseForms):
     """inverse_method="cholesky", as ASDL and the official code: one InverseBucket per shape class, dense damped
@@ -429,9 +451,9 @@ class DenseInverses(InverseForms):
         sides = []
         for Ms, lam, keep, side in ((f.Gs, f.lam_G, keep_G, "G"), (f.As, f.lam_A, keep_A, "A")):
             M = _stack(Ms, f.groups)
-            damped = DampedFactor.of(M, lam, keep, [f"factor {side} of layer {n}" for n in f.names],
-                                     self.product_dtype)
-            sides.append(Side(M.shape[1], None, lam, self.dense_block(M, damped), "cholesky" if keep else "inverse"))
+            names = [f"factor {side} of layer {n}" for n in f.names]
+            sides.append(Side(M.shape[1], None, lam, self.inverted_block(M, lam, keep, names, f.blocks(Ms)),
+                              "cholesky" if keep else "inverse"))
         return [InverseBucket(f.idx, f.Gs, f.As, *sides, groups=f.groups)]
 
     def saved(self, bucket: InverseBucket, j: int, e) -> dict[str, torch.Tensor]:
@@ -506,10 +528,9 @@ class ChosenInverses(InverseForms):
                     Z = torch.stack([Zs[j] if sup is None else Zs[j][:, sup] for j, sup in zip(js, sups)])
                     core = Woodbury(Z, lam_k)
                 else:
-                    block = torch.stack([Ms[e] if sup is None else Ms[e][sup][:, sup] for e, sup in zip(ents, sups)])
+                    sources = [Ms[e] if sup is None else Ms[e][sup][:, sup] for e, sup in zip(ents, sups)]
                     names = [f"factor {side} of layer {f.names[e]}" for e in ents]
-                    core = self.dense_block(block, DampedFactor.of(block, lam_k, form == "cholesky", names,
-                                                                   self.product_dtype))
+                    core = self.inverted_block(torch.stack(sources), lam_k, form == "cholesky", names, sources)
                 sides.append(Side(Ms[0].shape[0], index, lam_k, core, form))
             out.append(InverseBucket([f.idx[j] for j in js], [f.Gs[j] for j in js], [f.As[j] for j in js], *sides,
                                      samples=([f.ZGs[j] for j in js], [f.ZAs[j] for j in js]), groups=g))
