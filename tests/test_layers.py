@@ -1192,3 +1192,74 @@ def test_bert_coverage_and_training(transformers, cls):
     steps = 12 if cls is AdaFisher else 5
     losses = _train(m, opt, batch, lambda m, b: m(input_ids=b[0], labels=b[1]).loss, steps=steps)
     assert losses[-1] < 0.8 * losses[0]
+
+
+CONV_GEOMETRIES = [  # (conv, input shape): dead taps on small maps, strides, dilation, a bias, Conv1d
+    (lambda: nn.Conv2d(5, 4, 3, padding=1), (3, 5, 1, 1)),
+    (lambda: nn.Conv2d(5, 4, 3, padding=1, bias=False), (3, 5, 1, 1)),
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 2, 2)),
+    (lambda: nn.Conv2d(3, 2, (3, 5), padding=(1, 2), dilation=(1, 2)), (2, 3, 1, 6)),
+    (lambda: nn.Conv2d(2, 3, 5, stride=3, padding=2, bias=False), (4, 2, 4, 3)),
+    (lambda: nn.Conv1d(3, 2, 3, padding=1), (2, 3, 1)),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 6, 6)),  # every tap reads the image: None
+]
+
+
+def _conv_layer(make):
+    torch.manual_seed(0)
+    conv = make().double()
+    layers, _ = discover_layers(nn.Sequential(conv))
+    return conv, layers[0]
+
+
+def _patch_rows(conv, x):
+    """im2col rows of the conv's input x (rows, D [+ 1 for the bias]), by F.unfold: the reference."""
+    x4 = x.unsqueeze(-2) if x.dim() == 3 else x
+    k = conv.kernel_size if len(conv.kernel_size) == 2 else (1, conv.kernel_size[0])
+    s = conv.stride if len(conv.stride) == 2 else (1, conv.stride[0])
+    p = conv.padding if len(conv.padding) == 2 else (0, conv.padding[0])
+    d = conv.dilation if len(conv.dilation) == 2 else (1, conv.dilation[0])
+    P = F.unfold(x4, k, dilation=d, padding=p, stride=s).transpose(1, 2).reshape(-1, x4.shape[1] * k[0] * k[1])
+    return torch.cat([P, torch.ones(P.shape[0], 1, dtype=P.dtype)], 1) if conv.bias is not None else P
+
+
+@pytest.mark.parametrize("case", range(len(CONV_GEOMETRIES)))
+def test_live_input_columns_are_the_patch_columns_that_can_be_nonzero(case):
+    """live_input_columns against F.unfold on a random input with no zero entries: exactly the nonzero patch
+    columns (the taps that read only padding give zero columns), sorted; None when every column is live."""
+    make, shape = CONV_GEOMETRIES[case]
+    conv, layer = _conv_layer(make)
+    x = torch.rand(shape, dtype=DT, generator=torch.Generator().manual_seed(case)) + 0.5
+    nonzero = torch.nonzero(_patch_rows(conv, x).ne(0).any(0)).flatten()
+    cols = layer.type.live_input_columns(layer, layer.type.input(layer, x).shape, x.device)
+    if nonzero.numel() == layer.in_dim:
+        assert cols is None
+    else:
+        assert cols is not None and torch.equal(cols, nonzero)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(len(CONV_GEOMETRIES) - 1))
+def test_input_factor_update_on_live_columns_is_the_full_update_in_place(case, dtype):
+    """update_input_factor_on_columns on an A that is zero outside the live columns gives update_input_factor's A
+    (two records, decay 0.3), and reads and writes nothing else: the rest of A is poisoned with NaN and stays so."""
+    make, shape = CONV_GEOMETRIES[case]
+    conv, layer = _conv_layer(make)
+    g = torch.Generator().manual_seed(10 + case)
+    xs = [layer.type.input(layer, torch.randn(shape, dtype=DT, generator=g).to(dtype)) for _ in range(2)]
+    cols = layer.type.live_input_columns(layer, xs[0].shape, xs[0].device)
+    n = layer.in_dim
+    Z = torch.randn(2 * cols.numel(), cols.numel(), dtype=DT, generator=g)
+    block = (Z.T @ Z / Z.shape[0]).to(dtype)
+    expected = torch.zeros(n, n, dtype=dtype)
+    expected[cols[:, None], cols[None, :]] = block
+    layer.type.update_input_factor(layer, expected, xs, 0.3)
+    A = torch.full((n, n), float("nan"), dtype=dtype)
+    A[cols[:, None], cols[None, :]] = block
+    layer.type.update_input_factor_on_columns(layer, A, xs, 0.3, cols)
+    inside = torch.zeros(n, n, dtype=torch.bool)
+    inside[cols[:, None], cols[None, :]] = True
+    assert bool(A[~inside].isnan().all())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(A[inside], expected[inside], atol=tol * float(expected.abs().max()), rtol=0, what=f"case {case}")
+    assert bool((expected[~inside] == 0).all())

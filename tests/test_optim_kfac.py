@@ -13,6 +13,8 @@ from helpers import inverse_kwargs
 from test_optim_fop import _one_step_direction, _per_layer_stats, tiny_net
 from torch import nn
 
+import fop_kernels
+
 
 def _batch(n=10, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
@@ -490,3 +492,85 @@ def test_grafted_state_is_transactional_and_round_trips(cls):
     bad["state"][index]["graft_step"] = -1
     with pytest.raises(ValueError, match="graft_step"):
         opt2.load_state_dict(bad)
+
+
+class _SmallMaps(nn.Module):
+    """A conv on 1x1 maps (8 of its 9 taps read only padding) before a Linear head; with 2x2 inputs every tap
+    reads the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+def _small_maps_run(opt_cls, monkeypatch, min_bytes, sizes, fail_at=None):
+    import fop.kfac as kfac_module
+    monkeypatch.setattr(kfac_module, "IN_PLACE_MIN_BYTES", min_bytes)
+    torch.manual_seed(0)
+    model = _SmallMaps().double()
+    opt = opt_cls(model, lr=0.1, factor_interval=2, inverse_interval=2, factor_dtype=torch.float64)
+    ids = []
+    for step, size in enumerate(sizes):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, size, size, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        ids.append(opt.factors_A[0])  # the tensors themselves: an id could be reused once one is freed
+    return model, opt, ids
+
+
+@pytest.mark.parametrize("opt_cls", [KFAC, FOP])
+def test_conv_factor_with_dead_taps_is_updated_in_place_with_the_same_result(opt_cls, monkeypatch):
+    """A large conv input factor whose dead taps' rows are zero is updated in place on its live columns (the same
+    tensor across refreshes) and every step equals the update into a new tensor; when the input grows so that
+    every tap is live, and when it shrinks back (the factor is then nonzero everywhere), it takes the copy again,
+    and still equals it."""
+    for sizes in ([1] * 9, [1, 1, 1, 1, 2, 2, 1, 1, 1]):
+        m_in, opt_in, ids = _small_maps_run(opt_cls, monkeypatch, 0, sizes)
+        m_copy, opt_copy, ids_copy = _small_maps_run(opt_cls, monkeypatch, 2 ** 62, sizes)
+        for p, q in zip(m_in.parameters(), m_copy.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt_in.factors_A[0], opt_copy.factors_A[0], rtol=1e-12, atol=1e-14)
+        factor_steps = (2, 4, 6, 8)
+        assert all(ids_copy[s] is not ids_copy[s - 1] for s in factor_steps)  # a new tensor at every factor step
+        if sizes == [1] * 9:
+            assert all(ids[s] is ids[2] for s in factor_steps)  # one tensor, updated in place
+        else:  # 2x2 inputs at steps 4, 5: every tap live, then a factor dense everywhere: copies
+            assert ids[4] is not ids[3] and ids[6] is not ids[5] and ids[8] is not ids[7]
+
+
+@pytest.mark.parametrize("opt_cls", [KFAC, FOP])
+def test_failed_step_after_an_in_place_factor_update_restores_the_factor(opt_cls, monkeypatch):
+    """The inversion fails after the conv factor was updated in place: the step raises, and the factor (the same
+    tensor), the rest of the state and the parameters are exactly as before; the next steps train."""
+    model, opt, _ = _small_maps_run(opt_cls, monkeypatch, 0, [1] * 4)  # steps 0-3; step 4 inverts
+    A = opt.factors_A[0]
+    before_A = A.clone()
+    before = copy.deepcopy(opt.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+
+    def boom(*args, **kwargs):
+        raise ValueError("injected fault")
+
+    real = fop_kernels.damped_cholesky_inverse
+    monkeypatch.setattr(fop_kernels, "damped_cholesky_inverse", boom)
+    g = torch.Generator().manual_seed(99)
+    x, y = torch.randn(8, 6, 1, 1, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="injected fault"):
+        opt.step()
+    assert opt.factors_A[0] is A and torch.equal(A, before_A)
+    after = opt.state_dict()
+    assert torch.equal(after["curvature"]["factors"][0]["A"], before["curvature"]["factors"][0]["A"])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    monkeypatch.setattr(fop_kernels, "damped_cholesky_inverse", real)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.steps == 5 and opt.factors_A[0] is A and not torch.equal(A, before_A)

@@ -153,6 +153,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.hooks_removed = False
         self._grad_norms: torch.Tensor | None = None  # queued by _prepare_gradients, read by _check_update
         self._to_check: list[tuple[str, torch.Tensor]] = []  # new curvature of the step in progress
+        self._undo: list[Callable[[], None]] = []  # in-place changes of the step in progress, undone if it fails
         self.comm = NullComm()  # one process; a subclass builds its own (KFAC: fop.distributed.make_comm)
         self._report_coverage()
 
@@ -319,8 +320,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _save_step_state(self):
         """What a step may rebind before it commits: the counters, each parameter's state dict and each layer's
-        (shallow) and the subclass's `_step_attrs` (shallow). A step never changes a state tensor in place before
-        its commit, so putting these references back restores the optimizer exactly."""
+        (shallow) and the subclass's `_step_attrs` (shallow). A step changes a state tensor in place before its
+        commit only with a way back in `self._undo` (K-FAC's large conv factors updated on their live columns), so
+        running those and putting these references back restores the optimizer exactly."""
         return (self.steps, {p: dict(s) for p, s in self.state.items()}, [dict(s) for s in self.layer_state],
                 {a: copy.copy(getattr(self, a)) for a in self._step_attrs})
 
@@ -360,6 +362,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return loss
         saved = self._save_step_state()
         self._to_check = []  # (description, tensor): new curvature that _check_update reads with the directions
+        self._undo = []
         try:
             with self.comm.agree():
                 try:
@@ -370,12 +373,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         self._raise_nonfinite(None, cause=err)
                     raise
         except BaseException:
+            for undo in reversed(self._undo):
+                undo()
             self._restore_step_state(saved)
             self.comm.end_step(failed=True)
             self._after_skipped_step()
             raise
         finally:
             self._to_check = []
+            self._undo = []
         self._outer_update(directions)
         self.steps += 1
         self.comm.end_step()

@@ -240,14 +240,35 @@ class Capture:
                 r.output = None
 
     # -- factor statistics -------------------------------------------------------------------------------------
+    def _input_factor_records(self, i: int) -> list[Record]:
+        return [r for r in self.records[i] if r.full and (r.dy is not None or r.gram_mc is not None)]
+
     def update_input_factor(self, i: int, A: torch.Tensor, decay: float) -> bool:
         """A <- (1-decay) A + decay sum_rows a a^T / rows over layer i's full records. False if none."""
         layer = self.layers[i]
-        recs = [r for r in self.records[i] if r.full and (r.dy is not None or r.gram_mc is not None)]
+        recs = self._input_factor_records(i)
         if not recs:
             return False
         layer.type.update_input_factor(layer, A, [r.a for r in recs], decay, self.tokens)
         return True
+
+    def live_input_columns(self, i: int) -> torch.Tensor | None:
+        """The columns of layer i's A that this update's rows can make nonzero (the layer type's
+        `live_input_columns`), or None: every column, a type without them, or records of different input shapes."""
+        layer = self.layers[i]
+        recs = self._input_factor_records(i)
+        if not recs or not hasattr(layer.type, "live_input_columns"):
+            return None
+        shape = recs[0].a.shape
+        if any(r.a.shape[1:] != shape[1:] for r in recs):
+            return None
+        return layer.type.live_input_columns(layer, shape, recs[0].a.device)
+
+    def update_input_factor_on_columns(self, i: int, A: torch.Tensor, decay: float, cols: torch.Tensor) -> None:
+        """update_input_factor on the columns `cols` alone, in place (`live_input_columns`: A and the rows are zero
+        outside them)."""
+        layer = self.layers[i]
+        layer.type.update_input_factor_on_columns(layer, A, [r.a for r in self._input_factor_records(i)], decay, cols)
 
     def update_output_factor(self, i: int, G: torch.Tensor, decay: float, mc: bool = False,
                              dy_scale: torch.Tensor | None = None) -> bool:

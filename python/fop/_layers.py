@@ -415,6 +415,60 @@ class Conv2dType(LayerType):
         X = self.factor_input_rows(layer, xs, tokens)
         fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
 
+    def live_input_columns(self, layer, shape: torch.Size, device) -> torch.Tensor | None:
+        """The sorted columns of A (its (c, i, j) order, the bias column last) that the patches of an input of `shape`
+        can make nonzero: every channel at the kernel taps that read the image for some output position (a tap that
+        reads only zero padding, as the off-centre taps of a 3x3 conv on a 1x1 map, has exactly zero patch columns).
+        None when every tap reads the image, or for a grouped conv."""
+        c = layer.conv
+        if c["groups"] != 1:
+            return None
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
+        H, W = shape[-2], shape[-1]
+        oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+        def reads(tap: int, d: int, p: int, stride: int, out: int, size: int) -> bool:
+            return any(0 <= o * stride - p + tap * d < size for o in range(out))
+
+        taps = [i * kw + j for i in range(kh) if reads(i, dh, ph, sh, oh, H)
+                for j in range(kw) if reads(j, dw, pw, sw, ow, W)]
+        if len(taps) == kh * kw:
+            return None
+        C = shape[1]
+        cols = (torch.arange(C, device=device)[:, None] * (kh * kw) + torch.tensor(taps, device=device)).flatten()
+        if layer.bias is not None:
+            cols = torch.cat([cols, torch.tensor([C * kh * kw], device=device)])
+        return cols
+
+    def update_input_factor_on_columns(self, layer, A, xs, decay, cols: torch.Tensor) -> None:
+        """A[cols, cols] <- (1-decay) A[cols, cols] + decay sum_rows p_cols p_cols^T / rows in place, the rest of A
+        untouched: the factor update for an A that is zero outside cols x cols and patches that are zero outside
+        `cols` (live_input_columns of every x in xs, ungrouped): there it equals update_input_factor, without
+        reading or writing the rest of A. The patch columns are gathered tap by tap (no full im2col)."""
+        c = layer.conv
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
+        KK, bias = kh * kw, layer.bias is not None
+        live = cols[:-1] if bias else cols
+        taps = [int(t) for t in live[: int((live < KK).sum())]]  # channel 0's columns are the taps themselves
+        dtype = _accumulation_dtype(A, *xs)
+        gram, rows = None, 0
+        for x in xs:
+            N, C, H, W = x.shape
+            oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            xp = F_nn.pad(x.to(dtype), (pw, pw, ph, ph))
+            per_tap = [xp[:, :, (t // kw) * dh:(t // kw) * dh + sh * (oh - 1) + 1:sh,
+                          (t % kw) * dw:(t % kw) * dw + sw * (ow - 1) + 1:sw] for t in taps]
+            P = torch.stack(per_tap, dim=2).permute(0, 3, 4, 1, 2).reshape(N * oh * ow, C * len(taps))
+            if bias:
+                P = torch.cat([P, P.new_ones(P.shape[0], 1)], dim=1)
+            part = P.mT @ P
+            gram = part if gram is None else gram.add_(part)
+            rows += P.shape[0]
+        index = (cols[:, None], cols[None, :])
+        block = A[index].to(dtype)
+        _ema_(block, gram.div_(rows), decay)
+        A.index_put_(index, block.to(A.dtype))
+
     def factor_input_rows(self, layer, xs, tokens="expand"):
         """im2col rows (rows, a); a grouped conv: per group, (groups, rows, a) (A_j = X_j^T X_j / rows)."""
         bias = layer.bias is not None
