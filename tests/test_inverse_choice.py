@@ -385,3 +385,20 @@ def test_fop_multiplies_by_its_wide_factors_without_copying_them(monkeypatch):
         assert all(any(Mj is A for A in shared.factors_A) for Mj in core.M)
     for p1, p2 in zip(shared_model.parameters(), copied_model.parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("n,live", [(10, [0, 3, 4]), (600, list(range(0, 600, 9))), (600, list(range(0, 600, 2)))])
+def test_support_within_known_rows_is_the_support(n, live):
+    """support(M, within) reads only the block of the rows M is known to be nonzero on and gives support(M), on
+    fresh random PSD matrices zero outside `within` (some of whose rows are zero too)."""
+    g = torch.Generator().manual_seed(n + len(live))
+    within = torch.tensor(live)
+    Z = torch.zeros(n, 7, dtype=torch.float64)
+    Z[within] = torch.randn(len(live), 7, generator=g, dtype=torch.float64)
+    Z[within[::3]] = 0.0  # rows known possibly nonzero that are zero
+    M = Z @ Z.T
+    expected = support(M)
+    got = support(M, within)
+    assert (got is None) == (expected is None)
+    if expected is not None:
+        assert torch.equal(got, expected)

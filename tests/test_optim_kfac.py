@@ -574,3 +574,26 @@ def test_failed_step_after_an_in_place_factor_update_restores_the_factor(opt_cls
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.steps == 5 and opt.factors_A[0] is A and not torch.equal(A, before_A)
+
+
+@pytest.mark.parametrize("opt_cls", [KFAC, FOP])
+def test_overflow_in_a_factor_updated_in_place_raises_and_restores_it(opt_cls, monkeypatch):
+    """The finiteness check reads the block an in-place update wrote: inputs that overflow it in float32 raise,
+    naming the factor, and leave it exactly as it was."""
+    model, opt, _ = _small_maps_run(opt_cls, monkeypatch, 0, [1] * 4)
+    model.float()
+    opt2 = opt_cls(model, lr=0.1, factor_interval=2, inverse_interval=2)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, 1, 1, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt2.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt2.step()
+    A = opt2.factors_A[0]
+    before = A.clone()
+    x = torch.randn(8, 6, 1, 1, generator=torch.Generator().manual_seed(7)) * 1e25
+    opt2.zero_grad()
+    F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    with pytest.raises(FloatingPointError, match="factor A of layer conv"):
+        opt2.step()
+    assert opt2.factors_A[0] is A and torch.equal(A, before)

@@ -264,11 +264,13 @@ class Capture:
             return None
         return layer.type.live_input_columns(layer, shape, recs[0].a.device)
 
-    def update_input_factor_on_columns(self, i: int, A: torch.Tensor, decay: float, cols: torch.Tensor) -> None:
+    def update_input_factor_on_columns(self, i: int, A: torch.Tensor, decay: float,
+                                       cols: torch.Tensor) -> torch.Tensor:
         """update_input_factor on the columns `cols` alone, in place (`live_input_columns`: A and the rows are zero
-        outside them)."""
+        outside them); returns the block written, A[cols, cols]."""
         layer = self.layers[i]
-        layer.type.update_input_factor_on_columns(layer, A, [r.a for r in self._input_factor_records(i)], decay, cols)
+        recs = self._input_factor_records(i)
+        return layer.type.update_input_factor_on_columns(layer, A, [r.a for r in recs], decay, cols)
 
     def update_output_factor(self, i: int, G: torch.Tensor, decay: float, mc: bool = False,
                              dy_scale: torch.Tensor | None = None) -> bool:

@@ -440,11 +440,12 @@ class Conv2dType(LayerType):
             cols = torch.cat([cols, torch.tensor([C * kh * kw], device=device)])
         return cols
 
-    def update_input_factor_on_columns(self, layer, A, xs, decay, cols: torch.Tensor) -> None:
+    def update_input_factor_on_columns(self, layer, A, xs, decay, cols: torch.Tensor) -> torch.Tensor:
         """A[cols, cols] <- (1-decay) A[cols, cols] + decay sum_rows p_cols p_cols^T / rows in place, the rest of A
         untouched: the factor update for an A that is zero outside cols x cols and patches that are zero outside
         `cols` (live_input_columns of every x in xs, ungrouped): there it equals update_input_factor, without
-        reading or writing the rest of A. The patch columns are gathered tap by tap (no full im2col)."""
+        reading or writing the rest of A. The patch columns are gathered tap by tap (no full im2col). Returns the
+        block written, A[cols, cols] (in A's dtype)."""
         c = layer.conv
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
         KK, bias = kh * kw, layer.bias is not None
@@ -467,7 +468,9 @@ class Conv2dType(LayerType):
         index = (cols[:, None], cols[None, :])
         block = A[index].to(dtype)
         _ema_(block, gram.div_(rows), decay)
-        A.index_put_(index, block.to(A.dtype))
+        block = block.to(A.dtype)
+        A.index_put_(index, block)
+        return block
 
     def factor_input_rows(self, layer, xs, tokens="expand"):
         """im2col rows (rows, a); a grouped conv: per group, (groups, rows, a) (A_j = X_j^T X_j / rows)."""

@@ -61,13 +61,14 @@ SUPPORT_ALIGN = 64  # supports of factors 8x this wide or more are padded to a m
 SUPPORT_MIN_SAVING = 1 / 8  # a support is used only where it drops at least this share of the rows
 
 
-def support(M: torch.Tensor) -> torch.Tensor | None:
+def support(M: torch.Tensor, within: torch.Tensor | None = None) -> torch.Tensor | None:
     """Sorted indices of the rows of the symmetric matrix M with any nonzero entry (padded with zero rows up to a
     multiple of SUPPORT_ALIGN when M is at least 8 SUPPORT_ALIGN wide), or None when that keeps more than
     1 - SUPPORT_MIN_SAVING of the rows (the gathers and scatters would cost more than the rows saved). Exact either
     way: a zero row is an eigenvector of M with eigenvalue 0 whether or not it is in the support. A row with a
     nonzero diagonal entry is in the support, so where those alone fill more than that share the answer is None
-    without reading the rest of M (a dense factor: n entries read, not n^2). At most two host syncs."""
+    without reading the rest of M (a dense factor: n entries read, not n^2). `within`: sorted rows outside which M
+    is known to be zero (K-FAC's nonzero_columns_A), so that only its block is read. At most two host syncs."""
     n = M.shape[0]
     align = SUPPORT_ALIGN if n >= 8 * SUPPORT_ALIGN else 1
     widest = (1 - SUPPORT_MIN_SAVING) * n
@@ -77,7 +78,11 @@ def support(M: torch.Tensor) -> torch.Tensor | None:
 
     if aligned(int(torch.count_nonzero(M.diagonal()))) > widest:
         return None
-    nonzero = M.any(dim=1)  # on the values: no boolean copy of M (half the time)
+    if within is None:
+        nonzero = M.any(dim=1)  # on the values: no boolean copy of M (half the time)
+    else:
+        nonzero = torch.zeros(n, dtype=torch.bool, device=M.device)
+        nonzero[within] = M.index_select(0, within).index_select(1, within).any(dim=1)
     count = int(nonzero.sum())
     size = aligned(count)
     if size > widest:

@@ -398,6 +398,7 @@ class BucketFactors:
     lam_G: torch.Tensor
     lam_A: torch.Tensor
     names: list[str]
+    nonzero_A: list | None = None  # per layer, the columns its A can be nonzero on (None: any), for support()
 
     def entries(self, js: list[int]) -> list[int]:
         """The block entries of the layers at positions `js` (one per layer, `groups` per grouped layer)."""
@@ -507,8 +508,9 @@ class ChosenInverses(InverseForms):
         plans = []
         for j in range(len(f.idx)):
             plan = []
-            for M, Z, m in ((f.Gs[j], f.ZGs[j], i), (f.As[j], f.ZAs[j], o)):
-                sup = support(M) if g == 1 else None
+            within_A = None if f.nonzero_A is None else f.nonzero_A[j]
+            for M, Z, m, within in ((f.Gs[j], f.ZGs[j], i, None), (f.As[j], f.ZAs[j], o, within_A)):
+                sup = support(M, within) if g == 1 else None
                 width = M.shape[-1] if sup is None else sup.numel()
                 rank = None if Z is None or g != 1 else Z.shape[0]
                 form = inverse_choice.choose_form(width, m, interval, rank)
@@ -814,6 +816,7 @@ class KFAC(CurvatureOptimizer):
         new_ZA, new_ZG = list(self.samples_A), list(self.samples_G)
         # a step that also inverts replaces every bucket, so none keeps the old A: it may be updated in place
         in_place = not self.comm.active and on_schedule(self.steps, self.inverse_interval)
+        checked_A = {}  # what of an A changed, where not all of it: its block updated in place
         with self.comm.agree():  # distributed: a rank that fails here must not leave the others in the all-reduce
             if self.comm.active and len(active) < len(self.layers):
                 raise RuntimeError(f"layers {[self.layers[i].name for i in range(len(self.layers)) if i not in active]}"
@@ -828,7 +831,7 @@ class KFAC(CurvatureOptimizer):
                     self.nonzero_columns_A[i] = self.capture.live_input_columns(i)
                 else:
                     decay, G = self.factor_decay, self.factors_G[i].clone()
-                    A = self._updated_input_factor(i, decay, in_place)
+                    A, checked_A[i] = self._updated_input_factor(i, decay, in_place)
                 self.capture.update_output_factor(i, G, decay, mc=mc, dy_scale=inv_scale)
                 new_A[i], new_G[i] = A, G
                 if self._tracks_samples and layer.type.blocks(layer) == 1:  # grouped: held densely per block
@@ -836,14 +839,16 @@ class KFAC(CurvatureOptimizer):
         self.comm.all_reduce_factors(new_A, new_G)  # distributed: average over ranks
         for i in active:
             name = self.layers[i].name
-            self._to_check += [(f"factor A of layer {name}", new_A[i]), (f"factor G of layer {name}", new_G[i])]
+            self._to_check += [(f"factor A of layer {name}", checked_A.get(i, new_A[i])),
+                               (f"factor G of layer {name}", new_G[i])]
         self.factors_A, self.factors_G = new_A, new_G
         self.samples_A, self.samples_G = new_ZA, new_ZG
         self.factor_updates += 1
         return True
 
-    def _updated_input_factor(self, i: int, decay: float, in_place: bool) -> torch.Tensor:
-        """Layer i's A after this factor update. A new tensor, except where `in_place` (no bucket keeps the old A)
+    def _updated_input_factor(self, i: int, decay: float, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's A after this factor update and what of it changed (all of it, or the block updated in place:
+        the finiteness check reads that). A new tensor, except where `in_place` (no bucket keeps the old A)
         and the old A is large (IN_PLACE_MIN_BYTES) and can be nonzero only on the columns this update's rows can
         fill (a conv's taps that read only zero padding are exactly zero: layer4 of a ResNet-18 at 32x32, 4608-wide
         factors with 512 live columns): then the old A is updated on those columns alone, in place, and its old
@@ -859,13 +864,13 @@ class KFAC(CurvatureOptimizer):
                 index = (cols[:, None], cols[None, :])
                 block = old[index]
                 self._undo.append(lambda: old.index_put_(index, block))
-                self.capture.update_input_factor_on_columns(i, old, decay, cols)
+                written = self.capture.update_input_factor_on_columns(i, old, decay, cols)
                 self.nonzero_columns_A[i] = cols
-                return old
+                return old, written
         A = old.clone()
         self.capture.update_input_factor(i, A, decay)
         self.nonzero_columns_A[i] = None if cols is None or known is None else torch.unique(torch.cat([known, cols]))
-        return A
+        return A, A
 
     def _grown_samples(self, i: int, decay: float, first: bool, inv_scale) -> list[torch.Tensor | None]:
         """[Z_A, Z_G] of layer i after this factor update, the EMA kept exactly in sample space:
@@ -995,7 +1000,8 @@ class KFAC(CurvatureOptimizer):
         pi = torch.sqrt(mean_diagonal(As) / mean_diagonal(Gs))
         names = [n for j in idx for n in ([self.layers[j].name] if g == 1 else
                                           [f"{self.layers[j].name} group {k}" for k in range(g)])]
-        factors = BucketFactors(idx, Gs, As, ZGs, ZAs, g, root / pi, root * pi, names)
+        factors = BucketFactors(idx, Gs, As, ZGs, ZAs, g, root / pi, root * pi, names,
+                                [self.nonzero_columns_A[i] for i in idx])
         return self.inverses.buckets(factors, self.inverse_interval)
 
     def _active_buckets(self) -> list:
