@@ -597,3 +597,25 @@ def test_overflow_in_a_factor_updated_in_place_raises_and_restores_it(opt_cls, m
     with pytest.raises(FloatingPointError, match="factor A of layer conv"):
         opt2.step()
     assert opt2.factors_A[0] is A and torch.equal(A, before)
+
+
+@pytest.mark.parametrize("opt_cls", [KFAC, FOP])
+def test_resume_with_in_place_conv_factors_is_bit_identical(opt_cls, monkeypatch):
+    """A run whose conv factor is updated in place, saved after 5 steps and resumed in a new optimizer (which
+    recovers the factor's nonzero columns from the loaded A), takes the same next 5 steps bit for bit; the saved
+    copy is untouched by the steps after it."""
+    model, opt, _ = _small_maps_run(opt_cls, monkeypatch, 0, [1] * 5)
+    saved_model, saved = copy.deepcopy(model), copy.deepcopy(opt.state_dict())
+    twin = opt_cls(saved_model, lr=0.1, factor_interval=2, inverse_interval=2, factor_dtype=torch.float64)
+    twin.load_state_dict(copy.deepcopy(saved))
+    A_saved = saved["curvature"]["factors"][0]["A"].clone()
+    for step in range(5, 10):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, 1, 1, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+        for m, o in ((model, opt), (saved_model, twin)):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), saved_model.parameters()))
+    assert torch.equal(opt.factors_A[0], twin.factors_A[0]) and twin.nonzero_columns_A[0] is not None
+    assert torch.equal(saved["curvature"]["factors"][0]["A"], A_saved)

@@ -514,3 +514,48 @@ def test_max_update_norm_clips_the_global_norm_of_the_step(cls):
         torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="max_update_norm"):
         cls(copy.deepcopy(m), max_update_norm=0.0)
+
+
+class _AttnNet(nn.Module):
+    """Linear, nn.MultiheadAttention (its projections are captured through the attention interceptor) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("opt_name", ["KFAC", "FOP", "FROG", "KFROG", "AdaFisher"])
+def test_forward_passes_of_a_deepcopy_of_the_model_are_not_captured(opt_name):
+    """copy.deepcopy(model) after the optimizer hooked it (an EMA or teacher copy, as timm's ModelEmaV2 makes)
+    copies the hooks too; forward and backward passes of the copy with grad enabled must not feed the original's
+    curvature: the original's steps equal those of a run without the copy's passes, bit for bit."""
+    import fop
+
+    def run(with_copy: bool):
+        torch.manual_seed(0)
+        model = _AttnNet().double()
+        opt = getattr(fop, opt_name)(model, lr=0.01, factor_interval=1, **(
+            {"inverse_interval": 1} if opt_name in ("KFAC", "FOP") else {})) if opt_name in (
+            "KFAC", "FOP", "AdaFisher") else getattr(fop, opt_name)(model, lr=0.01)
+        twin = copy.deepcopy(model)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(6, 4, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+            opt.zero_grad()
+            if with_copy:  # the copy's own forward/backward, between the original's and on other data
+                F.cross_entropy(twin(x.flip(0) * 2), y).backward()
+            F.cross_entropy(model(x), y).backward()
+            if with_copy:
+                F.cross_entropy(twin(x + 1), y).backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+
+    for p, q in zip(run(False), run(True)):
+        assert torch.equal(p, q)

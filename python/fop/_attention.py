@@ -54,11 +54,15 @@ class _Interceptor:
     def __init__(self, mha: nn.MultiheadAttention):
         self.consumers: list[_Consumer] = []
         self.modes: list[_Mode] = []
+        # weakly: a copy.deepcopy of the model copies these hooks and this object, but not the module it refers to,
+        # so the copy's calls are told apart (and not captured for the original's optimizer)
+        self.module = weakref.ref(mha)
         self.handles = [mha.register_forward_pre_hook(self._enter),
                         mha.register_forward_hook(self._exit, always_call=True)]
 
     def _enter(self, module, args):
-        active = [c for c in self.consumers if c.active()] if torch.is_grad_enabled() else []
+        ours = module is self.module() and torch.is_grad_enabled()
+        active = [c for c in self.consumers if c.active()] if ours else []
         if active:
             mode = _Mode(active)
             mode.__enter__()

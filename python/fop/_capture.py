@@ -128,6 +128,8 @@ class Capture:
             if self is None or not self.armed or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return
             layer = self.layers[i]
+            if module is not layer.module:  # a copy.deepcopy of the model carries this hook: its calls are not ours
+                return
             x = layer.type.read_input(layer, inputs, kwargs)
             if not output.requires_grad or x is None:
                 return

@@ -358,6 +358,8 @@ class Comm(RankAgreement):
             if not output.requires_grad:
                 return
             layer = self.view.layers[i]
+            if module is not layer.module:  # a copy.deepcopy of the model carries this hook (fop._capture)
+                return
             x = layer.type.read_input(layer, inputs, kwargs)
             if x is None or x.dim() < layer.type.unbatched_dim or not self.view.half_batch_now():
                 return  # an unbatched input: the capture's record makes step() raise
