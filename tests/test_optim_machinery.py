@@ -559,3 +559,32 @@ def test_forward_passes_of_a_deepcopy_of_the_model_are_not_captured(opt_name):
 
     for p, q in zip(run(False), run(True)):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("opt_name", ["KFAC", "FOP", "FROG", "KFROG", "AdaFisher"])
+def test_copying_or_pickling_the_optimizer_is_a_clear_error(opt_name):
+    """copy.deepcopy / copy.copy / pickling of the optimizer object would make one without hooks (torch's default
+    state): refused, naming state_dict as the way; the state dict itself copies and pickles, and the optimizer still
+    trains afterwards."""
+    import io
+    import pickle
+
+    import fop
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = getattr(fop, opt_name)(model, lr=0.05)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for attempt in (lambda: copy.deepcopy(opt), lambda: copy.copy(opt), lambda: pickle.dumps(opt),
+                    lambda: torch.save(opt, io.BytesIO())):
+        with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict"):
+            attempt()
+    copy.deepcopy(opt.state_dict())
+    torch.save(opt.state_dict(), io.BytesIO())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.steps == 2 and any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -165,6 +165,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.comm.remove()
         self.hooks_removed = True
 
+    def __reduce_ex__(self, protocol):
+        """copy.copy, copy.deepcopy and pickling (torch.save of the object) are refused with the way that works: the
+        optimizer's hooks belong to the model it was built on, and torch's default would make an object without
+        them (and, for deepcopy, with copies of the parameters that no model uses)."""
+        raise TypeError(f"a {type(self).__name__} cannot be copied or pickled: its forward hooks belong to the model "
+                        "it was built on. Save optimizer.state_dict() (torch.save it, or copy.deepcopy it) and load "
+                        "it into a new optimizer built on the model with load_state_dict")
+
     def __enter__(self):
         return self
 
