@@ -588,3 +588,46 @@ def test_copying_or_pickling_the_optimizer_is_a_clear_error(opt_name):
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.steps == 2 and any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+class _CheckpointedNet(nn.Module):
+    """Two convs run under torch.utils.checkpoint (reentrant or not), or plainly (`reentrant=None`)."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 36, 3)
+
+    def block(self, h):
+        return torch.tanh(self.c2(torch.tanh(self.c1(h))))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        h = self.block(x) if self.reentrant is None else checkpoint(self.block, x, use_reentrant=self.reentrant)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("opt_name", ["KFAC", "FOP", "FROG", "KFROG", "AdaFisher"])
+def test_activation_checkpointing_gives_the_plain_steps(opt_name, reentrant):
+    """Under torch.utils.checkpoint the hooked layers run twice (the recompute in backward; reentrant: the first
+    pass without grad): the captured statistics are those of one pass, and 5 steps equal the plain run's bit for
+    bit."""
+    import fop
+
+    def run(mode):
+        torch.manual_seed(0)
+        model = _CheckpointedNet(mode).double()
+        opt = getattr(fop, opt_name)(model, lr=0.05)
+        for step in range(5):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(8, 1, 6, 6, generator=g, dtype=torch.float64).requires_grad_(mode is True)
+            y = torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+
+    for p, q in zip(run(None), run(reentrant)):
+        assert torch.equal(p, q)
