@@ -136,7 +136,7 @@ class Capture:
             if x.dim() < layer.type.unbatched_dim:
                 self.unbatched[i] = tuple(x.shape)  # no batch dimension: step() raises naming the layer
                 return
-            x = layer.type.input(layer, x.detach())
+            x = layer.type.input(layer, batch_first(layer, x.detach()))
             n = x.shape[0]
             rows = None if self.rows is None else self.rows(n, x.device)
             a = x.index_select(0, rows) if rows is not None else x if self.full else x[: n // 2]
@@ -163,7 +163,7 @@ class Capture:
 
     def _grad_hook(self, rec: Record, layer: Layer, a: torch.Tensor):
         def hook(grad):
-            g = layer.type.output_grad(layer, grad.detach())
+            g = layer.type.output_grad(layer, batch_first(layer, grad.detach()))
             if self.mc_active:  # only G needs it: reduce it now rather than hold a batch of output gradients
                 rows = layer.type.output_rows(layer, g, self.tokens)
                 rec.gram_mc = torch.empty(layer.type.output_factor_shape(layer), dtype=self.stat_dtype,
@@ -314,6 +314,13 @@ class Capture:
         if dy_scale is not None:
             total = total * dy_scale.to(device=total.device, dtype=dtype)
         return total
+
+
+def batch_first(layer: Layer, t: torch.Tensor) -> torch.Tensor:
+    """A layer's batched input or output gradient with its samples' dim first (`layer.batch_dim`: 1 for the layers
+    of a sequence-first transformer layer, fop._layers.seq_first_modules), as a view; unbatched ones (T x E) as
+    they are."""
+    return t.movedim(layer.batch_dim, 0) if layer.batch_dim and t.dim() > layer.batch_dim + 1 else t
 
 
 def attach_forward_hook(layer: Layer, hook: Callable, active: Callable[[], bool],

@@ -925,6 +925,7 @@ class Layer:
     type: LayerType
     conv: dict = field(default_factory=dict)  # kernel_size, stride, padding, dilation, groups for convs
     host: nn.Module | None = None  # the module whose forward applies this layer's weight (nn.MultiheadAttention)
+    batch_dim: int = 0  # the dim of its batched inputs that holds the samples (1: inside a seq-first transformer)
 
     @property
     def kind(self) -> str:
@@ -1066,8 +1067,11 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
             else:
                 skipped.append((layer.name, reason))
     holders = parameter_holders(model)
+    seq_first = seq_first_modules(model)
     kept = []
     for layer in layers:
+        if layer.host is None and id(layer.module) in seq_first:
+            layer.batch_dim = 1
         shared = sorted({h for p in layer.params if len(holders[id(p)]) > 1 for h in holders[id(p)]})
         if shared:
             logger.warning("tied weight: a parameter of %s is held by modules %s; it is not preconditioned (its "
@@ -1076,6 +1080,19 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
         else:
             kept.append(layer)
     return kept, skipped
+
+
+def seq_first_modules(model: nn.Module) -> set[int]:
+    """ids of the submodules that torch's transformer layers (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    apply to sequence-first (T x N x E) tensors: their Linear and norm layers when batch_first=False, torch's default.
+    Their inputs and output gradients are captured with the batch dim moved first (fop._capture), so that K-FAC counts
+    samples, and FOP splits the batch, along N and not T. A model's own layers on sequence-first tensors are not
+    recognised: the leading dim is taken as the samples."""
+    out = set()
+    for m in model.modules():
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not m.self_attn.batch_first:
+            out.update(id(c) for c in m.children() if not isinstance(c, nn.MultiheadAttention))
+    return out
 
 
 def parameter_map(layers: list[Layer]) -> dict[int, tuple[int, str]]:

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fop._capture import attach_forward_hook, remove_handles, sub_batch_grad
+from fop._capture import attach_forward_hook, batch_first, remove_handles, sub_batch_grad
 
 logger = logging.getLogger("fop")
 
@@ -363,7 +363,7 @@ class Comm(RankAgreement):
             x = layer.type.read_input(layer, inputs, kwargs)
             if x is None or x.dim() < layer.type.unbatched_dim or not self.view.half_batch_now():
                 return  # an unbatched input: the capture's record makes step() raise
-            x = layer.type.input(layer, x.detach())
+            x = layer.type.input(layer, batch_first(layer, x.detach()))
             n = x.shape[0]
             m = self._first_rows(n)
             sync = self.options.overlap and self.ddp is not None and bool(self.ddp.require_backward_grad_sync)
@@ -382,7 +382,8 @@ class Comm(RankAgreement):
         self._n1[i] += m
         if m > 0:
             layer = self.view.layers[i]
-            part = sub_batch_grad(layer, a, layer.type.output_grad(layer, grad.detach())[:m], self.dtype)
+            part = sub_batch_grad(layer, a, layer.type.output_grad(layer, batch_first(layer, grad.detach()))[:m],
+                                  self.dtype)
             self._acc[i] = part if self._acc[i] is None else self._acc[i] + part
         if sync:
             self._pending[i] -= 1
