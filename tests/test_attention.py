@@ -501,14 +501,15 @@ def test_encoder_decoder_transformer_trains(name, caplog):
 
 
 class _SeqFirstNet(nn.Module):
-    """A Linear embedding, one torch TransformerEncoderLayer (batch_first as given: False is torch's default, whose
-    linear1/linear2 and norms see T x N x E tensors) and a head, on (N, T, 5) inputs."""
+    """A Linear embedding, a torch TransformerEncoder of one layer with a final LayerNorm (batch_first as given: False
+    is torch's default, whose linear1/linear2 and norms see T x N x E tensors) and a head, on (N, T, 5) inputs."""
 
     def __init__(self, batch_first: bool):
         super().__init__()
         self.batch_first = batch_first
         self.emb = nn.Linear(5, 16)
-        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm(16), enable_nested_tensor=False)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
@@ -517,8 +518,9 @@ class _SeqFirstNet(nn.Module):
         return self.head(h.mean(1))
 
 
-@pytest.mark.parametrize("opt_name", ["KFAC", "FOP", "FROG", "KFROG", "AdaFisher"])
-def test_sequence_first_transformer_layers_give_the_batch_first_steps(opt_name):
+@pytest.mark.parametrize("opt_name,kwargs", [("KFAC", {}), ("FOP", {}), ("FROG", {}), ("KFROG", {}), ("AdaFisher", {}),
+                                             ("KFAC", {"precondition_norms": True})])
+def test_sequence_first_transformer_layers_give_the_batch_first_steps(opt_name, kwargs):
     """The same model with torch's TransformerEncoderLayer sequence-first (batch_first=False) and batch-first takes
     the same steps to float64 rounding: the layer's Linear and norm inputs and output gradients are captured with
     the batch dim first, so the samples are N (8), not T (6), and FOP's halves are halves of the batch. Before,
@@ -526,7 +528,7 @@ def test_sequence_first_transformer_layers_give_the_batch_first_steps(opt_name):
     def run(batch_first):
         torch.manual_seed(0)
         model = _SeqFirstNet(batch_first).double()
-        opt = getattr(fop, opt_name)(model, lr=0.05)
+        opt = getattr(fop, opt_name)(model, lr=0.05, **kwargs)
         for step in range(4):
             g = torch.Generator().manual_seed(step)
             x, y = torch.randn(8, 6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
@@ -538,5 +540,5 @@ def test_sequence_first_transformer_layers_give_the_batch_first_steps(opt_name):
     (a, model_bf), (b, model_sf) = run(True), run(False)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     dims = {layer.name: layer.batch_dim for layer in discover_layers(model_sf)[0]}
-    assert dims["enc.linear1"] == dims["enc.linear2"] == 1 and dims["emb"] == dims["head"] == 0
+    assert dims["enc.layers.0.linear1"] == dims["enc.layers.0.linear2"] == 1 and dims["emb"] == dims["head"] == 0
     assert all(layer.batch_dim == 0 for layer in discover_layers(model_bf)[0])

@@ -1084,7 +1084,8 @@ def discover_layers(model: nn.Module, params: Iterable[nn.Parameter] | None = No
 
 def seq_first_modules(model: nn.Module) -> set[int]:
     """ids of the submodules that torch's transformer layers (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-    apply to sequence-first (T x N x E) tensors: their Linear and norm layers when batch_first=False, torch's default.
+    apply to sequence-first (T x N x E) tensors: their Linear and norm layers when batch_first=False, torch's default,
+    and the final norm of an nn.TransformerEncoder / nn.TransformerDecoder of such layers.
     Their inputs and output gradients are captured with the batch dim moved first (fop._capture), so that K-FAC counts
     samples, and FOP splits the batch, along N and not T. A model's own layers on sequence-first tensors are not
     recognised: the leading dim is taken as the samples."""
@@ -1092,6 +1093,9 @@ def seq_first_modules(model: nn.Module) -> set[int]:
     for m in model.modules():
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not m.self_attn.batch_first:
             out.update(id(c) for c in m.children() if not isinstance(c, nn.MultiheadAttention))
+        elif isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)) and m.norm is not None and len(m.layers) \
+                and not m.layers[0].self_attn.batch_first:  # the stack's final norm, on the last layer's output
+            out.add(id(m.norm))
     return out
 
 
