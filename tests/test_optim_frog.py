@@ -360,6 +360,13 @@ def test_frog_trains_digits_to_95_percent():
     assert acc >= 0.95, f"FROG reached {acc:.3f} test accuracy on digits"
 
 
+def test_frog_at_its_defaults_trains_digits():
+    """FROG(model), nothing else set (lr 0.1 since 2026-12-04), 2 epochs at batch 64 with the cosine schedule: at
+    least 95% test accuracy (seeds 0-2: 98.3% each; lr 0.01: 77-88%; the public default 1e-3: 12-20%)."""
+    acc = train_digits(lambda m: FROG(m), epochs=2)
+    assert acc >= 0.95, f"FROG at its defaults reached {acc:.3f} test accuracy on digits"
+
+
 # -- state_dict, AMP, bad input ----------------------------------------------------------------------------------------
 def _batches(n, seed=3):
     g = torch.Generator().manual_seed(seed)

@@ -373,8 +373,9 @@ class FROG(FROGBase):
 
     Args:
         params_or_model: the model, or parameters / param groups with `model=` given (hooks go on its layers).
-        lr: learning rate of the preconditioned layers; each row moves an F^-norm of `lr` (public default 1e-3;
-            its CIFAR-10 runs: 0.01).
+        lr: learning rate of the preconditioned layers; each row moves an F^-norm of `lr`, inside the trust region
+            (0.1, ours, as K-FROG's; the public default 1e-3 hardly moves: docs/frog_adafisher.md; its CIFAR-10 runs
+            use 0.01).
         momentum, nesterov: heavy-ball momentum applied to the gradient before preconditioning (0, False).
         weight_decay: decoupled `W <- (1 - lr wd) W` on preconditioned layers, coupled `g + wd p` elsewhere.
         sample_size: s, whole samples drawn afresh per layer and step for the Fisher (24; None: the whole batch).
@@ -417,7 +418,7 @@ class FROG(FROGBase):
         layer = self.layers[i]
         return (layer.out_dim, layer.type.weight_columns(layer) + int(self.fold_bias and layer.bias is not None))
 
-    def __init__(self, params_or_model, lr: float = 1e-3, momentum: float = 0.0, nesterov: bool = False,
+    def __init__(self, params_or_model, lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, sample_size: int | None = 24, cg_iters: int = 4, tau=1e-2,
                  lr_other_ratio: float = 0.25, exclude=(), *, tau_linear=0.3, fold_bias: bool = True,
                  warm_start: bool = False, kl_clip: float | None = 1e-3, kl_damping: float = 1e-3,
