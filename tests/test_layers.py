@@ -1263,3 +1263,28 @@ def test_input_factor_update_on_live_columns_is_the_full_update_in_place(case, d
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert_close(A[inside], expected[inside], atol=tol * float(expected.abs().max()), rtol=0, what=f"case {case}")
     assert bool((expected[~inside] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(len(CONV_GEOMETRIES)))
+def test_conv_sub_batch_grad_is_the_weight_gradient(case, dtype):
+    """The conv's sub-batch gradient (the product with the live patch columns where taps read only padding, torch's
+    weight gradient otherwise) against autograd's gradient of sum(dy * conv(a)) in float64, [W | b] flattened, on
+    fresh random inputs; the result is made fresh (no buffer to poison), so the check is every entry."""
+    make, shape = CONV_GEOMETRIES[case]
+    conv, layer = _conv_layer(make)
+    g = torch.Generator().manual_seed(50 + case)
+    x = torch.randn(shape, dtype=DT, generator=g)
+    w = conv.weight.detach().clone().requires_grad_(True)
+    b = None if conv.bias is None else conv.bias.detach().clone().requires_grad_(True)
+    out = conv._conv_forward(x, w, b)
+    dy = torch.randn(out.shape, dtype=DT, generator=g)
+    grads = torch.autograd.grad((out * dy).sum(), [w] + ([b] if b is not None else []))
+    expected = grads[0].reshape(layer.out_dim, -1)
+    if b is not None:
+        expected = torch.cat([expected, grads[1][:, None]], dim=1)
+    a4, dy4 = layer.type.input(layer, x.to(dtype)), layer.type.output_grad(layer, dy.to(dtype))
+    got = layer.type.sub_batch_grad(layer, a4, dy4, dtype)
+    assert got.shape == expected.shape and got.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close(got.double(), expected, atol=tol * float(expected.abs().max()), rtol=0, what=f"case {case}")

@@ -440,26 +440,31 @@ class Conv2dType(LayerType):
             cols = torch.cat([cols, torch.tensor([C * kh * kw], device=device)])
         return cols
 
+    def _live_patches(self, layer, x: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The patch matrix of x restricted to the live columns `cols` (live_input_columns; the bias column without
+        its ones), (N oh ow, C taps) in cols' (c, tap) order, gathered tap by tap from the padded input (no im2col)."""
+        c = layer.conv
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
+        taps = [int(t) for t in cols[: int((cols < kh * kw).sum())]]  # channel 0's columns are the taps themselves
+        N, C, H, W = x.shape
+        oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        xp = F_nn.pad(x.to(dtype), (pw, pw, ph, ph))
+        per_tap = [xp[:, :, (t // kw) * dh:(t // kw) * dh + sh * (oh - 1) + 1:sh,
+                      (t % kw) * dw:(t % kw) * dw + sw * (ow - 1) + 1:sw] for t in taps]
+        return torch.stack(per_tap, dim=2).permute(0, 3, 4, 1, 2).reshape(N * oh * ow, C * len(taps))
+
     def update_input_factor_on_columns(self, layer, A, xs, decay, cols: torch.Tensor) -> torch.Tensor:
         """A[cols, cols] <- (1-decay) A[cols, cols] + decay sum_rows p_cols p_cols^T / rows in place, the rest of A
         untouched: the factor update for an A that is zero outside cols x cols and patches that are zero outside
         `cols` (live_input_columns of every x in xs, ungrouped): there it equals update_input_factor, without
         reading or writing the rest of A. The patch columns are gathered tap by tap (no full im2col). Returns the
         block written, A[cols, cols] (in A's dtype)."""
-        c = layer.conv
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
-        KK, bias = kh * kw, layer.bias is not None
+        bias = layer.bias is not None
         live = cols[:-1] if bias else cols
-        taps = [int(t) for t in live[: int((live < KK).sum())]]  # channel 0's columns are the taps themselves
         dtype = _accumulation_dtype(A, *xs)
         gram, rows = None, 0
         for x in xs:
-            N, C, H, W = x.shape
-            oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            xp = F_nn.pad(x.to(dtype), (pw, pw, ph, ph))
-            per_tap = [xp[:, :, (t // kw) * dh:(t // kw) * dh + sh * (oh - 1) + 1:sh,
-                          (t % kw) * dw:(t % kw) * dw + sw * (ow - 1) + 1:sw] for t in taps]
-            P = torch.stack(per_tap, dim=2).permute(0, 3, 4, 1, 2).reshape(N * oh * ow, C * len(taps))
+            P = self._live_patches(layer, x, live, dtype)
             if bias:
                 P = torch.cat([P, P.new_ones(P.shape[0], 1)], dim=1)
             part = P.mT @ P
@@ -481,10 +486,19 @@ class Conv2dType(LayerType):
         return torch.cat([_patches(x, layer.conv, bias) for x in xs])  # im2col rows
 
     def sub_batch_grad(self, layer, a, dy, dtype):
+        """dy^T P: torch's conv weight gradient, or, where taps read only zero padding (live_input_columns), the
+        product with the live patch columns alone, zero elsewhere (layer4 of a ResNet-18 at 32x32: 12 ms against
+        0.2 for a 3x3 conv on 1x1 maps at 128 samples, torch's weight gradient visiting every tap)."""
         a, dy = a.to(dtype), dy.to(dtype)
         c = layer.conv
-        gw = torch.nn.grad.conv2d_weight(a, self.kernel_shape(layer), dy, stride=c["stride"], padding=c["padding"],
-                                         dilation=c["dilation"], groups=c.get("groups", 1))
+        cols = self.live_input_columns(layer, a.shape, a.device)
+        if cols is not None:
+            live = cols[:-1] if layer.bias is not None else cols
+            gw = dy.new_zeros(layer.out_dim, layer.in_dim - (layer.bias is not None))
+            gw[:, live] = dy.movedim(1, -1).reshape(-1, layer.out_dim).mT @ self._live_patches(layer, a, live, dtype)
+        else:
+            gw = torch.nn.grad.conv2d_weight(a, self.kernel_shape(layer), dy, stride=c["stride"],
+                                             padding=c["padding"], dilation=c["dilation"], groups=c.get("groups", 1))
         gw = gw.reshape(layer.out_dim, -1)
         if layer.bias is not None:
             gw = torch.cat([gw, dy.sum(dim=(0, 2, 3)).unsqueeze(1)], dim=1)
