@@ -7,9 +7,9 @@
 //                                                    inverses, for a caller whose M is a scratch stack
 //
 // One copy of the input with the damping added to its diagonal, LAPACK potrf and potri in place on it, and the
-// computed triangle mirrored: one output-sized buffer in all (none for the in-place op). torch's cholesky_ex + cholesky_inverse makes four (the
-// copy, the factor, its tril, the inverse), and on a 2-core VM whose fresh pages are slow that was half the time of
-// three 2304-wide inverses (bench/RESULTS.md). LAPACK is the one torch itself links (MKL or OpenBLAS inside
+// computed triangle mirrored: one output-sized buffer in all (none for the in-place op). torch's cholesky_ex +
+// cholesky_inverse makes four (the copy, the factor, its tril, the inverse), and on a 2-core VM whose fresh pages are
+// slow that was half the time of three 2304-wide inverses (bench/RESULTS.md). LAPACK is the one torch itself links (MKL or OpenBLAS inside
 // libtorch_cpu), found at load time; where it is not exported, the op runs torch's own path.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

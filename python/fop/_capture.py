@@ -256,10 +256,10 @@ class Capture:
 
     def live_input_columns(self, i: int) -> torch.Tensor | None:
         """The columns of layer i's A that this update's rows can make nonzero (the layer type's
-        `live_input_columns`), or None: every column, a type without them, or records of different input shapes."""
+        `live_input_columns`), or None: every column, or records of different input shapes."""
         layer = self.layers[i]
         recs = self._input_factor_records(i)
-        if not recs or not hasattr(layer.type, "live_input_columns"):
+        if not recs:
             return None
         shape = recs[0].a.shape
         if any(r.a.shape[1:] != shape[1:] for r in recs):

@@ -74,6 +74,12 @@ def _stacked_rows(ts: list[torch.Tensor], bias: bool) -> torch.Tensor:
     return X
 
 
+def conv_output_size(H: int, W: int, kernel_size, stride, padding, dilation) -> tuple[int, int]:
+    """(oh, ow) of a 2-D convolution of an H x W input (torch's formula, explicit padding per side)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    return (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 def _patches(x: torch.Tensor, c: dict, bias: bool) -> torch.Tensor:
     """im2col rows of x ((N*L) x (C kh kw [+1])), for records whose spatial sizes differ (no single conv call)."""
     cols = F_nn.unfold(x, c["kernel_size"], dilation=c["dilation"], padding=c["padding"], stride=c["stride"])
@@ -194,6 +200,11 @@ class LayerType:
         Y = _rows(dy.to(dtype), False)
         gw = Y.T @ _rows(a.to(dtype), False)
         return gw if layer.bias is None else torch.cat([gw, Y.sum(0).unsqueeze(1)], dim=1)
+
+    def live_input_columns(self, layer: Layer, shape: torch.Size, device) -> torch.Tensor | None:
+        """The columns of A that inputs of `shape` can make nonzero, where fewer than all (Conv2dType: the taps that
+        read only padding are zero); None: any column."""
+        return None
 
     # -- AdaFisher's diagonals (Kronecker layers: H = diag A, S = mean of s^2 over rows) ----------------------------
     def input_diagonal(self, layer: Layer, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -415,39 +426,43 @@ class Conv2dType(LayerType):
         X = self.factor_input_rows(layer, xs, tokens)
         fop_kernels.accumulate_factor(A, X, decay, scale=1.0 / X.shape[0], check_finite=False)
 
-    def live_input_columns(self, layer, shape: torch.Size, device) -> torch.Tensor | None:
-        """The sorted columns of A (its (c, i, j) order, the bias column last) that the patches of an input of `shape`
-        can make nonzero: every channel at the kernel taps that read the image for some output position (a tap that
-        reads only zero padding, as the off-centre taps of a 3x3 conv on a 1x1 map, has exactly zero patch columns).
-        None when every tap reads the image, or for a grouped conv."""
+    def live_taps(self, layer, shape) -> list[int] | None:
+        """The kernel taps (i kw + j, ascending) that read the image for some output position of an input of `shape`
+        (a tap that reads only zero padding, as the off-centre taps of a 3x3 conv on a 1x1 map, multiplies exactly
+        zero patch columns), or None when every tap does, or for a grouped conv. On the host, from the geometry."""
         c = layer.conv
         if c["groups"] != 1:
             return None
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
         H, W = shape[-2], shape[-1]
-        oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        oh, ow = conv_output_size(H, W, c["kernel_size"], c["stride"], c["padding"], c["dilation"])
 
         def reads(tap: int, d: int, p: int, stride: int, out: int, size: int) -> bool:
             return any(0 <= o * stride - p + tap * d < size for o in range(out))
 
         taps = [i * kw + j for i in range(kh) if reads(i, dh, ph, sh, oh, H)
                 for j in range(kw) if reads(j, dw, pw, sw, ow, W)]
-        if len(taps) == kh * kw:
+        return None if len(taps) == kh * kw else taps
+
+    def live_input_columns(self, layer, shape: torch.Size, device) -> torch.Tensor | None:
+        """The sorted columns of A (its (c, i, j) order, the bias column last) that the patches of an input of `shape`
+        can make nonzero: every channel at its `live_taps`; None when every tap is live, or for a grouped conv."""
+        taps = self.live_taps(layer, shape)
+        if taps is None:
             return None
-        C = shape[1]
-        cols = (torch.arange(C, device=device)[:, None] * (kh * kw) + torch.tensor(taps, device=device)).flatten()
+        KK = layer.conv["kernel_size"][0] * layer.conv["kernel_size"][1]
+        cols = (torch.arange(shape[1], device=device)[:, None] * KK + torch.tensor(taps, device=device)).flatten()
         if layer.bias is not None:
-            cols = torch.cat([cols, torch.tensor([C * kh * kw], device=device)])
+            cols = torch.cat([cols, torch.tensor([shape[1] * KK], device=device)])
         return cols
 
-    def _live_patches(self, layer, x: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The patch matrix of x restricted to the live columns `cols` (live_input_columns; the bias column without
-        its ones), (N oh ow, C taps) in cols' (c, tap) order, gathered tap by tap from the padded input (no im2col)."""
+    def _live_patches(self, layer, x: torch.Tensor, taps: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """The patch matrix of x at the kernel taps `taps` alone, (N oh ow, C len(taps)) in (c, tap) order (the order
+        of live_input_columns), gathered tap by tap from the padded input (no im2col)."""
         c = layer.conv
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c["kernel_size"], c["stride"], c["padding"], c["dilation"]
-        taps = [int(t) for t in cols[: int((cols < kh * kw).sum())]]  # channel 0's columns are the taps themselves
+        kw, (sh, sw), (ph, pw), (dh, dw) = c["kernel_size"][1], c["stride"], c["padding"], c["dilation"]
         N, C, H, W = x.shape
-        oh, ow = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        oh, ow = conv_output_size(H, W, c["kernel_size"], c["stride"], c["padding"], c["dilation"])
         xp = F_nn.pad(x.to(dtype), (pw, pw, ph, ph))
         per_tap = [xp[:, :, (t // kw) * dh:(t // kw) * dh + sh * (oh - 1) + 1:sh,
                       (t % kw) * dw:(t % kw) * dw + sw * (ow - 1) + 1:sw] for t in taps]
@@ -455,17 +470,16 @@ class Conv2dType(LayerType):
 
     def update_input_factor_on_columns(self, layer, A, xs, decay, cols: torch.Tensor) -> torch.Tensor:
         """A[cols, cols] <- (1-decay) A[cols, cols] + decay sum_rows p_cols p_cols^T / rows in place, the rest of A
-        untouched: the factor update for an A that is zero outside cols x cols and patches that are zero outside
-        `cols` (live_input_columns of every x in xs, ungrouped): there it equals update_input_factor, without
-        reading or writing the rest of A. The patch columns are gathered tap by tap (no full im2col). Returns the
-        block written, A[cols, cols] (in A's dtype)."""
-        bias = layer.bias is not None
-        live = cols[:-1] if bias else cols
+        untouched: the factor update for an A that is zero outside cols x cols, `cols` the live_input_columns of
+        every x in xs (one shape, ungrouped): there it equals update_input_factor, without reading or writing the
+        rest of A. The patch columns are gathered tap by tap (no full im2col). Returns the block written,
+        A[cols, cols] (in A's dtype)."""
+        taps = self.live_taps(layer, xs[0].shape)
         dtype = _accumulation_dtype(A, *xs)
         gram, rows = None, 0
         for x in xs:
-            P = self._live_patches(layer, x, live, dtype)
-            if bias:
+            P = self._live_patches(layer, x, taps, dtype)
+            if layer.bias is not None:
                 P = torch.cat([P, P.new_ones(P.shape[0], 1)], dim=1)
             part = P.mT @ P
             gram = part if gram is None else gram.add_(part)
@@ -486,16 +500,16 @@ class Conv2dType(LayerType):
         return torch.cat([_patches(x, layer.conv, bias) for x in xs])  # im2col rows
 
     def sub_batch_grad(self, layer, a, dy, dtype):
-        """dy^T P: torch's conv weight gradient, or, where taps read only zero padding (live_input_columns), the
+        """dy^T P: torch's conv weight gradient, or, where taps read only zero padding (live_taps), the
         product with the live patch columns alone, zero elsewhere (layer4 of a ResNet-18 at 32x32: 12 ms against
         0.2 for a 3x3 conv on 1x1 maps at 128 samples, torch's weight gradient visiting every tap)."""
         a, dy = a.to(dtype), dy.to(dtype)
         c = layer.conv
-        cols = self.live_input_columns(layer, a.shape, a.device)
-        if cols is not None:
-            live = cols[:-1] if layer.bias is not None else cols
-            gw = dy.new_zeros(layer.out_dim, layer.in_dim - (layer.bias is not None))
-            gw[:, live] = dy.movedim(1, -1).reshape(-1, layer.out_dim).mT @ self._live_patches(layer, a, live, dtype)
+        taps = self.live_taps(layer, a.shape)
+        if taps is not None:  # (out, C, kh kw), the live taps' columns filled
+            gw = dy.new_zeros(layer.out_dim, a.shape[1], c["kernel_size"][0] * c["kernel_size"][1])
+            live = dy.movedim(1, -1).reshape(-1, layer.out_dim).mT @ self._live_patches(layer, a, taps, dtype)
+            gw[:, :, taps] = live.view(layer.out_dim, a.shape[1], len(taps))
         else:
             gw = torch.nn.grad.conv2d_weight(a, self.kernel_shape(layer), dy, stride=c["stride"],
                                              padding=c["padding"], dilation=c["dilation"], groups=c.get("groups", 1))

@@ -254,15 +254,13 @@ class DampedFactor:
         Cholesky factor stays in M's dtype (triangular solves). `sources`: the B matrices M was stacked from, given
         when M is the caller's scratch copy: it is then overwritten (inverted in place, no second stack-sized
         buffer) and a repair reads the source."""
-        original = M if sources is None else None
+        matrices = M if sources is None else sources  # what a repair reads: M itself is overwritten when scratch
 
         def repaired(b: int) -> torch.Tensor:
-            source = original[b] if sources is None else sources[b]
-            return cls._repaired_cholesky(source, lam[b], f"matrix {b}" if names is None else names[b])
+            return cls._repaired_cholesky(matrices[b], lam[b], f"matrix {b}" if names is None else names[b])
 
         if not keep_factor:  # LAPACK in place on the host (fop_kernels.damped_cholesky_inverse), on M or on a copy
-            inv, info = fop_kernels.damped_cholesky_inverse(M, lam.to(M.dtype),
-                                                            overwrite=sources is not None and M.is_contiguous())
+            inv, info = fop_kernels.damped_cholesky_inverse(M, lam.to(M.dtype), overwrite=sources is not None)
             for b in torch.nonzero(info).flatten().tolist():  # one host sync per inversion step
                 inv[b] = torch.cholesky_inverse(repaired(b)).mT
             return cls(inv=inv if product_dtype is None else inv.to(product_dtype))

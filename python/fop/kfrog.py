@@ -44,7 +44,7 @@ from torch import nn
 
 import fop_kernels
 from fop._base import check_float, check_int, check_outer_hyperparameters
-from fop._layers import Conv2dType, _rows
+from fop._layers import Conv2dType, _rows, conv_output_size
 from fop.distributed_rows import lockstep_row_cg
 from fop.frog import (
     TRACE_EPS,
@@ -68,8 +68,7 @@ def conv_input_sq(x_s: torch.Tensor, weight_shape, stride, padding, dilation) ->
     against an all-ones output gradient."""
     s, C, H, W = x_s.shape
     _, _, kh, kw = weight_shape
-    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    Ho, Wo = conv_output_size(H, W, (kh, kw), stride, padding, dilation)
     sq = x_s.square().sum(0, keepdim=True)
     ones = sq.new_ones(1, 1, Ho, Wo)
     return torch.nn.grad.conv2d_weight(sq, (1, C, kh, kw), ones, stride, padding, dilation, 1)[0], Ho * Wo
@@ -122,8 +121,7 @@ def _system_rows(systems) -> int:
     if isinstance(systems, ConvSystems):
         s, _, H, W = systems.x_s.shape
         (kh, kw), (stride, padding, dilation, _) = systems.weight_shape[2:], systems.geometry
-        Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        Ho, Wo = conv_output_size(H, W, (kh, kw), stride, padding, dilation)
         return s * Ho * Wo
     return systems.X.shape[0]
 
