@@ -425,3 +425,121 @@ def test_split_validation():
         FOP(tiny_net(), split="thirds")
     with pytest.raises(ValueError, match="loss_reduction='mean'"):
         FOP(tiny_net(), split="backward", loss_reduction="sum")
+
+
+def _grad_mul(c):
+    """.grad *= c in place; returns c."""
+    def rescale(m):
+        for p in m.parameters():
+            p.grad.mul_(c)
+        return c
+    return rescale
+
+
+def _grad_replace(c):
+    """.grad replaced by a new tensor c .grad; returns c."""
+    def rescale(m):
+        for p in m.parameters():
+            p.grad = p.grad * c
+        return c
+    return rescale
+
+
+def _grad_clip(c):
+    """clip_grad_norm_ to c times the gradient's norm; returns the factor it applied (max_norm / (norm + 1e-6))."""
+    def rescale(m):
+        total = float(torch.nn.utils.clip_grad_norm_(m.parameters(), float("inf")))
+        torch.nn.utils.clip_grad_norm_(m.parameters(), c * total)
+        return c * total / (total + 1e-6)
+    return rescale
+
+
+RESCALES = {"mul_": _grad_mul, "replaced": _grad_replace, "clip_grad_norm_": _grad_clip}
+
+
+@pytest.mark.parametrize("beta", ["adaptive", 0.3])
+@pytest.mark.parametrize("rescale, inverse", [("mul_", i) for i in INVERSES] +
+                         [("replaced", "auto"), ("clip_grad_norm_", "auto"), ("clip_grad_norm_", "eigh")])
+def test_gradient_rescaled_before_step_rescales_both_sub_batches(rescale, inverse, beta, monkeypatch):
+    """.grad rescaled by c between backward and step (gradient clipping) makes FOP's g1 and g2 = 2 g_avg - g1
+    rescaled with it: the hooks' first-half gradient is rescaled too, so (kl_clip off, momentum 0) the steps are
+    those at lr c lr without the rescaling, with the same s_proj, beta, eta. Before, S1 stayed unscaled: g_diff
+    gained (1 - c) multiples of g_avg, which the adaptive beta projects out but a fixed beta, the beta clip and
+    last_stats did not (beta came out c times its value)."""
+    torch.manual_seed(21)
+    c = 0.3
+    m = tiny_net().double()
+    kwargs = dict(momentum=0.0, kl_clip=None, factor_interval=2, inverse_interval=2, beta=beta,
+                  factor_dtype=torch.float64, **inverse_kwargs(inverse, monkeypatch))
+    m_rescaled, m_plain = copy.deepcopy(m), copy.deepcopy(m)
+    o_rescaled, o_plain = FOP(m_rescaled, lr=0.1, **kwargs), FOP(m_plain, lr=0.1, **kwargs)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        x, y = torch.randn(10, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (10,), generator=g)
+        o_rescaled.zero_grad()
+        F.cross_entropy(m_rescaled(x), y).backward()
+        o_plain.param_groups[0]["lr"] = 0.1 * RESCALES[rescale](c)(m_rescaled)
+        o_rescaled.step()
+        o_plain.zero_grad()
+        F.cross_entropy(m_plain(x), y).backward()
+        o_plain.step()
+        for name, stats in o_plain.last_stats().items():
+            for key, value in stats.items():
+                torch.testing.assert_close(o_rescaled.last_stats()[name][key], value, rtol=1e-9, atol=1e-12)
+    for (n, p1), p2 in zip(m_plain.named_parameters(), m_rescaled.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-9, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("unscale", [True, False])
+def test_gradient_rescaled_under_a_grad_scaler(unscale):
+    """A GradScaler step after a rescaling of .grad: with the user's scaler.unscale_ first (clipping unscaled
+    gradients; grad_scaler=scaler) and without (the step unscales .grad itself), FOP steps as without a scaler with
+    the same rescaling (the scale a power of 2: exact)."""
+    torch.manual_seed(22)
+    m = tiny_net().double()
+    kwargs = dict(lr=0.1, factor_interval=1, inverse_interval=1, beta=0.3, factor_dtype=torch.float64)
+    m_amp, m_plain = copy.deepcopy(m), copy.deepcopy(m)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    o_amp = FOP(m_amp, grad_scaler=scaler if unscale else None, **kwargs)
+    o_plain = FOP(m_plain, **kwargs)
+    rescale = _grad_mul(0.25)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        x, y = torch.randn(10, 2, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (10,), generator=g)
+        o_amp.zero_grad()
+        scaler.scale(F.cross_entropy(m_amp(x), y)).backward()
+        if unscale:
+            scaler.unscale_(o_amp)
+        rescale(m_amp)
+        scaler.step(o_amp)
+        scaler.update()
+        o_plain.zero_grad()
+        F.cross_entropy(m_plain(x), y).backward()
+        rescale(m_plain)
+        o_plain.step()
+        for name, stats in o_plain.last_stats().items():
+            torch.testing.assert_close(o_amp.last_stats()[name]["beta"], stats["beta"], rtol=1e-9, atol=1e-12)
+    for (n, p1), p2 in zip(m_plain.named_parameters(), m_amp.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_gradient_rescaled_after_split_backward_passes():
+    """split="backward": .grad rescaled after the last pass rescales the first pass's copy with it."""
+    torch.manual_seed(23)
+    c = 0.5
+    m = tiny_net().double()
+    kwargs = dict(momentum=0.0, kl_clip=None, factor_interval=1, beta=0.3, split="backward",
+                  factor_dtype=torch.float64)
+    m_rescaled, m_plain = copy.deepcopy(m), copy.deepcopy(m)
+    o_rescaled, o_plain = FOP(m_rescaled, lr=0.1, **kwargs), FOP(m_plain, lr=0.1 * c, **kwargs)
+    x, y = torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (8,))
+    for model, opt, then in ((m_rescaled, o_rescaled, _grad_mul(c)), (m_plain, o_plain, None)):
+        for _ in range(2):
+            opt.zero_grad()
+            for xb, yb in zip(x.chunk(2), y.chunk(2)):
+                (F.cross_entropy(model(xb), yb) / 2).backward()
+            if then is not None:
+                then(model)
+            opt.step()
+    for (n, p1), p2 in zip(m_plain.named_parameters(), m_rescaled.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=1e-9, atol=1e-12, msg=n)

@@ -119,6 +119,9 @@ class FOP(KFAC):
         self._warned_fallback = False
         self._first_pass: dict[int, torch.Tensor] = {}  # split="backward": id(p) -> .grad after the first pass
         self._passes: dict[int, int] = {}  # split="backward": id(p) -> backward passes accumulated this step
+        # id(p) -> (.grad, its version, its squared norm) after the last backward pass accumulated into it
+        self._grad_marks: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._rescaled: dict[int, torch.Tensor] = {}  # layer -> the step's rescaling of .grad since backward
         super().__init__(params_or_model, lr, momentum, weight_decay, **kwargs)
         on_grad = weakref.WeakMethod(self._on_grad_accumulated)  # the hooks hold the optimizer weakly
 
@@ -127,8 +130,8 @@ class FOP(KFAC):
             if method is not None:
                 method(p)
 
-        self._pass_hooks = ([p.register_post_accumulate_grad_hook(pass_hook)
-                             for layer in self.layers for p in layer.params] if self.split == "backward" else [])
+        self._pass_hooks = [p.register_post_accumulate_grad_hook(pass_hook) for layer in self.layers
+                            for p in layer.params]
         self._pass_finalizer = weakref.finalize(self, remove_handles, self._pass_hooks)
 
     def remove_hooks(self) -> None:
@@ -142,18 +145,62 @@ class FOP(KFAC):
         return self.split == "half_batch" and not self.comm.active  # distributed: fop.distributed's own hooks
 
     def _on_grad_accumulated(self, p: torch.Tensor) -> None:
-        """split="backward": count the passes per parameter and copy .grad once the first has accumulated."""
-        count = self._passes.get(id(p), 0) + 1
-        self._passes[id(p)] = count
-        if count == 1:
-            self._first_pass[id(p)] = p.grad.detach().clone()
+        """After every backward pass into a preconditioned parameter: mark its .grad (object, version, squared norm)
+        for `_grad_rescaling`; split="backward": count the passes and copy .grad once the first has accumulated."""
+        if self.comm.active:  # DDP rewrites .grad after this hook: no mark to compare with
+            return
+        grad = p.grad
+        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.promote_types(grad.dtype, torch.float32))
+        self._grad_marks[id(p)] = (weakref.ref(grad), grad._version, norm.square())
+        if self.split == "backward":
+            count = self._passes.get(id(p), 0) + 1
+            self._passes[id(p)] = count
+            if count == 1:
+                self._first_pass[id(p)] = grad.detach().clone()
+
+    def _grad_rescaling(self) -> dict[int, torch.Tensor]:
+        """{layer: c} for the layers whose .grad changed between backward and step (torch.nn.utils.clip_grad_norm_,
+        a GradScaler's unscale_, `p.grad *= k`): c = |.grad now| / |.grad after backward| over the layer's
+        parameters, a device scalar (1 where both are 0). The hooks' first-half sum S1 is multiplied by c, so that
+        g1 and g2 = 2 g_avg - g1 are rescaled with `.grad` = g_avg: exact for a rescaling by one number per layer;
+        another change of .grad (clip_grad_value_, an added term) is taken as a rescaling by the norms' ratio."""
+        changed = []
+        for i, layer in enumerate(self.layers):
+            marks = [(p, self._grad_marks.get(id(p))) for p in layer.params if p.grad is not None]
+            if any(m is not None and (m[0]() is not p.grad or m[1] != p.grad._version) for p, m in marks):
+                changed.append((i, [p.grad for p, m in marks if m is not None], [m[2] for p, m in marks if m]))
+        if not changed:
+            return {}
+        now = torch._foreach_norm([g for _, grads, _ in changed for g in grads], 2)
+        rescaling, k = {}, 0
+        for i, grads, then in changed:
+            n2 = sum(now[k + j].to(then[j].dtype).square() for j in range(len(grads)))
+            t2 = sum(then)
+            k += len(grads)
+            rescaling[i] = torch.where(t2 > 0, (n2 / t2).sqrt(), torch.ones_like(t2))
+        return rescaling
+
+    def _prepare_gradients(self):
+        self._rescaled = self._grad_rescaling()  # before a GradScaler's grad_scale path unscales .grad here
+        return super()._prepare_gradients()
+
+    def _first_half_scale(self, i: int, inv_scale: torch.Tensor | None) -> torch.Tensor | None:
+        """The factor S1 of layer i takes: inv_scale (a GradScaler's, or None) times the rescaling of .grad since
+        backward; a scaler.unscale_ the user called is part of that rescaling, so inv_scale is not applied twice."""
+        c = self._rescaled.get(i)
+        if c is None:
+            return inv_scale
+        if inv_scale is not None and getattr(self, "grad_scale", None) is not None:  # unscaled by step() itself
+            return c * inv_scale.to(c.device)
+        return c
 
     def _forget_passes(self) -> None:
-        self._first_pass, self._passes = {}, {}
+        self._first_pass, self._passes, self._rescaled = {}, {}, {}
 
     def _after_step(self) -> None:
         super()._after_step()
         self._forget_passes()
+        self._grad_marks = {}
 
     def _after_skipped_step(self) -> None:
         super()._after_skipped_step()
@@ -162,6 +209,7 @@ class FOP(KFAC):
     def _after_load(self) -> None:
         super()._after_load()
         self._forget_passes()
+        self._grad_marks = {}
 
     def _fallback(self, why: str) -> None:
         """Warn once that this step takes the K-FAC update, and why; None (no sub-batches)."""
@@ -200,13 +248,16 @@ class FOP(KFAC):
             k = self._passes[id(self.layers[bucket.index[0]].weight)]
             S1 = torch.stack([self.layers[i].matrix([self._first_pass[id(p)] for p in self.layers[i].params], dtype)
                               for i in bucket.index])
-            if inv_scale is not None:
-                S1 = S1 * inv_scale.to(device=S1.device, dtype=dtype)
+            scales = [self._first_half_scale(i, inv_scale) for i in bucket.index]
+            if any(c is not None for c in scales):
+                S1 = S1 * torch.stack([S1.new_ones(()) if c is None else c.to(device=S1.device, dtype=dtype)
+                                       for c in scales]).view(-1, 1, 1)
             return V, _difference(S1, V, S1.new_tensor(float(k)), S1.new_tensor(k / (k - 1)))
         if self.comm.active:  # g1 = w1 S1 over the first sub-batch of every rank (fop.distributed)
             S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, inv_scale)
             return V, _difference(S1, V, w1, w2)
-        S1 = torch.stack([self.capture.half_batch_grad(i, dtype, inv_scale) for i in bucket.index])
+        S1 = torch.stack([self.capture.half_batch_grad(i, dtype, self._first_half_scale(i, inv_scale))
+                          for i in bucket.index])
         n = torch.tensor([sub_batches[i][0] for i in bucket.index], dtype=torch.float64)
         n1 = torch.tensor([sub_batches[i][1] for i in bucket.index], dtype=torch.float64)
         w1 = (n / n1).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g1 = (N/N1) S1
