@@ -36,6 +36,8 @@ PORTS = {"equiv2": 47611, "equiv3": 47612, "fail": 47613, "single": 47614, "faul
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, damping=1e-2, factor_interval=2, inverse_interval=2,
              factor_dtype=torch.float64, inverse_method="eigh")  # the sharded eigendecompositions; CHOLESKY overrides
 CHOLESKY = dict(damping_mode="factored", inverse_method="cholesky")  # inverted on every rank, not sharded
+CLIP = 0.02  # clip_grad_norm_'s max_norm in the clipped run: below every step's gradient norm (the test checks)
+CLIPPED = dict(beta=0.3)  # a fixed beta: the adaptive one would project an unfollowed clip's error out
 
 
 # -- the model, data and training loop shared by the ranks and the references --------------------------------------
@@ -102,10 +104,13 @@ def make_optimizer(kind: str, model, **kwargs):
     return cls(model, **{**HYPER, **kwargs})
 
 
-def train_step(opt, model, x, y) -> None:
+def train_step(opt, model, x, y, clip: float | None = None) -> float | None:
+    """One step; `clip`: torch.nn.utils.clip_grad_norm_ to it between backward and step (returns the norm before)."""
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
+    norm = None if clip is None else float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
     opt.step()
+    return norm
 
 
 def accumulation_step(opt, model, batch, rank: int | None = None, world: int = 1) -> None:
@@ -164,7 +169,7 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
             results = _killed_scenario(rank, world)
         else:
             runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {}), ("fop_cholesky", CHOLESKY),
-                    ("fop_attention", {})]
+                    ("fop_attention", {}), ("fop_clipped", CLIPPED)]
             if world % 2 == 0:
                 runs.append(("fop_ranks", {"distributed": DistributedOptions(split="ranks")}))
             else:
@@ -182,14 +187,15 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                 ddp = DDP(model)
                 opt = make_optimizer(name.split("_")[0], ddp, **kwargs)
                 scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-                step_bytes = []
+                step_bytes, norms = [], []
                 for step, batch in enumerate(global_batches(world)):
                     if name == "fop_accum":
                         accumulation_step(opt, ddp, batch, rank, world)
                     elif name == "fop_scaler":
                         scaled_step(opt, ddp, scaler, *local(batch, rank))
                     else:
-                        train_step(opt, ddp, *local(batch, rank))
+                        norms.append(train_step(opt, ddp, *local(batch, rank), clip=CLIP if name == "fop_clipped"
+                                                else None))
                     step_bytes.append(dict(opt.comm.last_step_bytes))
                     if step == 2 and rank == 0:
                         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, out / f"{name}.pt")
@@ -197,6 +203,7 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                 gathered = [torch.empty_like(mine) for _ in range(world)]
                 dist.all_gather(gathered, mine)
                 results[name] = {"params": mine, "identical": all(torch.equal(g, gathered[0]) for g in gathered),
+                                 "norms": norms,
                                  "bytes": step_bytes, "decomposed": list(decomposed), "owners": opt.comm.owners,
                                  "launches": opt.comm.stats()["launches"],
                                  "dims": [layer.in_dim for layer in opt.layers] + [layer.out_dim for layer in
@@ -394,9 +401,10 @@ def launch(scenario: str, world: int, tmp_path: Path) -> tuple[list[int], list[d
 
 # -- references in this process --------------------------------------------------------------------------------------
 def reference(kind: str, world: int, order: str, steps: range = range(STEPS), state=None,
-              save_to: Path | None = None, model_fn=make_model, **kwargs) -> torch.Tensor:
+              save_to: Path | None = None, model_fn=make_model, clip: float | None = None, **kwargs) -> torch.Tensor:
     """One process on the global batches (`order`: "halves" reorders them so that sub-batch 1 matches,
-    "accumulate" does that per micro-batch of a gradient accumulation); `save_to`: save the final state there."""
+    "accumulate" does that per micro-batch of a gradient accumulation); `save_to`: save the final state there;
+    `clip`: clip_grad_norm_ to it before every step."""
     model = model_fn()
     opt = make_optimizer(kind, model, **kwargs)
     if state is not None:
@@ -408,7 +416,7 @@ def reference(kind: str, world: int, order: str, steps: range = range(STEPS), st
             accumulation_step(opt, model, batches[step], world=world)
             continue
         batch = halves_first(batches[step], world) if order == "halves" else batches[step]
-        train_step(opt, model, *batch)
+        train_step(opt, model, *batch, clip=clip)
     if save_to is not None:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, save_to)
     return flat_params(model)
@@ -481,6 +489,18 @@ def test_grad_scaler(two_ranks):
     expected = reference("fop", 2, "halves")
     for rank in range(2):
         assert_rel_close(results[rank]["fop_scaler"]["params"], expected)
+
+
+def test_gradient_clipping_is_followed_by_the_sub_batches(two_ranks):
+    """clip_grad_norm_ between backward and step under DDP: the all-reduced first half is rescaled with DDP's
+    averaged .grad (marked after DDP writes it), so the ranks step as one process clipping the global gradient
+    (fixed beta 0.3; before, g_diff kept (1 - c) g_avg: off by far more than the tolerance)."""
+    _, results = two_ranks
+    expected = reference("fop", 2, "halves", clip=CLIP, **CLIPPED)
+    for rank in range(2):
+        assert all(n > 2 * CLIP for n in results[rank]["fop_clipped"]["norms"])  # the clip binds at every step
+        assert_rel_close(results[rank]["fop_clipped"]["params"], expected)
+    assert not torch.equal(expected, reference("fop", 2, "halves", **CLIPPED))
 
 
 def test_gradient_accumulation_with_no_sync(two_ranks):

@@ -122,6 +122,7 @@ class FOP(KFAC):
         # id(p) -> (.grad, its version, its squared norm) after the last backward pass accumulated into it
         self._grad_marks: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
         self._rescaled: dict[int, torch.Tensor] = {}  # layer -> the step's rescaling of .grad since backward
+        self._marks_queued = False  # distributed: the end-of-backward marking is queued for this backward
         super().__init__(params_or_model, lr, momentum, weight_decay, **kwargs)
         on_grad = weakref.WeakMethod(self._on_grad_accumulated)  # the hooks hold the optimizer weakly
 
@@ -146,17 +147,35 @@ class FOP(KFAC):
 
     def _on_grad_accumulated(self, p: torch.Tensor) -> None:
         """After every backward pass into a preconditioned parameter: mark its .grad (object, version, squared norm)
-        for `_grad_rescaling`; split="backward": count the passes and copy .grad once the first has accumulated."""
-        if self.comm.active:  # DDP rewrites .grad after this hook: no mark to compare with
+        for `_grad_rescaling`; split="backward": count the passes and copy .grad once the first has accumulated.
+        Distributed (DDP): DDP writes the averaged .grad in a callback at the end of backward, queued after this
+        hook first runs; the marks are taken by a callback queued from a callback, so after DDP's. Without DDP
+        (a user's own all-reduce after backward) .grad is not marked, and a rescaling of it is not followed."""
+        if self.comm.active:
+            if self.comm.ddp is not None and not self._marks_queued:
+                self._marks_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(
+                    lambda: torch.autograd.Variable._execution_engine.queue_callback(self._mark_reduced_grads))
             return
-        grad = p.grad
-        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.promote_types(grad.dtype, torch.float32))
-        self._grad_marks[id(p)] = (weakref.ref(grad), grad._version, norm.square())
+        self._mark_grad(p)
         if self.split == "backward":
             count = self._passes.get(id(p), 0) + 1
             self._passes[id(p)] = count
             if count == 1:
-                self._first_pass[id(p)] = grad.detach().clone()
+                self._first_pass[id(p)] = p.grad.detach().clone()
+
+    def _mark_grad(self, p: torch.Tensor) -> None:
+        grad = p.grad
+        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.promote_types(grad.dtype, torch.float32))
+        self._grad_marks[id(p)] = (weakref.ref(grad), grad._version, norm.square())
+
+    def _mark_reduced_grads(self) -> None:
+        """Distributed: mark every preconditioned .grad once DDP has written the average of this backward."""
+        self._marks_queued = False
+        for layer in self.layers:
+            for p in layer.params:
+                if p.grad is not None:
+                    self._mark_grad(p)
 
     def _grad_rescaling(self) -> dict[int, torch.Tensor]:
         """{layer: c} for the layers whose .grad changed between backward and step (torch.nn.utils.clip_grad_norm_,
@@ -193,6 +212,12 @@ class FOP(KFAC):
         if inv_scale is not None and getattr(self, "grad_scale", None) is not None:  # unscaled by step() itself
             return c * inv_scale.to(c.device)
         return c
+
+    def _first_half_scales(self, index: list[int], inv_scale: torch.Tensor | None, S1: torch.Tensor) -> torch.Tensor:
+        """`_first_half_scale` of the layers `index`, stacked (B, 1, 1) in S1's dtype and device (1 where none)."""
+        scales = [self._first_half_scale(i, inv_scale) for i in index]
+        return torch.stack([S1.new_ones(()) if c is None else c.to(device=S1.device, dtype=S1.dtype)
+                            for c in scales]).view(-1, 1, 1)
 
     def _forget_passes(self) -> None:
         self._first_pass, self._passes, self._rescaled = {}, {}, {}
@@ -248,14 +273,15 @@ class FOP(KFAC):
             k = self._passes[id(self.layers[bucket.index[0]].weight)]
             S1 = torch.stack([self.layers[i].matrix([self._first_pass[id(p)] for p in self.layers[i].params], dtype)
                               for i in bucket.index])
-            scales = [self._first_half_scale(i, inv_scale) for i in bucket.index]
-            if any(c is not None for c in scales):
-                S1 = S1 * torch.stack([S1.new_ones(()) if c is None else c.to(device=S1.device, dtype=dtype)
-                                       for c in scales]).view(-1, 1, 1)
+            if inv_scale is not None or self._rescaled:
+                S1 = S1 * self._first_half_scales(bucket.index, inv_scale, S1)
             return V, _difference(S1, V, S1.new_tensor(float(k)), S1.new_tensor(k / (k - 1)))
         if self.comm.active:  # g1 = w1 S1 over the first sub-batch of every rank (fop.distributed)
-            S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, inv_scale)
-            return V, _difference(S1, V, w1, w2)
+            if not self._rescaled:
+                S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, inv_scale)
+                return V, _difference(S1, V, w1, w2)
+            S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, None)
+            return V, _difference(S1 * self._first_half_scales(bucket.index, inv_scale, S1), V, w1, w2)
         S1 = torch.stack([self.capture.half_batch_grad(i, dtype, self._first_half_scale(i, inv_scale))
                           for i in bucket.index])
         n = torch.tensor([sub_batches[i][0] for i in bucket.index], dtype=torch.float64)
