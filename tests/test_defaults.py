@@ -273,6 +273,20 @@ def test_defaults_train_transformers_models(model, bar, optimizer, lr):
     assert record["diverged_step"] is None and record["final"] < bar * record["start"], record
 
 
+@pytest.mark.parametrize("optimizer", ["kfac", "fop"])
+@pytest.mark.parametrize("model, bar", [("llama", 0.4), ("t5", 0.35), ("hf-vit", 0.15)])
+def test_defaults_train_more_transformers_models(model, bar, optimizer):
+    """Three transformers models added to the zoo after the defaults were set (Llama: RMSNorm, SwiGLU, rotary, grouped
+    key/value heads, tied lm_head; T5: encoder-decoder, relative position bias, a copy task; ViT on the digits), at the
+    default lr: no divergence and the final training loss below `bar` times its start, where AdamW at its best lr of
+    the study ends at 0.33, 0.45 and 0.077 of it (bench/RESULTS.md, "Four more transformers"). DistilBERT, the
+    fourth, plateaus at the default intervals (a known gap, documented there) and is not asserted here."""
+    pytest.importorskip("transformers")
+    study, tasks = model_zoo()
+    record = study.run_cell(tasks[model], optimizer, 0.1, steps=150, batch=128)
+    assert record["diverged_step"] is None and record["final"] < bar * record["start"], record
+
+
 @pytest.mark.parametrize("optimizer", ["KFAC", "FOP"])
 def test_defaults_step_the_standard_resnet18_at_32x32(optimizer):
     """timm's ResNet-18 layout at width 64 on 32x32 inputs (bench/studies/wide_models.py), which crashed the former

@@ -14,13 +14,17 @@ Models (sklearn's digits, 8 x 8, standardized; the regression task is synthetic)
   - regression: a GELU MLP fitting y = 3 sin(0.3 x W) + 5 on 16 inputs, MSE (a loss far from 1 at the start)
   - bert: transformers' BertForSequenceClassification from a tiny config (2 layers of width 64, random weights) on a
     synthetic order task: 16 tokens, is token 5 before token 7 (left out when transformers does not import)
+  - llama, t5, hf-vit, distilbert (added 2026-12-04, after the defaults were set): transformers' Llama (RMSNorm, SwiGLU,
+    rotary, grouped key/value heads, tied lm_head) on gpt2's bytes; T5 (encoder-decoder, relative position bias)
+    copying 12 random tokens through its decoder; ViT on the digits; DistilBERT on bert's order task
   - gpt2: transformers' GPT2LMHeadModel from a tiny config (2 layers of width 64, random weights, its Conv1D
     projections, lm_head tied to the token embedding), next-byte prediction on the source text of Python's own
     `textwrap` module (616 windows of 32 bytes; left out when transformers does not import)
 
-Each cell is one constant-lr run (no warm-up, no schedule) of --steps steps at batch --batch, seed 0, with the
-optimizer built from the library's defaults: fop's optimizers get the model and `lr` only; SGD momentum 0.9 (as
-fop-train builds it); AdamW torch's defaults. A cell shows the final training loss, and "peak" the largest batch
+Each cell is one constant-lr run (no warm-up, no schedule) of --steps steps at batch --batch, the model initialized
+from --seed (0), with the optimizer built from the library's defaults: fop's optimizers get the model and `lr` only
+(and K-FAC/FOP the intervals with --interval); SGD momentum 0.9 (as fop-train builds it); AdamW torch's defaults.
+A cell shows the final training loss, and "peak" the largest batch
 loss after the first third of the run (a late spike shows there, and a non-finite loss ends the run as "diverged").
 Writes `model_zoo.md` and `model_zoo.json` to --out.
 """
@@ -43,8 +47,8 @@ from torch.nn import functional as F
 OPTIMIZERS = {  # name: (builder, default lrs)
     "sgd": (lambda model, lr: torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), "0.01,0.1"),
     "adamw": (lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr), "0.001,0.01"),
-    "kfac": (lambda model, lr: fop.KFAC(model, lr=lr), "0.01,0.1,1.0"),
-    "fop": (lambda model, lr: fop.FOP(model, lr=lr), "0.01,0.1,1.0"),
+    "kfac": (lambda model, lr, **curvature: fop.KFAC(model, lr=lr, **curvature), "0.01,0.1,1.0"),
+    "fop": (lambda model, lr, **curvature: fop.FOP(model, lr=lr, **curvature), "0.01,0.1,1.0"),
     "adafisher": (lambda model, lr: fop.AdaFisher(model, lr=lr), "0.01,0.1,1.0"),
     "frog": (lambda model, lr: fop.FROG(model, lr=lr), "0.01,0.1,1.0"),
     "kfrog": (lambda model, lr: fop.KFROG(model, lr=lr), "0.01,0.1,1.0"),
@@ -136,6 +140,71 @@ class TinyGPT2(nn.Module):
         return self.gpt(input_ids=ids).logits
 
 
+class TinyLlama(nn.Module):
+    """transformers' Llama language model (2 layers, width 64, 4 heads over 2 key/value heads, RMSNorm, SwiGLU MLP,
+    rotary positions, bias-free projections, lm_head tied to the token embedding, random weights): the logits."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                             tie_word_embeddings=True)
+        self.llama = LlamaForCausalLM(config)
+
+    def forward(self, ids):
+        return self.llama(input_ids=ids).logits
+
+
+class TinyT5(nn.Module):
+    """transformers' T5 encoder-decoder (2 + 2 layers, width 64, 4 heads, relative position buckets, RMS layer norms,
+    random weights, dropout off), the decoder fed the targets shifted right: the logits (a copy task)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        config = T5Config(vocab_size=32, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
+                          decoder_start_token_id=0)
+        self.t5 = T5ForConditionalGeneration(config)
+
+    def forward(self, ids):
+        return self.t5(input_ids=ids, decoder_input_ids=self.t5._shift_right(ids)).logits
+
+
+class TinyHFViT(nn.Module):
+    """transformers' ViT classifier on the 8 x 8 digits (2 x 2 patches, 2 layers, width 64, 4 heads, a class token,
+    random weights): the logits."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=128, num_labels=10)
+        self.vit = ViTForImageClassification(config)
+
+    def forward(self, x):
+        return self.vit(pixel_values=x).logits
+
+
+class TinyDistilBert(nn.Module):
+    """transformers' DistilBERT classifier (2 layers, width 64, 4 heads, random weights, dropout off): the logits."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+        config = DistilBertConfig(vocab_size=vocab, dim=64, hidden_dim=128, n_layers=2, n_heads=4, num_labels=2,
+                                  max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
+                                  seq_classif_dropout=0.0)
+        self.bert = DistilBertForSequenceClassification(config)
+
+    def forward(self, ids):
+        return self.bert(input_ids=ids).logits
+
+
 def byte_windows(length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Consecutive windows of the bytes of textwrap's source (Python's standard library, so every install has it)
     and the same windows shifted by one byte: next-byte targets."""
@@ -171,6 +240,7 @@ def tasks() -> dict:
     gen = torch.Generator().manual_seed(0)
     xr = torch.randn(2048, 16, generator=gen)
     yr = 3 * torch.sin(0.3 * xr @ torch.randn(16, 4, generator=gen)) + 5
+    copies = torch.randint(1, 32, (1536, 12), generator=gen)
     return {
         "mobilenet": (MobileNetBlock, x, y, F.cross_entropy),
         "autoencoder": (ConvAutoencoder, x, x, F.mse_loss),
@@ -179,7 +249,11 @@ def tasks() -> dict:
         "deep-tanh": (deep_tanh_mlp, x, y, F.cross_entropy),
         "regression": (regression_mlp, xr, yr, F.mse_loss),
         **({"bert": (lambda: TinyBert(32), *order_task(), F.cross_entropy),
-            "gpt2": (TinyGPT2, *byte_windows(), token_cross_entropy)} if _has_transformers() else {}),
+            "gpt2": (TinyGPT2, *byte_windows(), token_cross_entropy),
+            "llama": (TinyLlama, *byte_windows(), token_cross_entropy),
+            "t5": (TinyT5, copies, copies, token_cross_entropy),
+            "hf-vit": (TinyHFViT, x, y, F.cross_entropy),
+            "distilbert": (lambda: TinyDistilBert(32), *order_task(), F.cross_entropy)} if _has_transformers() else {}),
     }
 
 
@@ -191,13 +265,18 @@ def _has_transformers() -> bool:
     return True
 
 
-def run_cell(task, optimizer: str, lr: float, steps: int, batch: int) -> dict:
+def run_cell(task, optimizer: str, lr: float, steps: int, batch: int, seed: int = 0,
+             interval: int | None = None) -> dict:
+    """One run: the model initialized from `seed` (the batches are the same for every seed); `interval`: K-FAC's and
+    FOP's factor_interval = inverse_interval (None: the library's)."""
     make_model, x, y, loss_fn = task
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = make_model()
+    curvature = {} if interval is None or optimizer not in ("kfac", "fop") else dict(
+        factor_interval=interval, inverse_interval=interval)
     with warnings.catch_warnings():  # "preconditions only x% of the parameters": expected for the LSTM and decoder
         warnings.simplefilter("ignore", UserWarning)
-        opt = OPTIMIZERS[optimizer][0](model, lr)
+        opt = OPTIMIZERS[optimizer][0](model, lr, **curvature)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         start = float(loss_fn(model(x), y))
@@ -236,6 +315,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="the models' initialization (the batches stay the same)")
+    p.add_argument("--interval", type=int, default=None,
+                   help="K-FAC's and FOP's factor_interval = inverse_interval (default: the library's)")
     p.add_argument("--out", default="out/model-zoo")
     args = p.parse_args()
     if args.threads:
@@ -251,12 +333,14 @@ def main() -> None:
         for optimizer in optimizers:
             for lr in map(float, (args.lrs or OPTIMIZERS[optimizer][1]).split(",")):
                 record = {"model": model, "optimizer": optimizer, "lr": lr,
-                          **run_cell(all_tasks[model], optimizer, lr, args.steps, args.batch)}
+                          **run_cell(all_tasks[model], optimizer, lr, args.steps, args.batch, args.seed,
+                                     args.interval)}
                 records.append(record)
                 print(f"{model:12s} {optimizer:10s} lr {lr:<6g} start {record['start']:.3g}: {cell_text(record)}",
                       flush=True)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"steps": args.steps, "batch": args.batch, "threads": torch.get_num_threads(),
+    meta = {"steps": args.steps, "batch": args.batch, "seed": args.seed, "interval": args.interval,
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with open(os.path.join(args.out, "model_zoo.json"), "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
