@@ -23,6 +23,20 @@ def _beta_eta(name: str, value):
 SPLITS = ("half_batch", "backward")
 
 
+
+def _squared_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """|t|^2 of each tensor in promote_types(dtype, float32), one foreach norm per dtype."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for k, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(k)
+    for dtype, index in by_dtype.items():
+        norms = torch._foreach_norm([tensors[k].detach() for k in index], 2,
+                                    dtype=torch.promote_types(dtype, torch.float32))
+        for k, norm in zip(index, norms):
+            out[k] = norm.square()
+    return out
+
 def _difference(S1: torch.Tensor, V: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """g_diff = g1 - g2 for g1 = w1 S1, g2 = w2 (V - S1), as (w1 + w2) S1 - w2 V in place on S1 (a fresh stack; w1,
     w2 device tensors that broadcast against it): two passes over the stack instead of four and three temporaries."""
@@ -122,7 +136,7 @@ class FOP(KFAC):
         # id(p) -> (.grad, its version, its squared norm) after the last backward pass accumulated into it
         self._grad_marks: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
         self._rescaled: dict[int, torch.Tensor] = {}  # layer -> the step's rescaling of .grad since backward
-        self._marks_queued = False  # distributed: the end-of-backward marking is queued for this backward
+        self._marks_queued = False  # the end-of-backward marking is queued for this backward
         super().__init__(params_or_model, lr, momentum, weight_decay, **kwargs)
         on_grad = weakref.WeakMethod(self._on_grad_accumulated)  # the hooks hold the optimizer weakly
 
@@ -146,36 +160,27 @@ class FOP(KFAC):
         return self.split == "half_batch" and not self.comm.active  # distributed: fop.distributed's own hooks
 
     def _on_grad_accumulated(self, p: torch.Tensor) -> None:
-        """After every backward pass into a preconditioned parameter: mark its .grad (object, version, squared norm)
-        for `_grad_rescaling`; split="backward": count the passes and copy .grad once the first has accumulated.
-        Distributed (DDP): DDP writes the averaged .grad in a callback at the end of backward, queued after this
-        hook first runs; the marks are taken by a callback queued from a callback, so after DDP's. Without DDP
-        (a user's own all-reduce after backward) .grad is not marked, and a rescaling of it is not followed."""
-        if self.comm.active:
-            if self.comm.ddp is not None and not self._marks_queued:
-                self._marks_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(
-                    lambda: torch.autograd.Variable._execution_engine.queue_callback(self._mark_reduced_grads))
-            return
-        self._mark_grad(p)
+        """After a backward pass accumulates into a preconditioned parameter: queue the marking of .grad for the end
+        of this backward (`_mark_grads`, once per backward); split="backward": count the passes and copy .grad once
+        the first has accumulated. The marking is queued from a queued callback, so it runs after every callback
+        that backward queued meanwhile: DDP's, which writes the averaged .grad. Distributed without DDP (a user's
+        own all-reduce after backward) .grad is not marked, and a rescaling of it is not followed."""
+        if not self._marks_queued and (not self.comm.active or self.comm.ddp is not None):
+            self._marks_queued = True
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: engine.queue_callback(self._mark_grads))
         if self.split == "backward":
             count = self._passes.get(id(p), 0) + 1
             self._passes[id(p)] = count
             if count == 1:
                 self._first_pass[id(p)] = p.grad.detach().clone()
 
-    def _mark_grad(self, p: torch.Tensor) -> None:
-        grad = p.grad
-        norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.promote_types(grad.dtype, torch.float32))
-        self._grad_marks[id(p)] = (weakref.ref(grad), grad._version, norm.square())
-
-    def _mark_reduced_grads(self) -> None:
-        """Distributed: mark every preconditioned .grad once DDP has written the average of this backward."""
+    def _mark_grads(self) -> None:
+        """At the end of backward: mark every preconditioned .grad (the object, its version, its squared norm)."""
         self._marks_queued = False
-        for layer in self.layers:
-            for p in layer.params:
-                if p.grad is not None:
-                    self._mark_grad(p)
+        params = [p for layer in self.layers for p in layer.params if p.grad is not None]
+        for p, norm2 in zip(params, _squared_norms([p.grad for p in params])):
+            self._grad_marks[id(p)] = (weakref.ref(p.grad), p.grad._version, norm2)
 
     def _grad_rescaling(self) -> dict[int, torch.Tensor]:
         """{layer: c} for the layers whose .grad changed between backward and step (torch.nn.utils.clip_grad_norm_,
@@ -190,12 +195,11 @@ class FOP(KFAC):
                 changed.append((i, [p.grad for p, m in marks if m is not None], [m[2] for p, m in marks if m]))
         if not changed:
             return {}
-        now = torch._foreach_norm([g for _, grads, _ in changed for g in grads], 2)
-        rescaling, k = {}, 0
-        for i, grads, then in changed:
-            n2 = sum(now[k + j].to(then[j].dtype).square() for j in range(len(grads)))
+        now = iter(_squared_norms([g for _, grads, _ in changed for g in grads]))
+        rescaling = {}
+        for i, _, then in changed:
+            n2 = sum(next(now).to(t.dtype) for t in then)
             t2 = sum(then)
-            k += len(grads)
             rescaling[i] = torch.where(t2 > 0, (n2 / t2).sqrt(), torch.ones_like(t2))
         return rescaling
 
