@@ -343,6 +343,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for a, v in attrs.items():
             setattr(self, a, v)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad; what the hooks captured of the backward passes since the last step goes with the
+        gradients (a backward that raised would otherwise leave some layers' statistics for the next step). A
+        forward pass still waiting for its backward is kept: forward, zero_grad, backward is a common order."""
+        super().zero_grad(set_to_none)
+        self.capture.forget_backward()
+
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step (see the class docstring for the update). Transactional: everything new is computed

@@ -114,6 +114,11 @@ class Capture:
         self.keep_dy = True
         self.rows = None
 
+    def forget_backward(self) -> None:
+        """Drop the records whose backward has run (optimizer.zero_grad: their gradients are gone); keep those of
+        forward passes still waiting for their backward."""
+        self.records = [[r for r in recs if not r.backward_done] for recs in self.records]
+
     def remove(self) -> None:
         """Remove the hooks from the modules."""
         self._finalizer()

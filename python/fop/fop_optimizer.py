@@ -223,8 +223,14 @@ class FOP(KFAC):
         return torch.stack([S1.new_ones(()) if c is None else c.to(device=S1.device, dtype=S1.dtype)
                             for c in scales]).view(-1, 1, 1)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._forget_passes()  # a backward that raised never ran its queued marking, nor finished its pass count
+        self._grad_marks = {}
+
     def _forget_passes(self) -> None:
         self._first_pass, self._passes, self._rescaled = {}, {}, {}
+        self._marks_queued = False
 
     def _after_step(self) -> None:
         super()._after_step()
