@@ -269,7 +269,8 @@ class FOP(KFAC):
         if self.comm.active:  # distributed: sub-batches over all ranks, the same decision on every rank
             return self._fallback(self.comm.fallback_reason) if self.comm.fallback_reason else counts
         if any(n == 0 for n, _ in counts.values()):
-            return self._fallback("no half-batch capture (was the forward pass run before the optimizer was built?)")
+            return self._fallback("no half-batch capture (no backward since the last step, or a forward run before "
+                                  "the optimizer was built?)")
         if any(n1 == 0 for _, n1 in counts.values()):
             return self._fallback("a batch of 1 sample has no second half")
         return counts
