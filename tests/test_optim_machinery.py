@@ -696,3 +696,34 @@ def test_zero_grad_forgets_what_backward_captured(opt_name, order):
     assert any(not torch.equal(p, q) for p, q in zip(plain, _FragileNet().double().parameters()))  # it trained
     for p, q in zip(plain, run(True)):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("opt_name", ["KFAC", "FOP", "FROG", "KFROG", "AdaFisher"])
+def test_a_forward_without_backward_holds_no_input(opt_name):
+    """Forward passes with grad enabled whose graph is dropped without a backward (a validation loop without
+    torch.no_grad) leave no layer input in the capture (before, each kept its layers' inputs until the next step:
+    a GPU validation loop could run out of memory), and the steps are those of a run without them, bit for bit."""
+    import fop
+
+    def run(validate):
+        torch.manual_seed(0)
+        model = _FragileNet().double()
+        opt = getattr(fop, opt_name)(model, lr=0.05)
+        held = []
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+            opt.zero_grad()
+            if validate:
+                for _ in range(3):
+                    F.cross_entropy(model(torch.randn(32, 1, 6, 6, dtype=torch.float64)), y.repeat(4)).item()
+                held.append(sum(r.a.numel() for recs in opt.capture.records for r in recs if r.a is not None))
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()], held
+
+    plain, _ = run(False)
+    validated, held = run(True)
+    assert held == [0, 0, 0]
+    for p, q in zip(plain, validated):
+        assert torch.equal(p, q)

@@ -44,7 +44,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 class Record:
     """What one forward pass of one layer left: input rows kept, output gradient, sample counts."""
 
-    a: torch.Tensor | None  # None on a half-batch record whose hook reduces it (arm(half_grads=True))
+    a: torch.Tensor | None  # set by its backward; None on a half-batch record whose hook reduces it (half_grads)
     n: int  # samples in the forward pass
     n_half: int  # samples of its first half: floor(n / 2)
     full: bool  # True: a and dy hold all n samples; False: only the first n_half
@@ -145,14 +145,16 @@ class Capture:
             n = x.shape[0]
             rows = None if self.rows is None else self.rows(n, x.device)
             a = x.index_select(0, rows) if rows is not None else x if self.full else x[: n // 2]
-            # a half-batch record reduced in the hook keeps no input: the hook's closure holds it as long as the graph
-            # (every backward through it adds to S1), and it goes with the graph
+            # the record takes its input when its backward runs: until then the hook's closure holds it, as long as
+            # the graph does, so a forward whose graph is dropped without a backward (a validation pass with grad
+            # enabled) leaves no input behind; a half-batch record reduced in the hook never keeps it (every
+            # backward through the graph adds to S1)
             reduced = self.half_grads and not self.full and rows is None
-            rec = Record(a=None if reduced else a, n=n, n_half=n // 2, full=self.full, rows=rows)
+            rec = Record(a=None, n=n, n_half=n // 2, full=self.full, rows=rows)
             if self.keep_outputs:
                 rec.output = output
             self.records[i].append(rec)
-            output.register_hook(self._grad_hook(rec, self.layers[i], a))
+            output.register_hook(self._grad_hook(rec, self.layers[i], a, keep=not reduced))
 
         return hook
 
@@ -166,8 +168,10 @@ class Capture:
 
         return skip
 
-    def _grad_hook(self, rec: Record, layer: Layer, a: torch.Tensor):
+    def _grad_hook(self, rec: Record, layer: Layer, a: torch.Tensor, keep: bool):
         def hook(grad):
+            if keep:
+                rec.a = a
             g = layer.type.output_grad(layer, batch_first(layer, grad.detach()))
             if self.mc_active:  # only G needs it: reduce it now rather than hold a batch of output gradients
                 rows = layer.type.output_rows(layer, g, self.tokens)
