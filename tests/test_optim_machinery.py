@@ -727,3 +727,29 @@ def test_a_forward_without_backward_holds_no_input(opt_name):
     assert held == [0, 0, 0]
     for p, q in zip(plain, validated):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("opt_name", ["KFAC", "FOP", "FROG", "KFROG", "AdaFisher"])
+def test_model_cast_after_the_first_step_trains_on(opt_name):
+    """model.double() after the optimizer has taken a step (its moments in float32): the next steps run and bring
+    the loss down, the moments follow the parameters' dtype (AdaFisher's first moment raised a dtype error in
+    torch's foreach lerp before)."""
+    import fop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = getattr(fop, opt_name)(model, lr=0.05)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    model.double()
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x.double()), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(p.dtype == torch.float64 and bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert losses[-1] < losses[0], losses

@@ -290,9 +290,12 @@ class _AdaFisherBase(CurvatureOptimizer):
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["step"] = 0
-                state["step"] += 1
+                elif state["exp_avg"].dtype != p.dtype or state["exp_avg"].device != p.device:
+                    state["exp_avg"] = state["exp_avg"].to(p)  # the model was cast or moved after construction
                 exp_avgs.append(state["exp_avg"])
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)
+            for p in params:
+                self.state[p]["step"] += 1
             coefs, fishers = [], []
             for p in params:
                 coefs.append(-lr / (1.0 - beta ** self.state[p]["step"]))
