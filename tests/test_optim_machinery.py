@@ -560,6 +560,20 @@ def test_forward_passes_of_a_deepcopy_of_the_model_are_not_captured(opt_name):
     for p, q in zip(run(False), run(True)):
         assert torch.equal(p, q)
 
+def _stepped_mlp(opt_name: str, n: int):
+    """(model, optimizer, x, y): a 6-8-3 tanh MLP (seed 0) and the named fop optimizer after one step on n samples."""
+    import fop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = getattr(fop, opt_name)(model, lr=0.05)
+    x, y = torch.randn(n, 6), torch.randint(0, 3, (n,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return model, opt, x, y
+
+
 
 @pytest.mark.parametrize("opt_name", ["KFAC", "FOP", "FROG", "KFROG", "AdaFisher"])
 def test_copying_or_pickling_the_optimizer_is_a_clear_error(opt_name):
@@ -569,14 +583,7 @@ def test_copying_or_pickling_the_optimizer_is_a_clear_error(opt_name):
     import io
     import pickle
 
-    import fop
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = getattr(fop, opt_name)(model, lr=0.05)
-    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    model, opt, x, y = _stepped_mlp(opt_name, 8)
     for attempt in (lambda: copy.deepcopy(opt), lambda: copy.copy(opt), lambda: pickle.dumps(opt),
                     lambda: torch.save(opt, io.BytesIO())):
         with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict"):
@@ -734,15 +741,7 @@ def test_model_cast_after_the_first_step_trains_on(opt_name):
     """model.double() after the optimizer has taken a step (its moments in float32): the next steps run and bring
     the loss down, the moments follow the parameters' dtype (AdaFisher's first moment raised a dtype error in
     torch's foreach lerp before)."""
-    import fop
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = getattr(fop, opt_name)(model, lr=0.05)
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    model, opt, x, y = _stepped_mlp(opt_name, 32)
     model.double()
     losses = []
     for _ in range(5):
