@@ -312,17 +312,14 @@ class Capture:
         layer.type.update_output_factor(layer, G, rows, decay, scale)
         return True
 
-    def half_batch_grad(self, i: int, dtype: torch.dtype, dy_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def half_batch_grad(self, i: int, dtype: torch.dtype) -> torch.Tensor:
         """S1 = sum over the first halves of every record of dy a^T (reduced by the hooks, arm(half_grads=True)),
-        as an out x in matrix [dW | db] in `dtype` (times `dy_scale`, a device scalar, when given)."""
+        as an out x in matrix [dW | db] in `dtype`."""
         layer = self.layers[i]
         parts = [r.s1 for r in self.done(i) if r.s1 is not None]
         if not parts:
             return torch.zeros(layer.shape, dtype=dtype, device=layer.weight.device)
-        total = _summed(parts, dtype)
-        if dy_scale is not None:
-            total = total * dy_scale.to(device=total.device, dtype=dtype)
-        return total
+        return _summed(parts, dtype)
 
 
 def batch_first(layer: Layer, t: torch.Tensor) -> torch.Tensor:

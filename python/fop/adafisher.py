@@ -294,10 +294,9 @@ class _AdaFisherBase(CurvatureOptimizer):
                     state["exp_avg"] = state["exp_avg"].to(p)  # the model was cast or moved after construction
                 exp_avgs.append(state["exp_avg"])
             torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta)
-            for p in params:
-                self.state[p]["step"] += 1
             coefs, fishers = [], []
             for p in params:
+                self.state[p]["step"] += 1
                 coefs.append(-lr / (1.0 - beta ** self.state[p]["step"]))
                 where = self.param_to_layer.get(id(p))
                 diag = None if where is None else self.diagonals(where[0])

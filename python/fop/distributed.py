@@ -473,14 +473,12 @@ class Comm(RankAgreement):
             self._works = []
         return self._reduced
 
-    def half_batch(self, index: list[int], dtype: torch.dtype, inv_scale: torch.Tensor | None):
-        """(S1, w1, w2) for the layers `index`: S1 = (1/W) sum_r S1_r stacked (B, out, in) in `dtype` (times
-        `inv_scale`, a GradScaler's 1/scale), w1 = 1/rho1 and w2 = 1/rho2 shaped (B, 1, 1), so that
+    def half_batch(self, index: list[int], dtype: torch.dtype):
+        """(S1, w1, w2) for the layers `index`: S1 = (1/W) sum_r S1_r stacked (B, out, in) in `dtype` (still
+        scaled as the loss was: FOP unscales it), w1 = 1/rho1 and w2 = 1/rho2 shaped (B, 1, 1), so that
         g1 = w1 S1 and g2 = w2 (g_avg - S1). Waits for the all-reduces started in backward."""
         reduced = self._wait()
         S1 = torch.stack([reduced[i] for i in index]).to(dtype) / self.world_size
-        if inv_scale is not None:
-            S1 = S1 * inv_scale.to(device=S1.device, dtype=dtype)
         rho1, rho2 = self._rho
         w1 = torch.tensor([1.0 / rho1[i] for i in index], dtype=torch.float64)
         w2 = torch.tensor([1.0 / rho2[i] for i in index], dtype=torch.float64)

@@ -23,7 +23,6 @@ def _beta_eta(name: str, value):
 SPLITS = ("half_batch", "backward")
 
 
-
 def _squared_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """|t|^2 of each tensor in promote_types(dtype, float32), one foreach norm per dtype."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
@@ -36,6 +35,7 @@ def _squared_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         for k, norm in zip(index, norms):
             out[k] = norm.square()
     return out
+
 
 def _difference(S1: torch.Tensor, V: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """g_diff = g1 - g2 for g1 = w1 S1, g2 = w2 (V - S1), as (w1 + w2) S1 - w2 V in place on S1 (a fresh stack; w1,
@@ -207,35 +207,33 @@ class FOP(KFAC):
         self._rescaled = self._grad_rescaling()  # before a GradScaler's grad_scale path unscales .grad here
         return super()._prepare_gradients()
 
-    def _first_half_scale(self, i: int, inv_scale: torch.Tensor | None) -> torch.Tensor | None:
-        """The factor S1 of layer i takes: inv_scale (a GradScaler's, or None) times the rescaling of .grad since
-        backward; a scaler.unscale_ the user called is part of that rescaling, so inv_scale is not applied twice."""
-        c = self._rescaled.get(i)
-        if c is None:
-            return inv_scale
-        if inv_scale is not None and getattr(self, "grad_scale", None) is not None:  # unscaled by step() itself
-            return c * inv_scale.to(c.device)
-        return c
-
     def _first_half_scales(self, index: list[int], inv_scale: torch.Tensor | None, S1: torch.Tensor) -> torch.Tensor:
-        """`_first_half_scale` of the layers `index`, stacked (B, 1, 1) in S1's dtype and device (1 where none)."""
-        scales = [self._first_half_scale(i, inv_scale) for i in index]
-        return torch.stack([S1.new_ones(()) if c is None else c.to(device=S1.device, dtype=S1.dtype)
-                            for c in scales]).view(-1, 1, 1)
+        """The factors the stacked first-half sums S1 of the layers `index` take, (B, 1, 1) in S1's dtype and device:
+        inv_scale (a GradScaler's, or None: 1) times the layer's rescaling of .grad since backward; a scaler.unscale_
+        the user called is part of that rescaling, so inv_scale is not applied twice."""
+        unscaled_here = inv_scale is not None and getattr(self, "grad_scale", None) is not None  # by step() itself
+        scales = []
+        for i in index:
+            c = self._rescaled.get(i)
+            if c is None:
+                c = S1.new_ones(()) if inv_scale is None else inv_scale
+            elif unscaled_here:
+                c = c * inv_scale.to(c.device)
+            scales.append(c.to(device=S1.device, dtype=S1.dtype))
+        return torch.stack(scales).view(-1, 1, 1)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._forget_passes()  # a backward that raised never ran its queued marking, nor finished its pass count
-        self._grad_marks = {}
 
     def _forget_passes(self) -> None:
-        self._first_pass, self._passes, self._rescaled = {}, {}, {}
+        """Forget what the backward passes since the last step left: pass counts, first-pass copies, .grad marks."""
+        self._first_pass, self._passes, self._rescaled, self._grad_marks = {}, {}, {}, {}
         self._marks_queued = False
 
     def _after_step(self) -> None:
         super()._after_step()
         self._forget_passes()
-        self._grad_marks = {}
 
     def _after_skipped_step(self) -> None:
         super()._after_skipped_step()
@@ -244,7 +242,6 @@ class FOP(KFAC):
     def _after_load(self) -> None:
         super()._after_load()
         self._forget_passes()
-        self._grad_marks = {}
 
     def _fallback(self, why: str) -> None:
         """Warn once that this step takes the K-FAC update, and why; None (no sub-batches)."""
@@ -284,21 +281,17 @@ class FOP(KFAC):
             k = self._passes[id(self.layers[bucket.index[0]].weight)]
             S1 = torch.stack([self.layers[i].matrix([self._first_pass[id(p)] for p in self.layers[i].params], dtype)
                               for i in bucket.index])
-            if inv_scale is not None or self._rescaled:
-                S1 = S1 * self._first_half_scales(bucket.index, inv_scale, S1)
-            return V, _difference(S1, V, S1.new_tensor(float(k)), S1.new_tensor(k / (k - 1)))
-        if self.comm.active:  # g1 = w1 S1 over the first sub-batch of every rank (fop.distributed)
-            if not self._rescaled:
-                S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, inv_scale)
-                return V, _difference(S1, V, w1, w2)
-            S1, w1, w2 = self.comm.half_batch(bucket.index, dtype, None)
-            return V, _difference(S1 * self._first_half_scales(bucket.index, inv_scale, S1), V, w1, w2)
-        S1 = torch.stack([self.capture.half_batch_grad(i, dtype, self._first_half_scale(i, inv_scale))
-                          for i in bucket.index])
-        n = torch.tensor([sub_batches[i][0] for i in bucket.index], dtype=torch.float64)
-        n1 = torch.tensor([sub_batches[i][1] for i in bucket.index], dtype=torch.float64)
-        w1 = (n / n1).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g1 = (N/N1) S1
-        w2 = (n / (n - n1)).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g2 = (N/N2)(g_avg - S1)
+            w1, w2 = S1.new_tensor(float(k)), S1.new_tensor(k / (k - 1))
+        elif self.comm.active:  # g1 = w1 S1 over the first sub-batch of every rank (fop.distributed)
+            S1, w1, w2 = self.comm.half_batch(bucket.index, dtype)
+        else:
+            S1 = torch.stack([self.capture.half_batch_grad(i, dtype) for i in bucket.index])
+            n = torch.tensor([sub_batches[i][0] for i in bucket.index], dtype=torch.float64)
+            n1 = torch.tensor([sub_batches[i][1] for i in bucket.index], dtype=torch.float64)
+            w1 = (n / n1).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g1 = (N/N1) S1
+            w2 = (n / (n - n1)).to(dtype=dtype, device=V.device).view(-1, 1, 1)  # g2 = (N/N2)(g_avg - S1)
+        if inv_scale is not None or self._rescaled:  # S1 unscaled and rescaled with .grad
+            S1 = S1 * self._first_half_scales(bucket.index, inv_scale, S1)
         return V, _difference(S1, V, w1, w2)
 
     def _inverse_update(self, bucket: InverseBucket, V, D):
