@@ -117,6 +117,72 @@ def test_factor_ema_and_intervals():
     assert [s for s in range(40) if on_schedule(s, 10)] == [0, 1, 2, 4, 8, 10, 20, 30]
 
 
+def test_factor_decay_is_per_step_at_any_interval():
+    """factor_interval=3 (updates at steps 0, 1, 2, 3, 6), lr 0: each update weighs its batch by 1 - (1 - rho)^k,
+    k the steps since the last update; the same factors as per-step updates over the batches seen (the step-6
+    update stands for steps 4-6), and no longer rho per update (the memory then grew with the interval)."""
+    torch.manual_seed(24)
+    m = tiny_net().double()
+    rho, factor_steps = 0.2, [0, 1, 2, 3, 6]
+    batches = [_batch(8, seed=10 + s) for s in range(7)]
+    per_batch = []
+    for x, y in batches:  # each batch's statistics, from a copy (lr 0: the parameters never move)
+        model = copy.deepcopy(m)
+        o = KFAC(model, lr=0.0, factor_interval=1, factor_dtype=torch.float64)
+        F.cross_entropy(model(x), y).backward()
+        o.step()
+        per_batch.append(o.factors_A)
+    opt = KFAC(m, lr=0.0, factor_decay=rho, factor_interval=3, inverse_interval=3, factor_dtype=torch.float64)
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    assert opt.factor_updated_at == [6] * len(opt.layers)
+    for j in range(len(opt.layers)):
+        want, last = per_batch[0][j], 0
+        for s in factor_steps[1:]:
+            w = 1 - (1 - rho) ** (s - last)
+            want, last = (1 - w) * want + w * per_batch[s][j], s
+        torch.testing.assert_close(opt.factors_A[j], want, rtol=1e-12, atol=1e-14)
+        per_update = per_batch[0][j]
+        for s in factor_steps[1:]:
+            per_update = (1 - rho) * per_update + rho * per_batch[s][j]
+        assert not torch.allclose(opt.factors_A[j], per_update, rtol=1e-6, atol=0)
+
+
+def test_state_dict_without_factor_update_steps_resumes_as_saved():
+    """A state_dict saved before the per-layer update steps were kept loads with the last scheduled factor step:
+    the run resumed from it equals the run that never stopped."""
+    torch.manual_seed(25)
+    m = tiny_net()
+    opt = KFAC(m, lr=0.05, factor_interval=3, inverse_interval=3)
+    for step in range(14):
+        x, y = _batch(6, seed=step, dtype=torch.float32)
+        if step == 8:
+            saved_model, saved = copy.deepcopy(m.state_dict()), copy.deepcopy(opt.state_dict())
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    assert saved["curvature"]["factor_updated_at"] == [6] * len(opt.layers)
+    del saved["curvature"]["factor_updated_at"]
+    m2 = tiny_net()
+    m2.load_state_dict(saved_model)
+    opt2 = KFAC(m2, lr=0.05, factor_interval=3, inverse_interval=3)
+    opt2.load_state_dict(saved)
+    assert opt2.factor_updated_at == [6] * len(opt2.layers)
+    for step in range(8, 14):
+        x, y = _batch(6, seed=step, dtype=torch.float32)
+        opt2.zero_grad()
+        F.cross_entropy(m2(x), y).backward()
+        opt2.step()
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["curvature"]["factor_updated_at"] = [opt.steps] * len(opt.layers)
+    with pytest.raises(ValueError, match="factor_updated_at of layer"):
+        KFAC(tiny_net(), lr=0.05).load_state_dict(bad)
+
+
 def test_damping_schedule_is_called_with_the_step():
     torch.manual_seed(23)
     m = tiny_net().double()

@@ -226,6 +226,15 @@ def on_schedule(step: int, interval: int) -> bool:
     return step % interval == 0 or (step < interval and step & (step - 1) == 0)
 
 
+def factor_weight(rho: float, steps: int) -> float:
+    """The weight w = 1 - (1 - rho)^steps of a factor update `steps` steps after the layer's last one, rho the decay
+    per step: what `steps` updates of weight rho would give the latest statistics together (were they the same), so
+    that the EMA's memory is about 1/rho steps at any factor_interval. With rho per update, the memory at interval
+    10 was 200 steps, where the factors of a short run stayed dominated by the first batches' (the random
+    initialization's): DistilBERT on the zoo's order task stayed on its plateau (bench/RESULTS.md)."""
+    return 1.0 - (1.0 - rho) ** max(steps, 1)
+
+
 def keeps_cholesky_factor(n: int, m: int, interval: int) -> bool:
     """Whether a damped n x n factor that multiplies m-wide gradient matrices is kept as its Cholesky factor L (two
     triangular solves per product) rather than inverted. The inverse costs 2 n^3 / 3 more flops per inversion; the
@@ -564,9 +573,11 @@ class KFAC(CurvatureOptimizer):
     Per preconditioned layer with gradient matrix V = [dW | db] (out x in), or per block of a grouped conv (its
     groups: V_j the block's out/groups rows, A_j, G_j its factors; K-FAC's Fisher is block-diagonal over them):
 
-    - every `factor_interval` steps: A <- (1-rho) A + rho a^T a / rows,  G <- (1-rho) G + rho g^T g / N
-      (rho = `factor_decay`; the first update sets A, G to the batch statistics); before the first interval has
-      passed also at steps 1, 2, 4, 8, ... (`on_schedule`), and the same for the decompositions;
+    - every `factor_interval` steps: A <- (1-w) A + w a^T a / rows,  G <- (1-w) G + w g^T g / N with
+      w = 1 - (1-rho)^k, rho = `factor_decay` per step and k the steps since the layer's last update (the first
+      update sets A, G to the batch statistics): the factors forget at the same rate per step, about 1/rho steps,
+      whatever the interval (`factor_weight`); before the first interval has passed also at steps 1, 2, 4, 8, ...
+      (`on_schedule`), and the same for the decompositions;
     - every `inverse_interval` steps: A = Q_A diag(l_A) Q_A^T, G = Q_G diag(l_G) Q_G^T (eigenvalues clamped at 0),
       batched over all layers by `fop_kernels.eigh`;
     - every step: V~ = Q_G^T V Q_A,  U = Q_G (V~ / w) Q_A^T, with
@@ -594,7 +605,8 @@ class KFAC(CurvatureOptimizer):
         damping: lambda, a float or a callable of the step count (paper: 1e-5 to 1e-3; official default 1e-2).
         damping_mode: "factored" (default: the official code's pi-split, which damps each factor) or "eigen", see
             above.
-        factor_decay: rho (official ema_decay 0.05).
+        factor_decay: rho per step (0.05: the factors average about the last 20 steps at any factor_interval).
+            The official code's ema_decay 0.05 is per update: at its interval 10 that is rho = 1 - 0.95^(1/10).
         factor_interval, inverse_interval: steps between factor updates / eigendecompositions (official run
             script: 10 and 10; paper: 5 to 200).
         kl_clip: a trust region on the step's predicted KL divergence, lr^2 <U, F_w U> summed over layers, in
@@ -705,6 +717,7 @@ class KFAC(CurvatureOptimizer):
         # the columns each A can be nonzero on, where known (a conv's live taps; fop.kfac._updated_input_factor)
         self.nonzero_columns_A: list[torch.Tensor | None] = [None] * n
         self.factor_updates = 0  # how many factor updates have run (host int)
+        self.factor_updated_at: list[int] = [-1] * n  # step of each layer's last factor update, -1: none yet
         self.buckets: list[Bucket] | list[InverseBucket] = []
         self.decomposed_at = -1  # step of the last eigendecomposition, -1: none yet
         self.capture.stat_dtype = self.factor_dtype
@@ -801,7 +814,8 @@ class KFAC(CurvatureOptimizer):
                                "was not called after the forward pass")
 
     # -- curvature: computed into new tensors, committed by step() (see CurvatureOptimizer.step) -------------------
-    _step_attrs = ("factors_A", "factors_G", "samples_A", "samples_G", "factor_updates", "buckets", "decomposed_at")
+    _step_attrs = ("factors_A", "factors_G", "samples_A", "samples_G", "factor_updates", "factor_updated_at", "buckets",
+                   "decomposed_at")
 
     def _update_factors(self, inv_scale) -> bool:
         """One factor update of every layer with a gradient from the captured records, into new tensors; False if
@@ -812,6 +826,7 @@ class KFAC(CurvatureOptimizer):
             return False
         new_A, new_G = list(self.factors_A), list(self.factors_G)
         new_ZA, new_ZG = list(self.samples_A), list(self.samples_G)
+        new_at = list(self.factor_updated_at)
         # a step that also inverts replaces every bucket, so none keeps the old A: it may be updated in place
         in_place = not self.comm.active and on_schedule(self.steps, self.inverse_interval)
         checked_A = {}  # what of an A changed, where not all of it: its block updated in place
@@ -828,10 +843,11 @@ class KFAC(CurvatureOptimizer):
                     self.capture.update_input_factor(i, A, decay)
                     self.nonzero_columns_A[i] = self.capture.live_input_columns(i)
                 else:
-                    decay, G = self.factor_decay, self.factors_G[i].clone()
+                    decay = factor_weight(self.factor_decay, self.steps - self.factor_updated_at[i])
+                    G = self.factors_G[i].clone()
                     A, checked_A[i] = self._updated_input_factor(i, decay, in_place)
                 self.capture.update_output_factor(i, G, decay, mc=mc, dy_scale=inv_scale)
-                new_A[i], new_G[i] = A, G
+                new_A[i], new_G[i], new_at[i] = A, G, self.steps
                 if self._tracks_samples and layer.type.blocks(layer) == 1:  # grouped: held densely per block
                     new_ZA[i], new_ZG[i] = self._grown_samples(i, decay, self.factors_A[i] is None, inv_scale)
         self.comm.all_reduce_factors(new_A, new_G)  # distributed: average over ranks
@@ -841,6 +857,7 @@ class KFAC(CurvatureOptimizer):
                                (f"factor G of layer {name}", new_G[i])]
         self.factors_A, self.factors_G = new_A, new_G
         self.samples_A, self.samples_G = new_ZA, new_ZG
+        self.factor_updated_at = new_at
         self.factor_updates += 1
         return True
 
@@ -1181,12 +1198,32 @@ class KFAC(CurvatureOptimizer):
                     if b.QA is not None:
                         eig[i]["QA"] = b.QA[e]
         extra.update(inverse_method=self.inverse_method, factor_updates=self.factor_updates,
-                     decomposed_at=self.decomposed_at,
+                     factor_updated_at=list(self.factor_updated_at), decomposed_at=self.decomposed_at,
                      factors=[None if A is None else {"A": A, "G": G} for A, G in zip(self.factors_A, self.factors_G)],
                      eigen=eig, inverse=inverse,
                      samples=[{k: Z for k, Z in (("A", ZA), ("G", ZG)) if Z is not None}
                               for ZA, ZG in zip(self.samples_A, self.samples_G)])
         return extra
+
+    def _loaded_update_steps(self, extra: dict, factors: list, steps: int) -> list[int]:
+        """extra["factor_updated_at"] checked: per layer -1 (no factors) or a step before `steps`. A state_dict
+        saved before it was kept (the decay per update) gives each layer with factors the last scheduled factor step."""
+        n = len(self.layers)
+        saved = extra.get("factor_updated_at")
+        if saved is None:
+            last = max((s for s in range(max(steps - 2 * self.factor_interval, 0), steps)
+                        if on_schedule(s, self.factor_interval)), default=0)
+            return [-1 if f is None else last for f in factors]
+        if not isinstance(saved, list) or len(saved) != n:
+            raise ValueError(f"state_dict holds factor_updated_at of {len(saved) if isinstance(saved, list) else '?'} "
+                             f"layers, this optimizer preconditions {n}")
+        at = [state_counter({"at": v}, "at", f"state_dict factor_updated_at of layer {layer.name}", low=-1)
+              for v, layer in zip(saved, self.layers)]
+        for v, layer, f in zip(at, self.layers, factors):
+            if v >= steps or (v < 0) != (f is None):
+                raise ValueError(f"state_dict factor_updated_at of layer {layer.name} is {v}, which does not fit "
+                                 f"{steps} steps {'without' if f is None else 'with'} its factors")
+        return at
 
     def _loaded_samples(self, entry: dict, key: str, width: int, layer, what: str) -> torch.Tensor | None:
         """entry[key] (absent: None) checked as an r x width sample matrix (r >= 1) like `_loaded`."""
@@ -1227,6 +1264,7 @@ class KFAC(CurvatureOptimizer):
             if f is not None:
                 new["factors_A"][i] = self._loaded(f, "A", layer.type.input_factor_shape(layer), layer, "factor A")
                 new["factors_G"][i] = self._loaded(f, "G", layer.type.output_factor_shape(layer), layer, "factor G")
+        new["factor_updated_at"] = self._loaded_update_steps(extra, new["factors_A"], new["steps"])
         samples = extra.get("samples") or [{}] * n
         if not isinstance(samples, list) or len(samples) != n:
             raise ValueError(f"state_dict holds samples of {len(samples) if isinstance(samples, list) else '?'} "
