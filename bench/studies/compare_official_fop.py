@@ -115,7 +115,8 @@ def time_steps(args, official, asdl, data):
                                         damping=args.timing_damping)
     ours = {n: FOP(models[n], lr=args.lr, momentum=0.9, weight_decay=5e-4, damping=args.timing_damping,
                    damping_mode="factored", factor_interval=args.interval, inverse_interval=args.interval,
-                   factor_decay=0.05, fisher="mc" if n.startswith("ours_mc") else "empirical",
+                   factor_decay=1 - 0.95 ** (1 / args.interval),  # the official ema_decay 0.05 per update
+                   fisher="mc" if n.startswith("ours_mc") else "empirical",
                    inverse_method="cholesky" if "cholesky" in n else "eigh",
                    split="backward" if n.endswith("2pass") else "half_batch")
             for n in names[2:]}
