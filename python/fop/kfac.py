@@ -227,12 +227,10 @@ def on_schedule(step: int, interval: int) -> bool:
 
 
 def factor_weight(rho: float, steps: int) -> float:
-    """The weight w = 1 - (1 - rho)^steps of a factor update `steps` steps after the layer's last one, rho the decay
-    per step: what `steps` updates of weight rho would give the latest statistics together (were they the same), so
-    that the EMA's memory is about 1/rho steps at any factor_interval. With rho per update, the memory at interval
-    10 was 200 steps, where the factors of a short run stayed dominated by the first batches' (the random
-    initialization's): DistilBERT on the zoo's order task stayed on its plateau (bench/RESULTS.md)."""
-    return 1.0 - (1.0 - rho) ** max(steps, 1)
+    """w = 1 - (1 - rho)^steps, the weight of a factor update `steps` (>= 1) steps after the layer's last one: what
+    `steps` updates of weight rho would give the latest statistics together, so that the factors' memory is about
+    1/rho steps at any factor_interval (docs/optimizers.md, "The factors' memory")."""
+    return 1.0 - (1.0 - rho) ** steps
 
 
 def keeps_cholesky_factor(n: int, m: int, interval: int) -> bool:
