@@ -234,14 +234,28 @@ def model_zoo():
 @pytest.mark.parametrize("model", ["autoencoder", "lstm", "groupnorm", "deep-tanh"])
 @pytest.mark.parametrize("optimizer", ["kfac", "fop", "frog"])
 def test_defaults_on_models_no_default_was_chosen_on(model, optimizer):
-    """lr 1, the top of the range, 150 steps at batch 128 (the study's cells): no divergence, a final training loss
-    below a quarter of the start and no batch loss after step 50 above the start. The autoencoder's ConvTranspose2d
-    decoder and the LSTM are not preconditioned; FROG blew up on the GroupNorm CNN and the autoencoder here before
-    its trust region had an absolute damping (kl_damping)."""
+    """lr 1, the top of the range, 150 steps at batch 128 (the study's cells), seeds 0-2: no divergence and no batch
+    loss after step 50 above the start in any run, and a median final training loss below a quarter of the start.
+    The autoencoder's ConvTranspose2d decoder and the LSTM are not preconditioned; FROG blew up on the GroupNorm CNN
+    and the autoencoder here before its trust region had an absolute damping (kl_damping). The median, since a single
+    run's end depends on rounding (FOP's LSTM at seed 0 ends at 0.47 of its start at two threads, 0.08 at one)."""
     study, tasks = model_zoo()
-    record = study.run_cell(tasks[model], optimizer, 1.0, steps=150, batch=128)
-    assert record["diverged_step"] is None, record
-    assert record["final"] < 0.25 * record["start"] and record["peak"] < record["start"], record
+    records = [study.run_cell(tasks[model], optimizer, 1.0, steps=150, batch=128, seed=seed) for seed in range(3)]
+    assert all(r["diverged_step"] is None and r["peak"] < r["start"] for r in records), records
+    finals = sorted(r["final"] for r in records)
+    assert finals[1] < 0.25 * records[0]["start"], records
+
+
+def test_fop_lstm_does_not_climb_back_above_its_start():
+    """The zoo's LSTM (its recurrent weights all grafted) under FOP at lr 0.01, 0.1 and 1, seeds 0-3: no batch loss
+    after step 50 above the start. While FOP grafted at the RMS of its combined step (whose Fisher-orthogonal part
+    adds length at the sub-batches' noise scale) it climbed back to 2.9-3.0 at seed 0, lr 0.01 and seed 2, lr 0.1
+    (start 2.30); at the scale of its step along the mean gradient its peaks stay at 1.5 or below here
+    (bench/RESULTS.md, "FOP's graft scale")."""
+    study, tasks = model_zoo()
+    records = [study.run_cell(tasks["lstm"], "fop", lr, steps=150, batch=128, seed=seed)
+               for seed in range(4) for lr in (0.01, 0.1, 1.0)]
+    assert all(r["diverged_step"] is None and r["peak"] < r["start"] for r in records), records
 
 
 @pytest.mark.parametrize("optimizer", ["kfac", "fop", "fop-bf16", "frog", "kfrog"])

@@ -145,7 +145,7 @@ def test_fop_update_on_a_support_matches_the_dense_one(outside, dtype):
     opt = FOP(nn.Linear(3, 2))
     core, (Vs, Ds), expand = bucket.on_support([V.to(dtype), D.to(dtype)])  # as FOP's step: the support form
     assert (core is not bucket) == (outside == "both zero") and Vs.shape[2] == (4 if outside == "both zero" else 12)
-    U_core, (_, sums, scalars) = opt._inverse_update(core, Vs, Ds)
+    U_core, (_, sums, scalars, mean_sq) = opt._inverse_update(core, Vs, Ds)
     U = expand(U_core)
     FV, PV, PD = G @ V @ A, PG @ V @ PA, PG @ D @ PA
     expected_sums = torch.stack([(X * Y).sum((1, 2)) for X, Y in ((V, FV), (D, FV), (V, PV), (D, PV), (D, PD))], 1)
@@ -156,6 +156,8 @@ def test_fop_update_on_a_support_matches_the_dense_one(outside, dtype):
     assert U.dtype == dtype and U.shape == V.shape
     assert_close(U, expected, atol * 100 * float(expected.abs().max()), rtol * 10, f"update {outside}")
     assert bool((beta != 0).all())  # the difference enters: a combination that drops PD would fail
+    expected_sq = PV.square().sum((1, 2))  # |P g_avg|^2 per entry, the graft's scale
+    assert_close(mean_sq, expected_sq, atol * 100 * float(expected_sq.max()), rtol * 10, f"|P V|^2 {outside}")
 
 
 def test_support_is_none_for_a_full_factor_and_exact_for_zero_rows():

@@ -472,13 +472,13 @@ def _normed_batch(seed):
     return torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
 
 
-@pytest.mark.parametrize("cls", [KFAC, FOP])
-def test_unpreconditioned_parameters_take_the_grafted_adam_direction(cls):
+def test_unpreconditioned_parameters_take_the_grafted_adam_direction():
     """d = s g / (sqrt(v / (1 - b2^t)) + 1e-8), v <- b2 v + (1 - b2) g^2, s the RMS per entry of the step's
-    preconditioned directions (read back from the preconditioned layers' moves, momentum 0): two steps, literal."""
+    preconditioned directions (read back from the preconditioned layers' moves, momentum 0): two steps, literal.
+    FOP's s: test_fop_grafts_at_the_scale_of_its_mean_gradient_step."""
     m = _normed_net()
     lr, b2 = 0.05, 0.999
-    opt = cls(m, lr=lr, momentum=0.0, factor_interval=1, inverse_interval=1, factor_dtype=torch.float64)
+    opt = KFAC(m, lr=lr, momentum=0.0, factor_interval=1, inverse_interval=1, factor_dtype=torch.float64)
     assert {layer.name for layer in opt.layers} == {"fc1", "fc2"}
     others = [m.ln.weight, m.ln.bias, m.gain]
     pre = [p for layer in opt.layers for p in layer.params]
@@ -500,6 +500,42 @@ def test_unpreconditioned_parameters_take_the_grafted_adam_direction(cls):
             torch.testing.assert_close(opt.state[others[k]]["graft_sq"], v[k], rtol=1e-12, atol=0)
             assert opt.state[others[k]]["graft_step"] == t
         assert float(s) > 0
+
+
+@pytest.mark.parametrize("damping_mode", ["factored", "eigen"])  # the damped-inverse path and the eigenbasis
+def test_fop_grafts_at_the_scale_of_its_mean_gradient_step(damping_mode):
+    """FOP's grafted parameters move at s = nu RMS(eta P g_avg) (eta = 1 by default), the scale of its step along the
+    mean gradient, not of its combined step: one step from one initialization and batch, read back from three
+    optimizers' moves: K-FAC without the KL clip (P g_avg), FOP without it and FOP with it (their ratio is nu)."""
+    x, y = _normed_batch(1)
+    lr = 0.05
+    kw = dict(lr=lr, momentum=0.0, factor_interval=1, inverse_interval=1, factor_dtype=torch.float64,
+              damping_mode=damping_mode)
+
+    def moves(cls, **extra):
+        m = _normed_net()
+        opt = cls(m, **kw, **extra)
+        F.cross_entropy(m(x), y).backward()
+        pre = [p for layer in opt.layers for p in layer.params]
+        others = [m.ln.weight, m.ln.bias, m.gain]
+        grads = [p.grad.clone() for p in others]
+        before = [p.detach().clone() for p in pre + others]
+        opt.step()
+        out = [(b - p.detach()) / lr for b, p in zip(before, pre + others)]
+        return out[: len(pre)], out[len(pre):], grads
+
+    def rms(ts):
+        return torch.sqrt(sum(t.square().sum() for t in ts) / sum(t.numel() for t in ts))
+
+    mean_step, _, _ = moves(KFAC, kl_clip=None)
+    combined, _, _ = moves(FOP, kl_clip=None)
+    clipped, grafted, grads = moves(FOP)
+    nu = rms(clipped) / rms(combined)
+    assert 0 < float(nu) < 1  # the KL clip binds here
+    s = nu * rms(mean_step)
+    for g, d in zip(grads, grafted):
+        torch.testing.assert_close(d, s * g / (g.abs() + 1e-8), rtol=1e-8, atol=1e-12)  # t = 1: v^ = g^2
+    assert abs(float(rms(clipped) / s) - 1) > 1e-2  # the combined step's scale differs: the test can tell them apart
 
 
 def test_unpreconditioned_sgd_is_the_former_gradient_times_nu():

@@ -77,7 +77,8 @@ class FOP(KFAC):
     the step length that minimizes the quadratic model of the mean loss along u = g_avg + beta g_perp, so FOP's lr
     means what K-FAC's does (at beta = 0 the update is K-FAC's); eta_norm=False is the paper's form (eta near 2,
     eta_clip default (0, 2) as the official code). Then K-FAC's KL clip, with <U, F_w U> =
-    eta^2 (a + 2 beta d + beta^2 e), and the outer update.
+    eta^2 (a + 2 beta d + beta^2 e), the other parameters' grafted step at the scale of nu eta P g_avg (not of U:
+    `_graft_scale`), and the outer update.
     With damped inverses (inverse_method="cholesky", or "auto" with factored damping) the same quantities come
     without an eigenbasis: with F g = G g A (the factors of the last inversion) and P g = G_d^-1 g A_d^-1,
         S1 = <g_avg, F g_avg>, S2 = <g_diff, F g_avg>, a = <g_avg, P g_avg>, c = <g_diff, P g_avg>,
@@ -129,7 +130,7 @@ class FOP(KFAC):
             eta_clip = (0.0, 2.0 * self._eta_factor)
         self.eta_clip = check_range("eta_clip", eta_clip)
         self._kernel_eta_clip = tuple(c / self._eta_factor for c in self.eta_clip)
-        self._stats: torch.Tensor | None = None
+        self._stats: tuple | None = None  # (layer order, sums, scalars, |P g_avg|^2) of the last step
         self._warned_fallback = False
         self._first_pass: dict[int, torch.Tensor] = {}  # split="backward": id(p) -> .grad after the first pass
         self._passes: dict[int, int] = {}  # split="backward": id(p) -> backward passes accumulated this step
@@ -295,7 +296,7 @@ class FOP(KFAC):
         return V, _difference(S1, V, w1, w2)
 
     def _inverse_update(self, bucket: InverseBucket, V, D):
-        """(eta (P V + beta (P D - s_proj P V)), (the bucket's block layers, its sums, its scalars))."""
+        """(eta (P V + beta (P D - s_proj P V)), (the bucket's block layers, its sums, its scalars, |P V|^2))."""
         if D is None:
             return super()._inverse_update(bucket, V, D)
         FV = bucket.fisher(V)
@@ -308,11 +309,12 @@ class FOP(KFAC):
                                               eta_clip=self._kernel_eta_clip)
         s, beta, eta = (t.view(-1, 1, 1) for t in scalars.unbind(1))
         # eta (PV + beta (PD - s PV)) = eta (1 - beta s) PV + eta beta PD, in place (at beta = 0: eta PV)
+        mean_sq = stack_dot(PV, PV)  # |P g_avg|^2 per entry: the graft's scale
         U = PV.mul_(eta * (1 - beta * s)).add_(PD.mul_(eta * beta))
-        return U, (bucket.entry_layers(), sums, scalars)
+        return U, (bucket.entry_layers(), sums, scalars, mean_sq)
 
     def _combine(self, buckets, A_rot, D_rot, lG, lA, damping):
-        """(U~ per block from project_combine, (the layer of every block, the sums, the scalars))."""
+        """(U~ per block from project_combine, (the layer of every block, the sums, the scalars, |P V|^2))."""
         if D_rot is None:
             return super()._combine(buckets, A_rot, None, lG, lA, damping)
         shapes = [(len(b.index), b.groups) for b in buckets]
@@ -322,16 +324,17 @@ class FOP(KFAC):
         U_rot, scalars = fop_kernels.project_combine(A_rot, D_rot, sums, lG, lA, damping, self.damping_mode,
                                                      beta=self.beta, eta=self.eta, beta_clip=self.beta_clip,
                                                      eta_clip=self._kernel_eta_clip)
-        return U_rot, ([i for b in buckets for i in b.entry_layers()], sums, scalars)
+        mean_rot, _ = super()._combine(buckets, A_rot, None, lG, lA, damping)  # P g_avg in the eigenbasis
+        mean_sq = torch.stack(_squared_norms(mean_rot))  # |P g_avg|^2 per block (the rotation keeps norms)
+        return U_rot, ([i for b in buckets for i in b.entry_layers()], sums, scalars, mean_sq)
 
     def _update_scale(self, buckets, updates, V_stacks, D_stacks, stats):
         """eta's normalization (1/2) folded into one multiply with the KL clip. The clip's quadratic form: U = eta P u
         with u = g_avg + beta (g_diff - s_proj g_avg) and P = F_w^-1, so <U, F_w U> = eta <U, u> =
         eta ((1 - beta s_proj) <U, g_avg> + beta <U, g_diff>) >= 0: at beta = 0, eta = 1 K-FAC's <U, V> bit for bit.
         Keeps the step's statistics (the parts concatenated in bucket order) for `last_stats`."""
-        self._stats = None if stats is None else ([i for layers, _, _ in stats for i in layers],
-                                                  torch.cat([sums for _, sums, _ in stats]),
-                                                  torch.cat([scalars for _, _, scalars in stats]))
+        self._stats = None if stats is None else ([i for part in stats for i in part[0]],
+                                                  *(torch.cat([part[k] for part in stats]) for k in (1, 2, 3)))
         if self._stats is None:  # a K-FAC fallback step
             return super()._update_scale(buckets, updates, V_stacks, D_stacks, stats)
         factor = self._eta_factor
@@ -346,11 +349,22 @@ class FOP(KFAC):
         nu = self._kl_factor(buckets, quadratic)
         return nu * factor, nu
 
+    def _graft_scale(self, preconditioned, nu):
+        """s = nu sqrt(sum_l eta_l^2 |P_l g_avg|^2 / sum_l numel(U_l)): the RMS per entry of FOP's step along the
+        mean gradient, not of the combined step U. The grafted parameters take the mean gradient's diagonal direction;
+        U's Fisher-orthogonal part adds length that they do not share, at a scale set by the sub-batches' noise
+        (docs/optimizers.md "One scale"). At beta = 0 it is K-FAC's s; after a K-FAC fallback step, K-FAC's."""
+        if self._stats is None:
+            return super()._graft_scale(preconditioned, nu)
+        eta = self._stats[2][:, 2].double() * self._eta_factor
+        s = torch.sqrt((eta.square() * self._stats[3].double()).sum() / sum(t.numel() for t in preconditioned))
+        return s if nu is None else s * nu.double()
+
     def last_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per layer name: s_proj, beta, eta of the last FOP step as 0-d device tensors (empty after a K-FAC
         fallback or before the first preconditioned step). Reading them as floats syncs the host."""
         if self._stats is None:
             return {}
-        order, _, scalars = self._stats
+        order, _, scalars, _ = self._stats
         return {self.layers[i].name: {"s_proj": scalars[j, 0], "beta": scalars[j, 1],
                                       "eta": scalars[j, 2] * self._eta_factor} for j, i in enumerate(order)}

@@ -1126,9 +1126,10 @@ class KFAC(CurvatureOptimizer):
         """The directions of the parameters with a gradient that no layer preconditions, added to `directions`.
 
         unpreconditioned="graft": an Adam-like diagonal direction g / (sqrt(v^) + 1e-8), v <- b2 v + (1 - b2) g^2
-        (b2 = 0.999, v^ = v / (1 - b2^t), a new tensor in state "graft_sq", t in "graft_step"), times the RMS per
-        entry of the preconditioned directions of this step, s = sqrt(sum_l ||U_l||^2 / sum_l numel(U_l)) (after
-        the KL clip): every entry moves at the scale of a preconditioned one, whatever the gradient's own scale.
+        (b2 = 0.999, v^ = v / (1 - b2^t), a new tensor in state "graft_sq", t in "graft_step"), times s =
+        `_graft_scale`, for K-FAC the RMS per entry of the preconditioned directions of this step,
+        sqrt(sum_l ||U_l||^2 / sum_l numel(U_l)) (after the KL clip): every entry moves at the scale of a
+        preconditioned one, whatever the gradient's own scale.
         unpreconditioned="sgd": the gradient times the KL clip's nu (the plain gradient without the clip)."""
         others = [p for g in self.param_groups for p in g["params"] if p.grad is not None and id(p) not in directions]
         if not others:
@@ -1141,9 +1142,14 @@ class KFAC(CurvatureOptimizer):
         pre = list(directions.values())
         if not pre:  # nothing preconditioned this step: the plain gradient
             return
-        scale = rms_per_entry(pre)
+        scale = self._graft_scale(pre, nu)
         for p in others:
             directions[id(p)] = grafted_direction(self.state[p], p.grad, scale)
+
+    def _graft_scale(self, preconditioned: list[torch.Tensor], nu: torch.Tensor | None) -> torch.Tensor:
+        """s, the scale of the grafted directions: the RMS per entry of this step's (clipped) preconditioned
+        directions, `rms_per_entry`."""
+        return rms_per_entry(preconditioned)
 
     def _clip_update_norm_(self, directions: dict[int, torch.Tensor]) -> None:
         """Every direction (the preconditioned ones and the other parameters' gradients) times
