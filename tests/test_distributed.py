@@ -130,6 +130,18 @@ def accumulation_step(opt, model, batch, rank: int | None = None, world: int = 1
     opt.step()
 
 
+def skipped_then_step(opt, model, x, y) -> None:
+    """A backward whose step is skipped (zero_grad without step(), as a loop that drops a bad batch does), then the
+    step in the order forward, zero_grad, backward: the skipped pass must leave nothing behind, the forward waiting
+    for its backward everything."""
+    opt.zero_grad()
+    F.cross_entropy(model(2 * x.flip(0)), y).backward()
+    logits = model(x)
+    opt.zero_grad()
+    F.cross_entropy(logits, y).backward()
+    opt.step()
+
+
 def scaled_step(opt, model, scaler, x, y) -> None:
     """A GradScaler step: the loss scaled by a power of 2, so the result equals the unscaled one."""
     opt.zero_grad()
@@ -169,7 +181,7 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
             results = _killed_scenario(rank, world)
         else:
             runs = [("fop", {}), ("kfac", {}), ("fop_accum", {}), ("fop_scaler", {}), ("fop_cholesky", CHOLESKY),
-                    ("fop_attention", {}), ("fop_clipped", CLIPPED)]
+                    ("fop_attention", {}), ("fop_clipped", CLIPPED), ("fop_skipped", {})]
             if world % 2 == 0:
                 runs.append(("fop_ranks", {"distributed": DistributedOptions(split="ranks")}))
             else:
@@ -193,6 +205,8 @@ def _rank_main(scenario: str, rank: int, world: int, port: int, out: Path) -> in
                         accumulation_step(opt, ddp, batch, rank, world)
                     elif name == "fop_scaler":
                         scaled_step(opt, ddp, scaler, *local(batch, rank))
+                    elif name == "fop_skipped":
+                        skipped_then_step(opt, ddp, *local(batch, rank))
                     else:
                         norms.append(train_step(opt, ddp, *local(batch, rank), clip=CLIP if name == "fop_clipped"
                                                 else None))
@@ -513,6 +527,17 @@ def test_gradient_accumulation_with_no_sync(two_ranks):
         assert results[rank]["fop_accum"]["launches"] == {"backward": STEPS * 1}
 
 
+def test_a_skipped_backward_leaves_nothing_behind(two_ranks):
+    """Before every step a backward on other inputs, then zero_grad() instead of step(): its half-batch sums (and the
+    all-reduces it started) go with its gradients, so the ranks step as if it had not run (before, the step read the
+    skipped pass's all-reduced first half)."""
+    _, results = two_ranks
+    expected = reference("fop", 2, "halves")
+    for rank in range(2):
+        assert_rel_close(results[rank]["fop_skipped"]["params"], expected)
+        assert results[rank]["fop_skipped"]["launches"] == {"backward": 2 * STEPS}
+
+
 def test_half_batch_all_reduce_starts_in_backward(two_ranks):
     _, results = two_ranks
     for rank in range(2):
@@ -520,7 +545,8 @@ def test_half_batch_all_reduce_starts_in_backward(two_ranks):
         assert results[rank]["kfac"]["launches"] == {}
 
 
-@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks", "fop_accum", "fop_scaler", "fop_cholesky"])
+@pytest.mark.parametrize("kind", ["fop", "kfac", "fop_ranks", "fop_accum", "fop_scaler", "fop_cholesky",
+                                  "fop_skipped"])
 def test_parameters_identical_across_ranks(two_ranks, kind):
     _, results = two_ranks
     assert all(results[rank][kind]["identical"] for rank in range(2))

@@ -349,6 +349,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         forward pass still waiting for its backward is kept: forward, zero_grad, backward is a common order."""
         super().zero_grad(set_to_none)
         self.capture.forget_backward()
+        self.comm.forget_backward()
 
     @torch.no_grad()
     def step(self, closure=None):

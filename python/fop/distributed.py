@@ -109,6 +109,9 @@ class NullComm:
     def end_step(self, failed: bool = False) -> None:
         """Nothing pending."""
 
+    def forget_backward(self) -> None:
+        """Nothing kept."""
+
     def remove(self) -> None:
         """No hooks."""
 
@@ -558,6 +561,16 @@ class Comm(RankAgreement):
                 if not failed:
                     raise
                 logger.warning("rank %d: a collective of the failed step failed as well: %s", self.rank, err)
+
+    def forget_backward(self) -> None:
+        """optimizer.zero_grad(): drop the half-batch sums of the backward passes since the last step (and wait out
+        the all-reduces they started: every rank started the same ones), as the gradients go; keep the forward passes
+        still waiting for their backward (forward, zero_grad, backward is a common order)."""
+        self._finish_pending()
+        waiting = [(p, s and p > 0) for p, s in zip(self._pending, self._synced)]
+        self._reset()
+        self._pending = [p for p, _ in waiting]
+        self._synced = [s for _, s in waiting]
 
     def end_step(self, failed: bool = False) -> None:
         """After a step (taken, skipped or `failed`): finish what is in flight, record the bytes, reset the

@@ -185,6 +185,9 @@ class RowsComm(RankAgreement):
     def remove(self) -> None:
         """No hooks of its own."""
 
+    def forget_backward(self) -> None:
+        """Nothing kept from a backward pass: the rows are gathered in step()."""
+
     def end_step(self, failed: bool = False) -> None:
         """After a step (taken, skipped or abandoned): record the bytes, reset the per-step state."""
         self.last_step_bytes = dict(self.bytes)
